@@ -62,7 +62,9 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> tuple[str, str | No
             )
         return str(path), None
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text.replace("/", "", 1):
-        raise FileNotFoundError(f"Model path {text!r} does not exist; give an existing directory, a .gguf file or a hub name.")
+        raise FileNotFoundError(
+            f"Model path {text!r} does not exist; give an existing directory, a .gguf file or a hub name."
+        )
     return text, None
 
 

@@ -1,0 +1,91 @@
+"""`RasaConfig`: the configuration of a RaSA adapter, with the field names of the authors' code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+from rasa_lora.adapter.registration import ensure_peft_type_member
+
+
+def default_rasa_k(r: int) -> int:
+    """The paper's default number of shared ranks per layer (Sec. 4.1): k = max(r / 8, 1)."""
+    return max(r // 8, 1)
+
+
+@dataclass
+class RasaConfig(PeftConfig):
+    """Configuration of a RaSA adapter (Rank-Sharing Low-Rank Adaptation, ICLR 2025).
+
+    Each targeted layer keeps r - k private ranks and lends k ranks to a pool shared by the L layers of its
+    group (all modules with the same path once the layer index is removed, e.g. every `mlp.down_proj`);
+    every layer then uses r - k + L*k ranks, weighted by its own trainable diagonal D_i.
+
+    Field names follow the authors' code (`r`, `rasa_k`, `rasa_alpha`, `rasa_dropout`, ...), so their
+    configs work unchanged.
+    """
+
+    r: int = field(default=8, metadata={"help": "Rank of each layer's update before sharing (LoRA's r)."})
+    rasa_k: int | None = field(
+        default=None, metadata={"help": "Ranks each layer gives to the shared pool; None means max(r // 8, 1)."}
+    )
+    rasa_alpha: float = field(
+        default=8.0, metadata={"help": "Scale alpha; D_i starts at alpha/(2(r-k)) and alpha/(2Lk)."}
+    )
+    rasa_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter's input."})
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Module names or a regex to adapt; 'all-linear' or None adapts every linear layer of the "
+            "decoder blocks (the output layer excluded)."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Module names or a regex to skip."})
+    fan_in_fan_out: bool = field(
+        default=False, metadata={"help": "True when the layer stores its weight as (in, out), as GPT-2's Conv1D does."}
+    )
+    bias: Literal["none", "all", "rasa_only"] = field(default="none", metadata={"help": "Which biases to train."})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra modules to train in full and save with the adapter."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Only adapt these layer indices."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the layer list (e.g. 'layers', 'h'), used with layers_to_transform."}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the paper's init (Kaiming-uniform A, zero B, D by eq. 6), so the adapter starts as a "
+            "no-op. False: random B too (for tests only)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ensure_peft_type_member()
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r={self.r!r} must be a positive integer (LoRA's rank), e.g. r=8.")
+        if self.rasa_k is None:
+            self.rasa_k = default_rasa_k(self.r)
+        if not isinstance(self.rasa_k, int) or self.rasa_k < 0:
+            raise ValueError(f"rasa_k={self.rasa_k!r} must be an integer with 0 <= rasa_k <= r={self.r}.")
+        if self.rasa_k > self.r:
+            raise ValueError(f"rasa_k={self.rasa_k} is larger than r={self.r}; choose 0 <= rasa_k <= r.")
+        if not 0.0 <= self.rasa_dropout < 1.0:
+            raise ValueError(f"rasa_dropout={self.rasa_dropout} must lie in [0, 1).")
+        if self.bias not in ("none", "all", "rasa_only"):
+            raise ValueError(f"bias={self.bias!r}; choose 'none', 'all' or 'rasa_only'.")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, set(value))
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern only applies together with layers_to_transform; set both or neither.")
+
+    @property
+    def num_private_ranks(self) -> int:
+        return self.r - self.rasa_k

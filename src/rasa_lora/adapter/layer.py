@@ -1,0 +1,249 @@
+r"""The RaSA layer: a frozen linear layer plus the rank-sharing update of paper eq. 5.
+
+For layer i of a group of L layers (all modules with the same path once the layer index is removed),
+with input size a and output size b, r ranks per layer of which k go to the shared pool:
+
+    dW_i = [B~_i  B_S] diag(D_i) [A~_i ; A_S]
+         = B~_i diag(D_i[:r-k]) A~_i  +  B_S diag(D_i[r-k:]) A_S
+
+    B~_i: (b, r-k)   A~_i: (r-k, a)   private to layer i      (`rasa_B`, `rasa_A`)
+    B_S:  (b, L*k)   A_S:  (L*k, a)   shared by the group     (owned by the tuner, `rasa_shared_B/A`)
+    D_i:  (r-k+L*k,)                  private, trainable      (`rasa_D`)
+
+    y = x W^T + c + dW_i dropout(x)
+
+Initialisation (eq. 6): Kaiming-uniform A~_i and A_S, zero B~_i and B_S, and D_i equal to alpha/(2(r-k))
+on the private ranks and alpha/(2Lk) on the shared ones. There is no further alpha/r factor.
+
+The pool lives on the tuner (a registered parameter there, saved once); this layer keeps an unregistered
+reference to the tuner's containers and looks the tensors up on every call, so FSDP and `.to()` see one
+parameter. Merging adds dW_i to the base weight and records the exact factors it used, so unmerging
+subtracts exactly what was added even if another layer's merge or an optimiser touched the pool since;
+a merged layer refuses to run once its pool has changed (its merged weight would be stale).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils.other import transpose
+from torch import nn
+
+from rasa_lora.ops import fused_backend_enabled, rasa_linear
+
+_SNAPSHOT_KEYS = ("A_p", "B_p", "D", "A_s", "B_s")
+
+
+class RasaLayer(BaseTunerLayer):
+    """Mixin holding RaSA's per-layer state; `Linear` below is the module that replaces `nn.Linear`/`Conv1D`."""
+
+    adapter_layer_names = ("rasa_A", "rasa_B", "rasa_D")
+    other_param_names = ("r", "rasa_k", "rasa_alpha", "rasa_dropout", "rasa_group", "rasa_num_layers")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.rasa_k: dict[str, int] = {}
+        self.rasa_alpha: dict[str, float] = {}
+        self.rasa_group: dict[str, str] = {}
+        self.rasa_num_layers: dict[str, int] = {}
+        self.rasa_dropout = nn.ModuleDict({})
+        self.rasa_A = nn.ParameterDict({})
+        self.rasa_B = nn.ParameterDict({})
+        self.rasa_D = nn.ParameterDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        # adapter -> the factors (and pool versions) used at merge time; see `merge`/`unmerge`.
+        self._merge_records: dict[str, dict] = {}
+        # Unregistered references to the tuner's pool containers (registering them here would save the pool
+        # once per layer and break FSDP2's per-layer sharding).
+        object.__setattr__(self, "_rasa_pools", None)
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        self.kwargs = kwargs
+
+    def update_layer(self, adapter_name: str, config, group: str, pools, num_layers: int) -> None:
+        """Create adapter `adapter_name` on this layer; `pools` is the tuner's `RasaPools`."""
+        r, k = config.r, config.rasa_k
+        num_private = r - k
+        object.__setattr__(self, "_rasa_pools", pools)
+        self.r[adapter_name] = r
+        self.rasa_k[adapter_name] = k
+        self.rasa_alpha[adapter_name] = config.rasa_alpha
+        self.rasa_group[adapter_name] = group
+        self.rasa_num_layers[adapter_name] = num_layers
+        dropout = nn.Dropout(p=config.rasa_dropout) if config.rasa_dropout > 0 else nn.Identity()
+        self.rasa_dropout[adapter_name] = dropout
+        weight = self.get_base_layer().weight
+        factory = {"device": weight.device if weight.device.type != "meta" else None, "dtype": torch.float32}
+        self.rasa_A[adapter_name] = nn.Parameter(torch.empty(num_private, self.in_features, **factory))
+        self.rasa_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, num_private, **factory))
+        self.rasa_D[adapter_name] = nn.Parameter(torch.empty(num_private + num_layers * k, **factory))
+        self.reset_rasa_parameters(adapter_name, config.init_weights)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def reset_rasa_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        """Eq. 6 for this layer's private factors and D (the pool is initialised by the tuner)."""
+        r, k, alpha = self.r[adapter_name], self.rasa_k[adapter_name], self.rasa_alpha[adapter_name]
+        num_private, num_shared = r - k, self.rasa_num_layers[adapter_name] * k
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.rasa_A[adapter_name], a=math.sqrt(5))
+            if init_weights:
+                nn.init.zeros_(self.rasa_B[adapter_name])
+            else:
+                nn.init.normal_(self.rasa_B[adapter_name], std=0.02)
+            D = self.rasa_D[adapter_name]
+            if num_private:
+                D[:num_private] = alpha / (2 * num_private)
+            if num_shared:
+                D[num_private:] = alpha / (2 * num_shared)
+
+    # --- the pool --------------------------------------------------------------------------------------
+    def shared_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_S, B_S) of this layer's group for the adapter."""
+        return self._rasa_pools.get(adapter_name, self.rasa_group[adapter_name])
+
+    def factors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        A_s, B_s = self.shared_factors(adapter_name)
+        return {"A_p": self.rasa_A[adapter_name], "B_p": self.rasa_B[adapter_name], "D": self.rasa_D[adapter_name],
+                "A_s": A_s, "B_s": B_s}
+
+    # --- merging -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _delta_from(factors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """dW = B_p diag(D_p) A_p + B_s diag(D_s) A_s, in float32 at least, shape (b, a)."""
+        num_private = factors["A_p"].shape[0]
+        dtype = torch.promote_types(factors["A_p"].dtype, torch.float32)
+        A_p, B_p, D, A_s, B_s = (factors[key].to(dtype) for key in _SNAPSHOT_KEYS)
+        device = A_p.device
+        delta = (B_p * D[:num_private]) @ A_p
+        return delta + (B_s.to(device) * D[num_private:]) @ A_s.to(device)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """dW_i of eq. 5 in the base weight's layout and dtype ((b, a); (a, b) for `Conv1D`)."""
+        weight = self.get_base_layer().weight
+        delta = self._delta_from(self.factors(adapter_name)).to(weight.device)
+        return transpose(delta, self.fan_in_fan_out).to(weight.dtype)
+
+    def _pool_fingerprint(self, adapter_name: str) -> tuple:
+        A_s, B_s = self.shared_factors(adapter_name)
+        return (A_s._version, A_s.data_ptr(), B_s._version, B_s.data_ptr())
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add dW_i of the given (default: active) adapters to the base weight."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.rasa_A:
+                continue
+            snapshot = {key: value.detach().clone() for key, value in self.factors(name).items()}
+            delta = transpose(self._delta_from(snapshot), self.fan_in_fan_out)
+            merged = base.weight.data.to(delta.dtype) + delta.to(base.weight.device)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"NaN or inf found in the weights of adapter {name!r} while merging {self.rasa_group[name]}; "
+                    "the adapter is broken, the base weights were left unchanged."
+                )
+            base.weight.data = merged.to(base.weight.dtype)
+            self._merge_records[name] = {"factors": snapshot, "pool": self._pool_fingerprint(name)}
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract exactly the dW_i that `merge` added (from the recorded factors), newest first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            record = self._merge_records.pop(name)
+            delta = transpose(self._delta_from(record["factors"]), self.fan_in_fan_out)
+            base.weight.data = (base.weight.data.to(delta.dtype) - delta.to(base.weight.device)).to(base.weight.dtype)
+
+    def check_pool_unchanged_while_merged(self) -> None:
+        for name in self.merged_adapters:
+            if name in self.rasa_A and self._pool_fingerprint(name) != self._merge_records[name]["pool"]:
+                raise RuntimeError(
+                    f"The shared pool of adapter {name!r}, group {self.rasa_group[name]!r}, changed while this layer "
+                    "was merged, so the merged weight holds a stale update. Call `unmerge_adapter()` (it restores the "
+                    "base weights exactly) before training, loading or editing a merged adapter, then merge again."
+                )
+
+
+class Linear(nn.Module, RasaLayer):
+    """RaSA on an `nn.Linear` or a transformers `Conv1D` (`fan_in_fan_out=True`)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, group: str, pools, num_layers: int,
+                 is_target_conv_1d_layer: bool = False) -> None:
+        super().__init__()
+        RasaLayer.__init__(self, base_layer)
+        self.fan_in_fan_out = config.fan_in_fan_out
+        self.is_target_conv_1d_layer = is_target_conv_1d_layer
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, group, pools, num_layers)
+
+    def _can_fuse(self, x: torch.Tensor) -> bool:
+        base = self.get_base_layer()
+        return (
+            fused_backend_enabled()
+            and len(self.active_adapters) == 1
+            and self.active_adapters[0] in self.rasa_A
+            and type(base) in (nn.Linear,) + _conv1d_types()
+            and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+            and x.dtype.is_floating_point
+        )
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.active_adapters[0]
+        base = self.get_base_layer()
+        weight = base.weight.t() if self.fan_in_fan_out else base.weight
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            x = x.to(torch.get_autocast_dtype(device_type))
+        dropout = self.rasa_dropout[name]
+        p = dropout.p if (self.training and isinstance(dropout, nn.Dropout)) else 0.0
+        A_s, B_s = self.shared_factors(name)
+        with torch.autocast(device_type, enabled=False):
+            return rasa_linear(x, weight, base.bias, self.rasa_A[name], self.rasa_B[name], self.rasa_D[name],
+                               A_s.to(x.device), B_s.to(x.device), dropout_p=p)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            self.check_pool_unchanged_while_merged()
+            return self.base_layer(x, *args, **kwargs)
+        if self._can_fuse(x):
+            return self._fused_forward(x)
+        return self._reference_forward(x, *args, **kwargs)
+
+    def _reference_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Plain PyTorch eq. 5 (computed in the adapter's dtype, as PEFT's LoRA does)."""
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name not in self.rasa_A:
+                continue
+            A_p, B_p, D = self.rasa_A[name], self.rasa_B[name], self.rasa_D[name]
+            A_s, B_s = self.shared_factors(name)
+            num_private = A_p.shape[0]
+            dropped = self.rasa_dropout[name](self._cast_input_dtype(x, A_p.dtype))
+            update = ((dropped @ A_p.t()) * D[:num_private]) @ B_p.t()
+            update = update + ((dropped @ A_s.to(x.device).t()) * D[num_private:]) @ B_s.to(x.device).t()
+            result = result + update.to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "rasa." + super().__repr__()
+
+
+def _conv1d_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (Conv1D,)

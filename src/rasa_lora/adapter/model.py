@@ -1,0 +1,290 @@
+"""`RasaModel`: the PEFT tuner that groups target modules, owns the shared rank pools and injects `RasaLayer`s.
+
+Grouping: a module's group is its path with the layer index removed (`model.layers.3.mlp.down_proj` ->
+`model.layers.*.mlp.down_proj`); L is the number of targeted modules in the group. All modules of a group
+must be linear layers of one shape (the paper's same-dimension assumption); otherwise a `ValueError` names
+the modules and the fix before any module is replaced.
+
+The pools are `rasa_shared_A[adapter][group]` (L*k, a) and `rasa_shared_B[adapter][group]` (b, L*k), parameters
+of this module, so a checkpoint holds each once (`base_model.rasa_shared_A.<group>`), and they are found by
+PEFT's state-dict logic (PEFT >= 0.21) without overrides. Trainability, deletion and dtype casting of the pools
+are handled here because PEFT's per-layer logic does not see them. Loading a pool while a layer that uses it
+is merged raises, and so does loading tensors of the wrong shape, before anything is copied.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from torch import nn
+
+from rasa_lora.adapter.config import RasaConfig
+from rasa_lora.adapter.layer import Linear, RasaLayer, _conv1d_types
+
+_LAYER_INDEX = re.compile(r"\.(\d+)(?=\.|$)")
+
+
+def group_of(module_path: str, layers_pattern: list[str] | str | None = None) -> str:
+    """The group key of a module path: the layer index replaced by `*` (`model.layers.*.mlp.down_proj`)."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    for pattern in patterns:
+        match = re.search(rf"(^|\.){re.escape(pattern)}\.(\d+)(?=\.|$)", module_path)
+        if match:
+            start, end = match.span(2)
+            return module_path[:start] + "*" + module_path[end:]
+    match = _LAYER_INDEX.search(module_path)
+    if match is None:
+        return module_path
+    start, end = match.span(1)
+    return module_path[:start] + "*" + module_path[end:]
+
+
+def pool_key(group: str) -> str:
+    """Parameter name of a group's pool (state-dict keys may not contain dots inside a ParameterDict name)."""
+    return group.replace(".", "-")
+
+
+class RasaPools(nn.Module):
+    """The shared factors of every adapter and group: `shared_A[adapter][pool_key]`, `shared_B[...]`."""
+
+    def __init__(self, shared_A: nn.ModuleDict, shared_B: nn.ModuleDict) -> None:
+        super().__init__()
+        object.__setattr__(self, "shared_A", shared_A)
+        object.__setattr__(self, "shared_B", shared_B)
+
+    def get(self, adapter_name: str, group: str) -> tuple[torch.Tensor, torch.Tensor]:
+        key = pool_key(group)
+        return self.shared_A[adapter_name][key], self.shared_B[adapter_name][key]
+
+
+class RasaModel(BaseTuner):
+    """Creates RaSA adapters on a transformers (or any torch) model; use it through `peft.get_peft_model`."""
+
+    prefix: str = "rasa_"
+    tuner_layer_cls = RasaLayer
+    target_module_mapping: dict = {}
+    uses_shared_state: bool = True
+
+    def _ensure_containers(self) -> None:
+        """Create the pool containers on first use (BaseTuner.__init__ injects before a subclass could)."""
+        if "rasa_shared_A" not in self._modules:
+            self.rasa_shared_A = nn.ModuleDict({})
+            self.rasa_shared_B = nn.ModuleDict({})
+        self.__dict__.setdefault("_rasa_plan", {})
+
+    @property
+    def pools(self) -> RasaPools:
+        return RasaPools(self.rasa_shared_A, self.rasa_shared_B)
+
+    # --- configuration and planning ----------------------------------------------------------------------
+    def _prepare_adapter_config(self, peft_config: RasaConfig, model_config: dict) -> RasaConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = "all-linear"
+        return peft_config
+
+    def _plan_groups(self, model: nn.Module, config: RasaConfig) -> dict[str, list[str]]:
+        """Map each group to its targeted module paths (model order); validate types and shapes."""
+        config = self._prepare_adapter_config(config, self.get_model_config(model))
+        config = _maybe_include_all_linear_layers(config, model)
+        tuner_prefixes = [name + "." for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+        groups: dict[str, list[tuple[str, nn.Module]]] = OrderedDict()
+        for key, module in model.named_modules():
+            if not key or any(key.startswith(prefix) for prefix in tuner_prefixes):
+                continue
+            result = self._check_target_module_exists(config, key)
+            if not result or type(result).__name__ == "_ExcludedModule":
+                continue
+            groups.setdefault(group_of(key, config.layers_pattern), []).append((key, module))
+        if not groups:
+            raise ValueError(
+                f"target_modules={config.target_modules!r} matched no module of the model; pass names that exist, "
+                "e.g. ['q_proj', 'v_proj'] for Llama, or 'all-linear'."
+            )
+        for group, members in groups.items():
+            _check_group(group, members)
+        return {group: [key for key, _ in members] for group, members in groups.items()}
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        config = self.peft_config[adapter_name]
+        plan = self._plan_groups(model, config)  # raises before anything is replaced
+        self._ensure_containers()
+        self._rasa_plan[adapter_name] = {
+            key: (group, len(keys)) for group, keys in plan.items() for key in keys
+        }
+        self._create_pools(model, adapter_name, config, plan)
+        try:
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                   low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        except Exception:
+            self._drop_pools(adapter_name)
+            raise
+        self._set_pool_requires_grad()
+
+    def _create_pools(self, model: nn.Module, adapter_name: str, config: RasaConfig, plan: dict) -> None:
+        modules = dict(model.named_modules())
+        shared_A, shared_B = nn.ParameterDict({}), nn.ParameterDict({})
+        for group, keys in plan.items():
+            base = _base_layer(modules[keys[0]])
+            in_features, out_features = _in_out(base)
+            device = base.weight.device if base.weight.device.type != "meta" else None
+            width = len(keys) * config.rasa_k
+            A = torch.empty(width, in_features, dtype=torch.float32, device=device)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            B = torch.zeros(out_features, width, dtype=torch.float32, device=device)
+            if not config.init_weights:
+                nn.init.normal_(B, std=0.02)
+            shared_A[pool_key(group)] = nn.Parameter(A)
+            shared_B[pool_key(group)] = nn.Parameter(B)
+        self.rasa_shared_A[adapter_name] = shared_A
+        self.rasa_shared_B[adapter_name] = shared_B
+
+    def _drop_pools(self, adapter_name: str) -> None:
+        for container in (self.rasa_shared_A, self.rasa_shared_B):
+            if adapter_name in container:
+                del container[adapter_name]
+        self._rasa_plan.pop(adapter_name, None)
+
+    def _create_and_replace(self, config: RasaConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, **optional_kwargs) -> None:
+        group, num_layers = self._rasa_plan[adapter_name][current_key]
+        if isinstance(target, RasaLayer):
+            target.update_layer(adapter_name, config, group, self.pools, num_layers)
+            return
+        base = _base_layer(target)
+        is_conv1d = isinstance(base, _conv1d_types())
+        if is_conv1d != bool(config.fan_in_fan_out):
+            config.fan_in_fan_out = is_conv1d  # Conv1D stores (in, out); nn.Linear stores (out, in)
+        new_module = Linear(target, adapter_name, config, group, self.pools, num_layers,
+                            is_target_conv_1d_layer=is_conv1d)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # --- trainability, deletion, dtype ------------------------------------------------------------------
+    def _set_pool_requires_grad(self) -> None:
+        trainable = {
+            name for name in self.active_adapters
+            if name in self.peft_config and not self.peft_config[name].inference_mode
+        }
+        for name, params in self.rasa_shared_A.items():
+            for param in list(params.values()) + list(self.rasa_shared_B[name].values()):
+                param.requires_grad_(name in trainable)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        self._set_pool_requires_grad()
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name, params in self.rasa_shared_A.items():
+            for param in list(params.values()) + list(self.rasa_shared_B[name].values()):
+                param.requires_grad_(name in names and not inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._drop_pools(adapter_name)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if adapter_name not in self.rasa_shared_A:
+            return
+        for container in (self.rasa_shared_A[adapter_name], self.rasa_shared_B[adapter_name]):
+            for key, param in list(container.items()):
+                if autocast_adapter_dtype and param.dtype in (torch.float16, torch.bfloat16):
+                    container[key] = nn.Parameter(param.detach().float(), requires_grad=param.requires_grad)
+        if not autocast_adapter_dtype:
+            self._cast_to_base_dtype(adapter_name)
+
+    def _cast_to_base_dtype(self, adapter_name: str) -> None:
+        """Keep the adapter in the base model's dtype (what `autocast_adapter_dtype=False` asks for)."""
+        for module in self.model.modules():
+            if isinstance(module, RasaLayer) and adapter_name in module.rasa_A:
+                dtype = module.get_base_layer().weight.dtype
+                for container in (module.rasa_A, module.rasa_B, module.rasa_D):
+                    param = container[adapter_name]
+                    container[adapter_name] = nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+                for container in (self.rasa_shared_A[adapter_name], self.rasa_shared_B[adapter_name]):
+                    key = pool_key(module.rasa_group[adapter_name])
+                    if container[key].dtype != dtype:
+                        container[key] = nn.Parameter(container[key].detach().to(dtype),
+                                                      requires_grad=container[key].requires_grad)
+
+    # --- merging guards ----------------------------------------------------------------------------------
+    def merged_layers(self, adapter_name: str | None = None) -> list[str]:
+        return [
+            name for name, module in self.model.named_modules()
+            if isinstance(module, RasaLayer) and module.merged
+            and (adapter_name is None or adapter_name in module.merged_adapters)
+        ]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        _check_incoming_state(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def _check_incoming_state(tuner: RasaModel, state_dict: dict, prefix: str) -> None:
+    """Refuse, before anything is copied, RaSA tensors of the wrong shape or pools of merged adapters."""
+    own = {prefix + name: param for name, param in tuner.named_parameters()}
+    mismatched, merged_pools = [], set()
+    for key, value in state_dict.items():
+        if not key.startswith(prefix) or ".rasa_" not in "." + key[len(prefix):]:
+            continue
+        param = own.get(key)
+        if param is not None and hasattr(value, "shape") and tuple(value.shape) != tuple(param.shape):
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)}, model {tuple(param.shape)}")
+        if ".rasa_shared_" in key:
+            adapter = key[len(prefix):].split(".")[1]
+            if tuner.merged_layers(adapter):
+                merged_pools.add(adapter)
+    if mismatched:
+        shown = "\n  ".join(mismatched[:5]) + ("\n  ..." if len(mismatched) > 5 else "")
+        raise ValueError(
+            f"This RaSA adapter does not fit the model ({len(mismatched)} tensors differ in shape):\n  {shown}\n"
+            "It was trained on a base model of another architecture or size; load it onto the base it was made for."
+        )
+    if merged_pools:
+        raise RuntimeError(
+            f"Cannot load the shared pools of adapter(s) {sorted(merged_pools)} while layers are merged with them "
+            "(the merged weights would silently keep the old update). Call `unmerge_adapter()` first."
+        )
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def _in_out(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, _conv1d_types()):
+        in_features, out_features = layer.weight.shape
+        return in_features, out_features
+    return layer.in_features, layer.out_features
+
+
+def _check_group(group: str, members: list[tuple[str, nn.Module]]) -> None:
+    supported = (nn.Linear,) + _conv1d_types()
+    unsupported = [(key, type(_base_layer(m)).__name__) for key, m in members
+                   if not isinstance(_base_layer(m), supported)]
+    if unsupported:
+        listed = ", ".join(f"{key} ({kind})" for key, kind in unsupported[:5])
+        raise ValueError(
+            f"RaSA supports nn.Linear and transformers' Conv1D only; these targeted modules are not: {listed}. "
+            "Exclude them with `target_modules` (or `exclude_modules`)."
+        )
+    shapes = OrderedDict()
+    for key, module in members:
+        shapes.setdefault(_in_out(_base_layer(module)), []).append(key)
+    if len(shapes) > 1:
+        listed = "; ".join(f"(in={a}, out={b}): {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                           for (a, b), keys in shapes.items())
+        raise ValueError(
+            f"The layers of group {group!r} differ in shape ({listed}), but RaSA shares ranks only between layers of "
+            "one shape. Exclude the odd layers with `layers_to_transform` or `target_modules`."
+        )
