@@ -77,7 +77,7 @@ class RasaLayer(BaseTunerLayer):
         dropout = nn.Dropout(p=config.rasa_dropout) if config.rasa_dropout > 0 else nn.Identity()
         self.rasa_dropout[adapter_name] = dropout
         weight = self.get_base_layer().weight
-        factory = {"device": weight.device if weight.device.type != "meta" else None, "dtype": torch.float32}
+        factory = {"device": weight.device, "dtype": torch.float32}
         self.rasa_A[adapter_name] = nn.Parameter(torch.empty(num_private, self.in_features, **factory))
         self.rasa_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, num_private, **factory))
         self.rasa_D[adapter_name] = nn.Parameter(torch.empty(num_private + num_layers * k, **factory))

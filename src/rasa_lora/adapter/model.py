@@ -131,7 +131,7 @@ class RasaModel(BaseTuner):
         for group, keys in plan.items():
             base = _base_layer(modules[keys[0]])
             in_features, out_features = _in_out(base)
-            device = base.weight.device if base.weight.device.type != "meta" else None
+            device = base.weight.device
             width = len(keys) * config.rasa_k
             A = torch.empty(width, in_features, dtype=torch.float32, device=device)
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
