@@ -1,0 +1,23 @@
+"""Reconstruction-error analysis of LoRA and RaSA (paper Sec. 3, App. A) and `compress`.
+
+`reconstruction` holds the mathematics (torch only); `sources` turns checkpoints, adapters or a seeded
+generator into groups of weight deltas; `plots` draws Figures 2 and 3; `compress` writes a RaSA adapter
+fitted to a full fine-tune; `cli` holds `rasa-lora analyze` and `rasa-lora compress`.
+"""
+
+from rasa_lora.analysis.reconstruction import (
+    FitResult,
+    LoraSolution,
+    RasaFactors,
+    check_group,
+    fit_rasa,
+    k_sweep,
+    lora_solution,
+    rasa_error,
+    theorem_factors,
+)
+
+__all__ = [
+    "FitResult", "LoraSolution", "RasaFactors", "check_group", "fit_rasa", "k_sweep", "lora_solution",
+    "rasa_error", "theorem_factors",
+]

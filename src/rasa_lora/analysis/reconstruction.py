@@ -1,0 +1,497 @@
+"""Reconstruction error of LoRA and RaSA on a set of matrices {M_i} (paper Sec. 3 and App. A).
+
+The problem, for one module type (a *group*) of L layers, each M_i of shape (b, a):
+
+    e_lora      = min  sum_i ||M_i - B_i A_i||_F^2                  B_i (b, r), A_i (r, a)        (eq. 7)
+                = sum_i sum_{j>r} sigma_j(M_i)^2                                                   (eq. 9)
+    e_rasa(k)   = min  sum_i ||M_i - (B~_i A~_i + B_S D_i A_S)||_F^2                               (eq. 11, 17)
+                  B~_i (b, r-k), A~_i (r-k, a), B_S (b, L*k), A_S (L*k, a), D_i = diag(d_i), d_i (L*k,)
+
+Eq. 11 puts D_i on the shared part only; the trained adapter (eq. 5) puts D_i over both parts. They are the
+same model: `RasaFactors.adapter_D()` maps a fit to the adapter with D_i = [ones(r-k), d_i] (the private
+scale stays inside B~_i = U S^1/2 and A~_i = S^1/2 V^T, as eq. 19 writes them).
+
+What is here
+- `lora_solution`: LoRA's optimum (eq. 7-9): exact (full SVD) or fast (block subspace iteration run until
+  the captured energy changes by less than `tol`, relative). The fast e_lora is an upper bound on the exact
+  one; its gap is at most about `tol` times the captured energy once converged (`LoraSolution.tol_reached`).
+- `theorem_factors`: the construction in the proof of Theorem 3.1 (eq. 12-15); its error equals e_lora.
+- `fit_rasa`: coordinate descent exactly as App. A, one iteration = eq. 18-19 (private factors, per layer),
+  eq. 24 (B_S), eq. 25 (A_S), eq. 26 (all D_i); the error (eq. 17) is recorded after every iteration.
+  Two variants:
+  * ``"exact"``: the reference. A loop over layers that forms each residual and takes its full SVD.
+  * ``"fast"``: the layers of a group batched as one (L, b, a) tensor (on the GPU when M is there); the
+    private update is a block subspace iteration for the top r-k triplets only, warm-started from the
+    previous iteration's singular vectors, with `oversample` random columns and `power_iters` extra passes;
+    all other updates are products of M with thin matrices (3 passes over M per iteration). The previous
+    left singular vectors are kept inside the search space, so the private update can never raise the error
+    (the same guarantee as the exact step). Tests hold the fast final error within 1e-3 (relative) of the
+    exact one; `FitResult.svd_residual` reports max_j ||R^T u_j - s_j v_j|| / s_j of the last private step.
+- Initialisations (`init=`): ``"random"`` (default; as the adapter starts: A_S Gaussian with std 1/sqrt(a),
+  B_S = 0, d_i = 1, no private part; the first iteration's error is then e_lora at rank r-k at best) and
+  ``"theorem"`` (eq. 12-15, so the curve starts at e_lora and, descent being monotone, never ends above it).
+  The paper does not say which it used; its Figure 2 curves start above e_lora, as ``"random"`` does.
+- Numerics: every Gram system is solved (Cholesky), never inverted; a singular or badly conditioned Gram
+  matrix (a dead shared rank, L*k > min(a, b)) falls back to the eigen-decomposition pseudo-inverse, which
+  still gives a minimiser, and is counted in `FitResult.gram_fallbacks`. After every iteration each shared
+  rank is rescaled so that its column of B_S and row of A_S have unit norm, the scale going into D (this
+  leaves the error and every later iterate's product unchanged; it only keeps the Gram matrices well scaled).
+  `dtype` picks float32 or float64 (default: float64 for "exact", the input's float type for "fast").
+
+Limits: the fast error curve is computed from thin products by expanding the square, so in float32 its
+values carry a rounding error of about 1e-7 * sum ||M_i||^2; `FitResult.final_error` is recomputed directly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+INITS = ("random", "theorem")
+VARIANTS = ("fast", "exact")
+
+
+@dataclass
+class RasaFactors:
+    """A RaSA solution for one group: dW_i = B~_i A~_i + B_S diag(d_i) A_S (eq. 11)."""
+
+    private_B: Tensor  # (L, b, r-k)
+    private_A: Tensor  # (L, r-k, a)
+    shared_B: Tensor  # (b, L*k)
+    shared_A: Tensor  # (L*k, a)
+    shared_D: Tensor  # (L, L*k)
+
+    def reconstruct(self) -> Tensor:
+        """All L reconstructions, (L, b, a)."""
+        shared = self.shared_B @ (self.shared_D[:, :, None] * self.shared_A)
+        return self.private_B @ self.private_A + shared
+
+    def adapter_D(self) -> Tensor:
+        """D_i of the adapter (eq. 5), (L, r-k + L*k): ones on the private ranks, then the fitted d_i."""
+        ones = torch.ones(self.private_A.shape[:2], dtype=self.shared_D.dtype, device=self.shared_D.device)
+        return torch.cat([ones, self.shared_D], dim=1)
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> RasaFactors:
+        return RasaFactors(*(t.to(dtype=dtype, device=device) for t in
+                             (self.private_B, self.private_A, self.shared_B, self.shared_A, self.shared_D)))
+
+
+@dataclass
+class LoraSolution:
+    """LoRA's optimum for one group: the top-r singular triplets of every M_i (eq. 8-9)."""
+
+    U: Tensor  # (L, b, r)
+    S: Tensor  # (L, r), descending
+    V: Tensor  # (L, a, r)
+    energy: Tensor  # (L,) ||M_i||_F^2, float64
+    tol_reached: float = 0.0  # last relative change of the captured energy (0 for the exact SVD)
+
+    @property
+    def error(self) -> float:
+        """e_lora (eq. 9) = sum_i (||M_i||^2 - sum_{j<=r} sigma_j^2)."""
+        return float((self.energy - self.S.double().square().sum(1)).clamp_min(0).sum())
+
+
+@dataclass
+class FitResult:
+    """Outcome of `fit_rasa` for one group; errors are absolute (eq. 17), divide by `total_energy` for relative."""
+
+    factors: RasaFactors
+    lora_error: float
+    total_energy: float
+    initial_error: float
+    error_curve: list[float] = field(default_factory=list)
+    final_error: float = math.nan
+    wall_time_s: float = 0.0
+    gram_fallbacks: int = 0
+    svd_residual: float = 0.0
+    passes: int = 0  # products of the whole (L, b, a) stack with a thin matrix (fast variant)
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def check_group(M: Tensor | Sequence[Tensor], r: int, k: int) -> Tensor:
+    """Stack and validate a group: non-empty, equal 2-D shapes, finite, 0 <= k <= r <= min(b, a)."""
+    if not isinstance(M, Tensor):
+        if len(M) == 0:
+            raise ValueError("The group is empty: it needs at least one matrix M_i (one layer).")
+        shapes = {tuple(m.shape) for m in M}
+        if len(shapes) != 1:
+            raise ValueError(f"The matrices of one group must share one shape; got {sorted(shapes)}. "
+                             "Group only layers of the same module type.")
+        M = torch.stack(list(M))
+    if M.ndim != 3 or M.shape[0] == 0:
+        raise ValueError(f"Expected a non-empty (L, b, a) stack of matrices; got shape {tuple(M.shape)}.")
+    if not M.is_floating_point():
+        raise TypeError(f"Expected floating-point matrices; got dtype {M.dtype}.")
+    if not isinstance(r, int) or not isinstance(k, int) or r < 1 or not 0 <= k <= r:
+        raise ValueError(f"r={r}, k={k} is invalid: choose integers with r >= 1 and 0 <= k <= r.")
+    if r > min(M.shape[1:]):
+        raise ValueError(f"r={r} is larger than min(b, a)={min(M.shape[1:])} for shape {tuple(M.shape[1:])}; "
+                         "choose a smaller r.")
+    bad = ~torch.isfinite(M).flatten(1).all(1)
+    if bad.any():
+        layers = bad.nonzero().flatten().tolist()
+        raise ValueError(f"The matrices of layers {layers} contain NaN or infinite values; "
+                         "check the checkpoints (a diverged fine-tune, a failed load).")
+    return M
+
+
+# ---------------------------------------------------------------------------------------- linear algebra
+
+
+def solve_psd(gram: Tensor, rhs: Tensor) -> tuple[Tensor, bool]:
+    """Solve gram @ X = rhs for a symmetric PSD `gram` (n, n); returns (X, used_fallback).
+
+    Cholesky when `gram` is well conditioned for its dtype; otherwise the eigen-decomposition pseudo-inverse
+    (eigenvalues below n * eps * max dropped), which returns the minimum-norm least-squares minimiser.
+    """
+    n = gram.shape[-1]
+    if n == 0:
+        return rhs.clone(), False
+    eps = torch.finfo(gram.dtype).eps
+    chol, info = torch.linalg.cholesky_ex(gram)
+    diag = chol.diagonal()
+    if int(info) == 0 and diag.min() > 0 and (diag.min() / diag.max()) ** 2 > 100 * n * eps:
+        return torch.cholesky_solve(rhs, chol), False
+    values, vectors = torch.linalg.eigh(gram)
+    keep = values > n * eps * values.abs().max().clamp_min(torch.finfo(gram.dtype).tiny)
+    inverse_values = torch.where(keep, 1 / torch.where(keep, values, 1), 0)
+    return vectors @ (inverse_values[:, None] * (vectors.T @ rhs)), True
+
+
+def _orth(Y: Tensor) -> Tensor:
+    """Orthonormal basis of the columns of each Y[l] (Householder QR: orthonormal even when Y is rank-deficient)."""
+    return torch.linalg.qr(Y).Q
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def _randn(shape: tuple[int, ...], like: Tensor, gen: torch.Generator) -> Tensor:
+    return torch.randn(shape, generator=gen, device=like.device, dtype=like.dtype)
+
+
+# -------------------------------------------------------------------------------------------------- LoRA
+
+
+def lora_solution(M: Tensor, r: int, variant: str = "exact", tol: float = 1e-6, max_passes: int = 40,
+                  oversample: int = 8, seed: int = 0) -> LoraSolution:
+    """LoRA's optimal factors and error (eq. 7-9) for a stack M (L, b, a).
+
+    ``"exact"`` takes the full SVD of every M_i; ``"fast"`` runs a block subspace iteration of width
+    r + oversample until the captured energy sum_{j<=r} s_j^2 of every layer changes by less than `tol`
+    (relative) between passes, or `max_passes` passes (each pass = two products of M with a thin matrix).
+    """
+    _check_variant(variant)
+    M = check_group(M, r, 0)
+    energy = M.double().square().sum((1, 2))
+    if variant == "exact":
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        return LoraSolution(U[..., :r], S[..., :r], Vh[..., :r, :].mT, energy)
+    gen = _generator(M.device, seed)
+    width = min(r + oversample, *M.shape[1:])
+    omega = _randn((M.shape[0], M.shape[2], width), M, gen)
+    previous, change = None, math.inf
+    for _ in range(max_passes):
+        Q = _orth(M @ omega)
+        Z = M.mT @ Q  # (L, a, width) = M^T Q
+        small_U, S, small_Vh = torch.linalg.svd(Z.mT, full_matrices=False)
+        captured = S[:, :r].double().square().sum(1)
+        if previous is not None:
+            change = float(((captured - previous).abs() / captured.clamp_min(1e-300)).max())
+            if change <= tol:
+                break
+        previous, omega = captured, small_Vh.mT
+    return LoraSolution((Q @ small_U)[..., :r], S[:, :r], small_Vh[:, :r, :].mT, energy, change)
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is unknown; choose one of {VARIANTS}.")
+
+
+# ----------------------------------------------------------------------------------------- Theorem 3.1
+
+
+def theorem_factors(lora: LoraSolution, k: int) -> RasaFactors:
+    """The feasible RaSA solution of Theorem 3.1's proof (eq. 12-15), built from LoRA's top-r triplets.
+
+    Private: the first r-k triplets of each layer, B~_i = U S^1/2, A~_i = S^1/2 V^T (eq. 15, split as eq. 19).
+    Shared: B_S = [U^(1) ... U^(L)], A_S = [V^(1) ... V^(L)]^T with the last k triplets of each layer (eq. 12-13),
+    and D_i holding Sigma^(i) in layer i's block, zeros elsewhere (eq. 14). Its error equals e_lora.
+    """
+    L, r = lora.S.shape
+    if not 0 <= k <= r:
+        raise ValueError(f"k={k} is invalid for r={r}; choose 0 <= k <= r.")
+    p = r - k
+    root = lora.S[:, :p].sqrt()
+    shared_B = lora.U[..., p:].permute(1, 0, 2).reshape(lora.U.shape[1], L * k)
+    shared_A = lora.V[..., p:].permute(0, 2, 1).reshape(L * k, lora.V.shape[1])
+    shared_D = torch.zeros(L, L * k, dtype=lora.S.dtype, device=lora.S.device)
+    for i in range(L):
+        shared_D[i, i * k:(i + 1) * k] = lora.S[i, p:]
+    return RasaFactors(lora.U[..., :p] * root[:, None, :], root[:, :, None] * lora.V[..., :p].mT,
+                       shared_B, shared_A, shared_D)
+
+
+def random_factors(M: Tensor, r: int, k: int, seed: int = 0) -> RasaFactors:
+    """The ``"random"`` start: A_S ~ N(0, 1/a), B_S = 0, d_i = 1, private factors zero.
+
+    A_S is drawn in float64 on the CPU, so one seed gives the same start in every dtype and on every device.
+    """
+    L, b, a = M.shape
+    shared_A = torch.randn((L * k, a), generator=_generator(torch.device("cpu"), seed), dtype=torch.float64)
+    zeros = M.new_zeros
+    return RasaFactors(zeros(L, b, r - k), zeros(L, r - k, a), zeros(b, L * k),
+                       shared_A.to(M) / math.sqrt(a), M.new_ones(L, L * k))
+
+
+def rasa_error(M: Tensor, factors: RasaFactors, chunk: int = 8) -> float:
+    """Eq. 17 computed directly, `chunk` layers at a time (float64 accumulation)."""
+    total = 0.0
+    for start in range(0, M.shape[0], chunk):
+        part = slice(start, start + chunk)
+        piece = RasaFactors(factors.private_B[part], factors.private_A[part], factors.shared_B,
+                            factors.shared_A, factors.shared_D[part])
+        total += float((M[part] - piece.reconstruct()).double().square().sum())
+    return total
+
+
+# ---------------------------------------------------------------------------------- shared updates
+
+
+def _shared_B_update(rhs_B: Tensor, shared_A: Tensor, shared_D: Tensor) -> tuple[Tensor, bool]:
+    """Eq. 24: B_S = (sum_i N_i A_S^T D_i) (sum_i D_i A_S A_S^T D_i)^-1, with rhs_B = sum_i N_i A_S^T D_i (b, Lk)."""
+    gram = (shared_A @ shared_A.T) * (shared_D.T @ shared_D)
+    solution, fallback = solve_psd(gram, rhs_B.T)
+    return solution.T, fallback
+
+
+def _shared_A_update(rhs_A: Tensor, shared_B: Tensor, shared_D: Tensor) -> tuple[Tensor, bool]:
+    """Eq. 25: A_S = (sum_i D_i B_S^T B_S D_i)^-1 (sum_i D_i B_S^T N_i), with rhs_A = sum_i D_i B_S^T N_i (Lk, a)."""
+    gram = (shared_B.T @ shared_B) * (shared_D.T @ shared_D)
+    return solve_psd(gram, rhs_A)
+
+
+def _shared_D_update(diag_rhs: Tensor, shared_B: Tensor, shared_A: Tensor) -> tuple[Tensor, bool]:
+    """Eq. 26: d_i = (B_S^T B_S o A_S A_S^T)^-1 diag(B_S^T N_i A_S^T), for all i at once; diag_rhs (L, Lk)."""
+    gram = (shared_B.T @ shared_B) * (shared_A @ shared_A.T)
+    solution, fallback = solve_psd(gram, diag_rhs.T)
+    return solution.T, fallback
+
+
+def _rebalance(factors: RasaFactors) -> Tensor:
+    """Give each shared rank unit-norm B_S column and A_S row, moving the scale into D; returns A_S's row scale."""
+    col = factors.shared_B.norm(dim=0)
+    row = factors.shared_A.norm(dim=1)
+    col = torch.where(col > 0, col, 1)
+    row = torch.where(row > 0, row, 1)
+    factors.shared_B = factors.shared_B / col
+    factors.shared_A = factors.shared_A / row[:, None]
+    factors.shared_D = factors.shared_D * (col * row)
+    return row
+
+
+# -------------------------------------------------------------------------------------- exact variant
+
+
+def _exact_iteration(M: Tensor, f: RasaFactors, r_private: int) -> int:
+    """One iteration of App. A with full SVDs, one layer at a time; updates `f` in place; returns fallbacks."""
+    L = M.shape[0]
+    if r_private > 0:
+        for i in range(L):  # eq. 18-19
+            residual = M[i] - f.shared_B @ (f.shared_D[i, :, None] * f.shared_A)
+            U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
+            root = S[:r_private].sqrt()
+            f.private_B[i] = U[:, :r_private] * root
+            f.private_A[i] = root[:, None] * Vh[:r_private]
+    if f.shared_A.shape[0] == 0:
+        return 0
+    N = M - f.private_B @ f.private_A  # the targets of the shared part, [B^_i -B~_i][A^_i; A~_i] in eq. 24-26
+    rhs_B = sum(N[i] @ f.shared_A.T * f.shared_D[i] for i in range(L))
+    f.shared_B, fb_B = _shared_B_update(rhs_B, f.shared_A, f.shared_D)  # eq. 24
+    rhs_A = sum(f.shared_D[i, :, None] * (f.shared_B.T @ N[i]) for i in range(L))
+    f.shared_A, fb_A = _shared_A_update(rhs_A, f.shared_B, f.shared_D)  # eq. 25
+    diag_rhs = torch.stack([((f.shared_B.T @ N[i]) * f.shared_A).sum(1) for i in range(L)])
+    f.shared_D, fb_D = _shared_D_update(diag_rhs, f.shared_B, f.shared_A)  # eq. 26
+    _rebalance(f)
+    return int(fb_B) + int(fb_A) + int(fb_D)
+
+
+# --------------------------------------------------------------------------------------- fast variant
+
+
+class _FastDescent:
+    """Batched coordinate descent state for the fast variant: private triplets (U, S, V) and shared factors.
+
+    Keeps M @ A_S^T and M @ Omega (the next private step's start block) from one combined product, so an
+    iteration reads M three times: M @ [A_S^T | Omega], M^T @ Q (private step), M^T @ B_S (eq. 25).
+    """
+
+    def __init__(self, M: Tensor, start: RasaFactors, warm: LoraSolution, theorem: bool, r_private: int,
+                 oversample: int, power_iters: int, svd_tol: float, gen: torch.Generator) -> None:
+        self.M, self.p, self.gen = M, r_private, gen
+        self.oversample, self.power_iters, self.svd_tol = oversample, power_iters, svd_tol
+        self.energy = M.double().square().sum((1, 2))
+        self.B, self.A, self.D = start.shared_B.clone(), start.shared_A.clone(), start.shared_D.clone()
+        # the private part as triplets; a zero private part (random start) keeps LoRA's vectors as warm start
+        self.U, self.V = warm.U[..., :r_private].clone(), warm.V[..., :r_private].clone()
+        self.S = warm.S[:, :r_private].clone() if theorem else M.new_zeros(M.shape[0], r_private)
+        self.cross = self.energy.new_zeros(M.shape[0])  # <M_i, P_i>, set by every private step
+        self.fallbacks, self.svd_residual, self.passes = 0, 0.0, 0
+        self._multiply_right()
+
+    def _shared(self, X: Tensor) -> Tensor:  # (B_S D_i A_S) @ X_i, (L, b, w)
+        return self.B @ (self.D[:, :, None] * (self.A @ X))
+
+    def _shared_t(self, Y: Tensor) -> Tensor:  # (B_S D_i A_S)^T @ Y_i, (L, a, w)
+        return self.A.T @ (self.D[:, :, None] * (self.B.T @ Y))
+
+    def prepare_next_private(self) -> None:
+        """Without shared ranks (k = 0) the pass that starts the next private step runs on its own."""
+        self._multiply_right()
+
+    def _multiply_right(self) -> None:
+        """One pass: M @ [A_S^T | Omega] with Omega = [V, oversample random columns]."""
+        L, _, a = self.M.shape
+        width = min(self.p + self.oversample, a) - self.p if self.p else 0
+        self.omega = torch.cat([self.V, _randn((L, a, width), self.M, self.gen)], -1)
+        right = torch.cat([self.A.T.expand(L, -1, -1), self.omega], -1)
+        product = self.M @ right
+        self.passes += 1
+        lk = self.A.shape[0]
+        self.M_At, self.M_omega = product[..., :lk], product[..., lk:]
+
+    def private_step(self) -> None:
+        """Eq. 18-19 for all layers: top r-k triplets of R_i = M_i - B_S D_i A_S, by block subspace iteration.
+
+        The search space is span([R_i Omega, U_old]); after each Rayleigh-Ritz step the residual
+        max_j ||R_i v_j - s_j u_j|| / s_j is measured (one pass, which is also the next power iteration's
+        product); the loop stops below `svd_tol` or after `power_iters` extra rounds (2 passes each).
+        """
+        Y = self.M_omega - self._shared(self.omega)
+        for _ in range(self.power_iters + 1):
+            self.passes += 2
+            Q = _orth(torch.cat([Y, self.U], -1))
+            Z = self.M.mT @ Q - self._shared_t(Q)  # R^T Q
+            small_U, S, small_Vh = torch.linalg.svd(Z.mT, full_matrices=False)
+            V_all = small_Vh.mT[..., :Y.shape[-1]]
+            Y = self.M @ V_all - self._shared(V_all)  # R V: the check, and the next round's block
+            U, S = Q @ small_U[..., :self.p], S[:, :self.p]
+            scale = S[:, :1].clamp_min(torch.finfo(S.dtype).tiny * 1e3)  # backward error relative to ||R_i||_2
+            self.svd_residual = float(((Y[..., :self.p] - U * S[:, None, :]).norm(dim=1) / scale).max())
+            if self.svd_residual <= self.svd_tol:
+                break
+        self.U, self.S, self.V = U, S, V_all[..., :self.p]
+        # <M_i, P_i> = sum_j s_j u_j^T M_i v_j = sum_j s_j (s_j + u_j^T B_S D_i A_S v_j)
+        shared_uv = torch.einsum("ljm,lm,lmj->lj", self.U.mT @ self.B, self.D, self.A @ self.V)
+        self.cross = (self.S.double() * (self.S.double() + shared_uv.double())).sum(1)
+
+    def shared_step(self) -> None:
+        """Eq. 24, 25, 26 from thin products; then the rescaling of the shared ranks."""
+        US, VS = self.U * self.S[:, None, :], self.V * self.S[:, None, :]
+        N_At = self.M_At - US @ (self.V.mT @ self.A.T)  # N_i A_S^T, N_i = M_i - P_i
+        self.B, fb_B = _shared_B_update((N_At * self.D[:, None, :]).sum(0), self.A, self.D)
+        Nt_B = self.M.mT @ self.B - VS @ (self.U.mT @ self.B)  # N_i^T B_S
+        self.passes += 1
+        self.A, fb_A = _shared_A_update((Nt_B * self.D[:, None, :]).sum(0).T, self.B, self.D)
+        self._multiply_right()
+        N_At = self.M_At - US @ (self.V.mT @ self.A.T)
+        self.D, fb_D = _shared_D_update((self.B * N_At).sum(1), self.B, self.A)
+        factors = RasaFactors(self.U, self.V.mT, self.B, self.A, self.D)
+        row = _rebalance(factors)
+        self.B, self.A, self.D, self.M_At = factors.shared_B, factors.shared_A, factors.shared_D, self.M_At / row
+        self.fallbacks += int(fb_B) + int(fb_A) + int(fb_D)
+
+    def error(self) -> float:
+        """Eq. 17 by expanding ||M_i - P_i - S_i||^2 with the cached products (float64 sums)."""
+        d = self.D.double()
+        M_shared = (d * (self.B[None] * self.M_At).sum(1).double()).sum(1)
+        PS = torch.einsum("lj,ljm,lm,lmj->l", self.S.double(), (self.U.mT @ self.B).double(), d,
+                          (self.A @ self.V).double())
+        gram = ((self.B.T @ self.B) * (self.A @ self.A.T)).double()
+        SS = torch.einsum("lm,mn,ln->l", d, gram, d)
+        per_layer = self.energy - 2 * (self.cross + M_shared) + self.S.double().square().sum(1) + 2 * PS + SS
+        return float(per_layer.sum())
+
+    def factors(self) -> RasaFactors:
+        root = self.S.sqrt()
+        return RasaFactors(self.U * root[:, None, :], root[:, :, None] * self.V.mT, self.B, self.A, self.D)
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def fit_rasa(M: Tensor | Sequence[Tensor], r: int, k: int, iters: int = 20, init: str = "random",
+             variant: str = "fast", dtype: torch.dtype | None = None, seed: int = 0,
+             lora: LoraSolution | None = None, oversample: int = 8, power_iters: int = 4, svd_tol: float = 1e-3,
+             progress: Callable[[int, float], None] | None = None) -> FitResult:
+    """Fit RaSA (rank r, k shared ranks per layer) to a group M (L, b, a) by coordinate descent (App. A).
+
+    Args:
+        M: the group's matrices, (L, b, a) or a list of L (b, a) tensors; the work runs on M's device.
+        iters: coordinate-descent iterations; `error_curve` gets one value after each.
+        init: ``"random"`` or ``"theorem"`` (see the module docstring).
+        variant: ``"fast"`` (batched, truncated SVD) or ``"exact"`` (full SVD per layer, the reference).
+        dtype: computation dtype; default float64 for "exact", float32 (or M's float64) for "fast".
+        lora: a precomputed `lora_solution(M, r)`, reused across a k sweep.
+        progress: called as progress(iteration, error) after every iteration.
+    """
+    _check_variant(variant)
+    if init not in INITS:
+        raise ValueError(f"init={init!r} is unknown; choose one of {INITS}.")
+    if iters < 0:
+        raise ValueError(f"iters={iters} is negative; choose iters >= 0.")
+    M = check_group(M, r, k)
+    dtype = dtype or (torch.float64 if variant == "exact" or M.dtype == torch.float64 else torch.float32)
+    M = M.to(dtype)
+    started = time.perf_counter()
+    if lora is None:
+        lora = lora_solution(M, r, variant, seed=seed)
+    lora = LoraSolution(lora.U.to(dtype), lora.S.to(dtype), lora.V.to(dtype), lora.energy, lora.tol_reached)
+    start = theorem_factors(lora, k) if init == "theorem" else random_factors(M, r, k, seed)
+    result = FitResult(start, lora.error, float(lora.energy.sum()), rasa_error(M, start))
+    if variant == "exact":
+        result.factors = start.to(dtype)
+        for t in range(iters):
+            result.gram_fallbacks += _exact_iteration(M, result.factors, r - k)
+            result.error_curve.append(rasa_error(M, result.factors))
+            if progress:
+                progress(t, result.error_curve[-1])
+    else:
+        descent = _FastDescent(M, start, lora, init == "theorem", r - k, oversample, power_iters, svd_tol,
+                               _generator(M.device, seed + 1))
+        for t in range(iters):
+            if r > k:
+                descent.private_step()
+            if k > 0:
+                descent.shared_step()
+            else:
+                descent.prepare_next_private()
+            result.error_curve.append(descent.error())
+            if progress:
+                progress(t, result.error_curve[-1])
+        result.factors, result.gram_fallbacks = descent.factors(), descent.fallbacks
+        result.svd_residual, result.passes = descent.svd_residual, descent.passes
+    result.final_error = rasa_error(M, result.factors) if iters else result.initial_error
+    result.wall_time_s = time.perf_counter() - started
+    return result
+
+
+def k_sweep(M: Tensor | Sequence[Tensor], r: int, ks: Sequence[int] | None = None, iters: int = 20,
+            lora: LoraSolution | None = None, **fit_kwargs) -> dict[int, float]:
+    """Final RaSA error for each k in `ks` (default 0..r), as in the paper's Figure 3; k = 0 is e_lora."""
+    ks = list(range(r + 1)) if ks is None else list(ks)
+    M = check_group(M, r, 0)
+    variant = fit_kwargs.get("variant", "fast")
+    lora = lora or lora_solution(M, r, variant, seed=fit_kwargs.get("seed", 0))
+    return {k: fit_rasa(M, r, k, iters, lora=lora, **fit_kwargs).final_error for k in ks}
