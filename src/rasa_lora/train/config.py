@@ -1,0 +1,254 @@
+"""The training recipe: one typed dataclass holding every key, YAML loading and `--key value` overrides.
+
+Keys follow the names users know from axolotl, LLaMA-Factory and litgpt (`base_model`, `dataset`, `r`, `alpha`,
+`learning_rate`, `global_batch_size`, `micro_batch_size`, `epochs`, `max_steps`, `cutoff_len`, ...). The defaults
+are the paper's recipe (App. C and the authors' scripts, see NOTES.md): decoupled LionW with betas (0.9, 0.95),
+lr 5e-4, weight decay 0, cosine schedule with 10% warmup, global batch 192, 8 epochs, bf16 where the hardware has
+it, gradient checkpointing (non-reentrant), samples grouped by length, loss on the response only, all seven
+projections, dropout 0.05, k = r/8.
+
+Choices: a key the dataclass does not declare is an error listing the valid keys (a typo must not silently train
+with a default). Command-line values are parsed as YAML scalars (`--r 16`, `--target-modules q_proj,v_proj`,
+`--bf16 false`), and dashes in keys are accepted for underscores. Checks that need no model or data run in
+`__post_init__`, so a bad recipe fails before anything is loaded or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("rasa", "lora", "vera", "adalora", "olora", "dora", "pissa", "fft")
+UNSUPPORTED_METHODS = {
+    "mora": "MoRA is not in PEFT and not implemented here yet",
+    "prilora": "PriLoRA is not in PEFT and not implemented here yet",
+}
+DATASET_FORMATS = ("auto", "arithmetic", "gsm8k", "math", "metamathqa", "magicoder", "alpaca", "completion")
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Keys that only change how a run is operated, not what it computes; they may differ when resuming.
+OPERATIONAL_KEYS = ("resume", "overwrite", "save_steps", "save_total_limit", "logging_steps", "progress_bar")
+
+
+@dataclass
+class TrainConfig:
+    base_model: str | None = None
+    """Hub name, local checkpoint directory or .gguf file; None (or "smollm2") is the embedded SmolLM2-135M-Instruct."""
+    tokenizer: str | None = None
+    """Tokenizer source; None takes the base model's."""
+    dataset: str | None = None
+    """Local file (.jsonl/.json/.parquet/.csv) or hub dataset name; None is the built-in arithmetic generator."""
+    dataset_format: str = "auto"
+    """One of DATASET_FORMATS; "auto" picks it from the fields of the first record."""
+    dataset_split: str = "train"
+    """Split to read when `dataset` is a hub name."""
+    dataset_fraction: float = 1.0
+    """Fraction of the examples kept, a seeded random subset (the paper's 25% / 50% runs)."""
+    num_examples: int = 2000
+    """Size of the built-in arithmetic training set (ignored for other datasets)."""
+    arithmetic_steps: int = 2
+    """Operations per built-in arithmetic problem (1 to 4); more is harder."""
+    arithmetic_max_value: int = 20
+    """Largest starting quantity in a built-in arithmetic problem; larger is harder."""
+    method: str = "rasa"
+    """One of METHODS: rasa, lora, vera, adalora, olora, dora, pissa, fft (full fine-tuning)."""
+    r: int = 8
+    """Adapter rank (VeRA: the rank of its shared random matrices; the paper uses 1024)."""
+    rasa_k: int | None = None
+    """Ranks each RaSA layer gives to the shared pool; None is max(1, r // 8) as in the paper."""
+    alpha: float = 32.0
+    """Scaling numerator (LoRA family: alpha / r; RaSA: folded into D's initial value)."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    """Names of the linear modules to adapt; default: all seven projections of a Llama-style block."""
+    learning_rate: float = 5e-4
+    """Peak learning rate."""
+    optimizer: str = "lionw"
+    """"lionw" (decoupled LionW, MosaicML semantics) or "adamw" (torch.optim.AdamW)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Optimizer betas (the authors' scripts use 0.9 / 0.95 for LionW)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    max_grad_norm: float = 0.0
+    """Clip the global gradient norm to this value; 0 turns clipping off (the paper does not clip)."""
+    lr_scheduler: str = "cosine"
+    """"cosine" (to 0) or "constant", both after a linear warmup."""
+    warmup_ratio: float = 0.1
+    """Fraction of the optimizer steps spent in linear warmup."""
+    global_batch_size: int = 192
+    """Examples per optimizer step, reached by gradient accumulation."""
+    micro_batch_size: int = 3
+    """Examples per forward pass; must divide global_batch_size."""
+    epochs: float = 8.0
+    """Passes over the data (fractions allowed); ignored when max_steps is set."""
+    max_steps: int | None = None
+    """Optimizer steps to run; overrides epochs."""
+    cutoff_len: int = 4096
+    """Longest tokenized example; longer ones are truncated from the right (response tokens dropped first)."""
+    seed: int = 42
+    """Seeds the adapter init, dropout, data subset and data order."""
+    bf16: str = "auto"
+    """"auto" (bf16 autocast on a GPU that supports it), "true" or "false"."""
+    model_dtype: str = "auto"
+    """Dtype of the frozen base weights: "auto" (bfloat16 on a GPU with bf16, else float32), "float32", "bfloat16"."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward to save memory."""
+    use_reentrant: bool = False
+    """Reentrant checkpointing; off by default (shared parameters need the non-reentrant form, NOTES.md)."""
+    group_by_length: bool = True
+    """Arrange each global batch's examples into micro-batches of similar length (less padding)."""
+    output_dir: str = "runs/rasa"
+    """Where the adapter, metrics, plot and checkpoints go."""
+    logging_steps: int = 1
+    """Write a metrics row every this many optimizer steps."""
+    save_steps: int = 0
+    """Write a checkpoint every this many optimizer steps; 0 saves only on interruption."""
+    save_total_limit: int = 2
+    """Checkpoints kept (the newest ones)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in output_dir."""
+    overwrite: bool = False
+    """Delete an existing output_dir and start afresh."""
+    progress_bar: bool = True
+    """Show a tqdm bar with loss, lr and tokens/s."""
+
+    def __post_init__(self) -> None:
+        self._check_method()
+        self._check_numbers()
+        self._check_choices()
+        if isinstance(self.target_modules, str):
+            self.target_modules = [name.strip() for name in self.target_modules.split(",") if name.strip()]
+        if not self.target_modules and self.method != "fft":
+            raise ValueError("target_modules is empty; name at least one module, e.g. q_proj,v_proj")
+
+    def _check_method(self) -> None:
+        if self.method in UNSUPPORTED_METHODS:
+            raise NotImplementedError(
+                f"method={self.method!r} is not yet supported: {UNSUPPORTED_METHODS[self.method]}. "
+                f"Choose one of: {', '.join(METHODS)}."
+            )
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is unknown; choose one of: {', '.join(METHODS)}")
+        if self.method == "rasa" and self.rasa_k is not None and not 0 <= self.rasa_k <= self.r:
+            raise ValueError(f"rasa_k={self.rasa_k} is outside 0..r={self.r}; choose 0 <= rasa_k <= r")
+
+    def _check_numbers(self) -> None:
+        positive = {"r": self.r, "learning_rate": self.learning_rate, "global_batch_size": self.global_batch_size,
+                    "micro_batch_size": self.micro_batch_size, "cutoff_len": self.cutoff_len,
+                    "num_examples": self.num_examples, "logging_steps": self.logging_steps}
+        for key, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{key}={value} must be positive")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size={self.micro_batch_size} does not divide global_batch_size={self.global_batch_size}; "
+                "choose a divisor so that gradient accumulation reaches the global batch exactly"
+            )
+        if not 0 < self.dataset_fraction <= 1:
+            raise ValueError(f"dataset_fraction={self.dataset_fraction} must be in (0, 1]")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps={self.max_steps} must be positive (or leave it unset to use epochs)")
+        if self.max_steps is None and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ValueError(f"epochs={self.epochs} must be positive when max_steps is unset")
+        if not 1 <= self.arithmetic_steps <= 4:
+            raise ValueError(f"arithmetic_steps={self.arithmetic_steps} must be between 1 and 4")
+        if self.arithmetic_max_value < 2:
+            raise ValueError(f"arithmetic_max_value={self.arithmetic_max_value} must be at least 2")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas={self.betas} must be two numbers in [0, 1), e.g. 0.9,0.95")
+        if self.save_steps < 0 or self.save_total_limit < 1:
+            raise ValueError(f"save_steps={self.save_steps} must be >= 0 and "
+                             f"save_total_limit={self.save_total_limit} >= 1")
+
+    def _check_choices(self) -> None:
+        choices = {"optimizer": ("lionw", "adamw"), "lr_scheduler": ("cosine", "constant"),
+                   "bf16": ("auto", "true", "false"),
+                   "model_dtype": ("auto", "float32", "bfloat16"), "dataset_format": DATASET_FORMATS}
+        self.bf16 = str(self.bf16).lower()
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r} is unknown; choose one of: {', '.join(allowed)}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite contradict each other; give one of them")
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.global_batch_size // self.micro_batch_size
+
+    @property
+    def shared_ranks(self) -> int:
+        """k of RaSA: ranks each layer contributes to the shared pool."""
+        return max(1, self.r // 8) if self.rasa_k is None else self.rasa_k
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def valid_keys() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _parse_value(key: str, text: str) -> Any:
+    """Parse a command-line value as a YAML scalar; comma-separated text becomes a list for list keys."""
+    import yaml
+
+    if key in ("target_modules", "betas") and "," in text:
+        return [yaml.safe_load(part) for part in text.split(",") if part.strip()]
+    return yaml.safe_load(text)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn `--key value` / `--flag` pairs into a dict; a bare flag means true."""
+    overrides: dict[str, Any] = {}
+    index = 0
+    while index < len(args):
+        token = args[index]
+        if not token.startswith("--"):
+            raise ValueError(f"expected --key value, got {token!r}; keys: {', '.join(valid_keys())}")
+        key, _, inline = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if inline:
+            overrides[key] = _parse_value(key, inline)
+            index += 1
+        elif index + 1 < len(args) and not args[index + 1].startswith("--"):
+            overrides[key] = _parse_value(key, args[index + 1])
+            index += 2
+        else:
+            overrides[key] = True
+            index += 1
+    return overrides
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def build_config(values: dict[str, Any]) -> TrainConfig:
+    """Make a TrainConfig from a dict, refusing keys the recipe does not have."""
+    keys = valid_keys()
+    unknown = sorted(set(values) - set(keys))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(keys)}")
+    return TrainConfig(**values)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """YAML file (optional) updated with overrides, checked."""
+    values = read_yaml(path) if path is not None else {}
+    values.update(overrides or {})
+    return build_config(values)

@@ -1,0 +1,347 @@
+"""The training loop of the SFT recipe, in plain functions so `accelerate` can wrap the pieces later.
+
+`train(config)` runs: check the output directory -> load tokenizer and data -> build model, optimizer, scheduler
+(each in its own function: `build_model`, `build_optimizer`, `build_scheduler`, the slots `accelerator.prepare`
+would take) -> loop -> write the adapter (PEFT format), `metrics.jsonl`, `summary.json`, `loss.png`.
+
+Choices:
+- One optimizer step = `global_batch_size` examples in micro-batches of `micro_batch_size`. The loss of each
+  micro-batch is its summed token loss divided by the number of response tokens in the whole step
+  (`num_items_in_batch`), so accumulation gives exactly the gradient of the step's mean token loss.
+- bf16 autocast on CUDA devices that support it (`bf16: auto`); the CPU runs float32 (bit-reproducible).
+- Nothing is written before the tokenizer, data and model have loaded, so bad input leaves no directory behind;
+  a run that fails before its first checkpoint removes the directory it created.
+- SIGINT/SIGTERM set a flag; the loop finishes the current step, writes a checkpoint and exits with 130/143.
+  `resume: true` restores the newest checkpoint; on the CPU with a fixed seed the result is bitwise identical to
+  an uninterrupted run (tested).
+Limits: single process (a teammate adds DDP/FSDP2/DeepSpeed through accelerate); AdaLoRA's regulariser is added
+per micro-batch, so its reported loss includes it once per micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rasa_lora.train import checkpoint, data, methods, optim
+from rasa_lora.train.config import OPERATIONAL_KEYS, TrainConfig
+
+SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a signal's checkpoint has been written; carries the exit code."""
+
+    def __init__(self, signum: int, step: int, path: Path) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step}; checkpoint {path}")
+        self.exit_code = SIGNAL_EXIT_CODES.get(signum, 1)
+
+
+@dataclass
+class LoopState:
+    """Counters a checkpoint must restore (besides model, optimizer, scheduler and RNG)."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    best_loss: float = math.inf
+    last_loss: float = math.nan
+
+
+@dataclass
+class Run:
+    config: TrainConfig
+    tokenizer: Any
+    examples: list[dict[str, list[int]]]
+    total_steps: int
+    steps_per_epoch: int
+    model: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    state: LoopState = field(default_factory=LoopState)
+    epoch_plan: tuple[int, list[list[list[int]]]] = (-1, [])
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def use_bf16(config: TrainConfig, device: torch.device) -> bool:
+    if config.bf16 == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return config.bf16 == "true"
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    """Refuse to clobber a run; refuse to resume what has no checkpoint. Writes nothing."""
+    out = Path(config.output_dir)
+    if config.resume:
+        if not checkpoint.checkpoint_dirs(out):
+            raise FileNotFoundError(f"--resume: {out} holds no checkpoint; start the run without --resume")
+        return
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir {str(out)!r} is a file; choose a directory path")
+    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
+        raise FileExistsError(
+            f"output_dir {str(out)!r} already exists and is not empty; pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --output-dir"
+        )
+
+
+def check_resume_config(config: TrainConfig) -> None:
+    """A resumed run must compute the same thing: every non-operational key must match the saved config."""
+    saved_path = Path(config.output_dir) / "config.json"
+    saved = json.loads(saved_path.read_text())
+    current = config.to_dict()
+    changed = [key for key in current if key not in OPERATIONAL_KEYS and saved.get(key) != current[key]]
+    if changed:
+        details = ", ".join(f"{key}: saved {saved.get(key)!r}, now {current[key]!r}" for key in changed)
+        raise ValueError(f"--resume with a different recipe ({details}); rerun with the original keys")
+
+
+def load_tokenizer(config: TrainConfig) -> Any:
+    from rasa_lora.models import load_tokenizer as load
+
+    tokenizer = load(config.tokenizer or config.base_model)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer of {config.tokenizer or config.base_model!r} has no EOS token; set one")
+    return tokenizer
+
+
+def plan_steps(config: TrainConfig, num_examples: int) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps)."""
+    steps_per_epoch = math.ceil(num_examples / config.global_batch_size)
+    total = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+    return steps_per_epoch, max(1, total)
+
+
+def prepare_run(config: TrainConfig) -> Run:
+    """Tokenizer and tokenized data: everything that can fail on bad input before a model is loaded."""
+    tokenizer = load_tokenizer(config)
+    examples = data.tokenize_all(data.load_examples(config), tokenizer, config.cutoff_len)
+    steps_per_epoch, total_steps = plan_steps(config, len(examples))
+    return Run(config=config, tokenizer=tokenizer, examples=examples, total_steps=total_steps,
+               steps_per_epoch=steps_per_epoch)
+
+
+def build_model(config: TrainConfig, total_steps: int, device: torch.device) -> torch.nn.Module:
+    """Base model + the method's adapter (or all weights trainable), moved to `device`."""
+    from rasa_lora.models import load_model
+
+    dtype = config.model_dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    model = load_model(config.base_model, dtype=dtype)
+    model = methods.apply_method(model, config, total_steps)
+    if config.gradient_checkpointing:
+        methods.enable_gradient_checkpointing(model, config.use_reentrant)
+    return model.to(device).train()
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    return optim.build_optimizer(model.parameters(), config)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, config: TrainConfig) -> Any:
+    return optim.build_scheduler(optimizer, total_steps, config)
+
+
+def step_micro_batches(run: Run, step: int) -> list[dict[str, torch.Tensor]]:
+    """The collated micro-batches of optimizer step `step` (a pure function of seed, epoch and step)."""
+    epoch, index = divmod(step, run.steps_per_epoch)
+    if run.epoch_plan[0] != epoch:
+        lengths = [len(item["input_ids"]) for item in run.examples]
+        run.epoch_plan = (epoch, data.step_batches(lengths, run.config.global_batch_size, run.config.micro_batch_size,
+                                                   run.config.seed, epoch, run.config.group_by_length))
+    plan = run.epoch_plan[1]
+    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+    return [data.collate([run.examples[i] for i in micro], pad) for micro in plan[index]]
+
+
+def train_step(run: Run, step: int, autocast: bool) -> tuple[float, int]:
+    """Forward/backward over the step's micro-batches, one optimizer step; returns (mean token loss, tokens)."""
+    micro_batches = step_micro_batches(run, step)
+    num_items = sum(int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for batch in micro_batches)
+    total_loss, tokens = 0.0, 0
+    for batch in micro_batches:
+        batch = {key: value.to(run.device) for key, value in batch.items()}
+        context = torch.autocast(run.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with context:
+            loss = run.model(**batch, num_items_in_batch=num_items).loss
+        loss.backward()
+        total_loss += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    if run.config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    methods.after_optimizer_step(run.model, run.config, step + 1)
+    run.optimizer.zero_grad(set_to_none=True)
+    return total_loss, tokens
+
+
+class _StopFlag:
+    """Records SIGINT/SIGTERM instead of dying mid-step; restores the previous handlers on exit."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for signum in SIGNAL_EXIT_CODES:
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _log_row(run: Run, step: int, loss: float, tokens_per_s: float) -> dict[str, Any]:
+    return {"step": step, "epoch": round(step / run.steps_per_epoch, 4), "loss": loss,
+            "lr": run.scheduler.get_last_lr()[0], "tokens": run.state.tokens, "tokens_per_s": round(tokens_per_s, 1),
+            "elapsed_s": round(run.state.elapsed_s, 3)}
+
+
+def _save(run: Run) -> Path:
+    from dataclasses import asdict
+
+    return checkpoint.save_checkpoint(run.config.output_dir, run.state.step, run.model, run.optimizer,
+                                      run.scheduler, asdict(run.state), run.config.save_total_limit)
+
+
+def training_loop(run: Run, metrics_path: Path) -> None:
+    """Steps from `run.state.step` to `run.total_steps`, logging, checkpointing and honouring signals."""
+    from tqdm.auto import tqdm
+
+    config, autocast = run.config, use_bf16(run.config, run.device)
+    bar = tqdm(total=run.total_steps, initial=run.state.step, desc=f"train {config.method}",
+               disable=not config.progress_bar, dynamic_ncols=True)
+    with _StopFlag() as stop, bar, metrics_path.open("a") as metrics:
+        while run.state.step < run.total_steps:
+            started = time.perf_counter()
+            loss, tokens = train_step(run, run.state.step, autocast)
+            seconds = time.perf_counter() - started
+            state = run.state
+            state.step, state.tokens, state.elapsed_s = state.step + 1, state.tokens + tokens, state.elapsed_s + seconds
+            state.last_loss, state.best_loss = loss, min(state.best_loss, loss)
+            row = _log_row(run, state.step, loss, tokens / max(seconds, 1e-9))
+            if state.step % config.logging_steps == 0 or state.step == run.total_steps:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if config.save_steps and state.step % config.save_steps == 0 and state.step < run.total_steps:
+                _save(run)
+            if stop.signum is not None:
+                raise TrainingInterrupted(stop.signum, state.step, _save(run))
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop rows logged after the checkpoint being resumed (they will be recomputed)."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    path.write_text("".join(line + "\n" for line in rows if json.loads(line)["step"] <= last_step))
+
+
+def plot_loss(metrics_path: Path, image_path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot([row["step"] for row in rows], [row["loss"] for row in rows], marker="." if len(rows) < 50 else None)
+    axis.set(xlabel="optimizer step", ylabel="training loss (response tokens)", title=title)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(image_path, dpi=100)
+    plt.close(figure)
+
+
+def save_final(run: Run) -> None:
+    """The adapter in PEFT format (the full model for fft) and the tokenizer, into output_dir."""
+    out = Path(run.config.output_dir)
+    initial = out / "initial_adapter"
+    if methods.initial_adapter_needed(run.config.method):
+        # Converts the OLoRA/PiSSA adapter into a LoRA one that applies to the original base weights.
+        run.model.save_pretrained(out, path_initial_model_for_weight_conversion=str(initial))
+    else:
+        run.model.save_pretrained(out)
+    run.tokenizer.save_pretrained(out)
+
+
+def write_summary(run: Run, trainable: int, total: int, wall_s: float) -> dict[str, Any]:
+    config, state = run.config, run.state
+    summary = {
+        "method": config.method, "base_model": config.base_model or "smollm2",
+        "dataset": config.dataset or "arithmetic",
+        "r": config.r, "rasa_k": config.shared_ranks if config.method == "rasa" else None,
+        "trainable_params": trainable, "total_params": total, "examples": len(run.examples),
+        "steps": state.step, "total_steps": run.total_steps, "tokens": state.tokens,
+        "train_time_s": round(state.elapsed_s, 3), "wall_time_s": round(wall_s, 3),
+        "final_loss": state.last_loss, "best_loss": state.best_loss, "device": str(run.device),
+    }
+    Path(config.output_dir, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def start_or_resume(run: Run) -> None:
+    """Create the output directory (fresh run) or restore the newest checkpoint (resume)."""
+    out = Path(run.config.output_dir)
+    if methods.initial_adapter_needed(run.config.method):
+        run.model.peft_config["default"].init_lora_weights = True  # PEFT's recipe for the later conversion
+    if run.config.resume:
+        check_resume_config(run.config)
+        newest = checkpoint.checkpoint_dirs(out)[-1]
+        run.state = LoopState(**checkpoint.load_checkpoint(newest, run.model, run.optimizer, run.scheduler))
+        _truncate_metrics(out / "metrics.jsonl", run.state.step)
+        return
+    if run.config.overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(run.config.to_dict(), indent=2) + "\n")
+    if methods.initial_adapter_needed(run.config.method):
+        run.model.save_pretrained(out / "initial_adapter")
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run the recipe end to end; returns the summary. Raises TrainingInterrupted after a signal's checkpoint."""
+    wall_start = time.perf_counter()
+    check_output_dir(config)
+    run = prepare_run(config)
+    run.device = pick_device()
+    run.model = build_model(config, run.total_steps, run.device)
+    run.optimizer = build_optimizer(run.model, config)
+    run.scheduler = build_scheduler(run.optimizer, run.total_steps, config)
+    out, created = Path(config.output_dir), not Path(config.output_dir).exists() or config.overwrite
+    start_or_resume(run)
+    try:
+        training_loop(run, out / "metrics.jsonl")
+    except TrainingInterrupted:
+        raise
+    except BaseException:
+        if created and not checkpoint.checkpoint_dirs(out):
+            shutil.rmtree(out, ignore_errors=True)  # nothing resumable: leave no partial run behind
+        raise
+    save_final(run)
+    title = f"{config.method} r={config.r} on {config.dataset or 'arithmetic'}"
+    plot_loss(out / "metrics.jsonl", out / "loss.png", title)
+    trainable, total = methods.count_parameters(run.model)
+    return write_summary(run, trainable, total, time.perf_counter() - wall_start)
