@@ -1,0 +1,241 @@
+"""Training-step speed and memory of RaSA against the frozen base, PEFT LoRA and an authors'-style RaSA.
+
+Run on the GPU machine (one H200):
+    PYTHONPATH=src python3 benchmarks/speed.py --out $OUT/speed.json [--smollm2 /tmp/smollm2.gguf]
+On the CPU, for a smoke run:  PYTHONPATH=src python3 benchmarks/speed.py --small --out /tmp/speed.json
+
+Every variant runs the same training step: forward, backward (gradient checkpointing, non-reentrant) and a
+Lion update of the trainable parameters (none for the frozen base, which back-propagates to its inputs only).
+Variants: frozen base; PEFT LoRA r=8 with dropout 0.05 and 0; an authors'-style RaSA module written here
+(it concatenates private and shared factors on every call, dropout 0.05); our RaSA r=8 k=1, r=16 k=2,
+r=32 k=4 (dropout 0.05) through `peft.get_peft_model`. Also forward-only inference of the base model and of
+the merged RaSA model. Prints a table with median step time, tokens/s, peak memory and the ratios to the
+frozen base and to PEFT LoRA r=8 (dropout 0.05), and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+from torch import nn
+
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class AuthorsRasaLinear(nn.Module):
+    """RaSA as the authors' code computes it: concatenate [A~; A_S] and [B~ B_S] on every call."""
+
+    def __init__(self, base: nn.Linear, shared_A: nn.Parameter, shared_B: nn.Parameter, r: int, k: int,
+                 num_layers: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.base = base
+        private = r - k
+        self.A = nn.Parameter(torch.empty(private, base.in_features, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(base.out_features, private, device=base.weight.device))
+        D = torch.cat([torch.full((private,), alpha / (2 * private)), torch.full((num_layers * k,), alpha / (2 * num_layers * k))])
+        self.D = nn.Parameter(D.to(base.weight.device))
+        object.__setattr__(self, "shared", (shared_A, shared_B))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        shared_A, shared_B = self.shared
+        A = torch.cat([self.A, shared_A], dim=0)
+        B = torch.cat([self.B, shared_B], dim=1)
+        update = ((self.dropout(x).to(A.dtype) @ A.t()) * self.D) @ B.t()
+        return self.base(x) + update.to(x.dtype)
+
+
+def apply_authors_rasa(model, r=8, k=1, alpha=16.0, dropout=0.05):
+    """Swap every projection for `AuthorsRasaLinear`; returns (pools module, restore function)."""
+    layers = model.model.layers
+    pools = nn.ParameterList()
+    originals = []
+    for name in ALL_PROJ:
+        parents = [layer.self_attn if hasattr(layer.self_attn, name) else layer.mlp for layer in layers]
+        first = getattr(parents[0], name)
+        shared_A = nn.Parameter(torch.empty(len(layers) * k, first.in_features, device=first.weight.device))
+        nn.init.kaiming_uniform_(shared_A, a=math.sqrt(5))
+        shared_B = nn.Parameter(torch.zeros(first.out_features, len(layers) * k, device=first.weight.device))
+        pools.extend([shared_A, shared_B])
+        for parent in parents:
+            base = getattr(parent, name)
+            originals.append((parent, name, base))
+            setattr(parent, name, AuthorsRasaLinear(base, shared_A, shared_B, r, k, len(layers), alpha, dropout))
+
+    def restore():
+        for parent, name, base in originals:
+            setattr(parent, name, base)
+
+    return pools, restore
+
+
+class Lion:
+    """Lion with foreach kernels (update sign(b1*m + (1-b1)*g), momentum lerp with b2)."""
+
+    def __init__(self, params, lr=5e-4, betas=(0.9, 0.95)):
+        self.params = [p for p in params if p.requires_grad]
+        self.lr, (self.b1, self.b2) = lr, betas
+        self.momentum = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self):
+        if not self.params:
+            return
+        grads = [p.grad for p in self.params]
+        update = torch._foreach_lerp(grads, self.momentum, self.b1)
+        torch._foreach_sign_(update)
+        torch._foreach_add_(self.params, update, alpha=-self.lr)
+        torch._foreach_lerp_(self.momentum, grads, 1 - self.b2)
+        for p in self.params:
+            p.grad = None
+
+
+def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True):
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
+    optimizer = Lion(model.parameters()) if train else None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(warmup + steps):
+        sync()
+        start = time.perf_counter()
+        if train:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                model(input_ids=ids)
+        sync()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return statistics.median(times), peak
+
+
+def build_llama(small: bool, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if small:
+        config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=256)
+    else:
+        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                             num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model
+
+
+def run_variants(model, shapes, steps, warmup, device, label):
+    from peft import LoraConfig, get_peft_model
+
+    import rasa_lora
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    vocab = model.config.vocab_size
+    results = []
+
+    def measure(name, net, train=True):
+        for batch, seq in shapes:
+            seconds, peak = timed_steps(net, batch, seq, vocab, steps, warmup, device, train=train)
+            row = {"model": label, "variant": name, "batch": batch, "seq": seq, "tokens": batch * seq,
+                   "step_ms": seconds * 1e3, "tokens_per_s": batch * seq / seconds, "peak_gib": peak}
+            results.append(row)
+            print(f"  {label:<10} {name:<24} {batch}x{seq:<5} {row['step_ms']:9.1f} ms  {peak:6.2f} GiB", flush=True)
+
+    measure("frozen", model)
+    measure("frozen (inference)", model, train=False)
+    for dropout in (0.05, 0.0):
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=ALL_PROJ))
+        measure(f"peft-lora r8 d{dropout}", peft_model)
+        model = peft_model.unload()
+    pools, restore = apply_authors_rasa(model)
+    measure("authors-rasa r8k1 d0.05", model)
+    restore()
+    del pools
+    for r, k in ((8, 1), (16, 2), (32, 4)):
+        config = rasa_lora.RasaConfig(r=r, rasa_k=k, rasa_alpha=16, rasa_dropout=0.05, target_modules=ALL_PROJ)
+        peft_model = get_peft_model(model, config)
+        measure(f"rasa r{r}k{k} d0.05", peft_model)
+        if r == 8:
+            peft_model.merge_adapter()
+            measure("rasa r8k1 merged (inference)", peft_model, train=False)
+            peft_model.unmerge_adapter()
+        model = peft_model.unload()
+    return results
+
+
+def add_ratios(results):
+    index = {(r["model"], r["variant"], r["tokens"], r["batch"]): r for r in results}
+    for row in results:
+        key = (row["model"], "frozen", row["tokens"], row["batch"])
+        lora = index.get((row["model"], "peft-lora r8 d0.05", row["tokens"], row["batch"]))
+        if "inference" in row["variant"]:
+            key = (row["model"], "frozen (inference)", row["tokens"], row["batch"])
+            lora = None
+        base = index[key]
+        row["x_frozen"] = row["step_ms"] / base["step_ms"]
+        row["x_lora"] = row["step_ms"] / lora["step_ms"] if lora else None
+        row["mem_vs_frozen"] = row["peak_gib"] / base["peak_gib"] if base["peak_gib"] == base["peak_gib"] else None
+
+
+def print_table(results):
+    print(f"\n{'model':<10} {'variant':<28} {'tokens':>10} {'ms/step':>9} {'tok/s':>9} {'GiB':>7} "
+          f"{'x frozen':>8} {'x LoRA':>7} {'mem/frozen':>10}")
+    for r in results:
+        lora = f"{r['x_lora']:.3f}" if r["x_lora"] else "-"
+        mem = f"{r['mem_vs_frozen']:.4f}" if r["mem_vs_frozen"] else "-"
+        print(f"{r['model']:<10} {r['variant']:<28} {r['batch']:>3}x{r['seq']:<6} {r['step_ms']:9.1f} "
+              f"{r['tokens_per_s']:9.0f} {r['peak_gib']:7.2f} {r['x_frozen']:8.3f} {lora:>7} {mem:>10}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="JSON output path")
+    parser.add_argument("--small", action="store_true", help="tiny model on the CPU (smoke run)")
+    parser.add_argument("--smollm2", default=None, help="path of the SmolLM2 GGUF file to measure too")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--shapes", default="8x512,2x2048,4x4096", help="batch x sequence list for the 8B shape")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.small:
+        shapes = [(2, 16), (1, 32)]
+    results = run_variants(build_llama(args.small, device), shapes, args.steps, args.warmup, device,
+                           "tiny" if args.small else "llama-8b")
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    if args.smollm2:
+        import os
+
+        from transformers import AutoModelForCausalLM
+
+        small = AutoModelForCausalLM.from_pretrained(os.path.dirname(args.smollm2), gguf_file=os.path.basename(args.smollm2),
+                                                     dtype=torch.bfloat16).to(device)
+        results += run_variants(small, [(8, 512), (4, 4096)], args.steps, args.warmup, device, "smollm2")
+    add_ratios(results)
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "steps": args.steps, "warmup": args.warmup}
+    with open(args.out, "w") as handle:
+        json.dump({"meta": meta, "results": results}, handle, indent=1)
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()
