@@ -1,0 +1,368 @@
+"""Training on many processes through `accelerate`: DDP, FSDP1/FSDP2 and DeepSpeed ZeRO with RaSA's shared pools.
+
+RaSA's pool is one parameter used by every layer of its group (it lives on the tuner, `base_model.rasa_shared_A`;
+layers look it up on each call). Each engine must see that parameter correctly; this module does what each needs,
+so the training loop calls, in order:
+
+    engine = detect_engine(accelerator)
+    use_reentrant = checkpointing_kwargs(engine, config.use_reentrant)["use_reentrant"]   # before checkpointing
+    model, optimizer, scheduler = prepare_training(accelerator, model, optimizer, scheduler, use_reentrant)
+    ... local_micro_batches(...), loss_divisor(...) ...
+    save_adapter(model, accelerator, output_dir)          # on every rank; the main process writes
+
+| engine | what rasa-lora does before `accelerator.prepare`                      | gradient checkpointing          |
+| ------ | --------------------------------------------------------------------- | ------------------------------- |
+| ddp    | reentrant checkpointing gets DDP `static_graph=True`                   | as asked (default non-reentrant) |
+| fsdp2  | per-decoder-layer units by default; the pools stay in the root unit (checked after wrapping) | as asked |
+| fsdp1  | `use_orig_params=True` (trainable and frozen parameters share flat units) | non-reentrant               |
+| zero2  | nothing (ZeRO stages 0-2 replicate parameters)                        | non-reentrant                   |
+| zero3  | each RasaLayer registers its group's pool as a ZeRO-3 external parameter | non-reentrant                |
+
+Why: DDP's reducer marks a parameter ready once per backward, but reentrant checkpointing runs one backward per
+layer, so the pool (used by every layer) is marked several times ("mark a variable ready only once") unless the
+graph is declared static; non-reentrant checkpointing runs one backward and needs nothing. ZeRO reduces each
+gradient through a per-parameter hook once per step, which the per-layer backwards of reentrant checkpointing
+would also break, so ZeRO and FSDP1 are given non-reentrant checkpointing. FSDP2 rejects a parameter seen by two
+units and reshards a layer's unit after its forward; the pool therefore must belong to a unit that encloses every
+layer using it (the root), which `check_pool_placement` verifies. ZeRO-3 gathers only a module's own parameters at
+its forward, hence the external-parameter registration (the pool is gathered at each layer's forward: cheap, it
+has L*k rows). Saving gathers the sharded adapter tensors (DTensor, ZeRO-3) on every rank, and the main process
+writes the PEFT files; the pool is saved once, exactly as by one process.
+
+accelerate runs FSDP and DeepSpeed only on accelerators: on a CPU it silently falls back to DDP. So that the same
+`fsdp2.yaml` also runs FSDP2 on CPUs (gloo), a CPU run launched with FSDP2 is sharded here with accelerate's own
+wrapping function (`fsdp2_prepare_model`), and the optimizer is moved onto the sharded parameters.
+
+Verified here (CPU, gloo, 2 processes, tests/distributed/): DDP and FSDP2 with both checkpointing modes give the
+gradients and the parameters after one step of one process, and the saved adapter loads in one process.
+Not verified here: FSDP1 and DeepSpeed (they need GPUs; the ZeRO-3 registration and gathering are unit-tested
+with a stand-in for `deepspeed`).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Engine(str, enum.Enum):
+    """How the model is distributed; `zero2` stands for DeepSpeed ZeRO stages 0, 1 and 2."""
+
+    SINGLE = "single"
+    DDP = "ddp"
+    FSDP1 = "fsdp1"
+    FSDP2 = "fsdp2"
+    ZERO2 = "zero2"
+    ZERO3 = "zero3"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def _type_name(state: Any) -> str:
+    kind = state.distributed_type
+    return str(getattr(kind, "value", kind)).upper()
+
+
+def detect_engine(accelerator: Any) -> Engine:
+    """The engine of an `accelerate.Accelerator` (or its `AcceleratorState`).
+
+    On a CPU, accelerate reports DDP (`MULTI_CPU`) even when FSDP was asked for; an FSDP2 request (the
+    `ACCELERATE_USE_FSDP`/`FSDP_VERSION` variables `accelerate launch` sets) is then honoured as FSDP2.
+    """
+    state = getattr(accelerator, "state", accelerator)
+    kind = _type_name(state)
+    if kind == "DEEPSPEED":
+        return Engine.ZERO3 if int(state.deepspeed_plugin.zero_stage) == 3 else Engine.ZERO2
+    if kind == "FSDP":
+        return Engine.FSDP2 if int(state.fsdp_plugin.fsdp_version) == 2 else Engine.FSDP1
+    if kind == "NO" or int(getattr(state, "num_processes", 1)) <= 1:
+        return Engine.SINGLE
+    if kind == "MULTI_CPU":
+        if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+            raise ValueError(
+                "DeepSpeed was requested but accelerate runs it only on GPUs (this run is on CPUs); "
+                "use configs/distributed/fsdp2.yaml or ddp.yaml on CPUs."
+            )
+        if _env_flag("ACCELERATE_USE_FSDP"):
+            if os.environ.get("FSDP_VERSION", "1") != "2":
+                raise ValueError(
+                    f"FSDP_VERSION={os.environ.get('FSDP_VERSION', '1')!r} on CPUs: accelerate has no CPU FSDP1 path "
+                    "and rasa-lora shards CPUs with FSDP2 only; set `fsdp_version: 2` (configs/distributed/fsdp2.yaml)."
+                )
+            return Engine.FSDP2
+    return Engine.DDP
+
+
+def checkpointing_kwargs(engine: Engine, use_reentrant: bool | None = None) -> dict[str, bool]:
+    """`gradient_checkpointing_kwargs` for the engine: the request where it works, else non-reentrant (warned)."""
+    if use_reentrant is None:
+        return {"use_reentrant": False}  # the authors' choice, and what every engine supports
+    if use_reentrant and engine in (Engine.FSDP1, Engine.ZERO2, Engine.ZERO3):
+        warnings.warn(
+            f"use_reentrant=True is not supported with {engine.value}: the shared pool's gradient would be reduced "
+            "once per checkpointed layer; using non-reentrant checkpointing instead.",
+            stacklevel=2,
+        )
+        return {"use_reentrant": False}
+    return {"use_reentrant": bool(use_reentrant)}
+
+
+# --- the pools ------------------------------------------------------------------------------------------------
+def _unwrap(model: nn.Module, accelerator: Any = None) -> nn.Module:
+    if accelerator is not None:
+        return accelerator.unwrap_model(model)
+    return getattr(model, "module", model)
+
+
+def rasa_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> every `RasaLayer` of the model."""
+    from rasa_lora.adapter import RasaLayer
+
+    return {name: module for name, module in model.named_modules() if isinstance(module, RasaLayer)}
+
+
+def pool_users(model: nn.Module) -> list[tuple[str, nn.Module, nn.Parameter]]:
+    """(layer path, layer, pool parameter) for every layer, adapter and pool tensor (A_S and B_S) it uses."""
+    users = []
+    for path, layer in rasa_layers(model).items():
+        for adapter in layer.rasa_group:
+            for pool in layer.shared_factors(adapter):
+                users.append((path, layer, pool))
+    return users
+
+
+def register_zero3_external_parameters(model: nn.Module, register: Callable[[nn.Module, nn.Parameter], Any] | None
+                                       = None) -> int:
+    """Register each group's pool as a ZeRO-3 external parameter of every layer that uses it; returns the count.
+
+    `register` defaults to `deepspeed.zero.register_external_parameter` (imported here, so deepspeed is needed only
+    for ZeRO-3). Call it after the adapter is final (casting replaces the pool tensors) and before
+    `deepspeed.initialize` / `accelerator.prepare`.
+    """
+    if register is None:
+        try:
+            from deepspeed.zero import register_external_parameter as register
+        except ImportError as error:
+            raise ModuleNotFoundError(
+                "ZeRO-3 needs deepspeed (`pip install deepspeed` on the GPU machine); it is not installed."
+            ) from error
+    count = 0
+    for _, layer, pool in pool_users(model):
+        if not isinstance(pool, nn.Parameter):
+            raise TypeError(f"the pool used by {type(layer).__name__} is a {type(pool).__name__}, not an nn.Parameter")
+        register(layer, pool)
+        count += 1
+    return count
+
+
+def _fsdp_units(model: nn.Module) -> list[str]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [name for name, module in model.named_modules() if isinstance(module, FSDPModule)]
+
+
+def misplaced_pools(model: nn.Module, units: Sequence[str]) -> list[str]:
+    """Pools whose FSDP unit (the innermost of the module paths `units`; "" is the root) misses a layer using them."""
+    names = {id(param): name for name, param in model.named_parameters(remove_duplicate=False)}
+    bad = []
+    for layer_path, _, pool in pool_users(model):
+        pool_path = names.get(id(pool), "")
+        owner = max((unit for unit in units if unit == "" or pool_path.startswith(unit + ".")), key=len, default=None)
+        if owner is None or not (owner == "" or layer_path.startswith(owner + ".")):
+            bad.append(f"{pool_path} (unit {owner!r}) is used by {layer_path}")
+    return sorted(set(bad))
+
+
+def check_pool_placement(model: nn.Module) -> None:
+    """Raise unless each pool belongs to an FSDP2 unit that encloses every layer using it (the root, normally)."""
+    model = _unwrap(model)
+    units = _fsdp_units(model)
+    if not units:
+        raise ValueError("check_pool_placement: the model has no FSDP2 unit; call it after `fully_shard`.")
+    bad = misplaced_pools(model, units)
+    if bad:
+        raise ValueError(
+            "FSDP2 placed a RaSA pool in a unit that does not enclose all its layers: " + "; ".join(bad[:3])
+            + ". Shard only the decoder layers (not the tuner or its pool containers) and leave the pools in the root."
+        )
+
+
+# --- preparation --------------------------------------------------------------------------------------------
+def _set_static_graph(accelerator: Any) -> None:
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    handler = accelerator.ddp_handler or DistributedDataParallelKwargs()
+    handler.static_graph = True
+    accelerator.ddp_handler = handler
+
+
+def _default_to_layer_wrapping(plugin: Any) -> None:
+    """Per-decoder-layer FSDP units unless the config chose a policy (accelerate's default is one unit)."""
+    if plugin.auto_wrap_policy is None:
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        plugin.auto_wrap_policy = transformer_auto_wrap_policy
+
+
+def prepare_model_for_engine(model: nn.Module, accelerator: Any, use_reentrant: bool = False) -> nn.Module:
+    """The engine-specific steps due before `accelerator.prepare` (see the module's table); returns `model`."""
+    engine = detect_engine(accelerator)
+    if engine is Engine.DDP and use_reentrant:
+        _set_static_graph(accelerator)
+    elif engine is Engine.FSDP1:
+        plugin = accelerator.state.fsdp_plugin
+        if plugin.use_orig_params is False:
+            warnings.warn("FSDP1 with a RaSA adapter needs use_orig_params=True (frozen and trainable parameters "
+                          "share flat units); setting it.", stacklevel=2)
+        plugin.use_orig_params = True
+        _default_to_layer_wrapping(plugin)
+    elif engine is Engine.FSDP2 and _type_name(accelerator.state) == "FSDP":
+        _default_to_layer_wrapping(accelerator.state.fsdp_plugin)
+    elif engine is Engine.ZERO3:
+        register_zero3_external_parameters(_unwrap(model))
+    return model
+
+
+def _shard_fsdp2_here(model: nn.Module, accelerator: Any) -> nn.Module:
+    """FSDP2 on CPUs, where accelerate does not shard: its own wrapping function, a plugin read from the launcher."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    _default_to_layer_wrapping(plugin)
+    shim = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None,
+                           parallelism_config=None, mixed_precision=accelerator.mixed_precision,
+                           is_main_process=accelerator.is_main_process, device=accelerator.device)
+    return fsdp2_prepare_model(shim, model)
+
+
+def _move_optimizer(optimizer: torch.optim.Optimizer, before: dict[int, str], model: nn.Module) -> None:
+    """Point the optimizer at the parameters that replaced the ones it was built with (same names)."""
+    if optimizer.state:
+        raise RuntimeError("the optimizer has state already; shard the model before the first optimizer step")
+    after = dict(model.named_parameters())
+    for group in optimizer.param_groups:
+        missing = [p for p in group["params"] if before.get(id(p)) not in after]
+        if missing:
+            raise KeyError(f"{len(missing)} optimizer parameters are not model parameters; build the optimizer "
+                           "from model.parameters()")
+        group["params"] = [after[before[id(p)]] for p in group["params"]]
+
+
+def prepare_training(accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
+                     use_reentrant: bool = False) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    """Engine-specific steps, then `accelerator.prepare` in the order the engine needs; returns the prepared trio.
+
+    Build `optimizer` (and `scheduler`) from `model.parameters()` first, as for one process; gradient
+    checkpointing must already be enabled with `checkpointing_kwargs(engine, ...)`, and `use_reentrant` must be
+    the mode it was enabled with.
+    """
+    engine = detect_engine(accelerator)
+    prepare_model_for_engine(model, accelerator, use_reentrant)
+    extra = [scheduler] if scheduler is not None else []
+    if engine is Engine.FSDP2 and _type_name(accelerator.state) != "FSDP":
+        before = {id(param): name for name, param in model.named_parameters()}
+        model = _shard_fsdp2_here(model, accelerator)
+        _move_optimizer(optimizer, before, model)
+        prepared = accelerator.prepare(optimizer, *extra)
+        prepared = [model, *(prepared if isinstance(prepared, (list, tuple)) else [prepared])]
+    else:
+        prepared = list(accelerator.prepare(model, optimizer, *extra))
+    if engine is Engine.FSDP2:
+        check_pool_placement(prepared[0])
+    model, optimizer = prepared[0], prepared[1]
+    return model, optimizer, (prepared[2] if extra else None)
+
+
+# --- data parallel bookkeeping ---------------------------------------------------------------------------------
+def local_micro_batches(micro_batches: Sequence[Any], accelerator: Any) -> list[Any]:
+    """This process's share of one optimizer step's micro-batches (every process gets the same number)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if len(micro_batches) % world:
+        raise ValueError(
+            f"{len(micro_batches)} micro-batches per step cannot be split evenly over {world} processes; choose "
+            f"global_batch_size a multiple of micro_batch_size * {world}."
+        )
+    return list(micro_batches[rank::world])
+
+
+def loss_divisor(num_items: int | float, accelerator: Any) -> float:
+    """`num_items_in_batch` for one process: data parallelism averages gradients over processes, so each process
+    divides its summed token loss by (step's tokens / processes), and the average is the step's mean token loss."""
+    return float(num_items) / accelerator.num_processes
+
+
+# --- saving -------------------------------------------------------------------------------------------------
+def _full(value: torch.Tensor) -> torch.Tensor:
+    """A full, detached CPU copy of a possibly sharded tensor (collective for DTensors: call on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    value = value.detach()
+    if isinstance(value, DTensor):
+        value = value.full_tensor()
+    return value.cpu().clone()
+
+
+def _gather_zero3(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+        return {name: param.detach().cpu().clone() for name, param in params.items()}
+
+
+def _adapter_entries(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The model-state-dict entries (parameters kept as they are, sharded or not) PEFT saves for the adapter."""
+    from peft import get_peft_model_state_dict
+
+    local = model.state_dict(keep_vars=True)
+    selected = get_peft_model_state_dict(model, state_dict=local, adapter_name=adapter_name)
+    chosen = {id(value) for value in selected.values()}
+    return {key: value for key, value in local.items() if id(value) in chosen}
+
+
+def gather_adapter_entries(model: nn.Module, accelerator: Any = None, adapter_name: str = "default"
+                           ) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of the adapter, keyed as in `model.state_dict()`. Collective: call on every rank."""
+    engine = detect_engine(accelerator) if accelerator is not None else Engine.SINGLE
+    if engine is Engine.FSDP1:
+        full = accelerator.get_state_dict(model)  # FSDP1's own full-state-dict gathering
+        unwrapped = _unwrap(model, accelerator)
+        keep = _adapter_entries(unwrapped, adapter_name)
+        return {key: full[key].detach().cpu().clone() for key in keep if key in full}
+    unwrapped = _unwrap(model, accelerator)
+    entries = _adapter_entries(unwrapped, adapter_name)
+    if engine is Engine.ZERO3:
+        zero = {key: value for key, value in entries.items() if hasattr(value, "ds_id")}
+        gathered = _gather_zero3(zero) if zero else {}
+        return {key: gathered[key] if key in gathered else _full(value) for key, value in sorted(entries.items())}
+    return {key: _full(value) for key, value in sorted(entries.items())}
+
+
+def gather_adapter_state(model: nn.Module, accelerator: Any = None, adapter_name: str = "default"
+                         ) -> dict[str, torch.Tensor]:
+    """The adapter state dict in PEFT's saved format (adapter name removed, pools once), as full CPU tensors."""
+    from peft import get_peft_model_state_dict
+
+    entries = gather_adapter_entries(model, accelerator, adapter_name)
+    return get_peft_model_state_dict(_unwrap(model, accelerator), state_dict=entries, adapter_name=adapter_name)
+
+
+def save_adapter(model: nn.Module, accelerator: Any, output_dir: str | Path, adapter_name: str = "default",
+                 **save_kwargs: Any) -> Path:
+    """Save the adapter as one process would (`save_pretrained`); call on every rank, the main process writes."""
+    entries = gather_adapter_entries(model, accelerator, adapter_name)
+    save_kwargs.setdefault("selected_adapters", [adapter_name])
+    if accelerator.is_main_process:
+        _unwrap(model, accelerator).save_pretrained(str(output_dir), state_dict=entries, **save_kwargs)
+    accelerator.wait_for_everyone()
+    return Path(output_dir)
