@@ -4,25 +4,27 @@ RaSA's pool is one parameter used by every layer of its group (it lives on the t
 layers look it up on each call). Each engine must see that parameter correctly; this module does what each needs,
 so the training loop calls, in order:
 
+    accelerator = make_accelerator()                       # also forms a gloo group on CPU-only machines
     engine = detect_engine(accelerator)
     use_reentrant = checkpointing_kwargs(engine, config.use_reentrant)["use_reentrant"]   # before checkpointing
     model, optimizer, scheduler = prepare_training(accelerator, model, optimizer, scheduler, use_reentrant)
     ... local_micro_batches(...), loss_divisor(...) ...
     save_adapter(model, accelerator, output_dir)          # on every rank; the main process writes
 
-| engine | what rasa-lora does before `accelerator.prepare`                      | gradient checkpointing          |
-| ------ | --------------------------------------------------------------------- | ------------------------------- |
-| ddp    | reentrant checkpointing gets DDP `static_graph=True`                   | as asked (default non-reentrant) |
-| fsdp2  | per-decoder-layer units by default; the pools stay in the root unit (checked after wrapping) | as asked |
-| fsdp1  | `use_orig_params=True` (trainable and frozen parameters share flat units) | non-reentrant               |
-| zero2  | nothing (ZeRO stages 0-2 replicate parameters)                        | non-reentrant                   |
-| zero3  | each RasaLayer registers its group's pool as a ZeRO-3 external parameter | non-reentrant                |
+| engine | what rasa-lora does before `accelerator.prepare`                            | checkpointing     |
+| ------ | --------------------------------------------------------------------------- | ----------------- |
+| ddp    | reentrant checkpointing gets DDP `static_graph=True`                         | as asked          |
+| fsdp2  | per-decoder-layer units by default; pools stay in the root unit (checked)   | as asked          |
+| fsdp1  | `use_orig_params=True` (trainable and frozen parameters share flat units)   | non-reentrant     |
+| zero2  | nothing (ZeRO stages 0-2 replicate parameters)                              | non-reentrant     |
+| zero3  | each RasaLayer registers its pools and private factors as external params   | non-reentrant     |
 
 Why: DDP's reducer marks a parameter ready once per backward, but reentrant checkpointing runs one backward per
 layer, so the pool (used by every layer) is marked several times ("mark a variable ready only once") unless the
-graph is declared static; non-reentrant checkpointing runs one backward and needs nothing. ZeRO reduces each
-gradient through a per-parameter hook once per step, which the per-layer backwards of reentrant checkpointing
-would also break, so ZeRO and FSDP1 are given non-reentrant checkpointing. FSDP2 rejects a parameter seen by two
+graph is declared static (both measured here); non-reentrant checkpointing runs one backward and needs nothing.
+ZeRO-1/2 reduce a gradient through a per-parameter hook and refuse a second reduction in one step, which the
+per-layer backwards of reentrant checkpointing would cause for the pool; ZeRO and FSDP1 therefore get
+non-reentrant checkpointing (a choice from their design, not run here). FSDP2 rejects a parameter seen by two
 units and reshards a layer's unit after its forward; the pool therefore must belong to a unit that encloses every
 layer using it (the root), which `check_pool_placement` verifies. ZeRO-3 gathers only a module's own parameters at
 its forward, hence the external-parameter registration (the pool is gathered at each layer's forward: cheap, it
@@ -117,6 +119,19 @@ def checkpointing_kwargs(engine: Engine, use_reentrant: bool | None = None) -> d
     return {"use_reentrant": bool(use_reentrant)}
 
 
+def make_accelerator(**kwargs: Any) -> Any:
+    """An `accelerate.Accelerator` that also forms a process group on CPU-only machines.
+
+    accelerate starts one process per `num_processes` from any config, but without `cpu=True` processes on a
+    machine without GPUs each run alone (measured: a MULTI_GPU config on this CPU machine gave 2 independent
+    single-process runs). With `cpu` set from the hardware, one config file serves GPUs (NCCL) and CPUs (gloo).
+    """
+    from accelerate import Accelerator
+
+    kwargs.setdefault("cpu", not torch.cuda.is_available())
+    return Accelerator(**kwargs)
+
+
 # --- the pools ------------------------------------------------------------------------------------------------
 def _unwrap(model: nn.Module, accelerator: Any = None) -> nn.Module:
     if accelerator is not None:
@@ -141,13 +156,30 @@ def pool_users(model: nn.Module) -> list[tuple[str, nn.Module, nn.Parameter]]:
     return users
 
 
+def zero3_external_parameters(model: nn.Module) -> list[tuple[nn.Module, nn.Parameter]]:
+    """(layer, parameter) pairs ZeRO-3 must gather at the layer's forward although the layer does not own them.
+
+    ZeRO-3 gathers `module.parameters(recurse=False)` at a module's forward. A RasaLayer reads its group's pool
+    (A_S, B_S, owned by the tuner) and its private factors (A~, B~, D, held in child ParameterDicts whose forward
+    never runs); DeepSpeed's getter-based discovery may find these at run time, but declaring them is the
+    documented way and keeps the prefetch plan right from the first step.
+    """
+    pairs = []
+    for layer in rasa_layers(model).values():
+        for adapter in layer.rasa_group:
+            for container in (layer.rasa_A, layer.rasa_B, layer.rasa_D):
+                pairs.append((layer, container[adapter]))
+            pairs.extend((layer, pool) for pool in layer.shared_factors(adapter))
+    return pairs
+
+
 def register_zero3_external_parameters(model: nn.Module, register: Callable[[nn.Module, nn.Parameter], Any] | None
                                        = None) -> int:
-    """Register each group's pool as a ZeRO-3 external parameter of every layer that uses it; returns the count.
+    """Register, on every RasaLayer, its group's pools (and its private factors) as ZeRO-3 external parameters.
 
     `register` defaults to `deepspeed.zero.register_external_parameter` (imported here, so deepspeed is needed only
-    for ZeRO-3). Call it after the adapter is final (casting replaces the pool tensors) and before
-    `deepspeed.initialize` / `accelerator.prepare`.
+    for ZeRO-3). Call it after the adapter is final (casting replaces the tensors) and before
+    `deepspeed.initialize` / `accelerator.prepare`. Returns the number of registrations.
     """
     if register is None:
         try:
@@ -156,13 +188,13 @@ def register_zero3_external_parameters(model: nn.Module, register: Callable[[nn.
             raise ModuleNotFoundError(
                 "ZeRO-3 needs deepspeed (`pip install deepspeed` on the GPU machine); it is not installed."
             ) from error
-    count = 0
-    for _, layer, pool in pool_users(model):
-        if not isinstance(pool, nn.Parameter):
-            raise TypeError(f"the pool used by {type(layer).__name__} is a {type(pool).__name__}, not an nn.Parameter")
-        register(layer, pool)
-        count += 1
-    return count
+    pairs = zero3_external_parameters(model)
+    for layer, param in pairs:
+        if not isinstance(param, nn.Parameter):
+            raise TypeError(f"{type(layer).__name__} reads a {type(param).__name__}, not an nn.Parameter; "
+                            "ZeRO-3 can only gather parameters")
+        register(layer, param)
+    return len(pairs)
 
 
 def _fsdp_units(model: nn.Module) -> list[str]:
@@ -259,16 +291,29 @@ def _move_optimizer(optimizer: torch.optim.Optimizer, before: dict[int, str], mo
         group["params"] = [after[before[id(p)]] for p in group["params"]]
 
 
+def _fill_deepspeed_batch_size(accelerator: Any, micro_batch_size: int | None) -> None:
+    """DeepSpeed wants the micro-batch size; accelerate takes it from a prepared DataLoader, which we do not use."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        if micro_batch_size is None:
+            raise ValueError("DeepSpeed config has train_micro_batch_size_per_gpu='auto'; pass micro_batch_size to "
+                             "prepare_training or set a number in the JSON.")
+        config["train_micro_batch_size_per_gpu"] = int(micro_batch_size)
+
+
 def prepare_training(accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None,
-                     use_reentrant: bool = False) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+                     use_reentrant: bool = False, micro_batch_size: int | None = None
+                     ) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
     """Engine-specific steps, then `accelerator.prepare` in the order the engine needs; returns the prepared trio.
 
     Build `optimizer` (and `scheduler`) from `model.parameters()` first, as for one process; gradient
     checkpointing must already be enabled with `checkpointing_kwargs(engine, ...)`, and `use_reentrant` must be
-    the mode it was enabled with.
+    the mode it was enabled with. `micro_batch_size` fills DeepSpeed's `train_micro_batch_size_per_gpu: auto`.
     """
     engine = detect_engine(accelerator)
     prepare_model_for_engine(model, accelerator, use_reentrant)
+    if engine in (Engine.ZERO2, Engine.ZERO3):
+        _fill_deepspeed_batch_size(accelerator, micro_batch_size)
     extra = [scheduler] if scheduler is not None else []
     if engine is Engine.FSDP2 and _type_name(accelerator.state) != "FSDP":
         before = {id(param): name for name, param in model.named_parameters()}
