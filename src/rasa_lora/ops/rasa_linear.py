@@ -1,30 +1,34 @@
 r"""The RaSA linear layer (base projection + eq. 5 adapter) as one autograd Function.
 
-Forward, for input x (M x a), frozen base weight W (b x a) and bias c, private factors A_p ((r-k) x a),
-B_p (b x (r-k)), pool A_s (Lk x a), B_s (b x Lk), diagonal D = [D_p ; D_s] and a dropout mask m (scale
-s = 1/(1-p), so x_d = s * m * x):
+With input x (M x a), frozen base weight W (b x a) and bias c, the layer's factors are packed once per call
+into one thin pair, padded with zeros to a multiple of 8 ranks (n = r-k+Lk -> n8):
 
-    u_p = x_d A_p^T          u_s = x_d A_s^T            (M x (r-k), M x Lk: thin)
-    y   = x W^T + c + (u_p * D_p) B_p^T + (u_s * D_s) B_s^T
+    A = [A_p ; A_s ; 0]            (n8 x a)      the private and shared down-projections
+    C = [B_p D_p   B_s D_s   0]    (b x n8)      the up-projections with the diagonal D folded in
 
-The two adapter products are accumulated into the base output in place (`addmm_`), so the adapter costs
-no extra M x b pass; the private and shared factors are never concatenated.
+and, with a dropout keep-mask m and scale s = 1/(1-p) (m = 1, s = 1 without dropout):
 
-Backward, with g = dL/dy (M x b) and the thin products gv_p = g B_p, gv_s = g B_s:
+    u = (m * x) A^T                (M x n8: thin)
+    y = x W^T + c + s u C^T        (accumulated into the base output in place, `addmm_`)
 
-    dL/dB_p = g^T (u_p * D_p)          dL/dB_s = g^T (u_s * D_s)
-    dL/dD_p = sum_rows(gv_p * u_p)     dL/dD_s = sum_rows(gv_s * u_s)
-    gu_p = gv_p * D_p                  gu_s = gv_s * D_s
-    dL/dA_p = gu_p^T x_d               dL/dA_s = gu_s^T x_d
-    dL/dx   = g W + s * m * (gu_p A_p + gu_s A_s)
+Backward, with g = dL/dy and gu = g C (M x n8):
 
-What is saved: x (already alive in the caller), the thin u_p and u_s, and the factors; not x_d and not the
-mask. The mask is drawn from a seeded generator and drawn again in backward, so dropout costs no stored
-copy of the input. The base weight is frozen (no dL/dW); a trainable base weight or bias takes the
-reference path in the layer.
+    dL/dC = s g^T u                dL/dB = dL/dC * D          dL/dD = column sums of dL/dC * B   (b x n8: small)
+    dL/dA = s gu^T (m * x)         dL/dx = g W + s m * (gu A)
 
-Choice of backend: `set_fused_backend(True/False)` (tests flip it); by default the fused path is on where
-CUDA is available and off on the CPU, where the reference path of the layer is used.
+Why pack: each thin GEMM over x costs a full pass over x whatever its width, and widths that are not
+multiples of 8 fall back to slow kernels (one H200, M = a = 4096, bf16, 2026-11-29: x A^T took 42 us at
+n = 7, 47 us at n = 39 and 22 us at n = 40). One padded GEMM over x replaces two misaligned ones. The
+packed factors are small (n8 x a and b x n8) and are rebuilt from the parameters on every call, so they
+are never stale (FSDP and DeepSpeed re-gather parameters into reused storage). Folding D into C removes
+every elementwise pass over M: dL/dD is a reduction over b, not over the M tokens.
+
+What is saved for backward: x (alive in the caller anyway), the thin u, and the packed factors; not the
+dropped input and not the mask: the mask is drawn from a seeded generator and drawn again in backward.
+The base weight is frozen (no dL/dW); a trainable base weight or bias takes the reference path of the layer.
+
+Backend: `set_fused_backend(True/False)` (tests flip it); by default the fused path is on where CUDA is
+available (or RASA_LORA_FUSED=1) and off on the CPU, where the layer's plain reference path runs.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 _FUSED: bool | None = None
+_GENERATORS: dict[torch.device, torch.Generator] = {}
 
 
 def set_fused_backend(enabled: bool | None) -> None:
@@ -54,59 +59,73 @@ def fused_backend_enabled() -> bool:
 
 def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The keep-mask (bool, shape of x) that `rasa_linear` uses for dropout probability p and this seed."""
-    generator = torch.Generator(device=x.device)
+    # One generator per device, re-seeded per call: creating a CUDA generator on every call cost ~0.2 ms of
+    # host time each (SmolLM2 step on one H200, 2026-11-29).
+    generator = _GENERATORS.get(x.device)
+    if generator is None:
+        generator = _GENERATORS[x.device] = torch.Generator(device=x.device)
     generator.manual_seed(seed)
     return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p, generator=generator)
+
+
+def pack_factors(A_p, B_p, D, A_s, B_s, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = [A_p; A_s; 0] (n8 x a) and C = [B_p D_p, B_s D_s, 0] (b x n8) in `dtype`, n8 = r-k+Lk rounded up to 8."""
+    num_private, num_shared = A_p.shape[0], A_s.shape[0]
+    n = num_private + num_shared
+    width = (n + 7) // 8 * 8
+    with torch.no_grad():
+        A = A_p.new_zeros((width, A_p.shape[1]), dtype=dtype)
+        A[:num_private] = A_p
+        A[num_private:n] = A_s.to(A.device)
+        C = B_p.new_zeros((B_p.shape[0], width), dtype=dtype)
+        C[:, :num_private] = B_p * D[:num_private]
+        C[:, num_private:n] = B_s.to(C.device) * D[num_private:]
+    return A, C
 
 
 class _RasaLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A_p, B_p, D, A_s, B_s, p: float, seed: int):
+        dtype = x.dtype
+        A, C = pack_factors(A_p, B_p, D, A_s, B_s, dtype)
         rows = x.reshape(-1, x.shape[-1])
-        y = F.linear(rows, weight, bias)
-        dropped = rows * dropout_mask(rows, p, seed) * (1.0 / (1.0 - p)) if p > 0 else rows
-        num_private = A_p.shape[0]
-        D_p, D_s = D[:num_private], D[num_private:]
-        u_p = dropped @ A_p.t()
-        u_s = dropped @ A_s.t()
-        y.addmm_(u_p * D_p, B_p.t())
-        y.addmm_(u_s * D_s, B_s.t())
-        ctx.save_for_backward(x, weight, A_p, B_p, D, A_s, B_s, u_p, u_s)
-        ctx.p, ctx.seed = p, seed
+        y = F.linear(rows, weight.to(dtype), None if bias is None else bias.to(dtype))
+        kept = rows * dropout_mask(rows, p, seed) if p > 0 else rows
+        scale = 1.0 / (1.0 - p)
+        u = kept @ A.t()
+        y.addmm_(u, C.t(), alpha=scale)
+        ctx.save_for_backward(x, weight, A, C, u, A_p, B_p, D, A_s, B_s)
+        ctx.p, ctx.seed, ctx.scale = p, seed, scale
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, A_p, B_p, D, A_s, B_s, u_p, u_s = ctx.saved_tensors
-        p = ctx.p
+        x, weight, A, C, u, A_p, B_p, D, A_s, B_s = ctx.saved_tensors
+        p, scale = ctx.p, ctx.scale
+        num_private, n = A_p.shape[0], A_p.shape[0] + A_s.shape[0]
         g = grad_out.reshape(-1, grad_out.shape[-1])
         rows = x.reshape(-1, x.shape[-1])
-        num_private = A_p.shape[0]
-        D_p, D_s = D[:num_private], D[num_private:]
-        gv_p = g @ B_p
-        gv_s = g @ B_s
-        grad_B_p = g.t() @ (u_p * D_p)
-        grad_B_s = g.t() @ (u_s * D_s)
-        # Row sums over M tokens: accumulate in float32 (thin tensors, cheap), as bf16 would lose ~1%.
-        grad_D = torch.cat([(gv_p.float() * u_p.float()).sum(0), (gv_s.float() * u_s.float()).sum(0)]).to(D.dtype)
-        gu_p = gv_p * D_p
-        gu_s = gv_s * D_s
         mask = dropout_mask(rows, p, ctx.seed) if p > 0 else None
-        dropped = rows * mask * (1.0 / (1.0 - p)) if p > 0 else rows
-        grad_A_p = gu_p.t() @ dropped
-        grad_A_s = gu_s.t() @ dropped
+        kept = rows * mask if p > 0 else rows
+
+        gu = g @ C                                                    # (M, n8)
+        grad_C = (g.t() @ u).float()[:, :n] * scale                   # (b, n)
+        grad_A = (gu.t() @ kept).float()[:n] * scale                  # (n, a)
+        B_cat = torch.cat([B_p, B_s.to(B_p.device)], dim=1).float()   # small: (b, n)
+        grad_B = grad_C * D.float()
+        grad_D = (grad_C * B_cat).sum(0)
+
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ weight
+            grad_x = g @ weight.to(g.dtype)
             if p > 0:
-                adapter = gu_p @ A_p
-                adapter.addmm_(gu_s, A_s)
-                grad_x.addcmul_(adapter, mask, value=1.0 / (1.0 - p))
+                grad_x.addcmul_(gu @ A, mask, value=scale)
             else:
-                grad_x.addmm_(gu_p, A_p)
-                grad_x.addmm_(gu_s, A_s)
+                grad_x.addmm_(gu, A, alpha=scale)
             grad_x = grad_x.reshape(x.shape)
-        return grad_x, None, None, grad_A_p, grad_B_p, grad_D, grad_A_s, grad_B_s, None, None
+        return (grad_x, None, None,
+                grad_A[:num_private].to(A_p.dtype), grad_B[:, :num_private].to(B_p.dtype), grad_D.to(D.dtype),
+                grad_A[num_private:].to(A_s.dtype), grad_B[:, num_private:].to(B_s.dtype), None, None)
 
 
 def rasa_linear(
@@ -126,13 +145,11 @@ def rasa_linear(
     Args:
         x: (..., a) input.  weight: (b, a) frozen base weight (a transposed view for Conv1D).
         bias: (b,) or None, frozen.  A_p: (r-k, a).  B_p: (b, r-k).  D: (r-k+Lk,).  A_s: (Lk, a).  B_s: (b, Lk).
+        The factors may be float32 while x is bf16: they are cast while packing, and their gradients come
+        back in their own dtype.
         dropout_p: dropout probability on the adapter's input (0 in eval mode).
         seed: seed of the dropout mask; drawn from torch's default generator when None.
     """
-    dtype = x.dtype
     if dropout_p > 0 and seed is None:
         seed = int(torch.randint(0, 2**62, (), device="cpu"))
-    return _RasaLinearFunction.apply(
-        x, weight.to(dtype), None if bias is None else bias.to(dtype), A_p.to(dtype), B_p.to(dtype), D.to(dtype),
-        A_s.to(dtype), B_s.to(dtype), float(dropout_p), seed or 0,
-    )
+    return _RasaLinearFunction.apply(x, weight, bias, A_p, B_p, D, A_s, B_s, float(dropout_p), seed or 0)
