@@ -1,0 +1,50 @@
+"""Every file in configs/distributed/ parses, opens with the command that runs it, and names what it should."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.utils import DistributedType
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs" / "distributed").glob("*.yaml"))
+
+
+def test_the_expected_configs_exist():
+    names = {path.stem for path in CONFIGS}
+    assert {"ddp", "fsdp2", "zero2", "zero3", "multinode-zero3"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)
+def test_config_opens_with_its_launch_command(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith(f"# accelerate launch --config_file configs/distributed/{path.name}")
+    assert "-m rasa_lora.cli train" in first
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)
+def test_accelerate_reads_the_config(path):
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 2
+    if config.distributed_type == DistributedType.DEEPSPEED:
+        deepspeed_file = REPO / config.deepspeed_config["deepspeed_config_file"]
+        stage = json.loads(deepspeed_file.read_text())["zero_optimization"]["stage"]
+        assert stage == (3 if "zero3" in path.stem else 2)
+    if config.distributed_type == DistributedType.FSDP:
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+
+
+def test_multinode_example_spans_machines():
+    config = load_config_from_file(str(REPO / "configs" / "distributed" / "multinode-zero3.yaml"))
+    assert config.num_machines > 1 and config.num_processes % config.num_machines == 0
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "distributed").glob("*.json")), ids=lambda p: p.name)
+def test_deepspeed_json_is_valid_and_used(path):
+    settings = json.loads(path.read_text())
+    assert settings["train_micro_batch_size_per_gpu"] == "auto"  # filled by prepare_training(micro_batch_size=...)
+    assert any(f"configs/distributed/{path.name}" in yaml.read_text() for yaml in CONFIGS)
