@@ -309,24 +309,23 @@ def prepare_training(accelerator: Any, model: nn.Module, optimizer: torch.optim.
     Build `optimizer` (and `scheduler`) from `model.parameters()` first, as for one process; gradient
     checkpointing must already be enabled with `checkpointing_kwargs(engine, ...)`, and `use_reentrant` must be
     the mode it was enabled with. `micro_batch_size` fills DeepSpeed's `train_micro_batch_size_per_gpu: auto`.
+    The scheduler is returned as it is: accelerate's wrapper would step it once per process at every call (it
+    assumes per-process epochs), while the recipe counts global optimizer steps.
     """
     engine = detect_engine(accelerator)
     prepare_model_for_engine(model, accelerator, use_reentrant)
     if engine in (Engine.ZERO2, Engine.ZERO3):
         _fill_deepspeed_batch_size(accelerator, micro_batch_size)
-    extra = [scheduler] if scheduler is not None else []
     if engine is Engine.FSDP2 and _type_name(accelerator.state) != "FSDP":
         before = {id(param): name for name, param in model.named_parameters()}
         model = _shard_fsdp2_here(model, accelerator)
         _move_optimizer(optimizer, before, model)
-        prepared = accelerator.prepare(optimizer, *extra)
-        prepared = [model, *(prepared if isinstance(prepared, (list, tuple)) else [prepared])]
+        optimizer = accelerator.prepare(optimizer)
     else:
-        prepared = list(accelerator.prepare(model, optimizer, *extra))
+        model, optimizer = accelerator.prepare(model, optimizer)
     if engine is Engine.FSDP2:
-        check_pool_placement(prepared[0])
-    model, optimizer = prepared[0], prepared[1]
-    return model, optimizer, (prepared[2] if extra else None)
+        check_pool_placement(model)
+    return model, optimizer, scheduler
 
 
 # --- data parallel bookkeeping ---------------------------------------------------------------------------------
