@@ -15,7 +15,7 @@ import pytest
 
 from rasa_lora.evaluation.sandbox import SandboxLimits, run_many, run_program
 
-LIMITS = SandboxLimits(wall_time_s=3.0, cpu_time_s=3, memory_bytes=1024**3, max_file_bytes=4 * 1024**2,
+LIMITS = SandboxLimits(wall_time_s=2.0, cpu_time_s=2, memory_bytes=1024**3, max_file_bytes=4 * 1024**2,
                        tmpfs_bytes=16 * 1024**2, max_output_bytes=4096)
 SLACK_S = 2.0  # interpreter start-up and the kill itself
 

@@ -46,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -296,12 +296,20 @@ def run_program(source: str, limits: SandboxLimits | None = None, drop_privilege
     return SandboxResult(proc.returncode, stdout, stderr, timed_out, wall, cut_out or cut_err, isolation)
 
 
-def run_many(sources: Iterable[str], limits: SandboxLimits | None = None, workers: int | None = None,
-             on_done: Callable[[], None] | None = None, drop_privileges: bool = True) -> Iterator[SandboxResult]:
-    """Run programs on `workers` parallel sandboxes (default: CPU count); yields results in input order."""
+def run_many(sources: Sequence[str], limits: SandboxLimits | Sequence[SandboxLimits] | None = None,
+             workers: int | None = None, on_done: Callable[[], None] | None = None,
+             drop_privileges: bool = True) -> Iterator[SandboxResult]:
+    """Run programs on `workers` parallel sandboxes (default: CPU count); yields results in input order.
+
+    `limits` is one `SandboxLimits` for all programs or one per program.
+    """
+    per_program = list(limits) if isinstance(limits, Sequence) else [limits] * len(sources)
+    if len(per_program) != len(sources):
+        raise ValueError(f"Got {len(per_program)} limits for {len(sources)} programs; give one or one per program.")
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(run_program, source, limits, drop_privileges) for source in sources]
+        futures = [pool.submit(run_program, source, limit, drop_privileges)
+                   for source, limit in zip(sources, per_program)]
         for future in futures:
             result = future.result()
             if on_done is not None:

@@ -1,0 +1,306 @@
+"""`rasa-lora eval TASK --model M [--adapter A]`: run one benchmark, write per-item JSONL and summary.json.
+
+Tasks: math, math500, gsm8k (greedy generation, both math checkers), humaneval, humaneval+ (n samples at a
+temperature, sandboxed tests, pass@k), arc_challenge, hellaswag, winogrande (log-likelihood multiple choice).
+`--gold` scores the references instead of model output (math: the reference solutions; code: the canonical
+solutions), which checks the checkers; for math it also writes `disagreements.md`, where the two checkers differ.
+
+Output: `DIR/records.jsonl` (one record per item, or per (task, sample) for code) and `DIR/summary.json`.
+A rerun with the same DIR skips items already in records.jsonl and recomputes the summary from all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from rasa_lora.evaluation.tasks import TASKS, task_spec
+
+_MAX_NEW_TOKENS = {"math": 2048, "code": 512}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rasa-lora eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("task", help=f"one of: {', '.join(TASKS)}")
+    p.add_argument("--model", default=None, help="base model: path, .gguf, hub name; default the embedded SmolLM2")
+    p.add_argument("--adapter", default=None, help="PEFT adapter directory (RaSA, LoRA, ...) for --model")
+    p.add_argument("--data-dir", default=None, help="folder in the layout of shared/data (default ../shared/data)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--output-dir", default=None, help="default runs/eval/TASK")
+    p.add_argument("--gold", action="store_true", help="score the reference answers/solutions (checks the checkers)")
+    p.add_argument("--n-samples", type=int, default=50, help="code: samples per task (paper: 50)")
+    p.add_argument("--temperature", type=float, default=None, help="default 0 for math, 0.2 for code")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 2048 (math) / 512 (code)")
+    p.add_argument("--workers", type=int, default=None, help="sandbox / checker processes (default: CPU count)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+class AdapterMismatchError(ValueError):
+    pass
+
+
+def load_model_and_tokenizer(model_name: str | None, adapter: str | None, dtype: str):
+    """Base model (+ adapter). An adapter that does not fit the base raises AdapterMismatchError."""
+    from rasa_lora.models import load_model, load_tokenizer
+
+    model = load_model(model_name, dtype=dtype)
+    if adapter is None:
+        return model.eval(), load_tokenizer(model_name)
+    config_file = Path(adapter) / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--adapter {adapter!r} holds no adapter_config.json; give a PEFT adapter directory.")
+    from peft import PeftModel
+
+    import rasa_lora  # noqa: F401  (registers RaSA with PEFT before loading)
+
+    trained_on = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    try:
+        model = PeftModel.from_pretrained(model, adapter)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise AdapterMismatchError(
+            f"Adapter {adapter!r} does not fit base model {model_name or 'smollm2'!r} (it was trained on "
+            f"{trained_on!r}): {str(error).splitlines()[0][:300]}. Pass the adapter's own base with --model."
+        ) from error
+    return model.eval(), load_tokenizer(model_name)
+
+
+def _read_records(path: Path) -> dict[str, dict]:
+    records = {}
+    if path.is_file():
+        with path.open() as f:
+            for line in f:
+                if line.strip():
+                    record = json.loads(line)
+                    records[record["id"]] = record
+    return records
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    with path.open("a") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (FileNotFoundError, KeyError, ValueError, ImportError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"rasa-lora eval: {message}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rasa_lora.evaluation.tasks import load_task
+
+    spec = task_spec(args.task)
+    if args.gold and spec.kind == "choice":
+        raise ValueError(f"--gold applies to math and code tasks, not to {args.task!r} (it has no generations).")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit={args.limit} must be at least 1.")
+    items = load_task(args.task, args.data_dir, args.limit)
+    out_dir = Path(args.output_dir or Path("runs") / "eval" / args.task)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records_path = out_dir / "records.jsonl"
+    runner = {"math": _run_math, "code": _run_code, "choice": _run_choice}[spec.kind]
+    metrics = runner(args, items, records_path)
+    summary = {"task": args.task, "model": args.model or "smollm2 (embedded SmolLM2-135M-Instruct)",
+               "adapter": args.adapter, "gold": args.gold, "limit": args.limit, "items": len(items), **metrics,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "commit": _commit(), "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
+               "command": "rasa-lora eval " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else [])}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "disagreements"}, indent=2))
+    return 0
+
+
+def _progress(total: int, done: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+
+def _chunks(sequence: list, size: int):
+    for start in range(0, len(sequence), size):
+        yield sequence[start:start + size]
+
+
+# --- math -------------------------------------------------------------------------------------------------------------
+def _gold_generation(task: str, item: dict) -> str:
+    if task == "gsm8k":
+        return f"The answer is: {item['answer']}"
+    return item["solution"]
+
+
+def _run_math(args, items: list[dict], records_path: Path) -> dict:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from rasa_lora.evaluation.math_check import extract_answer, judge_many
+    from rasa_lora.evaluation.tasks import math_prompt
+
+    done = _read_records(records_path)
+    todo = [item for item in items if item["id"] not in done]
+    model = tokenizer = None
+    if todo and not args.gold:
+        model, tokenizer = load_model_and_tokenizer(args.model, args.adapter, args.dtype)
+    bar = _progress(len(items), len(items) - len(todo), f"{args.task}")
+    with ProcessPoolExecutor(max_workers=args.workers or os.cpu_count() or 1) as pool:
+        for chunk in _chunks(todo, max(args.batch_size, 1) * 4):
+            prompts = [math_prompt(item["question"]) for item in chunk]
+            if args.gold:
+                generations = [_gold_generation(args.task, item) for item in chunk]
+            else:
+                from rasa_lora.evaluation.generation import generate_transformers
+
+                generations = [g[0] for g in generate_transformers(
+                    model, tokenizer, prompts, args.max_new_tokens or _MAX_NEW_TOKENS["math"],
+                    args.temperature or 0.0, 1, args.batch_size, stop=["### Instruction"], seed=args.seed)]
+            answers = [extract_answer(g) for g in generations]
+            verdicts = judge_many([(item["answer"], a) for item, a in zip(chunk, answers)], pool=pool)
+            _append(records_path, [{"id": item["id"], "prompt": p, "generation": g, "extracted": a,
+                                    "gold": item["answer"], "verdicts": v}
+                                   for item, p, g, a, v in zip(chunk, prompts, generations, answers, verdicts)])
+            bar.update(len(chunk))
+    bar.close()
+    return _math_summary(args, items, _read_records(records_path), records_path.parent)
+
+
+def _math_summary(args, items: list[dict], records: dict[str, dict], out_dir: Path) -> dict:
+    from rasa_lora.evaluation.math_check import answer_shape
+
+    rows = [records[item["id"]] for item in items]
+    n = max(len(rows), 1)
+    summary = {"accuracy": sum(r["verdicts"]["math_verify"] for r in rows) / n,
+               "accuracy_minerva": sum(r["verdicts"]["minerva"] for r in rows) / n,
+               "checker": "accuracy = math-verify; accuracy_minerva = lm-eval minerva_math normalisation + sympy"}
+    differ = [r for r in rows if r["verdicts"]["math_verify"] != r["verdicts"]["minerva"]]
+    counts = Counter((answer_shape(r["gold"]), "math-verify only" if r["verdicts"]["math_verify"] else
+                      "minerva only") for r in differ)
+    summary["disagreements"] = {f"{shape} / {who}": c for (shape, who), c in sorted(counts.items())}
+    lines = [f"# Where the two math checkers disagree: `{args.task}`{' (gold answers)' if args.gold else ''}", "",
+             f"{len(rows)} items; math-verify correct: {sum(r['verdicts']['math_verify'] for r in rows)}; "
+             f"Minerva/sympy correct: {sum(r['verdicts']['minerva'] for r in rows)}; disagreements: {len(differ)}.",
+             "", "| kind of gold answer | judged correct by | count |", "| --- | --- | --- |"]
+    lines += [f"| {shape} | {who} | {c} |" for (shape, who), c in sorted(counts.items())]
+    lines += ["", "| id | gold | extracted | math-verify | minerva |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['id']} | `{r['gold']}` | `{r['extracted']}` | {r['verdicts']['math_verify']} | "
+              f"{r['verdicts']['minerva']} |" for r in differ]
+    (out_dir / "disagreements.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+# --- code -------------------------------------------------------------------------------------------------------------
+def _run_code(args, items: list[dict], records_path: Path) -> dict:
+    from rasa_lora.evaluation import code
+    from rasa_lora.evaluation.tasks import CODE_STOP, code_prompt
+
+    n = 1 if args.gold else args.n_samples
+    done = _read_records(records_path)
+    jobs = [(item, s) for item in items for s in range(n) if f"{item['id']}#{s}" not in done]
+    truths = None
+    if args.task == "humaneval+" and jobs:
+        from rasa_lora.models import cache_dir
+
+        bar = _progress(len(items), 0, "canonical timings")
+        truths = code.ground_truth(items, cache_dir() / "humanevalplus-truth", args.workers, lambda: bar.update())
+        bar.close()
+    model = tokenizer = None
+    if jobs and not args.gold:
+        model, tokenizer = load_model_and_tokenizer(args.model, args.adapter, args.dtype)
+    bar = _progress(len(items) * n, len(items) * n - len(jobs), args.task)
+    pending_tasks = list(dict.fromkeys(item["id"] for item, _ in jobs))
+    by_id = {item["id"]: item for item in items}
+    for chunk_ids in _chunks(pending_tasks, max(1, args.batch_size // max(n, 1)) * 4 if n < args.batch_size else 2):
+        chunk = [(by_id[i], s) for i in chunk_ids for s in range(n) if f"{i}#{s}" not in done]
+        completions = _completions(args, chunk, model, tokenizer, n, CODE_STOP, code_prompt)
+        pairs = [(item, c) for (item, _), (_, c) in zip(chunk, completions)]
+        if args.task == "humaneval+":
+            verdicts = code.check_plus(pairs, truths, args.workers, lambda: bar.update())
+        else:
+            verdicts = code.check_base(pairs, args.workers, lambda: bar.update())
+        _append(records_path, [{"id": f"{item['id']}#{s}", "task_id": item["id"], "sample": s, "generation": g,
+                                "completion": c, "verdicts": v}
+                               for (item, s), (g, c), v in zip(chunk, completions, verdicts)])
+    bar.close()
+    return _code_summary(items, n, _read_records(records_path), args.task)
+
+
+def _completions(args, chunk, model, tokenizer, n, stop, code_prompt) -> list[tuple[str, str]]:
+    """(raw generation, completion) per (item, sample) of the chunk."""
+    from rasa_lora.evaluation.code import truncate_completion
+
+    if args.gold:
+        return [("", item["canonical_solution"]) for item, _ in chunk]
+    from rasa_lora.evaluation.generation import generate_transformers
+
+    items = list(dict.fromkeys(item["id"] for item, _ in chunk))
+    by_id = {item["id"]: item for item, _ in chunk}
+    temperature = 0.2 if args.temperature is None else args.temperature
+    generated = generate_transformers(model, tokenizer, [code_prompt(by_id[i]["prompt"]) for i in items],
+                                      args.max_new_tokens or _MAX_NEW_TOKENS["code"], temperature, n,
+                                      args.batch_size, stop=[], seed=args.seed)
+    samples = {i: g for i, g in zip(items, generated)}
+    return [(samples[item["id"]][s], truncate_completion(samples[item["id"]][s], stop)) for item, s in chunk]
+
+
+def _code_summary(items: list[dict], n: int, records: dict[str, dict], task: str) -> dict:
+    from rasa_lora.evaluation.code import pass_at_k
+
+    keys = ["plus", "base"] if task == "humaneval+" else ["base"]
+    summary: dict = {"n_samples": n}
+    for key in keys:
+        correct = [sum(records[f"{item['id']}#{s}"]["verdicts"][key] for s in range(n)) for item in items]
+        prefix = "" if key == keys[0] else "base_"
+        for k in (1, 10):
+            if k <= n:
+                summary[f"{prefix}pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct) / max(len(items), 1)
+    isolation = [r["verdicts"].get("isolation", {}) for r in records.values()]
+    summary["network_isolated"] = all(i.get("network") for i in isolation) if isolation else None
+    return summary
+
+
+# --- multiple choice ------------------------------------------------------------------------------------------------
+def _run_choice(args, items: list[dict], records_path: Path) -> dict:
+    from rasa_lora.evaluation.multiple_choice import loglikelihoods, score_choices
+
+    done = _read_records(records_path)
+    todo = [item for item in items if item["id"] not in done]
+    model = tokenizer = None
+    if todo:
+        model, tokenizer = load_model_and_tokenizer(args.model, args.adapter, args.dtype)
+    bar = _progress(len(items), len(items) - len(todo), args.task)
+    for chunk in _chunks(todo, 64):
+        pairs = [pair for item in chunk for pair in zip(item["contexts"], item["continuations"])]
+        values = loglikelihoods(model, tokenizer, pairs, args.batch_size)
+        records, start = [], 0
+        for item in chunk:
+            lls = values[start:start + len(item["contexts"])]
+            start += len(item["contexts"])
+            records.append({"id": item["id"], "loglikelihoods": lls, "gold": item["gold"],
+                            **score_choices(lls, item["choice_texts"], item["gold"])})
+        _append(records_path, records)
+        bar.update(len(chunk))
+    bar.close()
+    records = _read_records(records_path)
+    rows = [records[item["id"]] for item in items]
+    n = max(len(rows), 1)
+    return {"acc": sum(r["acc"] for r in rows) / n, "acc_norm": sum(r["acc_norm"] for r in rows) / n}

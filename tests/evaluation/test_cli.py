@@ -1,0 +1,74 @@
+"""`rasa-lora eval`: gold runs, summary.json, resume, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rasa_lora.evaluation.cli import main
+
+
+def _summary(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_unknown_task_is_a_clear_error(tmp_path, capsys):
+    assert main(["mmlu", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown task 'mmlu'" in err and "humaneval+" in err
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path, capsys):
+    assert main(["math500", "--gold", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "MATH500_test.jsonl" in capsys.readouterr().err
+
+
+def test_gold_is_refused_for_multiple_choice(tmp_path, shared_data, capsys):
+    assert main(["winogrande", "--gold", "--data-dir", str(shared_data), "--output-dir", str(tmp_path)]) == 2
+    assert "--gold applies to math and code" in capsys.readouterr().err
+
+
+def test_math_gold_run_and_resume(tmp_path, shared_data):
+    out = tmp_path / "math"
+    assert main(["math500", "--gold", "--limit", "6", "--data-dir", str(shared_data), "--output-dir", str(out)]) == 0
+    assert _summary(out)["accuracy"] == 1.0 and _summary(out)["items"] == 6
+    first = (out / "records.jsonl").read_text().splitlines()
+    assert main(["math500", "--gold", "--limit", "10", "--data-dir", str(shared_data), "--output-dir", str(out)]) == 0
+    lines = (out / "records.jsonl").read_text().splitlines()
+    assert lines[:6] == first and len(lines) == 10  # the first six were skipped, not redone
+    assert (out / "disagreements.md").is_file()
+
+
+def test_gsm8k_gold_scores_one(tmp_path, shared_data):
+    assert main(["gsm8k", "--gold", "--limit", "8", "--data-dir", str(shared_data), "--output-dir", str(tmp_path)]) == 0
+    assert _summary(tmp_path)["accuracy"] == 1.0 and _summary(tmp_path)["accuracy_minerva"] == 1.0
+
+
+def test_humanevalplus_gold_summary(tmp_path, shared_data):
+    assert main(["humaneval+", "--gold", "--limit", "3", "--data-dir", str(shared_data),
+                 "--output-dir", str(tmp_path)]) == 0
+    summary = _summary(tmp_path)
+    assert summary["pass@1"] == 1.0 and summary["base_pass@1"] == 1.0 and summary["n_samples"] == 1
+
+
+@pytest.mark.slow
+def test_humanevalplus_gold_all_164_from_the_command(tmp_path, shared_data):
+    assert main(["humaneval+", "--gold", "--data-dir", str(shared_data), "--output-dir", str(tmp_path)]) == 0
+    summary = _summary(tmp_path)
+    assert summary["items"] == 164 and summary["pass@1"] == 1.0 and summary["base_pass@1"] == 1.0
+
+
+def test_adapter_for_another_base_is_a_clear_error(tmp_path, shared_data, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    from rasa_lora.models import tiny_llama
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_llama(hidden_size=32).save_pretrained(base_dir)
+    other = get_peft_model(tiny_llama(hidden_size=48), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    other.save_pretrained(adapter_dir)
+    code = main(["arc_challenge", "--model", str(base_dir), "--adapter", str(adapter_dir), "--limit", "1",
+                 "--data-dir", str(shared_data), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not fit base model" in err and "--model" in err

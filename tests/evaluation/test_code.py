@@ -1,0 +1,87 @@
+"""pass@k, HumanEval and HumanEval+ program assembly and verdicts (gold passes, `return None` fails)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rasa_lora.evaluation.code import check_base, check_plus, ground_truth, pass_at_k, truncate_completion
+
+# A fast, varied subset: floats with atol (HumanEval/2, /4), find_zero's special check (/32), string codecs
+# (/38, /50), many plus inputs (/53). The slowest canonical solutions (/15, /139: 4-6 s) run in the slow test.
+SUBSET = [f"HumanEval/{i}" for i in (0, 2, 4, 32, 38, 50, 53, 55, 100, 163)]
+
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (5, 2, 1, 0.4),
+    (5, 2, 2, 1 - math.comb(3, 2) / math.comb(5, 2)),
+    (10, 9, 2, 1.0),
+    (50, 0, 10, 0.0),
+])
+def test_pass_at_k_matches_the_closed_form(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_rejects_impossible_counts():
+    with pytest.raises(ValueError, match="c=6"):
+        pass_at_k(5, 6, 1)
+
+
+def test_truncate_completion_cuts_at_the_first_stop():
+    assert truncate_completion("    return 1\n\ndef main():\n    pass", ["\ndef", "\nprint"]) == "    return 1\n"
+
+
+def _subset(humanevalplus, ids=SUBSET):
+    return [humanevalplus[i] for i in ids]
+
+
+def test_plus_gold_passes_base_and_plus(humanevalplus, truth_cache):
+    tasks = _subset(humanevalplus)
+    truths = ground_truth(tasks, truth_cache, workers=2)
+    verdicts = check_plus([(t, t["canonical_solution"]) for t in tasks], truths, workers=2)
+    assert [(v["base"], v["plus"]) for v in verdicts] == [(True, True)] * len(tasks)
+
+
+def test_plus_return_none_fails(humanevalplus, truth_cache):
+    tasks = _subset(humanevalplus)
+    truths = ground_truth(tasks, truth_cache, workers=2)
+    verdicts = check_plus([(t, "    return None\n") for t in tasks], truths, workers=2)
+    assert [(v["base"], v["plus"]) for v in verdicts] == [(False, False)] * len(tasks)
+
+
+def test_plus_catches_a_solution_that_only_passes_base(humanevalplus, truth_cache):
+    task = humanevalplus["HumanEval/0"]  # base lists have <= 6 numbers; a solution that looks at 6 fails on plus
+    partial = ("    xs = numbers[:6]\n    return any(abs(a - b) < threshold for i, a in enumerate(xs) "
+               "for b in xs[i + 1:])\n")
+    verdict = check_plus([(task, partial)], ground_truth([task], truth_cache))[0]
+    assert verdict["base"] and not verdict["plus"] and verdict["failure"] == "F"
+
+
+def test_plus_infinite_loop_times_out_per_input(humanevalplus, truth_cache):
+    task = humanevalplus["HumanEval/0"]
+    verdict = check_plus([(task, "    while True:\n        pass\n")], ground_truth([task], truth_cache))[0]
+    assert not verdict["base"] and verdict["failure"] == "T" and verdict["inputs_run"] == 1
+
+
+def test_plus_syntax_error_fails_without_crashing(humanevalplus, truth_cache):
+    task = humanevalplus["HumanEval/0"]
+    verdict = check_plus([(task, "    return (\n")], ground_truth([task], truth_cache))[0]
+    assert not verdict["base"] and "DEFINITION-ERROR" in verdict["stderr"]
+
+
+@pytest.mark.slow
+def test_plus_gold_passes_all_164_tasks(humanevalplus, truth_cache):
+    tasks = list(humanevalplus.values())
+    truths = ground_truth(tasks, truth_cache, workers=2)
+    verdicts = check_plus([(t, t["canonical_solution"]) for t in tasks], truths, workers=2)
+    assert len(tasks) == 164 and all(v["plus"] and v["base"] for v in verdicts)
+
+
+def test_base_humaneval_gold_passes_and_none_fails():
+    from rasa_lora.evaluation.tasks import load_task
+
+    tasks = load_task("humaneval", limit=8)
+    gold = check_base([(t, t["canonical_solution"]) for t in tasks], workers=2)
+    none = check_base([(t, "    return None\n") for t in tasks], workers=2)
+    assert [v["base"] for v in gold] == [True] * 8 and [v["base"] for v in none] == [False] * 8
