@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 _FUSED: bool | None = None
+_TRITON: bool | None = None
 _GENERATORS: dict[torch.device, torch.Generator] = {}
 
 
@@ -55,6 +56,20 @@ def fused_backend_enabled() -> bool:
     if env is not None:
         return env not in ("0", "false", "False", "")
     return torch.cuda.is_available()
+
+
+def set_triton_dropout(enabled: bool | None) -> None:
+    """Force the Triton dropout kernels on or off (on also on the CPU, under TRITON_INTERPRET=1); None = auto."""
+    global _TRITON
+    _TRITON = enabled
+
+
+def _use_triton(rows: torch.Tensor, p: float) -> bool:
+    from rasa_lora.ops import triton_dropout
+
+    if p <= 0 or not triton_dropout.available() or rows.numel() >= triton_dropout.MAX_OFFSET:
+        return False
+    return _TRITON if _TRITON is not None else rows.is_cuda
 
 
 def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -90,12 +105,18 @@ class _RasaLinearFunction(torch.autograd.Function):
         A, C = pack_factors(A_p, B_p, D, A_s, B_s, dtype)
         rows = x.reshape(-1, x.shape[-1])
         y = F.linear(rows, weight.to(dtype), None if bias is None else bias.to(dtype))
-        kept = rows * dropout_mask(rows, p, seed) if p > 0 else rows
+        use_triton = _use_triton(rows, p)
         scale = 1.0 / (1.0 - p)
-        u = kept @ A.t()
+        if use_triton:
+            from rasa_lora.ops import triton_dropout
+
+            u = triton_dropout.dropout_matmul(rows, A, seed, p)
+        else:
+            kept = rows * dropout_mask(rows, p, seed) if p > 0 else rows
+            u = kept @ A.t()
         y.addmm_(u, C.t(), alpha=scale)
         ctx.save_for_backward(x, weight, A, C, u, A_p, B_p, D, A_s, B_s)
-        ctx.p, ctx.seed, ctx.scale = p, seed, scale
+        ctx.p, ctx.seed, ctx.scale, ctx.use_triton = p, seed, scale, use_triton
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -105,12 +126,16 @@ class _RasaLinearFunction(torch.autograd.Function):
         num_private, n = A_p.shape[0], A_p.shape[0] + A_s.shape[0]
         g = grad_out.reshape(-1, grad_out.shape[-1])
         rows = x.reshape(-1, x.shape[-1])
-        mask = dropout_mask(rows, p, ctx.seed) if p > 0 else None
-        kept = rows * mask if p > 0 else rows
-
         gu = g @ C                                                    # (M, n8)
         grad_C = (g.t() @ u).float()[:, :n] * scale                   # (b, n)
-        grad_A = (gu.t() @ kept).float()[:n] * scale                  # (n, a)
+        if ctx.use_triton:
+            from rasa_lora.ops import triton_dropout
+
+            grad_A = triton_dropout.grad_a(gu, rows, ctx.seed, p)[:n] * scale
+        else:
+            mask = dropout_mask(rows, p, ctx.seed) if p > 0 else None
+            kept = rows * mask if p > 0 else rows
+            grad_A = (gu.t() @ kept).float()[:n] * scale              # (n, a)
         B_cat = torch.cat([B_p, B_s.to(B_p.device)], dim=1).float()   # small: (b, n)
         grad_B = grad_C * D.float()
         grad_D = (grad_C * B_cat).sum(0)
@@ -118,7 +143,9 @@ class _RasaLinearFunction(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight.to(g.dtype)
-            if p > 0:
+            if ctx.use_triton:
+                triton_dropout.grad_x_(grad_x, gu, A, ctx.seed, p, scale)
+            elif p > 0:
                 grad_x.addcmul_(gu @ A, mask, value=scale)
             else:
                 grad_x.addmm_(gu, A, alpha=scale)
@@ -151,5 +178,5 @@ def rasa_linear(
         seed: seed of the dropout mask; drawn from torch's default generator when None.
     """
     if dropout_p > 0 and seed is None:
-        seed = int(torch.randint(0, 2**62, (), device="cpu"))
+        seed = int(torch.randint(0, 2**31 - 1, (), device="cpu"))
     return _RasaLinearFunction.apply(x, weight, bias, A_p, B_p, D, A_s, B_s, float(dropout_p), seed or 0)
