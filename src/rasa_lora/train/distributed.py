@@ -132,6 +132,20 @@ def make_accelerator(**kwargs: Any) -> Any:
     return Accelerator(**kwargs)
 
 
+def check_supported(engine: Engine, config: Any) -> None:
+    """Refuse, before anything is loaded, what the training loop cannot do under `engine` yet.
+
+    Training checkpoints (`save_steps`, `resume`) store each trainable tensor and the optimizer state as one
+    process holds them; under FSDP and DeepSpeed those are sharded, so only one process and DDP may use them.
+    """
+    sharded = engine in (Engine.FSDP1, Engine.FSDP2, Engine.ZERO2, Engine.ZERO3)
+    if sharded and (getattr(config, "resume", False) or getattr(config, "save_steps", 0)):
+        raise NotImplementedError(
+            f"save_steps/resume are not supported with {engine.value} yet (checkpoints hold unsharded tensors); "
+            "train with save_steps 0, or use configs/distributed/ddp.yaml to checkpoint and resume."
+        )
+
+
 # --- the pools ------------------------------------------------------------------------------------------------
 def _unwrap(model: nn.Module, accelerator: Any = None) -> nn.Module:
     if accelerator is not None:
