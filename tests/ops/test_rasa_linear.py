@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rasa_lora.ops import dropout_mask, rasa_linear
+from rasa_lora.ops import dropout_mask, rasa_linear, set_triton_dropout
 from rasa_lora.reference import dense_delta
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -35,9 +35,13 @@ def test_forward_and_all_gradients_match_the_dense_reference(device, dtype, a, b
     params = factors(a, b, private, shared, device)
     seed = 1234
 
-    out = rasa_linear(x, weight, bias, *params, dropout_p=p, seed=seed)
-    upstream = torch.randn(out.shape, generator=g).to(device, dtype)
-    grads = torch.autograd.grad(out, [x, *params], upstream)
+    set_triton_dropout(False)  # this test checks the plain-PyTorch dropout path and its mask
+    try:
+        out = rasa_linear(x, weight, bias, *params, dropout_p=p, seed=seed)
+        upstream = torch.randn(out.shape, generator=g).to(device, dtype)
+        grads = torch.autograd.grad(out, [x, *params], upstream)
+    finally:
+        set_triton_dropout(None)
 
     # reference in float64, same mask
     x64 = x.detach().double().requires_grad_(True)
