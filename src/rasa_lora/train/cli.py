@@ -44,10 +44,10 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE + "  " + " ".join(f"--{key.replace('_', '-')}" for key in valid_keys()))
         return 0
+    from rasa_lora.train.trainer import TrainingInterrupted, train
+
     try:
         config = build_config(_values(argv))
-        from rasa_lora.train.trainer import TrainingInterrupted, train
-
         summary = train(config)
     except TrainingInterrupted as interrupted:
         print(f"rasa-lora train: {interrupted}; continue with the same command and --resume", file=sys.stderr)

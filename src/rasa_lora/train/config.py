@@ -238,13 +238,35 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _coerce(key: str, annotation: str, value: Any) -> Any:
+    """Fix what YAML 1.1 leaves as text (`5e-4` is a string there) and check the value's type."""
+    if value is None or not isinstance(value, (str, int, float, list)):
+        return value
+    kind = annotation.split(" |")[0]
+    try:
+        if kind == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
+            return float(value)
+        if kind == "int" and isinstance(value, str):
+            return int(value)
+        if kind == "bool" and isinstance(value, str):
+            return {"true": True, "false": False}[value.lower()]
+        if kind == "list[float]" and isinstance(value, list):
+            return [float(item) for item in value]
+    except (ValueError, KeyError):
+        raise ValueError(f"{key}={value!r} is not a valid {kind}") from None
+    if kind in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"{key}={value!r} is not a valid {kind}")
+    return value
+
+
 def build_config(values: dict[str, Any]) -> TrainConfig:
     """Make a TrainConfig from a dict, refusing keys the recipe does not have."""
     keys = valid_keys()
     unknown = sorted(set(values) - set(keys))
     if unknown:
         raise ValueError(f"unknown config key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(keys)}")
-    return TrainConfig(**values)
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{key: _coerce(key, annotations[key], value) for key, value in values.items()})
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

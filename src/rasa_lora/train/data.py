@@ -76,10 +76,10 @@ def rewrite_gsm8k_answer(answer: str) -> str:
 
 def last_boxed(solution: str) -> str | None:
     """Content of the last `\\boxed{...}` (or `\\fbox{...}`), braces matched; `\\boxed 5` is read too."""
-    start = max(solution.rfind("\\boxed"), solution.rfind("\\fbox"))
-    if start < 0:
+    boxed, fbox = solution.rfind("\\boxed"), solution.rfind("\\fbox")
+    if boxed < 0 and fbox < 0:
         return None
-    rest = solution[start:].split("box", 1)[1]
+    rest = solution[boxed + len("\\boxed"):] if boxed > fbox else solution[fbox + len("\\fbox"):]
     if rest.startswith(" "):
         return rest[1:].split("$")[0].strip()
     if not rest.startswith("{"):

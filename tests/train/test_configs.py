@@ -1,0 +1,56 @@
+"""Every YAML under configs/ loads and trains one step on a tiny random stand-in model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rasa_lora.train.config import load_config
+from rasa_lora.train.trainer import train
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
+ROWS = {
+    "metamathqa": {"query": "What is 2 + 3?", "response": "2 + 3 = 5.\nThe answer is: 5"},
+    "magicoder": {"instruction": "Write a function f returning 1.", "response": "def f():\n    return 1"},
+    "gsm8k": {"question": "What is 2 + 3?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"},
+    "math": {"problem": "What is $2 + 3$?", "solution": "It is $\\boxed{5}$."},
+    "alpaca": {"instruction": "Say hi.", "input": "", "output": "hi"},
+    "completion": {"prompt": "Say hi: ", "completion": "hi"},
+}
+
+
+def test_there_are_paper_configs_for_both_models_and_tasks():
+    names = {path.stem for path in CONFIGS}
+    for model in ("llama3.1-8b", "mistral-7b"):
+        for task in ("math", "code"):
+            expected = {f"{model}-{task}-{m}-r{r}" for m in ("lora", "rasa") for r in (8, 16, 32)}
+            assert expected | {f"{model}-{task}-vera-r1024"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.stem)
+def test_config_opens_with_its_command_and_dry_runs_one_step(path, tiny_model_dir, tmp_path):
+    configs_dir = Path(__file__).resolve().parents[2] / "configs"
+    assert path.read_text().splitlines()[0] == f"# rasa-lora train configs/{path.relative_to(configs_dir).as_posix()}"
+    recipe = yaml.safe_load(path.read_text())
+    overrides = {"base_model": str(tiny_model_dir), "output_dir": str(tmp_path / "run"), "max_steps": 1,
+                 "progress_bar": False}
+    if recipe.get("dataset"):
+        dataset = tmp_path / "data.jsonl"
+        dataset.write_text("".join(json.dumps(ROWS[recipe["dataset_format"]]) + "\n" for _ in range(4)))
+        overrides["dataset"] = str(dataset)
+    else:
+        overrides["num_examples"] = 8
+    config = load_config(path, overrides)
+    summary = train(config)
+    assert summary["steps"] == 1 and summary["method"] == recipe["method"]
+    assert summary["trainable_params"] > 0
+
+
+def test_demo_yaml_is_the_demo_recipe():
+    from rasa_lora.demo import DEMO_RECIPE
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "demo.yaml").read_text())
+    assert {key: recipe[key] for key in DEMO_RECIPE} == DEMO_RECIPE
