@@ -45,12 +45,13 @@ def reference():
         batch = global_batch()
         model(input_ids=batch, labels=batch).loss.backward()
         grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e9))
         optimizer.step()
         params = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
         model.eval()
         with torch.no_grad():
             logits = model(input_ids=batch).logits
-        out[mode] = {"grads": grads, "params": params, "logits": logits, "model": model}
+        out[mode] = {"grads": grads, "grad_norm": norm, "params": params, "logits": logits, "model": model}
     return out
 
 
@@ -63,6 +64,12 @@ def test_gradients_match_one_process(job, reference, mode):
     errors = {name: rel_err(got[name], want[name]) for name in want}
     worst = max(errors, key=errors.get)
     assert errors[worst] <= TOLERANCE, f"{engine}/{mode}: {worst} rel err {errors[worst]:.2e}"
+
+
+def test_gradient_norm_for_clipping_matches_one_process(job, reference):
+    engine, results = job
+    got, want = results["non_reentrant"]["grad_norm"], reference["non_reentrant"]["grad_norm"]
+    assert abs(got - want) <= TOLERANCE * want
 
 
 @pytest.mark.parametrize("mode", MODES)

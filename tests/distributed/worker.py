@@ -42,12 +42,14 @@ def _one_step(accelerator, use_reentrant: bool, out_dir: Path) -> dict:
     unwrapped = accelerator.unwrap_model(model)
     trainable = [(name, param) for name, param in unwrapped.named_parameters() if param.requires_grad]
     grads = {name: distributed._full(param.grad) for name, param in trainable}
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm=1e9)  # the trainer's clipping call; a no-op here
     optimizer.step()
     params = {name: distributed._full(param) for name, param in trainable}
     adapter_dir = out_dir / f"adapter-{'reentrant' if use_reentrant else 'non_reentrant'}"
     distributed.save_adapter(model, accelerator, adapter_dir)
     kind = type(model).__name__
-    return {"grads": grads, "params": params, "adapter_dir": str(adapter_dir), "wrapper": kind,
+    return {"grads": grads, "params": params, "grad_norm": float(distributed._full(norm)),
+            "adapter_dir": str(adapter_dir), "wrapper": kind,
             "engine": distributed.detect_engine(accelerator).value}
 
 
