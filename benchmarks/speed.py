@@ -38,7 +38,8 @@ class AuthorsRasaLinear(nn.Module):
         self.A = nn.Parameter(torch.empty(private, base.in_features, device=base.weight.device))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.B = nn.Parameter(torch.zeros(base.out_features, private, device=base.weight.device))
-        D = torch.cat([torch.full((private,), alpha / (2 * private)), torch.full((num_layers * k,), alpha / (2 * num_layers * k))])
+        D = torch.cat([torch.full((private,), alpha / (2 * private)),
+                       torch.full((num_layers * k,), alpha / (2 * num_layers * k))])
         self.D = nn.Parameter(D.to(base.weight.device))
         object.__setattr__(self, "shared", (shared_A, shared_B))
         self.dropout = nn.Dropout(dropout)
@@ -162,7 +163,8 @@ def run_variants(model, shapes, steps, warmup, device, label):
     measure("frozen", model)
     measure("frozen (inference)", model, train=False)
     for dropout in (0.05, 0.0):
-        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=ALL_PROJ))
+        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=ALL_PROJ)
+        peft_model = get_peft_model(model, config)
         measure(f"peft-lora r8 d{dropout}", peft_model)
         model = peft_model.unload()
     pools, restore = apply_authors_rasa(model)
@@ -213,21 +215,25 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--shapes", default="8x512,2x2048,4x4096", help="batch x sequence list for the 8B shape")
+    parser.add_argument("--no-llama", action="store_true", help="skip the Llama-3.1-8B shape (measure SmolLM2 only)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     if args.small:
         shapes = [(2, 16), (1, 32)]
-    results = run_variants(build_llama(args.small, device), shapes, args.steps, args.warmup, device,
-                           "tiny" if args.small else "llama-8b")
+    results = []
+    if not args.no_llama:
+        results = run_variants(build_llama(args.small, device), shapes, args.steps, args.warmup, device,
+                               "tiny" if args.small else "llama-8b")
     torch.cuda.empty_cache() if device.type == "cuda" else None
     if args.smollm2:
         import os
 
         from transformers import AutoModelForCausalLM
 
-        small = AutoModelForCausalLM.from_pretrained(os.path.dirname(args.smollm2), gguf_file=os.path.basename(args.smollm2),
-                                                     dtype=torch.bfloat16).to(device)
+        small = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(args.smollm2), gguf_file=os.path.basename(args.smollm2), dtype=torch.bfloat16
+        ).to(device)
         results += run_variants(small, [(8, 512), (4, 4096)], args.steps, args.warmup, device, "smollm2")
     add_ratios(results)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
