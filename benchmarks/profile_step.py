@@ -12,9 +12,8 @@ import argparse
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 from speed import ALL_PROJ, Lion, build_llama  # noqa: E402
+from torch.profiler import ProfilerActivity, profile
 
 
 def thin_gemm_times(lines):
@@ -22,7 +21,7 @@ def thin_gemm_times(lines):
     for n in (7, 8, 32, 39, 40):
         A = torch.randn(n, 4096, device="cuda", dtype=torch.bfloat16)
         g = torch.randn(4096, n, device="cuda", dtype=torch.bfloat16)
-        for label, fn in (("x@A^T", lambda: x @ A.t()), ("g^T@x", lambda: g.t() @ x), ("g@A", lambda: g @ A)):
+        for label, fn in (("x@A^T", lambda: x @ A.t()), ("g^T@x", lambda: g.t() @ x), ("g@A", lambda: g @ A)):  # noqa: B023
             for _ in range(3):
                 fn()
             torch.cuda.synchronize()
