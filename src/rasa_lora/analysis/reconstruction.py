@@ -22,11 +22,13 @@ What is here
   * ``"exact"``: the reference. A loop over layers that forms each residual and takes its full SVD.
   * ``"fast"``: the layers of a group batched as one (L, b, a) tensor (on the GPU when M is there); the
     private update is a block subspace iteration for the top r-k triplets only, warm-started from the
-    previous iteration's singular vectors, with `oversample` random columns and `power_iters` extra passes;
-    all other updates are products of M with thin matrices (3 passes over M per iteration). The previous
+    previous iteration's singular vectors, with `oversample` random columns; all other updates are products
+    of M with thin matrices (4 passes over M per iteration when one subspace round suffices). The previous
     left singular vectors are kept inside the search space, so the private update can never raise the error
     (the same guarantee as the exact step). Tests hold the fast final error within 1e-3 (relative) of the
-    exact one; `FitResult.svd_residual` reports max_j ||R^T u_j - s_j v_j|| / s_j of the last private step.
+    exact one. Stated accuracy: a private step stops refining when sum_j ||R_i v_j - s_j u_j||^2, an estimate
+    of the energy its subspace misses, is below `svd_tol` (default 1e-4) times the layer's error, or after
+    `power_iters` extra rounds; `FitResult.svd_estimate` reports that ratio for the last step.
 - Initialisations (`init=`): ``"random"`` (default; as the adapter starts: A_S Gaussian with std 1/sqrt(a),
   B_S = 0, d_i = 1, no private part; the first iteration's error is then e_lora at rank r-k at best) and
   ``"theorem"`` (eq. 12-15, so the curve starts at e_lora and, descent being monotone, never ends above it).
@@ -89,7 +91,7 @@ class LoraSolution:
     S: Tensor  # (L, r), descending
     V: Tensor  # (L, a, r)
     energy: Tensor  # (L,) ||M_i||_F^2, float64
-    tol_reached: float = 0.0  # last relative change of the captured energy (0 for the exact SVD)
+    tol_reached: float = 0.0  # estimated missed energy / e_lora of the worst layer (0 for the exact SVD)
 
     @property
     def error(self) -> float:
@@ -109,7 +111,7 @@ class FitResult:
     final_error: float = math.nan
     wall_time_s: float = 0.0
     gram_fallbacks: int = 0
-    svd_residual: float = 0.0
+    svd_estimate: float = 0.0  # estimated relative error loss of the last fast private step (`_block_svd`)
     passes: int = 0  # products of the whole (L, b, a) stack with a thin matrix (fast variant)
 
 
@@ -167,8 +169,62 @@ def solve_psd(gram: Tensor, rhs: Tensor) -> tuple[Tensor, bool]:
 
 
 def _orth(Y: Tensor) -> Tensor:
-    """Orthonormal basis of the columns of each Y[l] (Householder QR: orthonormal even when Y is rank-deficient)."""
-    return torch.linalg.qr(Y).Q
+    """Orthonormal basis of the columns of each Y[l] (L, n, w), through the eigen-decomposition of the small
+    Gram matrix, in float64 and twice over (a CholeskyQR2-like scheme).
+
+    Much faster than Householder QR for tall thin batches on the CPU (5 ms against 53 ms for 30 x 1536 x 30,
+    2-core machine). Working in float64 keeps directions down to about 10 * w * eps(Y.dtype) of the largest
+    singular value, so float32 inputs lose nothing a float32 QR would keep; weaker directions are dropped
+    (zero columns), which only narrows the search space.
+    """
+    X = Y.double()
+    X = X / X.norm(dim=-2, keepdim=True).clamp_min(1e-300)
+    floor = (10 * Y.shape[-1] * torch.finfo(Y.dtype).eps) ** 2
+    for _ in range(2):
+        values, vectors = torch.linalg.eigh(X.mT @ X)
+        scale = torch.where(values > values[..., -1:] * floor, values.clamp_min(1e-300).rsqrt(), 0)
+        X = X @ (vectors * scale[..., None, :])
+    return X.to(Y.dtype)
+
+
+def _ritz(Z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Singular triplets of Z^T (L, w, a), Z = R^T Q, in descending order: (W (L, w, w), S (L, w), V (L, a, w)).
+
+    Through the eigen-decomposition of the small Gram Z^T Z, in float64: the leading triplets, the ones used,
+    keep full accuracy; the trailing ones only widen the next search block.
+    """
+    Z64 = Z.double()
+    values, vectors = torch.linalg.eigh(Z64.mT @ Z64)
+    values, vectors = values.flip(-1).clamp_min(0), vectors.flip(-1)
+    S = values.sqrt()
+    inverse = torch.where(S > S[..., :1] * 1e-12, 1 / S.clamp_min(1e-300), 0)
+    return vectors.to(Z.dtype), S.to(Z.dtype), (Z64 @ (vectors * inverse[..., None, :])).to(Z.dtype)
+
+
+def _block_svd(apply: Callable[[Tensor], Tensor], apply_t: Callable[[Tensor], Tensor], Y: Tensor, keep: Tensor,
+               rank: int, residual_energy: Tensor, tol: float, rounds: int) -> tuple[Tensor, ...]:
+    """Top `rank` singular triplets of an operator R (apply(X) = R X, apply_t(Y) = R^T Y), batched over layers.
+
+    Rayleigh-Ritz on span([Y, keep]) (Y = R Omega, the start block), then block power rounds. After each round
+    the residuals rho_j = ||R v_j - s_j u_j|| are measured (the product R V is also the next round's block),
+    and the loop stops when sum_j rho_j^2 <= tol * (||R_i||^2 - sum_j s_j^2) for every layer: sum_j rho_j^2
+    estimates the energy the computed subspace misses, so `tol` is the accepted relative loss in the error.
+    Returns (U, S, V, estimate, passes).
+    """
+    passes, estimate = 0, math.inf
+    for _ in range(rounds):
+        Q = _orth(torch.cat([Y, keep], -1))
+        W, S_all, V_all = _ritz(apply_t(Q))
+        V_all = V_all[..., :Y.shape[-1]]
+        Y = apply(V_all)
+        passes += 2
+        U, S = Q @ W[..., :rank], S_all[:, :rank]
+        missed = (Y[..., :rank] - U * S[:, None, :]).square().sum(1).double().sum(1)
+        error = (residual_energy - S.double().square().sum(1)).clamp_min(1e-300)
+        estimate = float((missed / error).max())
+        if estimate <= tol:
+            break
+    return U, S, V_all[..., :rank], estimate, passes
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -184,13 +240,13 @@ def _randn(shape: tuple[int, ...], like: Tensor, gen: torch.Generator) -> Tensor
 # -------------------------------------------------------------------------------------------------- LoRA
 
 
-def lora_solution(M: Tensor, r: int, variant: str = "exact", tol: float = 1e-6, max_passes: int = 40,
+def lora_solution(M: Tensor, r: int, variant: str = "exact", tol: float = 1e-5, max_passes: int = 40,
                   oversample: int = 8, seed: int = 0) -> LoraSolution:
     """LoRA's optimal factors and error (eq. 7-9) for a stack M (L, b, a).
 
     ``"exact"`` takes the full SVD of every M_i; ``"fast"`` runs a block subspace iteration of width
-    r + oversample until the captured energy sum_{j<=r} s_j^2 of every layer changes by less than `tol`
-    (relative) between passes, or `max_passes` passes (each pass = two products of M with a thin matrix).
+    r + oversample from a random start (`_block_svd`) until the estimated energy it misses is below `tol`
+    times e_lora for every layer, or after `max_passes` products of M with a thin matrix.
     """
     _check_variant(variant)
     M = check_group(M, r, 0)
@@ -198,21 +254,11 @@ def lora_solution(M: Tensor, r: int, variant: str = "exact", tol: float = 1e-6, 
     if variant == "exact":
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
         return LoraSolution(U[..., :r], S[..., :r], Vh[..., :r, :].mT, energy)
-    gen = _generator(M.device, seed)
     width = min(r + oversample, *M.shape[1:])
-    omega = _randn((M.shape[0], M.shape[2], width), M, gen)
-    previous, change = None, math.inf
-    for _ in range(max_passes):
-        Q = _orth(M @ omega)
-        Z = M.mT @ Q  # (L, a, width) = M^T Q
-        small_U, S, small_Vh = torch.linalg.svd(Z.mT, full_matrices=False)
-        captured = S[:, :r].double().square().sum(1)
-        if previous is not None:
-            change = float(((captured - previous).abs() / captured.clamp_min(1e-300)).max())
-            if change <= tol:
-                break
-        previous, omega = captured, small_Vh.mT
-    return LoraSolution((Q @ small_U)[..., :r], S[:, :r], small_Vh[:, :r, :].mT, energy, change)
+    omega = _randn((M.shape[0], M.shape[2], width), M, _generator(M.device, seed))
+    U, S, V, estimate, _ = _block_svd(lambda X: M @ X, lambda Y: (Y.mT @ M).mT, M @ omega, M.new_zeros(*M.shape[:2], 0),
+                                      r, energy, tol, max(1, max_passes // 2))
+    return LoraSolution(U, S, V, energy, estimate)
 
 
 def _check_variant(variant: str) -> None:
@@ -348,8 +394,9 @@ class _FastDescent:
         self.U, self.V = warm.U[..., :r_private].clone(), warm.V[..., :r_private].clone()
         self.S = warm.S[:, :r_private].clone() if theorem else M.new_zeros(M.shape[0], r_private)
         self.cross = self.energy.new_zeros(M.shape[0])  # <M_i, P_i>, set by every private step
-        self.fallbacks, self.svd_residual, self.passes = 0, 0.0, 0
+        self.fallbacks, self.svd_estimate, self.passes = 0, 0.0, 0
         self._multiply_right()
+        self.residual_energy = self._residual_energy()  # ||M_i - B_S D_i A_S||^2, valid until the shared step
 
     def _shared(self, X: Tensor) -> Tensor:  # (B_S D_i A_S) @ X_i, (L, b, w)
         return self.B @ (self.D[:, :, None] * (self.A @ X))
@@ -373,28 +420,17 @@ class _FastDescent:
         self.M_At, self.M_omega = product[..., :lk], product[..., lk:]
 
     def private_step(self) -> None:
-        """Eq. 18-19 for all layers: top r-k triplets of R_i = M_i - B_S D_i A_S, by block subspace iteration.
+        """Eq. 18-19 for all layers: top r-k triplets of R_i = M_i - B_S D_i A_S (`_block_svd`, `svd_tol`).
 
-        The search space is span([R_i Omega, U_old]); after each Rayleigh-Ritz step the residual
-        max_j ||R_i v_j - s_j u_j|| / s_j is measured (one pass, which is also the next power iteration's
-        product); the loop stops below `svd_tol` or after `power_iters` extra rounds (2 passes each).
+        The search space always holds the previous U, so the step never raises the error.
         """
-        Y = self.M_omega - self._shared(self.omega)
-        for _ in range(self.power_iters + 1):
-            self.passes += 2
-            Q = _orth(torch.cat([Y, self.U], -1))
-            Z = self.M.mT @ Q - self._shared_t(Q)  # R^T Q
-            small_U, S, small_Vh = torch.linalg.svd(Z.mT, full_matrices=False)
-            V_all = small_Vh.mT[..., :Y.shape[-1]]
-            Y = self.M @ V_all - self._shared(V_all)  # R V: the check, and the next round's block
-            U, S = Q @ small_U[..., :self.p], S[:, :self.p]
-            scale = S[:, :1].clamp_min(torch.finfo(S.dtype).tiny * 1e3)  # backward error relative to ||R_i||_2
-            self.svd_residual = float(((Y[..., :self.p] - U * S[:, None, :]).norm(dim=1) / scale).max())
-            if self.svd_residual <= self.svd_tol:
-                break
-        self.U, self.S, self.V = U, S, V_all[..., :self.p]
+        self.U, self.S, self.V, self.svd_estimate, passes = _block_svd(
+            lambda X: self.M @ X - self._shared(X), lambda Y: (Y.mT @ self.M).mT - self._shared_t(Y),
+            self.M_omega - self._shared(self.omega), self.U, self.p, self.residual_energy, self.svd_tol,
+            self.power_iters + 1)
+        self.passes += passes
         # <M_i, P_i> = sum_j s_j u_j^T M_i v_j = sum_j s_j (s_j + u_j^T B_S D_i A_S v_j)
-        shared_uv = torch.einsum("ljm,lm,lmj->lj", self.U.mT @ self.B, self.D, self.A @ self.V)
+        shared_uv = (((self.U.mT @ self.B) * self.D[:, None, :]) * (self.A @ self.V).mT).sum(2)
         self.cross = (self.S.double() * (self.S.double() + shared_uv.double())).sum(1)
 
     def shared_step(self) -> None:
@@ -402,7 +438,7 @@ class _FastDescent:
         US, VS = self.U * self.S[:, None, :], self.V * self.S[:, None, :]
         N_At = self.M_At - US @ (self.V.mT @ self.A.T)  # N_i A_S^T, N_i = M_i - P_i
         self.B, fb_B = _shared_B_update((N_At * self.D[:, None, :]).sum(0), self.A, self.D)
-        Nt_B = self.M.mT @ self.B - VS @ (self.U.mT @ self.B)  # N_i^T B_S
+        Nt_B = (self.B.T @ self.M).mT - VS @ (self.U.mT @ self.B)  # N_i^T B_S (B^T M keeps M's layout: faster)
         self.passes += 1
         self.A, fb_A = _shared_A_update((Nt_B * self.D[:, None, :]).sum(0).T, self.B, self.D)
         self._multiply_right()
@@ -412,16 +448,20 @@ class _FastDescent:
         row = _rebalance(factors)
         self.B, self.A, self.D, self.M_At = factors.shared_B, factors.shared_A, factors.shared_D, self.M_At / row
         self.fallbacks += int(fb_B) + int(fb_A) + int(fb_D)
+        self.residual_energy = self._residual_energy()
+
+    def _residual_energy(self) -> Tensor:
+        """||M_i - B_S D_i A_S||^2 per layer, from M A_S^T (float64 sums)."""
+        d = self.D.double()
+        M_shared = (d * (self.M_At * self.B).sum(1).double()).sum(1)
+        gram = ((self.B.T @ self.B) * (self.A @ self.A.T)).double()
+        return self.energy - 2 * M_shared + ((d @ gram) * d).sum(1)
 
     def error(self) -> float:
-        """Eq. 17 by expanding ||M_i - P_i - S_i||^2 with the cached products (float64 sums)."""
-        d = self.D.double()
-        M_shared = (d * (self.B[None] * self.M_At).sum(1).double()).sum(1)
-        PS = torch.einsum("lj,ljm,lm,lmj->l", self.S.double(), (self.U.mT @ self.B).double(), d,
-                          (self.A @ self.V).double())
-        gram = ((self.B.T @ self.B) * (self.A @ self.A.T)).double()
-        SS = torch.einsum("lm,mn,ln->l", d, gram, d)
-        per_layer = self.energy - 2 * (self.cross + M_shared) + self.S.double().square().sum(1) + 2 * PS + SS
+        """Eq. 17 by expanding ||M_i - P_i - S_i||^2 = ||R_i||^2 - 2<M_i - S_i, P_i> + ||P_i||^2."""
+        S = self.S.double()
+        PS = (S * (((self.U.mT @ self.B) * self.D[:, None, :]) * (self.A @ self.V).mT).sum(2).double()).sum(1)
+        per_layer = self.residual_energy - 2 * (self.cross - PS) + S.square().sum(1)
         return float(per_layer.sum())
 
     def factors(self) -> RasaFactors:
@@ -433,7 +473,7 @@ class _FastDescent:
 
 def fit_rasa(M: Tensor | Sequence[Tensor], r: int, k: int, iters: int = 20, init: str = "random",
              variant: str = "fast", dtype: torch.dtype | None = None, seed: int = 0,
-             lora: LoraSolution | None = None, oversample: int = 8, power_iters: int = 4, svd_tol: float = 1e-3,
+             lora: LoraSolution | None = None, oversample: int = 8, power_iters: int = 4, svd_tol: float = 1e-5,
              progress: Callable[[int, float], None] | None = None) -> FitResult:
     """Fit RaSA (rank r, k shared ranks per layer) to a group M (L, b, a) by coordinate descent (App. A).
 
@@ -459,7 +499,9 @@ def fit_rasa(M: Tensor | Sequence[Tensor], r: int, k: int, iters: int = 20, init
         lora = lora_solution(M, r, variant, seed=seed)
     lora = LoraSolution(lora.U.to(dtype), lora.S.to(dtype), lora.V.to(dtype), lora.energy, lora.tol_reached)
     start = theorem_factors(lora, k) if init == "theorem" else random_factors(M, r, k, seed)
-    result = FitResult(start, lora.error, float(lora.energy.sum()), rasa_error(M, start))
+    # the start's error: all of ||M||^2 for "random"; e_lora for "theorem" (eq. 16; exact for Ritz triplets too)
+    initial = lora.error if init == "theorem" else float(lora.energy.sum())
+    result = FitResult(start, lora.error, float(lora.energy.sum()), initial)
     if variant == "exact":
         result.factors = start.to(dtype)
         for t in range(iters):
@@ -481,7 +523,7 @@ def fit_rasa(M: Tensor | Sequence[Tensor], r: int, k: int, iters: int = 20, init
             if progress:
                 progress(t, result.error_curve[-1])
         result.factors, result.gram_fallbacks = descent.factors(), descent.fallbacks
-        result.svd_residual, result.passes = descent.svd_residual, descent.passes
+        result.svd_estimate, result.passes = descent.svd_estimate, descent.passes
     result.final_error = rasa_error(M, result.factors) if iters else result.initial_error
     result.wall_time_s = time.perf_counter() - started
     return result

@@ -1,0 +1,146 @@
+"""`rasa-lora analyze` and `rasa-lora compress`.
+
+    rasa-lora analyze BASE TUNED --out OUT            # dW of a full fine-tune
+    rasa-lora analyze BASE --perturb-seed 0 --out OUT # a seeded stand-in fine-tune of BASE (CPU checks)
+    rasa-lora analyze --adapter DIR --out OUT         # dW of a LoRA or RaSA adapter
+    rasa-lora analyze --synthetic llama3-8b --out OUT # seeded layer-correlated matrices of real shapes
+    rasa-lora compress BASE TUNED --r 8 --rasa-k 1 --out ADAPTER
+
+BASE/TUNED: a checkpoint directory, a hub name, a .gguf file, or "smollm2" (the embedded SmolLM2-135M).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _k_list(text: str) -> list[int] | None:
+    """`all` -> None (0..r); `none` -> []; `0-8` or `0,1,2` -> the list."""
+    text = text.strip().lower()
+    if text == "all":
+        return None
+    if text in ("none", ""):
+        return []
+    values: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        values += list(range(int(low), int(high or low) + 1))
+    return values
+
+
+def _analyze_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rasa-lora analyze", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("base", nargs="?", help="base checkpoint (with TUNED or --perturb-seed)")
+    parser.add_argument("tuned", nargs="?", help="fine-tuned checkpoint of the same architecture")
+    parser.add_argument("--adapter", help="a LoRA or RaSA adapter directory instead of two checkpoints")
+    parser.add_argument("--adapter-base", help="base model of --adapter (default: the adapter config's)")
+    parser.add_argument("--synthetic", help="shape preset of seeded synthetic matrices: llama3-8b, smollm2-135m, tiny")
+    parser.add_argument("--num-layers", type=int, help="layers per group for --synthetic (default: the preset's)")
+    parser.add_argument("--perturb-seed", type=int, help="analyse a seeded synthetic perturbation of BASE")
+    parser.add_argument("--perturb-scale", type=float, default=0.01, help="||dW|| / ||W|| of the perturbation")
+    parser.add_argument("--targets", help="comma-separated module names (e.g. q_proj,v_proj); default all")
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=20, help="coordinate-descent iterations")
+    parser.add_argument("--init", choices=["random", "theorem"], default="random")
+    parser.add_argument("--variant", choices=["fast", "exact"], default="fast")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--k-sweep", default="all", help="k values for Figure 3: all (0..r), none, 0-4, 0,1,8")
+    parser.add_argument("--sweep-iters", type=int, help="iterations per sweep point (default: --iters)")
+    parser.add_argument("--svd-tol", type=float, default=1e-5, help="fast variant's private-step tolerance")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="output directory")
+    return parser
+
+
+def _groups(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """(iterable of groups, number of groups or None, source description)."""
+    from rasa_lora.analysis import sources
+
+    targets = args.targets.split(",") if args.targets else None
+    chosen = [bool(args.adapter), bool(args.synthetic), args.base is not None]
+    if sum(chosen) != 1:
+        parser.error("give exactly one source: BASE TUNED, BASE --perturb-seed N, --adapter DIR or --synthetic NAME")
+    if args.synthetic:
+        layers, shapes = sources.preset_shapes(args.synthetic)
+        layers = args.num_layers or layers
+        return (sources.synthetic_groups(shapes, layers, args.seed), len(shapes),
+                {"synthetic": args.synthetic, "num_layers": layers, "seed": args.seed})
+    if args.adapter:
+        groups = sources.adapter_groups(args.adapter, args.adapter_base)
+        return groups, len(groups), {"adapter": args.adapter}
+    if args.perturb_seed is not None:
+        if args.tuned:
+            parser.error("give TUNED or --perturb-seed, not both")
+        return (sources.perturbation_groups(args.base, args.perturb_seed, args.perturb_scale, targets), None,
+                {"base": args.base, "perturb_seed": args.perturb_seed, "perturb_scale": args.perturb_scale})
+    if args.tuned is None:
+        parser.error("TUNED is missing: give BASE TUNED, or BASE --perturb-seed N")
+    return sources.checkpoint_groups(args.base, args.tuned, targets), None, {"base": args.base, "tuned": args.tuned}
+
+
+def analyze_main(argv: list[str]) -> int:
+    from rasa_lora.analysis.analyze import AnalysisConfig, run_analysis
+
+    parser = _analyze_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = AnalysisConfig(r=args.r, k=args.k, iters=args.iters, init=args.init, variant=args.variant,
+                                dtype=args.dtype, device=args.device, sweep=_k_list(args.k_sweep),
+                                sweep_iters=args.sweep_iters, seed=args.seed, svd_tol=args.svd_tol)
+        groups, count, source = _groups(args, parser)
+        report = run_analysis(groups, config, args.out, source, count)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
+        print(f"rasa-lora analyze: {error}", file=sys.stderr)
+        return 2
+    _print_table(report)
+    print(f"wrote {args.out}/analysis.json, convergence.png, k_sweep.png in {report['wall_time_s']:.1f} s")
+    return 0
+
+
+def _print_table(report: dict) -> None:
+    print(f"{'group':<40} {'layers':>6} {'shape':>12} {'LoRA rel':>9} {'RaSA rel':>9} {'RaSA/LoRA':>9} "
+          f"{'below@':>6} {'best k':>6} {'time s':>7}")
+    for name, g in report["groups"].items():
+        shape = "x".join(str(s) for s in g["shape"])
+        ratio = f"{g['rasa_over_lora']:.4f}" if g["rasa_over_lora"] is not None else "-"
+        print(f"{name:<40} {g['num_layers']:>6} {shape:>12} {g['lora_relative_error']:>9.4f} "
+              f"{g['rasa_relative_error']:>9.4f} {ratio:>9} {str(g['first_iteration_below_lora']):>6} "
+              f"{str(g['best_k']):>6} {g['wall_time_s']:>7.1f}")
+
+
+def compress_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="rasa-lora compress",
+                                     description="Fit a RaSA adapter to a full fine-tune's weight deltas.")
+    parser.add_argument("base", help="base checkpoint (directory, hub name, .gguf, or smollm2)")
+    parser.add_argument("tuned", help="the full fine-tune of BASE")
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--rasa-k", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--init", choices=["theorem", "random"], default="theorem")
+    parser.add_argument("--targets", help="comma-separated module names; default every layer's linear weights")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="adapter directory to write")
+    args = parser.parse_args(argv)
+    import torch
+
+    from rasa_lora.analysis.compress import compress
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    targets = args.targets.split(",") if args.targets else None
+    try:
+        summary = compress(args.base, args.tuned, args.out, args.r, args.rasa_k, args.iters, args.init, targets,
+                           device, seed=args.seed)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
+        print(f"rasa-lora compress: {error}", file=sys.stderr)
+        return 2
+    print(f"{'group':<40} {'LoRA r=' + str(args.r):>12} {'RaSA k=' + str(args.rasa_k):>12}   (relative error)")
+    for name, g in summary["groups"].items():
+        print(f"{name:<40} {g['lora_relative_error']:>12.4f} {g['rasa_relative_error']:>12.4f}")
+    print(f"{'all groups':<40} {summary['lora_relative_error']:>12.4f} {summary['rasa_relative_error']:>12.4f}")
+    print(f"saved the RaSA adapter to {args.out} (load it with PeftModel.from_pretrained after `import rasa_lora`)")
+    return 0

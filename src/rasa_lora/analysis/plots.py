@@ -1,0 +1,72 @@
+"""The two figures of the analysis, drawn from `analysis.json`'s group records (matplotlib, Agg backend).
+
+- `plot_convergence`: the paper's Figure 2, RaSA's relative error per coordinate-descent iteration with LoRA's
+  minimum (eq. 9) as a dashed line, one panel per group.
+- `plot_k_sweep`: the paper's Figure 3, RaSA's final relative error against k (k = 0 is LoRA), one panel per group.
+Errors are shown relative to sum_i ||M_i||^2 so that groups of different scale share one axis style.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def _panels(count: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(4, max(count, 1))
+    rows = math.ceil(max(count, 1) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.9 * rows), squeeze=False)
+    for axis in axes.flat[count:]:
+        axis.set_visible(False)
+    return plt, figure, list(axes.flat)
+
+
+def _short(name: str) -> str:
+    """`model.layers.*.self_attn.q_proj` -> `self_attn.q_proj`."""
+    return name.split("*.", 1)[-1]
+
+
+def plot_convergence(groups: dict[str, dict], path: str | Path) -> Path:
+    """Figure 2: per group, `rasa_error_curve` (relative) against the iteration, and LoRA's minimum."""
+    plt, figure, axes = _panels(len(groups))
+    for axis, (name, record) in zip(axes, groups.items(), strict=False):
+        total = record["total_energy"] or 1.0
+        curve = [record["rasa_initial_error"] / total] + [e / total for e in record["rasa_error_curve"]]
+        axis.plot(range(len(curve)), curve, marker=".", label=f"RaSA (r={record['r']}, k={record['k']})")
+        axis.axhline(record["lora_error"] / total, color="tab:red", linestyle="--", label=f"LoRA min (r={record['r']})")
+        axis.set_title(_short(name), fontsize=9)
+        axis.set_xlabel("iteration")
+        axis.set_ylabel("relative error")
+        low = min(curve[1:] + [record["lora_error"] / total]) if len(curve) > 1 else curve[0]
+        high = max(curve[1:2] + [record["lora_error"] / total])
+        axis.set_ylim(low - 0.1 * (high - low + 1e-12), high + 0.3 * (high - low + 1e-12))
+        axis.legend(fontsize=7)
+    figure.suptitle("Reconstruction error during coordinate descent (paper Fig. 2)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def plot_k_sweep(groups: dict[str, dict], path: str | Path) -> Path:
+    """Figure 3: per group, the final relative error for each k of `k_sweep`, LoRA's minimum dashed."""
+    plt, figure, axes = _panels(len(groups))
+    for axis, (name, record) in zip(axes, groups.items(), strict=False):
+        total = record["total_energy"] or 1.0
+        ks = sorted(int(k) for k in record["k_sweep"])
+        axis.plot(ks, [record["k_sweep"][str(k)] / total for k in ks], marker="o", label="RaSA")
+        axis.axhline(record["lora_error"] / total, color="tab:red", linestyle="--", label="LoRA min")
+        axis.set_title(_short(name), fontsize=9)
+        axis.set_xlabel("k (shared ranks per layer)")
+        axis.set_ylabel("relative error")
+        axis.legend(fontsize=7)
+    figure.suptitle("Final reconstruction error against k (paper Fig. 3)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
