@@ -217,3 +217,20 @@ def test_micro_batches_are_split_evenly_over_processes():
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
         distributed.local_micro_batches(list("abc"), accelerator)
     assert distributed.loss_divisor(10, accelerator) == 5.0
+
+
+def test_one_process_keeps_its_own_stop_signal():
+    accelerator = SimpleNamespace(num_processes=1)
+    assert distributed.agreed_signal(None, accelerator) is None
+    assert distributed.agreed_signal(15, accelerator) == 15
+
+
+def test_processes_stop_on_the_signal_any_of_them_received():
+    """The all-reduce (max) is done by accelerate; here a stand-in combines this process's flag with another's."""
+    def reduce_with(other):
+        return lambda tensor, op: torch.maximum(tensor, torch.tensor([other]))
+
+    accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"), reduce=reduce_with(15))
+    assert distributed.agreed_signal(None, accelerator) == 15
+    accelerator.reduce = reduce_with(0)
+    assert distributed.agreed_signal(None, accelerator) is None

@@ -115,6 +115,10 @@ def test_plain_ddp_with_reentrant_checkpointing_fails_on_the_pool(tmp_path_facto
     assert "marked as ready twice" in message and "rasa_shared" in message
 
 
+def test_a_signal_received_by_one_process_stops_all(tmp_path_factory):
+    assert _results("ddp", tmp_path_factory)["agreed_signal"] == 15  # rank 0's view of rank 1's SIGTERM
+
+
 def test_fsdp2_shards_each_decoder_layer_and_keeps_pools_in_root(tmp_path_factory):
     layout = _results("fsdp2", tmp_path_factory)["layout"]
     units, pools = layout["units"], layout["pools_sharded"]

@@ -92,6 +92,9 @@ def worker(rank: int, world_size: int, port: int, engine: str, out_dir: str) -> 
         accelerator = Accelerator(cpu=True)
         results = {mode: _one_step(accelerator, mode == "reentrant", out) for mode in ("non_reentrant", "reentrant")}
         if engine == "ddp":
+            from rasa_lora.train.distributed import agreed_signal
+
+            results["agreed_signal"] = agreed_signal(15 if rank == 1 else None, accelerator)  # only rank 1 got it
             results["plain_ddp_reentrant_error"] = _ddp_reentrant_without_static_graph(accelerator)
         else:
             results["layout"] = _fsdp2_layout(accelerator)

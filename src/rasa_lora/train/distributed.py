@@ -360,6 +360,19 @@ def loss_divisor(num_items: int | float, accelerator: Any) -> float:
     return float(num_items) / accelerator.num_processes
 
 
+def agreed_signal(signum: int | None, accelerator: Any) -> int | None:
+    """The stop signal any process received (the largest number), so all processes stop after the same step.
+
+    A launcher forwards SIGINT/SIGTERM to each process at slightly different times; if one process stopped a step
+    earlier than another, the next collective (a gradient all-reduce, the checkpoint barrier) would hang.
+    """
+    if accelerator.num_processes <= 1:
+        return signum
+    flag = torch.tensor([signum or 0], device=accelerator.device)
+    agreed = int(accelerator.reduce(flag, "max")[0])
+    return agreed or None
+
+
 # --- saving -------------------------------------------------------------------------------------------------
 def _full(value: torch.Tensor) -> torch.Tensor:
     """A full, detached CPU copy of a possibly sharded tensor (collective for DTensors: call on every rank)."""
