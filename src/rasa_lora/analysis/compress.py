@@ -86,6 +86,7 @@ def _copy(parameter: torch.nn.Parameter, value: torch.Tensor, where: str) -> Non
     parameter.copy_(value.to(parameter))
 
 
+@torch.no_grad()
 def check_adapter(model, fitted: Sequence[FittedGroup], adapter_name: str = "default") -> float:
     """Largest |get_delta_weight - fitted reconstruction|, relative to the largest fitted entry."""
     worst = 0.0

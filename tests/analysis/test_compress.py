@@ -1,0 +1,55 @@
+"""`compress`: the saved RaSA adapter reproduces the fitted factors and loads with PeftModel.from_pretrained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rasa_lora.analysis.compress import compress
+from rasa_lora.analysis.sources import checkpoint_groups
+from rasa_lora.models import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compress")
+    tiny_llama(num_layers=4, seed=0).save_pretrained(root / "base")
+    tuned = tiny_llama(num_layers=4, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in tuned.named_parameters():
+            if parameter.ndim == 2 and ".layers." in name:
+                parameter += 0.05 * torch.randn(parameter.shape, generator=generator)
+    tuned.save_pretrained(root / "tuned")
+    summary = compress(str(root / "base"), str(root / "tuned"), root / "adapter", r=4, k=1, iters=10)
+    return root, summary
+
+
+def test_saved_adapter_reproduces_the_fit(compressed):
+    root, summary = compressed
+    assert summary["adapter_vs_fit_max_relative_difference"] < 1e-5
+
+
+def test_rasa_fit_is_no_worse_than_lora(compressed):
+    _, summary = compressed
+    assert summary["rasa_relative_error"] <= summary["lora_relative_error"] * (1 + 1e-6)
+    for group in summary["groups"].values():
+        assert group["rasa_relative_error"] <= group["lora_relative_error"] * (1 + 1e-6)
+
+
+def test_loaded_adapter_delta_matches_reported_error(compressed):
+    from peft import PeftModel
+
+    import rasa_lora  # noqa: F401
+
+    root, summary = compressed
+    model = PeftModel.from_pretrained(tiny_llama(num_layers=4, seed=0), str(root / "adapter"))
+    groups = {g.name: g for g in checkpoint_groups(root / "base", root / "tuned")}
+    name = "model.layers.*.mlp.gate_proj"
+    error = total = 0.0
+    for i, module in enumerate(groups[name].modules):
+        layer = model.base_model.model.get_submodule(module)
+        delta = layer.get_delta_weight("default").float()
+        error += float((groups[name].deltas[i] - delta).double().square().sum())
+        total += float(groups[name].deltas[i].double().square().sum())
+    assert error / total == pytest.approx(summary["groups"][name]["rasa_relative_error"], rel=1e-4)
