@@ -72,3 +72,25 @@ def test_adapter_for_another_base_is_a_clear_error(tmp_path, shared_data, capsys
                  "--data-dir", str(shared_data), "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "does not fit base model" in err and "--model" in err
+
+
+@pytest.mark.slow
+def test_rasa_adapter_changes_the_scores(tmp_path, shared_data, smollm2):
+    import torch
+    from peft import get_peft_model
+
+    import rasa_lora
+    from rasa_lora.models import load_model
+
+    adapted = get_peft_model(load_model(None), rasa_lora.RasaConfig(r=4, rasa_k=1, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "rasa_B" in name or "shared_B" in name:  # B starts at zero; make the update non-zero
+                parameter.normal_(std=0.05)
+    adapted.save_pretrained(tmp_path / "adapter")
+    common = ["winogrande", "--limit", "2", "--data-dir", str(shared_data)]
+    assert main([*common, "--output-dir", str(tmp_path / "base")]) == 0
+    assert main([*common, "--adapter", str(tmp_path / "adapter"), "--output-dir", str(tmp_path / "rasa")]) == 0
+    base, rasa = ([json.loads(line)["loglikelihoods"] for line in (tmp_path / d / "records.jsonl").open()]
+                  for d in ("base", "rasa"))
+    assert base != rasa and _summary(tmp_path / "rasa")["adapter"] == str(tmp_path / "adapter")

@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 2048 (math) / 512 (code)")
     p.add_argument("--workers", type=int, default=None, help="sandbox / checker processes (default: CPU count)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--completions", default=None,
+                   help="code tasks: score these completions instead of generating (JSONL of task_id, completion; "
+                        "the same number of completions for every task)")
     return p
 
 
@@ -49,11 +53,14 @@ class AdapterMismatchError(ValueError):
     pass
 
 
-def load_model_and_tokenizer(model_name: str | None, adapter: str | None, dtype: str):
-    """Base model (+ adapter). An adapter that does not fit the base raises AdapterMismatchError."""
+def load_model_and_tokenizer(model_name: str | None, adapter: str | None, dtype: str, device: str | None = None):
+    """Base model (+ adapter) on `device`. An adapter that does not fit the base raises AdapterMismatchError."""
+    import torch
+
     from rasa_lora.models import load_model, load_tokenizer
 
-    model = load_model(model_name, dtype=dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(model_name, dtype=dtype).to(device)
     if adapter is None:
         return model.eval(), load_tokenizer(model_name)
     config_file = Path(adapter) / "adapter_config.json"
@@ -123,7 +130,8 @@ def _run(args: argparse.Namespace) -> int:
     records_path = out_dir / "records.jsonl"
     runner = {"math": _run_math, "code": _run_code, "choice": _run_choice}[spec.kind]
     metrics = runner(args, items, records_path)
-    summary = {"task": args.task, "model": args.model or "smollm2 (embedded SmolLM2-135M-Instruct)",
+    model_name = None if args.gold or args.completions else args.model or "smollm2 (embedded SmolLM2-135M-Instruct)"
+    summary = {"task": args.task, "model": model_name, "completions": args.completions,
                "adapter": args.adapter, "gold": args.gold, "limit": args.limit, "items": len(items), **metrics,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "commit": _commit(), "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
@@ -145,6 +153,13 @@ def _chunks(sequence: list, size: int):
 
 
 # --- math -------------------------------------------------------------------------------------------------------------
+def _generator(args):
+    from rasa_lora.evaluation.generation import Generator
+
+    return Generator(lambda: load_model_and_tokenizer(args.model, args.adapter, args.dtype, args.device),
+                     args.model, args.adapter, args.dtype, args.batch_size, args.seed)
+
+
 def _gold_generation(task: str, item: dict) -> str:
     if task == "gsm8k":
         return f"The answer is: {item['answer']}"
@@ -159,9 +174,7 @@ def _run_math(args, items: list[dict], records_path: Path) -> dict:
 
     done = _read_records(records_path)
     todo = [item for item in items if item["id"] not in done]
-    model = tokenizer = None
-    if todo and not args.gold:
-        model, tokenizer = load_model_and_tokenizer(args.model, args.adapter, args.dtype)
+    generator = _generator(args)
     bar = _progress(len(items), len(items) - len(todo), f"{args.task}")
     with ProcessPoolExecutor(max_workers=args.workers or os.cpu_count() or 1) as pool:
         for chunk in _chunks(todo, max(args.batch_size, 1) * 4):
@@ -169,11 +182,8 @@ def _run_math(args, items: list[dict], records_path: Path) -> dict:
             if args.gold:
                 generations = [_gold_generation(args.task, item) for item in chunk]
             else:
-                from rasa_lora.evaluation.generation import generate_transformers
-
-                generations = [g[0] for g in generate_transformers(
-                    model, tokenizer, prompts, args.max_new_tokens or _MAX_NEW_TOKENS["math"],
-                    args.temperature or 0.0, 1, args.batch_size, stop=["### Instruction"], seed=args.seed)]
+                generations = [g[0] for g in generator(prompts, args.max_new_tokens or _MAX_NEW_TOKENS["math"],
+                                                       args.temperature or 0.0, 1, stop=["### Instruction"])]
             answers = [extract_answer(g) for g in generations]
             verdicts = judge_many([(item["answer"], a) for item, a in zip(chunk, answers)], pool=pool)
             _append(records_path, [{"id": item["id"], "prompt": p, "generation": g, "extracted": a,
@@ -213,7 +223,8 @@ def _run_code(args, items: list[dict], records_path: Path) -> dict:
     from rasa_lora.evaluation import code
     from rasa_lora.evaluation.tasks import CODE_STOP, code_prompt
 
-    n = 1 if args.gold else args.n_samples
+    external = _read_completions(Path(args.completions), items) if args.completions else None
+    n = 1 if args.gold else len(next(iter(external.values()))) if external else args.n_samples
     done = _read_records(records_path)
     jobs = [(item, s) for item in items for s in range(n) if f"{item['id']}#{s}" not in done]
     truths = None
@@ -223,15 +234,14 @@ def _run_code(args, items: list[dict], records_path: Path) -> dict:
         bar = _progress(len(items), 0, "canonical timings")
         truths = code.ground_truth(items, cache_dir() / "humanevalplus-truth", args.workers, lambda: bar.update())
         bar.close()
-    model = tokenizer = None
-    if jobs and not args.gold:
-        model, tokenizer = load_model_and_tokenizer(args.model, args.adapter, args.dtype)
+    generator = _generator(args)
     bar = _progress(len(items) * n, len(items) * n - len(jobs), args.task)
     pending_tasks = list(dict.fromkeys(item["id"] for item, _ in jobs))
     by_id = {item["id"]: item for item in items}
     for chunk_ids in _chunks(pending_tasks, max(1, args.batch_size // max(n, 1)) * 4 if n < args.batch_size else 2):
         chunk = [(by_id[i], s) for i in chunk_ids for s in range(n) if f"{i}#{s}" not in done]
-        completions = _completions(args, chunk, model, tokenizer, n, CODE_STOP, code_prompt)
+        completions = ([("", external[item["id"]][s]) for item, s in chunk] if external is not None else
+                       _completions(args, chunk, generator, n, CODE_STOP, code_prompt))
         pairs = [(item, c) for (item, _), (_, c) in zip(chunk, completions)]
         if args.task == "humaneval+":
             verdicts = code.check_plus(pairs, truths, args.workers, lambda: bar.update())
@@ -244,20 +254,35 @@ def _run_code(args, items: list[dict], records_path: Path) -> dict:
     return _code_summary(items, n, _read_records(records_path), args.task)
 
 
-def _completions(args, chunk, model, tokenizer, n, stop, code_prompt) -> list[tuple[str, str]]:
+def _read_completions(path: Path, items: list[dict]) -> dict[str, list[str]]:
+    """Completions by task id from a JSONL file of {"task_id", "completion"}; every task needs the same count."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--completions file {path} does not exist.")
+    by_task: dict[str, list[str]] = {}
+    with path.open() as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                by_task.setdefault(row["task_id"], []).append(row["completion"])
+    counts = {item["id"]: len(by_task.get(item["id"], [])) for item in items}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        uneven = {k: v for k, v in counts.items() if v != max(counts.values())}
+        raise ValueError(f"--completions {path} must give every task the same number (>= 1) of completions; "
+                         f"these differ from {max(counts.values())}: {dict(list(uneven.items())[:5])}.")
+    return {task_id: by_task[task_id] for task_id in counts}
+
+
+def _completions(args, chunk, generator, n, stop, code_prompt) -> list[tuple[str, str]]:
     """(raw generation, completion) per (item, sample) of the chunk."""
     from rasa_lora.evaluation.code import truncate_completion
 
     if args.gold:
         return [("", item["canonical_solution"]) for item, _ in chunk]
-    from rasa_lora.evaluation.generation import generate_transformers
-
     items = list(dict.fromkeys(item["id"] for item, _ in chunk))
     by_id = {item["id"]: item for item, _ in chunk}
     temperature = 0.2 if args.temperature is None else args.temperature
-    generated = generate_transformers(model, tokenizer, [code_prompt(by_id[i]["prompt"]) for i in items],
-                                      args.max_new_tokens or _MAX_NEW_TOKENS["code"], temperature, n,
-                                      args.batch_size, stop=[], seed=args.seed)
+    generated = generator([code_prompt(by_id[i]["prompt"]) for i in items],
+                          args.max_new_tokens or _MAX_NEW_TOKENS["code"], temperature, n)
     samples = {i: g for i, g in zip(items, generated)}
     return [(samples[item["id"]][s], truncate_completion(samples[item["id"]][s], stop)) for item, s in chunk]
 
@@ -286,7 +311,7 @@ def _run_choice(args, items: list[dict], records_path: Path) -> dict:
     todo = [item for item in items if item["id"] not in done]
     model = tokenizer = None
     if todo:
-        model, tokenizer = load_model_and_tokenizer(args.model, args.adapter, args.dtype)
+        model, tokenizer = load_model_and_tokenizer(args.model, args.adapter, args.dtype, args.device)
     bar = _progress(len(items), len(items) - len(todo), args.task)
     for chunk in _chunks(todo, 64):
         pairs = [pair for item in chunk for pair in zip(item["contexts"], item["continuations"])]

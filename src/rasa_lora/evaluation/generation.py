@@ -59,10 +59,42 @@ def generate_transformers(model, tokenizer, prompts: Sequence[str], max_new_toke
     return outputs
 
 
+_VLLM_ENGINES: dict[tuple[str, str, int], object] = {}
+
+
 def generate_vllm(model_path: str, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
                   n: int = 1, stop: Sequence[str] = (), seed: int = 0, dtype: str = "bfloat16") -> list[list[str]]:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_path, dtype=dtype, seed=seed)
+    key = (model_path, dtype, seed)
+    if key not in _VLLM_ENGINES:  # one engine per process and model: starting one takes tens of seconds
+        _VLLM_ENGINES[key] = LLM(model=model_path, dtype=dtype, seed=seed)
+    llm = _VLLM_ENGINES[key]
     params = SamplingParams(n=n, temperature=temperature, top_p=1.0, max_tokens=max_new_tokens, stop=list(stop))
     return [[cut_at_stop(o.text, stop) for o in result.outputs] for result in llm.generate(list(prompts), params)]
+
+
+class Generator:
+    """Generation backend chosen once: vLLM for a merged checkpoint directory (no adapter) when vLLM and CUDA are
+    present, else transformers. The model is loaded on first use, so runs with nothing left to do load nothing."""
+
+    def __init__(self, load: Callable[[], tuple], model_path: str | None, adapter: str | None, dtype: str,
+                 batch_size: int, seed: int = 0):
+        import os
+
+        self.load, self.dtype, self.batch_size, self.seed = load, dtype, batch_size, seed
+        merged_dir = model_path is not None and adapter is None and os.path.isdir(model_path)
+        self.backend = "vllm" if merged_dir and vllm_available() else "transformers"
+        self.model_path = model_path
+        self.loaded = None
+
+    def __call__(self, prompts: Sequence[str], max_new_tokens: int, temperature: float, n: int,
+                 stop: Sequence[str] = ()) -> list[list[str]]:
+        if self.backend == "vllm":
+            return generate_vllm(self.model_path, prompts, max_new_tokens, temperature, n, stop, self.seed,
+                                 "bfloat16" if self.dtype == "float32" else self.dtype)
+        if self.loaded is None:
+            self.loaded = self.load()
+        model, tokenizer = self.loaded
+        return generate_transformers(model, tokenizer, prompts, max_new_tokens, temperature, n, self.batch_size,
+                                     stop, self.seed)
