@@ -168,6 +168,11 @@ def solve_psd(gram: Tensor, rhs: Tensor) -> tuple[Tensor, bool]:
     return vectors @ (inverse_values[:, None] * (vectors.T @ rhs)), True
 
 
+def energy_per_layer(M: Tensor) -> Tensor:
+    """||M_i||_F^2 for every layer, in float64, one layer at a time (no float64 copy of the whole stack)."""
+    return torch.stack([torch.linalg.vector_norm(m, dtype=torch.float64).square() for m in M])
+
+
 def _orth(Y: Tensor) -> Tensor:
     """Orthonormal basis of the columns of each Y[l] (L, n, w), through the eigen-decomposition of the small
     Gram matrix, in float64 and twice over (a CholeskyQR2-like scheme).
@@ -250,7 +255,7 @@ def lora_solution(M: Tensor, r: int, variant: str = "exact", tol: float = 1e-5, 
     """
     _check_variant(variant)
     M = check_group(M, r, 0)
-    energy = M.double().square().sum((1, 2))
+    energy = energy_per_layer(M)
     if variant == "exact":
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
         return LoraSolution(U[..., :r], S[..., :r], Vh[..., :r, :].mT, energy)
@@ -388,7 +393,7 @@ class _FastDescent:
                  oversample: int, power_iters: int, svd_tol: float, gen: torch.Generator) -> None:
         self.M, self.p, self.gen = M, r_private, gen
         self.oversample, self.power_iters, self.svd_tol = oversample, power_iters, svd_tol
-        self.energy = M.double().square().sum((1, 2))
+        self.energy = energy_per_layer(M)
         self.B, self.A, self.D = start.shared_B.clone(), start.shared_A.clone(), start.shared_D.clone()
         # the private part as triplets; a zero private part (random start) keeps LoRA's vectors as warm start
         self.U, self.V = warm.U[..., :r_private].clone(), warm.V[..., :r_private].clone()
