@@ -2,8 +2,9 @@
 
 Each job sets the environment `accelerate launch` would set for its engine, builds an `Accelerator(cpu=True)` and,
 for non-reentrant then reentrant checkpointing: prepares the model with `prepare_training`, runs forward/backward
-on this rank's half of the global batch, records the full gradients, takes one SGD step, records the full
-parameters and saves the adapter with `save_adapter`. Rank 0 writes everything to `out_dir/results.pt`.
+on this rank's half of the global batch (two micro-batches, gradients synchronised at the second only, as the
+trainer does), records the full gradients, takes one SGD step, records the full parameters and saves the adapter
+with `save_adapter`. Rank 0 writes everything to `out_dir/results.pt`.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ def _one_step(accelerator, use_reentrant: bool, out_dir: Path) -> dict:
     model = build_model(use_reentrant)
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
     model, optimizer, _ = distributed.prepare_training(accelerator, model, optimizer, None, use_reentrant)
-    batch = distributed.local_micro_batches(list(global_batch()), accelerator)
-    input_ids = torch.stack(batch)
-    loss = model(input_ids=input_ids, labels=input_ids).loss
-    accelerator.backward(loss)
+    rows = distributed.local_micro_batches(list(global_batch()), accelerator)
+    for index, row in enumerate(rows):  # one row per micro-batch: accumulation as in the trainer
+        with distributed.micro_batch_sync(accelerator, model, last=index == len(rows) - 1):
+            input_ids = row[None]
+            accelerator.backward(model(input_ids=input_ids, labels=input_ids).loss / len(rows))
     unwrapped = accelerator.unwrap_model(model)
     trainable = [(name, param) for name, param in unwrapped.named_parameters() if param.requires_grad]
     grads = {name: distributed._full(param.grad) for name, param in trainable}
