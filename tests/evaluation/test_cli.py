@@ -94,3 +94,37 @@ def test_rasa_adapter_changes_the_scores(tmp_path, shared_data, smollm2):
     base, rasa = ([json.loads(line)["loglikelihoods"] for line in (tmp_path / d / "records.jsonl").open()]
                   for d in ("base", "rasa"))
     assert base != rasa and _summary(tmp_path / "rasa")["adapter"] == str(tmp_path / "adapter")
+
+
+def test_math_completions_file_is_scored(tmp_path, shared_data):
+    from rasa_lora.evaluation.tasks import load_task
+
+    items = load_task("math500", shared_data, limit=3)
+    lines = [{"id": items[0]["id"], "generation": "The answer is: 7"}] + [
+        {"id": item["id"], "generation": item["solution"]} for item in items[1:]]
+    path = tmp_path / "generations.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = ["math500", "--limit", "3", "--completions", str(path), "--data-dir", str(shared_data)]
+    assert main([*args, "--output-dir", str(tmp_path / "out")]) == 0
+    assert _summary(tmp_path / "out")["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_code_completions_returning_none_score_zero(tmp_path, shared_data):
+    from rasa_lora.evaluation.tasks import load_task
+
+    tasks = load_task("humaneval+", shared_data, limit=2)
+    path = tmp_path / "completions.jsonl"
+    path.write_text("".join(json.dumps({"task_id": t["id"], "completion": "    return None\n"}) + "\n"
+                            for t in tasks for _ in range(2)))
+    args = ["humaneval+", "--limit", "2", "--completions", str(path), "--data-dir", str(shared_data)]
+    assert main([*args, "--output-dir", str(tmp_path / "out")]) == 0
+    summary = _summary(tmp_path / "out")
+    assert summary["n_samples"] == 2 and summary["pass@1"] == 0.0 and summary["base_pass@1"] == 0.0
+
+
+def test_uneven_completions_are_a_clear_error(tmp_path, shared_data, capsys):
+    path = tmp_path / "completions.jsonl"
+    path.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    return 1\n"}) + "\n")
+    assert main(["humaneval+", "--limit", "2", "--completions", str(path), "--data-dir", str(shared_data),
+                 "--output-dir", str(tmp_path / "out")]) == 2
+    assert "same number" in capsys.readouterr().err

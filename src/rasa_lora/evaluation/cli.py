@@ -44,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--completions", default=None,
-                   help="code tasks: score these completions instead of generating (JSONL of task_id, completion; "
-                        "the same number of completions for every task)")
+                   help="score outputs made elsewhere instead of generating: code, a JSONL of {task_id, completion} "
+                        "(the same number per task); math, a JSONL of {id, generation}")
     return p
 
 
@@ -174,6 +174,7 @@ def _run_math(args, items: list[dict], records_path: Path) -> dict:
 
     done = _read_records(records_path)
     todo = [item for item in items if item["id"] not in done]
+    external = _read_generations(Path(args.completions), todo) if args.completions else None
     generator = _generator(args)
     bar = _progress(len(items), len(items) - len(todo), f"{args.task}")
     with ProcessPoolExecutor(max_workers=args.workers or os.cpu_count() or 1) as pool:
@@ -181,6 +182,8 @@ def _run_math(args, items: list[dict], records_path: Path) -> dict:
             prompts = [math_prompt(item["question"]) for item in chunk]
             if args.gold:
                 generations = [_gold_generation(args.task, item) for item in chunk]
+            elif external is not None:
+                generations = [external[item["id"]] for item in chunk]
             else:
                 generations = [g[0] for g in generator(prompts, args.max_new_tokens or _MAX_NEW_TOKENS["math"],
                                                        args.temperature or 0.0, 1, stop=["### Instruction"])]
@@ -192,6 +195,19 @@ def _run_math(args, items: list[dict], records_path: Path) -> dict:
             bar.update(len(chunk))
     bar.close()
     return _math_summary(args, items, _read_records(records_path), records_path.parent)
+
+
+def _read_generations(path: Path, items: list[dict]) -> dict[str, str]:
+    """Math generations by item id from a JSONL of {"id", "generation"}; every item must have one."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--completions file {path} does not exist.")
+    with path.open() as f:
+        by_id = {row["id"]: row["generation"] for row in map(json.loads, filter(str.strip, f))}
+    missing = [item["id"] for item in items if item["id"] not in by_id]
+    if missing:
+        raise ValueError(f"--completions {path} has no generation for {len(missing)} items, e.g. {missing[:3]}; "
+                         "give one {\"id\", \"generation\"} line per item (or use --limit).")
+    return by_id
 
 
 def _math_summary(args, items: list[dict], records: dict[str, dict], out_dir: Path) -> dict:
