@@ -124,6 +124,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--gold applies to math and code tasks, not to {args.task!r} (it has no generations).")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit={args.limit} must be at least 1.")
+    commit = _commit()  # at the start: the code that ran, even if the tree moves on during a long run
     items = load_task(args.task, args.data_dir, args.limit)
     out_dir = Path(args.output_dir or Path("runs") / "eval" / args.task)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = {"task": args.task, "model": model_name, "completions": args.completions,
                "adapter": args.adapter, "gold": args.gold, "limit": args.limit, "items": len(items), **metrics,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "commit": _commit(), "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
+               "commit": commit, "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
                "command": "rasa-lora eval " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else [])}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "disagreements"}, indent=2))
