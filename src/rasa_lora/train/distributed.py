@@ -422,13 +422,22 @@ def _gather_zero3(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
 
 
 def _adapter_entries(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The model-state-dict entries (parameters kept as they are, sharded or not) PEFT saves for the adapter."""
+    """The model-state-dict entries (parameters kept as they are, sharded or not) PEFT saves for the adapter.
+
+    Entries are matched to PEFT's selection by identity, or by key where a method replaces the tensors while
+    selecting (AdaLoRA cuts them to its rank pattern; saving from these entries cuts them again, as one process).
+    """
     from peft import get_peft_model_state_dict
 
     local = model.state_dict(keep_vars=True)
     selected = get_peft_model_state_dict(model, state_dict=local, adapter_name=adapter_name)
     chosen = {id(value) for value in selected.values()}
-    return {key: value for key, value in local.items() if id(value) in chosen}
+    rename = getattr(type(getattr(model, "base_model", model)), "_remove_adapter_name_from_key", None)
+
+    def kept(key: str, value: torch.Tensor) -> bool:
+        return id(value) in chosen or (rename is not None and rename(key, adapter_name) in selected)
+
+    return {key: value for key, value in local.items() if kept(key, value)}
 
 
 def gather_adapter_entries(model: nn.Module, accelerator: Any = None, adapter_name: str = "default"

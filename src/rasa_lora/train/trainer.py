@@ -25,6 +25,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,6 +331,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     run.model = build_model(config, run.total_steps, run.device)
     run.optimizer = build_optimizer(run.model, config)
     run.scheduler = build_scheduler(run.optimizer, run.total_steps, config)
+    if run.device.type == "cpu" and config.global_batch_size >= 64:
+        print(f"note: global_batch_size={config.global_batch_size} (the paper's recipe) means that many "
+              "forward/backward passes per step on this CPU; --global-batch-size 8 is quicker for a trial",
+              file=sys.stderr)
     out, created = Path(config.output_dir), not Path(config.output_dir).exists() or config.overwrite
     start_or_resume(run)
     try:
