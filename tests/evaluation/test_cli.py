@@ -75,7 +75,7 @@ def test_adapter_for_another_base_is_a_clear_error(tmp_path, shared_data, capsys
 
 
 @pytest.mark.slow
-def test_rasa_adapter_changes_the_scores(tmp_path, shared_data, smollm2):
+def test_rasa_adapter_changes_the_scores(tmp_path, shared_data):
     import torch
     from peft import get_peft_model
 
