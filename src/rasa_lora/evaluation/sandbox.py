@@ -282,11 +282,13 @@ def run_program(source: str, limits: SandboxLimits | None = None, drop_privilege
                 proc.communicate(source.encode("utf-8"), timeout=limits.wall_time_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                _kill_group(proc.pid)
-                proc.wait()
-            except BrokenPipeError:  # the program died before reading all of its source
-                proc.wait(timeout=limits.wall_time_s)
-            _kill_group(proc.pid)  # stragglers that stayed in the group after the leader exited
+            except BrokenPipeError:  # the interpreter died before reading all of its source
+                try:
+                    proc.wait(timeout=max(0.0, limits.wall_time_s - (time.monotonic() - start)))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+            _kill_group(proc.pid)  # on time-out, and stragglers that stayed in the group after the leader exited
+            proc.wait()
         wall = time.monotonic() - start
         with os.fdopen(status_r, "rb") as status:
             raw = status.read()
