@@ -140,12 +140,18 @@ def check_supported(engine: Engine, config: Any) -> None:
 
     Training checkpoints (`save_steps`, `resume`) store each trainable tensor and the optimizer state as one
     process holds them; under FSDP and DeepSpeed those are sharded, so only one process and DDP may use them.
+    OLoRA and PiSSA convert their adapter against the whole model at saving time: one process and DDP only.
     """
     sharded = engine in (Engine.FSDP1, Engine.FSDP2, Engine.ZERO2, Engine.ZERO3)
     if sharded and (getattr(config, "resume", False) or getattr(config, "save_steps", 0)):
         raise NotImplementedError(
             f"save_steps/resume are not supported with {engine.value} yet (checkpoints hold unsharded tensors); "
             "train with save_steps 0, or use configs/distributed/ddp.yaml to checkpoint and resume."
+        )
+    if sharded and getattr(config, "method", None) in ("olora", "pissa"):
+        raise NotImplementedError(
+            f"method={config.method} is not supported with {engine.value} yet (converting its adapter needs the "
+            "whole model in one process); use configs/distributed/ddp.yaml."
         )
 
 
@@ -469,10 +475,23 @@ def gather_adapter_state(model: nn.Module, accelerator: Any = None, adapter_name
 
 def save_adapter(model: nn.Module, accelerator: Any, output_dir: str | Path, adapter_name: str = "default",
                  **save_kwargs: Any) -> Path:
-    """Save the adapter as one process would (`save_pretrained`); call on every rank, the main process writes."""
-    entries = gather_adapter_entries(model, accelerator, adapter_name)
+    """Save the adapter as one process would (`save_pretrained`); call on every rank, the main process writes.
+
+    Where every process holds whole parameters (one process, DDP) the main process saves directly; otherwise the
+    adapter is gathered first and saved from the gathered tensors. OLoRA/PiSSA's conversion
+    (`path_initial_model_for_weight_conversion`) needs the whole model state and is refused when sharded.
+    """
+    engine = detect_engine(accelerator)
+    unwrapped = _unwrap(model, accelerator)
     save_kwargs.setdefault("selected_adapters", [adapter_name])
-    if accelerator.is_main_process:
-        _unwrap(model, accelerator).save_pretrained(str(output_dir), state_dict=entries, **save_kwargs)
+    if engine in (Engine.SINGLE, Engine.DDP):
+        if accelerator.is_main_process:
+            unwrapped.save_pretrained(str(output_dir), **save_kwargs)
+    else:
+        if "path_initial_model_for_weight_conversion" in save_kwargs:
+            raise NotImplementedError(f"converting an OLoRA/PiSSA adapter is not supported with {engine.value}")
+        entries = gather_adapter_entries(model, accelerator, adapter_name)
+        if accelerator.is_main_process:
+            unwrapped.save_pretrained(str(output_dir), state_dict=entries, **save_kwargs)
     accelerator.wait_for_everyone()
     return Path(output_dir)
