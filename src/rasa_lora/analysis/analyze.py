@@ -34,7 +34,7 @@ class AnalysisConfig:
     sweep: Sequence[int] | None = None  # k values; None = 0..r; [] = no sweep
     sweep_iters: int | None = None  # default: iters
     seed: int = 0
-    svd_tol: float = 1e-5
+    svd_tol: float = 3e-5
 
     def __post_init__(self) -> None:
         if not 0 <= self.k <= self.r:

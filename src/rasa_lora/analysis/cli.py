@@ -50,7 +50,7 @@ def _analyze_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     parser.add_argument("--k-sweep", default="all", help="k values for Figure 3: all (0..r), none, 0-4, 0,1,8")
     parser.add_argument("--sweep-iters", type=int, help="iterations per sweep point (default: --iters)")
-    parser.add_argument("--svd-tol", type=float, default=1e-5, help="fast variant's private-step tolerance")
+    parser.add_argument("--svd-tol", type=float, default=3e-5, help="fast variant's private-step tolerance")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output directory")
     return parser
