@@ -125,8 +125,11 @@ if iso["mode"] == "root":
 else:
     got = try_unshare(base | NEWUSER) and base
     if got:
-        write("/proc/self/setgroups", "deny")
-        write("/proc/self/uid_map", f"0 {uid} 1"); write("/proc/self/gid_map", f"0 {gid} 1")
+        try:  # AppArmor-restricted kernels allow the namespace but may refuse the mapping
+            write("/proc/self/setgroups", "deny")
+            write("/proc/self/uid_map", f"0 {uid} 1"); write("/proc/self/gid_map", f"0 {gid} 1")
+        except OSError:
+            pass
 if not got:
     got = NEWNET if try_unshare(NEWNET | (0 if iso["mode"] == "root" else NEWUSER)) else 0
 iso["network"] = bool(got & NEWNET)
@@ -137,18 +140,20 @@ def mount(src, target, fstype, flags, data):
     return libc.mount(args[0], args[1], args[2], ctypes.c_ulong(flags), options) == 0
 
 def isolate_filesystem():
+    """Private size-capped tmpfs on the world-writable places first, then every other mount read-only."""
     MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
     if not mount(None, "/", None, MS_REC | MS_PRIVATE, None):
         return False
+    opts = f"size={cfg['tmpfs_bytes']},mode=1777"
+    private = [p for p in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock") if os.path.isdir(p)]
+    for point in private:
+        if not mount("tmpfs", point, "tmpfs", MS_NOSUID | MS_NODEV, opts):
+            return False
     with open("/proc/self/mountinfo") as f:
         points = [line.split()[4] for line in f]
     for point in points:
-        if not point.startswith(("/proc", "/sys", "/dev")):
+        if point not in private and not point.startswith(("/proc", "/sys", "/dev")):
             mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
-    opts = f"size={cfg['tmpfs_bytes']},mode=1777"
-    for point in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock"):
-        if os.path.isdir(point) and not mount("tmpfs", point, "tmpfs", MS_NOSUID | MS_NODEV, opts):
-            return False
     return True
 
 def fork_and_relay(fate_w=None):
