@@ -108,3 +108,18 @@ def test_synthetic_groups_are_seeded_and_high_rank():
     other = next(synthetic_groups(shapes, 4, seed=4)).deltas
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert int(torch.linalg.matrix_rank(first[0])) == 20
+
+
+def test_rasa_adapter_deltas_equal_get_delta_weight(tmp_path):
+    from peft import get_peft_model
+
+    from rasa_lora import RasaConfig
+
+    model = get_peft_model(tiny_llama(num_layers=3, seed=2),
+                           RasaConfig(r=4, rasa_k=1, target_modules=["v_proj"], init_weights=False))
+    model.save_pretrained(tmp_path / "rasa")
+    tiny_llama(num_layers=3, seed=2).save_pretrained(tmp_path / "base")
+    (group,) = adapter_groups(tmp_path / "rasa", tmp_path / "base")
+    assert group.name == "model.layers.*.self_attn.v_proj" and group.deltas.shape[0] == 3
+    expected = model.base_model.model.model.layers[0].self_attn.v_proj.get_delta_weight("default")
+    assert torch.allclose(group.deltas[0], expected.detach(), atol=1e-6)
