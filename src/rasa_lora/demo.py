@@ -26,7 +26,7 @@ from typing import Any
 
 DEMO_RECIPE: dict[str, Any] = {
     "method": "rasa", "r": 8, "alpha": 32, "dropout": 0.05, "learning_rate": 5e-4,
-    "global_batch_size": 8, "micro_batch_size": 8, "max_steps": 30, "num_examples": 240,
+    "global_batch_size": 8, "micro_batch_size": 8, "max_steps": 20, "num_examples": 160,
     "arithmetic_steps": 2, "arithmetic_max_value": 20, "gradient_checkpointing": False, "seed": 42,
 }
 EVAL_SEED = 12345

@@ -149,3 +149,13 @@ def test_sigterm_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny_model
     losses = [[json.loads(row)["loss"] for row in (path / "metrics.jsonl").read_text().splitlines()]
               for path in (interrupted, straight)]
     assert losses[0] == losses[1] and len(losses[0]) == 12
+
+
+def test_resume_refuses_a_changed_recipe_and_a_missing_checkpoint(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    values = tiny_overrides(tiny_model_dir, out, max_steps=2, save_steps=1)
+    assert train_main(_args(values)) == 0
+    assert train_main([*_args({**values, "learning_rate": 1e-3}), "--resume"]) == 2
+    assert "learning_rate: saved 0.0005, now 0.001" in capsys.readouterr().err
+    assert train_main([*_args({**values, "output_dir": tmp_path / "empty"}), "--resume"]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
