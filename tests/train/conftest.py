@@ -28,6 +28,17 @@ def build_tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads; on a busy 2-core machine spin-waiting OpenMP threads cost 3-5x."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A directory holding `tiny_llama()` (vocab resized to the tokenizer) and the tiny tokenizer."""

@@ -11,7 +11,9 @@ import yaml
 from rasa_lora.train.config import load_config
 from rasa_lora.train.trainer import train
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+# Training recipes open with the `rasa-lora train` command; configs/distributed/ holds accelerate launcher files.
+CONFIGS = sorted(path for path in CONFIGS_DIR.rglob("*.yaml") if path.read_text().startswith("# rasa-lora train "))
 ROWS = {
     "metamathqa": {"query": "What is 2 + 3?", "response": "2 + 3 = 5.\nThe answer is: 5"},
     "magicoder": {"instruction": "Write a function f returning 1.", "response": "def f():\n    return 1"},
@@ -20,6 +22,11 @@ ROWS = {
     "alpaca": {"instruction": "Say hi.", "input": "", "output": "hi"},
     "completion": {"prompt": "Say hi: ", "completion": "hi"},
 }
+
+
+def test_every_yaml_outside_distributed_is_a_recipe():
+    others = [path for path in CONFIGS_DIR.rglob("*.yaml") if path not in CONFIGS]
+    assert [path for path in others if path.parent.name != "distributed"] == []
 
 
 def test_there_are_paper_configs_for_both_models_and_tasks():
@@ -32,8 +39,7 @@ def test_there_are_paper_configs_for_both_models_and_tasks():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.stem)
 def test_config_opens_with_its_command_and_dry_runs_one_step(path, tiny_model_dir, tmp_path):
-    configs_dir = Path(__file__).resolve().parents[2] / "configs"
-    assert path.read_text().splitlines()[0] == f"# rasa-lora train configs/{path.relative_to(configs_dir).as_posix()}"
+    assert path.read_text().splitlines()[0] == f"# rasa-lora train configs/{path.relative_to(CONFIGS_DIR).as_posix()}"
     recipe = yaml.safe_load(path.read_text())
     overrides = {"base_model": str(tiny_model_dir), "output_dir": str(tmp_path / "run"), "max_steps": 1,
                  "progress_bar": False}
