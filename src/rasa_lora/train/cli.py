@@ -55,6 +55,8 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, ModuleNotFoundError) as error:
         print(f"rasa-lora train: error: {error}", file=sys.stderr)
         return 2
+    if not summary:  # a process other than the main one of a multi-process run: it wrote nothing
+        return 0
     out = Path(config.output_dir)
     print(json.dumps(summary, indent=2))
     print(f"adapter: {out}  metrics: {out / 'metrics.jsonl'}  loss plot: {out / 'loss.png'}")

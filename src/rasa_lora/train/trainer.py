@@ -14,8 +14,11 @@ Choices:
 - SIGINT/SIGTERM set a flag; the loop finishes the current step, writes a checkpoint and exits with 130/143.
   `resume: true` restores the newest checkpoint; on the CPU with a fixed seed the result is bitwise identical to
   an uninterrupted run (tested).
-Limits: single process (a teammate adds DDP/FSDP2/DeepSpeed through accelerate); AdaLoRA's regulariser is added
-per micro-batch, so its reported loss includes it once per micro-batch.
+- Many processes: `accelerate launch --config_file configs/distributed/<ddp|fsdp2|zero2|zero3>.yaml -m rasa_lora.cli
+  train ...`; each process takes its share of a step's micro-batches, and `train/distributed.py` does what each
+  engine needs (docs/distributed.md). The main process writes the directory, metrics, checkpoints and adapter.
+Limits: checkpoints and resume in one process or under DDP only; AdaLoRA's regulariser is added per micro-batch,
+so its reported loss includes it once per micro-batch.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 
 import torch
 
-from rasa_lora.train import checkpoint, data, methods, optim
+from rasa_lora.train import checkpoint, data, distributed, methods, optim
 from rasa_lora.train.config import OPERATIONAL_KEYS, TrainConfig
 
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -69,6 +72,7 @@ class Run:
     optimizer: Any = None
     scheduler: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    accelerator: Any = None  # accelerate.Accelerator (one process or many; see train/distributed.py)
     state: LoopState = field(default_factory=LoopState)
     epoch_plan: tuple[int, list[list[list[int]]]] = (-1, [])
 
@@ -135,7 +139,8 @@ def prepare_run(config: TrainConfig) -> Run:
                steps_per_epoch=steps_per_epoch)
 
 
-def build_model(config: TrainConfig, total_steps: int, device: torch.device) -> torch.nn.Module:
+def build_model(config: TrainConfig, total_steps: int, device: torch.device,
+                use_reentrant: bool | None = None) -> torch.nn.Module:
     """Base model + the method's adapter (or all weights trainable), moved to `device`."""
     from rasa_lora.models import load_model
 
@@ -145,7 +150,7 @@ def build_model(config: TrainConfig, total_steps: int, device: torch.device) -> 
     model = load_model(config.base_model, dtype=dtype)
     model = methods.apply_method(model, config, total_steps)
     if config.gradient_checkpointing:
-        methods.enable_gradient_checkpointing(model, config.use_reentrant)
+        methods.enable_gradient_checkpointing(model, config.use_reentrant if use_reentrant is None else use_reentrant)
     return model.to(device).train()
 
 
@@ -173,22 +178,27 @@ def train_step(run: Run, step: int, autocast: bool) -> tuple[float, int]:
     """Forward/backward over the step's micro-batches, one optimizer step; returns (mean token loss, tokens)."""
     micro_batches = step_micro_batches(run, step)
     num_items = sum(int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for batch in micro_batches)
+    accelerator = run.accelerator
+    divisor = distributed.loss_divisor(num_items, accelerator)  # = num_items in one process
+    local = distributed.local_micro_batches(micro_batches, accelerator)
     total_loss, tokens = 0.0, 0
-    for batch in micro_batches:
+    for index, batch in enumerate(local):
         batch = {key: value.to(run.device) for key, value in batch.items()}
         context = torch.autocast(run.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-        with context:
-            loss = run.model(**batch, num_items_in_batch=num_items).loss
-        loss.backward()
+        with distributed.micro_batch_sync(accelerator, run.model, last=index == len(local) - 1):
+            with context:
+                loss = run.model(**batch, num_items_in_batch=divisor).loss
+            accelerator.backward(loss)
         total_loss += loss.item()
         tokens += int(batch["attention_mask"].sum())
     if run.config.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.max_grad_norm)
+        accelerator.clip_grad_norm_(run.model.parameters(), run.config.max_grad_norm)
     run.optimizer.step()
     run.scheduler.step()
-    methods.after_optimizer_step(run.model, run.config, step + 1)
+    methods.after_optimizer_step(accelerator.unwrap_model(run.model), run.config, step + 1)
     run.optimizer.zero_grad(set_to_none=True)
-    return total_loss, tokens
+    totals = accelerator.reduce(torch.tensor([total_loss, tokens], dtype=torch.float64, device=run.device), "sum")
+    return float(totals[0]) / accelerator.num_processes, int(totals[1])
 
 
 class _StopFlag:
@@ -221,8 +231,16 @@ def _log_row(run: Run, step: int, loss: float, tokens_per_s: float) -> dict[str,
 def _save(run: Run) -> Path:
     from dataclasses import asdict
 
-    return checkpoint.save_checkpoint(run.config.output_dir, run.state.step, run.model, run.optimizer,
-                                      run.scheduler, asdict(run.state), run.config.save_total_limit)
+    path = Path(run.config.output_dir) / checkpoint.CHECKPOINTS / f"step-{run.state.step:06d}"
+    if run.accelerator.is_main_process:
+        path = checkpoint.save_checkpoint(run.config.output_dir, run.state.step,
+                                          run.accelerator.unwrap_model(run.model), run.optimizer,
+                                          run.scheduler, asdict(run.state), run.config.save_total_limit)
+    run.accelerator.wait_for_everyone()
+    if not run.accelerator.is_main_process:  # each process's own RNG (dropout masks), for an exact resume
+        torch.save(checkpoint.rng_states(), path / f"rng-rank{run.accelerator.process_index}.pt")
+    run.accelerator.wait_for_everyone()
+    return path
 
 
 def training_loop(run: Run, metrics_path: Path) -> None:
@@ -231,7 +249,7 @@ def training_loop(run: Run, metrics_path: Path) -> None:
 
     config, autocast = run.config, use_bf16(run.config, run.device)
     bar = tqdm(total=run.total_steps, initial=run.state.step, desc=f"train {config.method}",
-               disable=not config.progress_bar, dynamic_ncols=True)
+               disable=not (config.progress_bar and run.accelerator.is_main_process), dynamic_ncols=True)
     with _StopFlag() as stop, bar, metrics_path.open("a") as metrics:
         while run.state.step < run.total_steps:
             started = time.perf_counter()
@@ -241,15 +259,17 @@ def training_loop(run: Run, metrics_path: Path) -> None:
             state.step, state.tokens, state.elapsed_s = state.step + 1, state.tokens + tokens, state.elapsed_s + seconds
             state.last_loss, state.best_loss = loss, min(state.best_loss, loss)
             row = _log_row(run, state.step, loss, tokens / max(seconds, 1e-9))
-            if state.step % config.logging_steps == 0 or state.step == run.total_steps:
+            if run.accelerator.is_main_process and (state.step % config.logging_steps == 0
+                                                    or state.step == run.total_steps):
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             if config.save_steps and state.step % config.save_steps == 0 and state.step < run.total_steps:
                 _save(run)
-            if stop.signum is not None:
-                raise TrainingInterrupted(stop.signum, state.step, _save(run))
+            signum = distributed.agreed_signal(stop.signum, run.accelerator)  # all processes stop together
+            if signum is not None:
+                raise TrainingInterrupted(signum, state.step, _save(run))
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -280,12 +300,18 @@ def save_final(run: Run) -> None:
     """The adapter in PEFT format (the full model for fft) and the tokenizer, into output_dir."""
     out = Path(run.config.output_dir)
     initial = out / "initial_adapter"
-    if methods.initial_adapter_needed(run.config.method):
+    accelerator = run.accelerator
+    if run.config.method == "fft":
+        state = accelerator.get_state_dict(run.model)
+        accelerator.unwrap_model(run.model).save_pretrained(out, state_dict=state,
+                                                           is_main_process=accelerator.is_main_process)
+    elif methods.initial_adapter_needed(run.config.method):
         # Converts the OLoRA/PiSSA adapter into a LoRA one that applies to the original base weights.
-        run.model.save_pretrained(out, path_initial_model_for_weight_conversion=str(initial))
+        distributed.save_adapter(run.model, accelerator, out, path_initial_model_for_weight_conversion=str(initial))
     else:
-        run.model.save_pretrained(out)
-    run.tokenizer.save_pretrained(out)
+        distributed.save_adapter(run.model, accelerator, out)
+    if accelerator.is_main_process:
+        run.tokenizer.save_pretrained(out)
 
 
 def write_summary(run: Run, trainable: int, total: int, wall_s: float) -> dict[str, Any]:
@@ -312,23 +338,33 @@ def start_or_resume(run: Run) -> None:
         check_resume_config(run.config)
         newest = checkpoint.checkpoint_dirs(out)[-1]
         run.state = LoopState(**checkpoint.load_checkpoint(newest, run.model, run.optimizer, run.scheduler))
+        own_rng = newest / f"rng-rank{run.accelerator.process_index}.pt"
+        if own_rng.is_file():
+            checkpoint.restore_rng_states(torch.load(own_rng, weights_only=False))
         _truncate_metrics(out / "metrics.jsonl", run.state.step)
         return
-    if run.config.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(run.config.to_dict(), indent=2) + "\n")
-    if methods.initial_adapter_needed(run.config.method):
-        run.model.save_pretrained(out / "initial_adapter")
+    if run.accelerator.is_main_process:
+        if run.config.overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(run.config.to_dict(), indent=2) + "\n")
+        if methods.initial_adapter_needed(run.config.method):
+            run.model.save_pretrained(out / "initial_adapter")
+    run.accelerator.wait_for_everyone()
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run the recipe end to end; returns the summary. Raises TrainingInterrupted after a signal's checkpoint."""
     wall_start = time.perf_counter()
+    accelerator = distributed.make_accelerator()
     check_output_dir(config)
+    accelerator.wait_for_everyone()  # every process checked before the main one creates the directory
+    engine = distributed.detect_engine(accelerator)
+    use_reentrant = distributed.checkpointing_kwargs(engine, config.use_reentrant)["use_reentrant"]
+    distributed.check_supported(engine, config)
     run = prepare_run(config)
-    run.device = pick_device()
-    run.model = build_model(config, run.total_steps, run.device)
+    run.accelerator, run.device = accelerator, accelerator.device
+    run.model = build_model(config, run.total_steps, run.device, use_reentrant)
     run.optimizer = build_optimizer(run.model, config)
     run.scheduler = build_scheduler(run.optimizer, run.total_steps, config)
     if run.device.type == "cpu" and config.global_batch_size >= 64:
@@ -337,6 +373,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
               file=sys.stderr)
     out, created = Path(config.output_dir), not Path(config.output_dir).exists() or config.overwrite
     start_or_resume(run)
+    run.model, run.optimizer, run.scheduler = distributed.prepare_training(
+        accelerator, run.model, run.optimizer, run.scheduler, use_reentrant, config.micro_batch_size)
     try:
         training_loop(run, out / "metrics.jsonl")
     except TrainingInterrupted:
@@ -346,7 +384,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
             shutil.rmtree(out, ignore_errors=True)  # nothing resumable: leave no partial run behind
         raise
     save_final(run)
+    trainable, total = methods.count_parameters(run.model)
+    if not accelerator.is_main_process:
+        return {}
     title = f"{config.method} r={config.r} on {config.dataset or 'arithmetic'}"
     plot_loss(out / "metrics.jsonl", out / "loss.png", title)
-    trainable, total = methods.count_parameters(run.model)
     return write_summary(run, trainable, total, time.perf_counter() - wall_start)
