@@ -196,7 +196,9 @@ def world_reachable(path):
 
 def expose_python():  # the dropped uid must still import the standard library (e.g. pyenv under /root)
     for n, prefix in enumerate(sorted({sys.base_prefix, sys.prefix}, key=len, reverse=True)):
-        if world_reachable(prefix):
+        # A prefix under /tmp (a virtualenv in a clone there) is hidden by the private tmpfs: the program only
+        # needs the standard library of base_prefix, so a hidden prefix is skipped.
+        if not os.path.exists(prefix) or world_reachable(prefix):
             continue
         target = f"/tmp/.python{n}"; os.mkdir(target, 0o755)
         if mount(prefix, target, None, 4096 | 16384, None):  # MS_BIND | MS_REC (read-only: the source mount is)
