@@ -234,3 +234,15 @@ def test_processes_stop_on_the_signal_any_of_them_received():
     assert distributed.agreed_signal(None, accelerator) == 15
     accelerator.reduce = reduce_with(0)
     assert distributed.agreed_signal(None, accelerator) is None
+
+
+@pytest.mark.parametrize(("engine", "keys"), [
+    (Engine.FSDP2, {"save_steps": 5}), (Engine.ZERO3, {"resume": True}), (Engine.FSDP2, {"method": "pissa"})])
+def test_what_sharded_engines_cannot_do_is_refused(engine, keys):
+    config = SimpleNamespace(**{"resume": False, "save_steps": 0, "method": "rasa", **keys})
+    with pytest.raises(NotImplementedError, match="ddp.yaml"):
+        distributed.check_supported(engine, config)
+
+
+def test_ddp_may_checkpoint_and_resume():
+    distributed.check_supported(Engine.DDP, SimpleNamespace(resume=True, save_steps=5, method="pissa"))

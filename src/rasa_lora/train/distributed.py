@@ -150,6 +150,11 @@ def check_supported(engine: Engine, config: Any) -> None:
             f"save_steps/resume are not supported with {engine.value} yet (checkpoints hold unsharded tensors); "
             "train with save_steps 0, or use configs/distributed/ddp.yaml to checkpoint and resume."
         )
+    if engine is Engine.FSDP2 and getattr(config, "method", None) == "fft" and not torch.cuda.is_available():
+        raise NotImplementedError(
+            "method=fft with FSDP2 on CPUs is not supported (saving the whole sharded model goes through accelerate, "
+            "which does not shard CPUs); use configs/distributed/ddp.yaml."
+        )
     if sharded and getattr(config, "method", None) in ("olora", "pissa"):
         raise NotImplementedError(
             f"method={config.method} is not supported with {engine.value} yet (converting its adapter needs the "
