@@ -24,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from rasa_lora.models import LLAMA_PROJECTIONS as ALL_PROJ
 
 
 class AuthorsRasaLinear(nn.Module):

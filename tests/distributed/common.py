@@ -6,9 +6,9 @@ import torch
 from peft import get_peft_model
 
 import rasa_lora
+from rasa_lora.models import LLAMA_PROJECTIONS as ALL_PROJ
 from rasa_lora.models import tiny_llama
 
-ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GLOBAL_BATCH, SEQ_LEN, VOCAB = 4, 12, 128
 LEARNING_RATE = 0.5  # SGD: the update is lr * gradient, so a wrong gradient scale (sum vs mean) shows in the params
 

@@ -21,13 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rasa_lora.models import LLAMA_PROJECTIONS
+
 METHODS = ("rasa", "lora", "vera", "adalora", "olora", "dora", "pissa", "fft")
 UNSUPPORTED_METHODS = {
     "mora": "MoRA is not in PEFT and not implemented here yet",
     "prilora": "PriLoRA is not in PEFT and not implemented here yet",
 }
 DATASET_FORMATS = ("auto", "arithmetic", "gsm8k", "math", "metamathqa", "magicoder", "alpaca", "completion")
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_PROJECTIONS = LLAMA_PROJECTIONS
+
 # Keys that only change how a run is operated, not what it computes; they may differ when resuming.
 OPERATIONAL_KEYS = ("resume", "overwrite", "save_steps", "save_total_limit", "logging_steps", "progress_bar")
 
