@@ -139,7 +139,12 @@ def build_llama(small: bool, device):
     return model
 
 
-def run_variants(model, shapes, steps, warmup, device, label):
+VARIANTS = ("lora", "lora0", "authors", "rasa8", "rasa8d0", "rasa16", "rasa32", "merged")
+
+
+def run_variants(model, shapes, steps, warmup, device, label, variants=VARIANTS):
+    """Measure the frozen base and the chosen `variants` (keys of VARIANTS) on `model`."""
+    wanted = set(variants).__contains__
     from peft import LoraConfig, get_peft_model
 
     import rasa_lora
@@ -162,20 +167,26 @@ def run_variants(model, shapes, steps, warmup, device, label):
 
     measure("frozen", model)
     measure("frozen (inference)", model, train=False)
-    for dropout in (0.05, 0.0):
-        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=ALL_PROJ)
+    for dropout, key in ((0.05, "lora"), (0.0, "lora0")):
+        if wanted(key):
+            config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=ALL_PROJ)
+            peft_model = get_peft_model(model, config)
+            measure(f"peft-lora r8 d{dropout}", peft_model)
+            model = peft_model.unload()
+    if wanted("authors"):
+        pools, restore = apply_authors_rasa(model)
+        measure("authors-rasa r8k1 d0.05", model)
+        restore()
+        del pools
+    for r, k, dropout, key in ((8, 1, 0.05, "rasa8"), (8, 1, 0.0, "rasa8d0"), (16, 2, 0.05, "rasa16"),
+                               (32, 4, 0.05, "rasa32")):
+        if not (wanted(key) or (key == "rasa8" and wanted("merged"))):
+            continue
+        config = rasa_lora.RasaConfig(r=r, rasa_k=k, rasa_alpha=16, rasa_dropout=dropout, target_modules=ALL_PROJ)
         peft_model = get_peft_model(model, config)
-        measure(f"peft-lora r8 d{dropout}", peft_model)
-        model = peft_model.unload()
-    pools, restore = apply_authors_rasa(model)
-    measure("authors-rasa r8k1 d0.05", model)
-    restore()
-    del pools
-    for r, k in ((8, 1), (16, 2), (32, 4)):
-        config = rasa_lora.RasaConfig(r=r, rasa_k=k, rasa_alpha=16, rasa_dropout=0.05, target_modules=ALL_PROJ)
-        peft_model = get_peft_model(model, config)
-        measure(f"rasa r{r}k{k} d0.05", peft_model)
-        if r == 8:
+        if wanted(key):
+            measure(f"rasa r{r}k{k} d{dropout}", peft_model)
+        if key == "rasa8" and wanted("merged"):
             peft_model.merge_adapter()
             measure("rasa r8k1 merged (inference)", peft_model, train=False)
             peft_model.unmerge_adapter()
@@ -216,15 +227,28 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--shapes", default="8x512,2x2048,4x4096", help="batch x sequence list for the 8B shape")
     parser.add_argument("--no-llama", action="store_true", help="skip the Llama-3.1-8B shape (measure SmolLM2 only)")
+    parser.add_argument("--kernel-configs", default=None,
+                        help="JSON of Triton launch shapes (from benchmarks/kernels.py --configs-out) to apply")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated subset of: " + ",".join(VARIANTS) + " (the frozen base always runs)")
     args = parser.parse_args()
+    if args.kernel_configs:
+        from rasa_lora.ops import kernels
+
+        with open(args.kernel_configs) as handle:
+            kernels.CONFIGS.update(json.load(handle))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    variants = VARIANTS if args.variants is None else tuple(args.variants.split(","))
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.small:
         shapes = [(2, 16), (1, 32)]
     results = []
     if not args.no_llama:
         results = run_variants(build_llama(args.small, device), shapes, args.steps, args.warmup, device,
-                               "tiny" if args.small else "llama-8b")
+                               "tiny" if args.small else "llama-8b", variants)
     torch.cuda.empty_cache() if device.type == "cuda" else None
     if args.smollm2:
         import os
@@ -234,10 +258,13 @@ def main():
         small = AutoModelForCausalLM.from_pretrained(
             os.path.dirname(args.smollm2), gguf_file=os.path.basename(args.smollm2), dtype=torch.bfloat16
         ).to(device)
-        results += run_variants(small, [(8, 512), (4, 4096)], args.steps, args.warmup, device, "smollm2")
+        results += run_variants(small, [(8, 512), (4, 4096)], args.steps, args.warmup, device, "smollm2", variants)
     add_ratios(results)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "steps": args.steps, "warmup": args.warmup}
+    from rasa_lora.ops import kernels
+
+    meta["kernel_configs"] = kernels.CONFIGS
     with open(args.out, "w") as handle:
         json.dump({"meta": meta, "results": results}, handle, indent=1)
     print_table(results)

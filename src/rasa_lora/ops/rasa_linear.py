@@ -1,34 +1,34 @@
 r"""The RaSA linear layer (base projection + eq. 5 adapter) as one autograd Function.
 
-With input x (M x a), frozen base weight W (b x a) and bias c, the layer's factors are packed once per call
-into one thin pair, padded with zeros to a multiple of 8 ranks (n = r-k+Lk -> n8):
+With input rows x (M x a), frozen base weight W (b x a) and bias c, the factors are packed once per call
+into one thin pair, zero-padded to R ranks (n = r-k+Lk rounded up to a power of two >= 16), with D and the
+dropout scale s = 1/(1-p) folded into C:
 
-    A = [A_p ; A_s ; 0]            (n8 x a)      the private and shared down-projections
-    C = [B_p D_p   B_s D_s   0]    (b x n8)      the up-projections with the diagonal D folded in
+    A = [A_p ; A_s ; 0]                (R x a)
+    C = s [B_p D_p   B_s D_s   0]      (b x R)
 
-and, with a dropout keep-mask m and scale s = 1/(1-p) (m = 1, s = 1 without dropout):
+and, with the dropout keep-mask m (`dropout.py`: a hash of seed, row and column, never stored):
 
-    u = (m * x) A^T                (M x n8: thin)
-    y = x W^T + c + s u C^T        (accumulated into the base output in place, `addmm_`)
+    u  = (m * x) A^T                   (M x R, float32)
+    y  = x W^T + c + u C^T             (the update added into the base output in place)
 
-Backward, with g = dL/dy and gu = g C (M x n8):
+Backward, with g = dL/dy:
 
-    dL/dC = s g^T u                dL/dB = dL/dC * D          dL/dD = column sums of dL/dC * B   (b x n8: small)
-    dL/dA = s gu^T (m * x)         dL/dx = g W + s m * (gu A)
+    gu = g C                           dL/dC = g^T u      dL/dB = s dL/dC D      dL/dD = s sum_b(dL/dC * B)
+    dL/dA = gu^T (m * x)               dL/dx = g W + m * (gu A)
 
-Why pack: each thin GEMM over x costs a full pass over x whatever its width, and widths that are not
-multiples of 8 fall back to slow kernels (one H200, M = a = 4096, bf16, 2026-11-29: x A^T took 42 us at
-n = 7, 47 us at n = 39 and 22 us at n = 40). One padded GEMM over x replaces two misaligned ones. The
-packed factors are small (n8 x a and b x n8) and are rebuilt from the parameters on every call, so they
-are never stale (FSDP and DeepSpeed re-gather parameters into reused storage). Folding D into C removes
-every elementwise pass over M: dL/dD is a reduction over b, not over the M tokens.
+Every pass over a token-sized tensor (x, y, g, dL/dx) is one read (or read and write) and happens once:
+the thin products, the mask and the update are fused (`kernels.py`, Triton, on CUDA). Folding D and s into
+C removes every elementwise pass over the tokens; dL/dD is a reduction over b. Saved for backward: x
+(alive in the caller anyway), the thin u and the packed factors; never the dropped input or the mask.
+The packed factors are rebuilt from the parameters on every call (one launch), so they are never stale
+(FSDP and DeepSpeed re-gather parameters into reused storage).
 
-What is saved for backward: x (alive in the caller anyway), the thin u, and the packed factors; not the
-dropped input and not the mask: the mask is drawn from a seeded generator and drawn again in backward.
-The base weight is frozen (no dL/dW); a trainable base weight or bias takes the reference path of the layer.
-
-Backend: `set_fused_backend(True/False)` (tests flip it); by default the fused path is on where CUDA is
-available (or RASA_LORA_FUSED=1) and off on the CPU, where the layer's plain reference path runs.
+Backends, chosen per call: "triton" (CUDA tensors with Triton installed: the default on GPUs) and "torch"
+(the same algebra with PyTorch ops and the same mask: any device). `set_fused_backend(True/False)` turns the
+fused Function on or off (off: the layer's plain reference path; the default is on with CUDA, or
+RASA_LORA_FUSED=1/0); `set_kernel_backend("triton"/"torch"/None)` forces a backend (tests; RASA_LORA_KERNELS).
+The base weight is frozen (no dL/dW); a trainable base weight or bias takes the layer's reference path.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ import os
 import torch
 import torch.nn.functional as F
 
+from rasa_lora.ops import dropout as _dropout
+
 _FUSED: bool | None = None
-_TRITON: bool | None = None
-_GENERATORS: dict[torch.device, torch.Generator] = {}
+_KERNELS: str | None = None
 
 
 def set_fused_backend(enabled: bool | None) -> None:
@@ -58,105 +59,134 @@ def fused_backend_enabled() -> bool:
     return torch.cuda.is_available()
 
 
-def set_triton_dropout(enabled: bool | None) -> None:
-    """Force the Triton dropout kernels on or off (on also on the CPU, under TRITON_INTERPRET=1); None = auto."""
-    global _TRITON
-    _TRITON = enabled
+def set_kernel_backend(name: str | None) -> None:
+    """Force the fused path's backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch", or None (auto)."""
+    if name not in (None, "triton", "torch"):
+        raise ValueError(f"unknown kernel backend {name!r}: use 'triton', 'torch' or None")
+    global _KERNELS
+    _KERNELS = name
 
 
-def _use_triton(rows: torch.Tensor, p: float) -> bool:
-    from rasa_lora.ops import triton_dropout
+def kernel_backend(x: torch.Tensor) -> str:
+    """The backend the fused path uses for input x."""
+    from rasa_lora.ops import kernels
 
-    if p <= 0 or not triton_dropout.available() or rows.numel() >= triton_dropout.MAX_OFFSET:
-        return False
-    if _TRITON is not None:
-        return _TRITON
-    # Off by default: on one H200 (2026-11-29, Llama-3.1-8B shape, dropout 0.05) these untuned kernels won at
-    # 16384 tokens a step for r=8 (2071 vs 2236 ms) but lost at 4096 tokens (709 vs 609 ms) and for r=16, 32.
-    return rows.is_cuda and os.environ.get("RASA_LORA_TRITON_DROPOUT") == "1"
+    name = _KERNELS or os.environ.get("RASA_LORA_KERNELS")
+    if name == "triton":
+        if not kernels.available():
+            raise RuntimeError("the Triton kernel backend was asked for but triton is not installed; "
+                               "`pip install triton` or use set_kernel_backend('torch')")
+        return "triton"
+    if name == "torch":
+        return "torch"
+    return "triton" if x.is_cuda and kernels.available() else "torch"
 
 
 def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The keep-mask (bool, shape of x) that `rasa_linear` uses for dropout probability p and this seed."""
-    # One generator per device, re-seeded per call: creating a CUDA generator on every call cost ~0.2 ms of
-    # host time each (SmolLM2 step on one H200, 2026-11-29).
-    generator = _GENERATORS.get(x.device)
-    if generator is None:
-        generator = _GENERATORS[x.device] = torch.Generator(device=x.device)
-    generator.manual_seed(seed)
-    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p, generator=generator)
+    return _dropout.dropout_mask(x, p, seed)
 
 
-def pack_factors(A_p, B_p, D, A_s, B_s, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A = [A_p; A_s; 0] (n8 x a) and C = [B_p D_p, B_s D_s, 0] (b x n8) in `dtype`, n8 = r-k+Lk rounded up to 8."""
+# --- the PyTorch backend: the same stages as kernels.py ---------------------------------------------------
+def _pack_torch(A_p, B_p, D, A_s, B_s, dtype, scale):
+    from rasa_lora.ops.kernels import packed_width
+
     num_private, num_shared = A_p.shape[0], A_s.shape[0]
     n = num_private + num_shared
-    width = (n + 7) // 8 * 8
+    width = packed_width(n)
     with torch.no_grad():
         A = A_p.new_zeros((width, A_p.shape[1]), dtype=dtype)
         A[:num_private] = A_p
-        A[num_private:n] = A_s.to(A.device)
+        A[num_private:n] = A_s
         C = B_p.new_zeros((B_p.shape[0], width), dtype=dtype)
-        C[:, :num_private] = B_p * D[:num_private]
-        C[:, num_private:n] = B_s.to(C.device) * D[num_private:]
+        C[:, :num_private] = B_p * (D[:num_private] * scale)
+        C[:, num_private:n] = B_s * (D[num_private:] * scale)
     return A, C
+
+
+def _keep(rows: torch.Tensor, p: float, seed: int) -> torch.Tensor | None:
+    return _dropout.keep_mask(rows.shape[0], rows.shape[1], seed, p, rows.device) if p > 0 else None
 
 
 class _RasaLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A_p, B_p, D, A_s, B_s, p: float, seed: int):
         dtype = x.dtype
-        A, C = pack_factors(A_p, B_p, D, A_s, B_s, dtype)
-        rows = x.reshape(-1, x.shape[-1])
-        y = F.linear(rows, weight.to(dtype), None if bias is None else bias.to(dtype))
-        use_triton = _use_triton(rows, p)
         scale = 1.0 / (1.0 - p)
-        if use_triton:
-            from rasa_lora.ops import triton_dropout
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        backend = kernel_backend(rows)
+        y = F.linear(rows, weight.to(dtype), None if bias is None else bias.to(dtype))
+        if backend == "triton":
+            from rasa_lora.ops import kernels
 
-            u = triton_dropout.dropout_matmul(rows, A, seed, p)
+            factors = [t.contiguous() for t in (A_p, B_p, D, A_s, B_s)]
+            A, C = kernels.pack(*factors, dtype, scale)
+            seed_h, thr = _dropout.seed_hash(seed), _dropout.threshold(p)
+            u = kernels.down(rows, A, seed_h, thr, p > 0)
+            kernels.up_(y, u, C)
         else:
-            kept = rows * dropout_mask(rows, p, seed) if p > 0 else rows
-            u = kept @ A.t()
-        y.addmm_(u, C.t(), alpha=scale)
-        ctx.save_for_backward(x, weight, A, C, u, A_p, B_p, D, A_s, B_s)
-        ctx.p, ctx.seed, ctx.scale, ctx.use_triton = p, seed, scale, use_triton
+            A, C = _pack_torch(A_p, B_p, D, A_s, B_s, dtype, scale)
+            keep = _keep(rows, p, seed)
+            u = ((rows * keep if keep is not None else rows) @ A.t()).float()
+            y.addmm_(u.to(dtype), C.t())
+        ctx.save_for_backward(rows, weight, A, C, u, B_p, D, B_s)
+        ctx.p, ctx.seed, ctx.scale, ctx.backend = p, seed, scale, backend
+        ctx.num_private, ctx.x_shape = A_p.shape[0], x.shape
+        ctx.dtypes = (A_p.dtype, B_p.dtype, D.dtype, A_s.dtype, B_s.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, A, C, u, A_p, B_p, D, A_s, B_s = ctx.saved_tensors
-        p, scale = ctx.p, ctx.scale
-        num_private, n = A_p.shape[0], A_p.shape[0] + A_s.shape[0]
+        rows, weight, A, C, u, B_p, D, B_s = ctx.saved_tensors
+        p, scale, num_private = ctx.p, ctx.scale, ctx.num_private
+        n = D.shape[0]
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        rows = x.reshape(-1, x.shape[-1])
-        gu = g @ C                                                    # (M, n8)
-        grad_C = (g.t() @ u).float()[:, :n] * scale                   # (b, n)
-        if ctx.use_triton:
-            from rasa_lora.ops import triton_dropout
+        if g.stride(-1) != 1:
+            g = g.contiguous()
+        M, K = rows.shape
+        N, R = C.shape
+        grad_x = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None
 
-            grad_A = triton_dropout.grad_a(gu, rows, ctx.seed, p)[:n] * scale
+        if ctx.backend == "triton":
+            from rasa_lora.ops import kernels
+
+            # one zeroed float32 workspace for every accumulator: gu (M, R), dC (N, R), dA (R, K), dD (R)
+            workspace = torch.zeros(M * R + N * R + R * K + R, dtype=torch.float32, device=g.device)
+            gu = workspace[: M * R].view(M, R)
+            gc = workspace[M * R: (M + N) * R].view(N, R)
+            ga = workspace[(M + N) * R: (M + N) * R + R * K].view(R, K)
+            gd = workspace[(M + N) * R + R * K:]
+            kernels.bwd_up(g, C, u, gu, gc)
+            seed_h, thr = _dropout.seed_hash(ctx.seed), _dropout.threshold(p)
+            kernels.bwd_down(rows, gu, A, grad_x, ga, seed_h, thr, p > 0)
+            grad_B_p, grad_B_s = kernels.finalize(gc, B_p.contiguous(), B_s.contiguous(), D.contiguous(), gd,
+                                                  scale)
+            grad_D = gd[:n]
         else:
-            mask = dropout_mask(rows, p, ctx.seed) if p > 0 else None
-            kept = rows * mask if p > 0 else rows
-            grad_A = (gu.t() @ kept).float()[:n] * scale              # (n, a)
-        B_cat = torch.cat([B_p, B_s.to(B_p.device)], dim=1).float()   # small: (b, n)
-        grad_B = grad_C * D.float()
-        grad_D = (grad_C * B_cat).sum(0)
+            dtype = g.dtype
+            gu = (g @ C).float()
+            gc = (g.t() @ u.to(dtype)).float()
+            keep = _keep(rows, p, ctx.seed)
+            kept = rows * keep if keep is not None else rows
+            ga = (gu.to(dtype).t() @ kept).float()
+            if grad_x is not None:
+                if keep is not None:
+                    grad_x.addcmul_(gu.to(dtype) @ A, keep)
+                else:
+                    grad_x.addmm_(gu.to(dtype), A)
+            gc = gc[:, :n] * scale
+            grad_B = gc * D.float()
+            grad_D = (gc * torch.cat([B_p, B_s], dim=1).float()).sum(0)
+            grad_B_p, grad_B_s = grad_B[:, :num_private], grad_B[:, num_private:]
 
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g @ weight.to(g.dtype)
-            if ctx.use_triton:
-                triton_dropout.grad_x_(grad_x, gu, A, ctx.seed, p, scale)
-            elif p > 0:
-                grad_x.addcmul_(gu @ A, mask, value=scale)
-            else:
-                grad_x.addmm_(gu, A, alpha=scale)
-            grad_x = grad_x.reshape(x.shape)
+        dtypes = ctx.dtypes
+        if grad_x is not None:
+            grad_x = grad_x.reshape(ctx.x_shape)
         return (grad_x, None, None,
-                grad_A[:num_private].to(A_p.dtype), grad_B[:, :num_private].to(B_p.dtype), grad_D.to(D.dtype),
-                grad_A[num_private:].to(A_s.dtype), grad_B[:, num_private:].to(B_s.dtype), None, None)
+                ga[:num_private].to(dtypes[0]), grad_B_p.to(dtypes[1]), grad_D.to(dtypes[2]),
+                ga[num_private:n].to(dtypes[3]), grad_B_s.to(dtypes[4]), None, None)
 
 
 def rasa_linear(
@@ -179,8 +209,17 @@ def rasa_linear(
         The factors may be float32 while x is bf16: they are cast while packing, and their gradients come
         back in their own dtype.
         dropout_p: dropout probability on the adapter's input (0 in eval mode).
-        seed: seed of the dropout mask; drawn from torch's default generator when None.
+        seed: seed of the dropout mask (`dropout_mask(x, dropout_p, seed)`); drawn from torch's default CPU
+            generator when None, so gradient checkpointing's recomputation (which restores the RNG state)
+            draws the same one.
     """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (), device="cpu"))
-    return _RasaLinearFunction.apply(x, weight, bias, A_p, B_p, D, A_s, B_s, float(dropout_p), seed or 0)
+    return _apply(x, weight, bias, A_p, B_p, D, A_s, B_s, float(dropout_p), seed or 0)
+
+
+# torch.compile runs the fused Function eagerly (a graph break): its launch logic and Triton kernels are
+# already what a compiler would produce, and tracing them buys nothing.
+_apply = torch.compiler.disable(_RasaLinearFunction.apply)

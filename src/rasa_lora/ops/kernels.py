@@ -1,0 +1,330 @@
+r"""Triton kernels of the fused RaSA layer (see `rasa_linear.py` for the algebra and the PyTorch twin).
+
+Notation: x (M, K) the input rows, g (M, N) the output gradient, A (R, K) and C (N, R) the packed factors
+(R: n = r-k+Lk ranks rounded up to a power of two >= 16, zero beyond n; the dropout scale s and D folded into
+C), u (M, R) and gu (M, R) the thin float32 intermediates, keep(i, j) the hash mask of `dropout.py`.
+
+    pack        A = [A_p; A_s; 0],  C = s [B_p D_p, B_s D_s, 0]              one launch for both
+    down        u  = (keep * x) A^T                                         one read of x
+    up_         y += u C^T                                                  one read and write of y
+    bwd_up      gu = g C,  dC = g^T u                                       one read of g
+    bwd_down    dA = gu^T (keep * x),  dx += keep * (gu A)                  one read of x, read+write of dx
+    finalize    dB = s dC D,  dD = s sum_b(dC * B)                          small
+
+Every pass over a token-sized tensor happens once, the mask is drawn in registers where it is used, and
+the split reductions (over K in `down`, over M in `bwd_down` and `bwd_up`) add float32 partial sums
+atomically, so their last bits depend on scheduling. The launch shapes (`CONFIGS`) were chosen by
+`benchmarks/kernels.py` on one H200; the kernels are correct for any of them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch; CPU-only installs usually lack it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def packed_width(n: int) -> int:
+    """R: the packed rank width (a power of two, at least 16, as `tl.dot` needs)."""
+    width = 16
+    while width < n:
+        width *= 2
+    return width
+
+
+# Launch shapes per kernel; `benchmarks/kernels.py` sweeps alternatives (it edits this dict in place).
+CONFIGS = {
+    "down": {"BM": 64, "BK": 128, "splits": 0, "warps": 4, "stages": 3},        # splits 0: enough for the GPU
+    "up": {"BM": 128, "BN": 128, "warps": 8, "stages": 1},
+    "bwd_up": {"BM": 128, "BN": 64, "splits": 0, "warps": 8, "stages": 3},
+    "bwd_down": {"BM": 64, "BK": 128, "splits": 0, "warps": 8, "stages": 3},
+    "pack": {"BK": 1024, "BN": 64},
+}
+_TARGET_PROGRAMS = 2 * 132  # about two programs per SM of an H100/H200; a floor elsewhere
+
+
+def _splits(blocks: int, chunks: int, requested: int) -> int:
+    """How many ways to split a reduction of `chunks` chunks, given `blocks` programs without splitting."""
+    if requested:
+        return max(1, min(requested, chunks))
+    return max(1, min(chunks, -(-_TARGET_PROGRAMS // max(blocks, 1))))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mix(v):
+        v = v ^ (v >> 16)
+        v = v * 0x21F0AAAD
+        v = v ^ (v >> 15)
+        v = v * 0x735A2D97
+        return v ^ (v >> 15)
+
+    @triton.jit
+    def _keep(rows, cols, seed_h, thr):
+        hr = _mix(rows.to(tl.uint32) + seed_h.to(tl.uint32))
+        hc = cols.to(tl.uint32) * 0x61C88647
+        return _mix(hr[:, None] ^ hc[None, :]) >= thr
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b)
+
+    @triton.jit
+    def _pack_kernel(ap_ptr, as_ptr, bp_ptr, bs_ptr, d_ptr, a_ptr, c_ptr, K, N, NP, NS, scale,
+                     R: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+        pid = tl.program_id(0)
+        if pid < R:  # row `pid` of A
+            for k0 in range(0, K, BK):
+                rk = k0 + tl.arange(0, BK)
+                vp = tl.load(ap_ptr + pid * K + rk, mask=(rk < K) & (pid < NP), other=0.0).to(tl.float32)
+                vs = tl.load(as_ptr + (pid - NP) * K + rk, mask=(rk < K) & (pid >= NP) & (pid < NP + NS),
+                             other=0.0).to(tl.float32)
+                tl.store(a_ptr + pid * K + rk, (vp + vs).to(a_ptr.dtype.element_ty), mask=rk < K)
+        else:  # a block of BN rows of C
+            rn = (pid - R) * BN + tl.arange(0, BN)
+            rr = tl.arange(0, R)
+            d = tl.load(d_ptr + rr, mask=rr < NP + NS, other=0.0).to(tl.float32)
+            row_ok = (rn < N)[:, None]
+            bp = tl.load(bp_ptr + rn[:, None] * NP + rr[None, :], mask=row_ok & (rr < NP)[None, :], other=0.0)
+            bs = tl.load(bs_ptr + rn[:, None] * NS + (rr - NP)[None, :],
+                         mask=row_ok & ((rr >= NP) & (rr < NP + NS))[None, :], other=0.0)
+            c = (bp.to(tl.float32) + bs.to(tl.float32)) * d[None, :] * scale
+            tl.store(c_ptr + rn[:, None] * R + rr[None, :], c.to(c_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
+    def _down_kernel(x_ptr, a_ptr, u_ptr, M, K, sxm, seed_h, thr, k_per_split,
+                     R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, DROPOUT: tl.constexpr,
+                     ATOMIC: tl.constexpr, IEEE: tl.constexpr):
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rr = tl.arange(0, R)
+        k_lo = tl.program_id(1) * k_per_split
+        acc = tl.zeros((BM, R), dtype=tl.float32)
+        for k0 in range(k_lo, k_lo + k_per_split, BK):
+            rk = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
+                        other=0.0)
+            if DROPOUT:
+                x = tl.where(_keep(rm, rk, seed_h, thr), x, 0.0)
+            a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
+            acc += _dot(x, tl.trans(a), IEEE)
+        pointers = u_ptr + rm[:, None] * R + rr[None, :]
+        if ATOMIC:
+            tl.atomic_add(pointers, acc, mask=(rm < M)[:, None])
+        else:
+            tl.store(pointers, acc, mask=(rm < M)[:, None])
+
+    @triton.jit
+    def _up_kernel(u_ptr, c_ptr, y_ptr, M, N, sym, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   IEEE: tl.constexpr):
+        rm = tl.program_id(1) * BM + tl.arange(0, BM)
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        rr = tl.arange(0, R)
+        c = tl.load(c_ptr + rn[:, None] * R + rr[None, :], mask=(rn < N)[:, None], other=0.0)
+        u = tl.load(u_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0)
+        update = _dot(u.to(c.dtype), tl.trans(c), IEEE)
+        inside = (rm < M)[:, None] & (rn < N)[None, :]
+        pointers = y_ptr + rm[:, None] * sym + rn[None, :]
+        y = tl.load(pointers, mask=inside, other=0.0)
+        tl.store(pointers, (y.to(tl.float32) + update).to(y_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _bwd_up_kernel(g_ptr, c_ptr, u_ptr, gu_ptr, gc_ptr, M, N, sgm, n_per_split,
+                       R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ATOMIC: tl.constexpr,
+                       IEEE: tl.constexpr):
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rr = tl.arange(0, R)
+        u = tl.load(u_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0)
+        u = u.to(g_ptr.dtype.element_ty)
+        acc = tl.zeros((BM, R), dtype=tl.float32)
+        n_lo = tl.program_id(1) * n_per_split
+        for n0 in range(n_lo, n_lo + n_per_split, BN):
+            rn = n0 + tl.arange(0, BN)
+            g = tl.load(g_ptr + rm[:, None] * sgm + rn[None, :], mask=(rm < M)[:, None] & (rn < N)[None, :],
+                        other=0.0)
+            c = tl.load(c_ptr + rn[:, None] * R + rr[None, :], mask=(rn < N)[:, None], other=0.0)
+            acc += _dot(g, c, IEEE)
+            tl.atomic_add(gc_ptr + rn[:, None] * R + rr[None, :], _dot(tl.trans(g), u, IEEE),
+                          mask=(rn < N)[:, None])
+        pointers = gu_ptr + rm[:, None] * R + rr[None, :]
+        if ATOMIC:
+            tl.atomic_add(pointers, acc, mask=(rm < M)[:, None])
+        else:
+            tl.store(pointers, acc, mask=(rm < M)[:, None])
+
+    @triton.jit
+    def _bwd_down_kernel(x_ptr, gu_ptr, a_ptr, gx_ptr, ga_ptr, M, K, sxm, sgxm, seed_h, thr, m_per_split,
+                         R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, DROPOUT: tl.constexpr,
+                         GRAD_X: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr):
+        rk = tl.program_id(0) * BK + tl.arange(0, BK)
+        rr = tl.arange(0, R)
+        a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
+        acc = tl.zeros((R, BK), dtype=tl.float32)
+        m_lo = tl.program_id(1) * m_per_split
+        for m0 in range(m_lo, m_lo + m_per_split, BM):
+            rm = m0 + tl.arange(0, BM)
+            inside = (rm < M)[:, None] & (rk < K)[None, :]
+            gu = tl.load(gu_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0).to(a.dtype)
+            x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=inside, other=0.0)
+            if DROPOUT:
+                keep = _keep(rm, rk, seed_h, thr)
+                x = tl.where(keep, x, 0.0)
+            acc += _dot(tl.trans(gu), x, IEEE)
+            if GRAD_X:
+                update = _dot(gu, a, IEEE)
+                if DROPOUT:
+                    update = tl.where(keep, update, 0.0)
+                pointers = gx_ptr + rm[:, None] * sgxm + rk[None, :]
+                gx = tl.load(pointers, mask=inside, other=0.0)
+                tl.store(pointers, (gx.to(tl.float32) + update).to(gx_ptr.dtype.element_ty), mask=inside)
+        pointers = ga_ptr + rr[:, None] * K + rk[None, :]
+        if ATOMIC:
+            tl.atomic_add(pointers, acc, mask=(rk < K)[None, :])
+        else:
+            tl.store(pointers, acc, mask=(rk < K)[None, :])
+
+    @triton.jit
+    def _finalize_kernel(gc_ptr, bp_ptr, bs_ptr, d_ptr, gbp_ptr, gbs_ptr, gd_ptr, N, NP, NS, scale,
+                         R: tl.constexpr, BN: tl.constexpr):
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        rr = tl.arange(0, R)
+        row_ok = (rn < N)[:, None]
+        private = row_ok & (rr < NP)[None, :]
+        shared = row_ok & ((rr >= NP) & (rr < NP + NS))[None, :]
+        gc = tl.load(gc_ptr + rn[:, None] * R + rr[None, :], mask=row_ok, other=0.0) * scale
+        d = tl.load(d_ptr + rr, mask=rr < NP + NS, other=0.0).to(tl.float32)
+        gb = gc * d[None, :]
+        tl.store(gbp_ptr + rn[:, None] * NP + rr[None, :], gb, mask=private)
+        tl.store(gbs_ptr + rn[:, None] * NS + (rr - NP)[None, :], gb, mask=shared)
+        bp = tl.load(bp_ptr + rn[:, None] * NP + rr[None, :], mask=private, other=0.0).to(tl.float32)
+        bs = tl.load(bs_ptr + rn[:, None] * NS + (rr - NP)[None, :], mask=shared, other=0.0).to(tl.float32)
+        tl.atomic_add(gd_ptr + rr, tl.sum(gc * (bp + bs), axis=0), mask=rr < NP + NS)
+
+
+def _ieee(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32
+
+
+def pack(A_p, B_p, D, A_s, B_s, dtype, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (R, K) and C (N, R) in `dtype`; the factors must be contiguous."""
+    num_private, num_shared = A_p.shape[0], A_s.shape[0]
+    K, N = A_p.shape[1], B_p.shape[0]
+    R = packed_width(num_private + num_shared)
+    A = torch.empty((R, K), dtype=dtype, device=A_p.device)
+    C = torch.empty((N, R), dtype=dtype, device=A_p.device)
+    cfg = CONFIGS["pack"]
+    block_k = min(cfg["BK"], triton.next_power_of_2(K))
+    grid = (R + triton.cdiv(N, cfg["BN"]),)
+    _pack_kernel[grid](A_p, A_s, B_p, B_s, D, A, C, K, N, num_private, num_shared, scale,
+                       R=R, BK=block_k, BN=cfg["BN"])
+    return A, C
+
+
+def down(x: torch.Tensor, A: torch.Tensor, seed_h: int, thr: int, dropout: bool) -> torch.Tensor:
+    """u = (keep * x) A^T, float32 (M, R)."""
+    M, K = x.shape
+    R = A.shape[0]
+    cfg = CONFIGS["down"]
+    BM, BK = cfg["BM"], min(cfg["BK"], max(16, triton.next_power_of_2(K)))
+    chunks = triton.cdiv(K, BK)
+    splits = _splits(triton.cdiv(M, BM), chunks, cfg["splits"])
+    k_per_split = triton.cdiv(chunks, splits) * BK
+    splits = triton.cdiv(K, k_per_split)
+    u = (torch.zeros if splits > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
+    _down_kernel[(triton.cdiv(M, BM), splits)](
+        x, A, u, M, K, x.stride(0), seed_h, thr, k_per_split, R=R, BM=BM, BK=BK, DROPOUT=dropout,
+        ATOMIC=splits > 1, IEEE=_ieee(x), num_warps=cfg["warps"], num_stages=cfg["stages"])
+    return u
+
+
+def up_(y: torch.Tensor, u: torch.Tensor, C: torch.Tensor) -> None:
+    """y += u C^T in place (y (M, N) with unit column stride)."""
+    M, N = y.shape
+    R = C.shape[1]
+    cfg = CONFIGS["up"]
+    BM, BN = cfg["BM"], cfg["BN"]
+    _up_kernel[(triton.cdiv(N, BN), triton.cdiv(M, BM))](
+        u, C, y, M, N, y.stride(0), R=R, BM=BM, BN=BN, IEEE=_ieee(y), num_warps=cfg["warps"],
+        num_stages=cfg["stages"])
+
+
+def bwd_up(g: torch.Tensor, C: torch.Tensor, u: torch.Tensor, gu: torch.Tensor, gc: torch.Tensor) -> None:
+    """gu = g C and gc += g^T u (float32; gc zeroed by the caller, gu too when it is split)."""
+    M, N = g.shape
+    R = C.shape[1]
+    cfg = CONFIGS["bwd_up"]
+    BM, BN = cfg["BM"], cfg["BN"]
+    chunks = triton.cdiv(N, BN)
+    splits = _splits(triton.cdiv(M, BM), chunks, cfg["splits"])
+    n_per_split = triton.cdiv(chunks, splits) * BN
+    splits = triton.cdiv(N, n_per_split)
+    _bwd_up_kernel[(triton.cdiv(M, BM), splits)](
+        g, C, u, gu, gc, M, N, g.stride(0), n_per_split, R=R, BM=BM, BN=BN, ATOMIC=splits > 1, IEEE=_ieee(g),
+        num_warps=cfg["warps"], num_stages=cfg["stages"])
+
+
+def bwd_down_splits(M: int, K: int) -> int:
+    cfg = CONFIGS["bwd_down"]
+    BK = min(cfg["BK"], max(16, triton.next_power_of_2(K)))
+    chunks = triton.cdiv(M, cfg["BM"])
+    splits = _splits(triton.cdiv(K, BK), chunks, cfg["splits"])
+    return triton.cdiv(M, triton.cdiv(chunks, splits) * cfg["BM"])
+
+
+def bwd_down(x, gu, A, grad_x, ga, seed_h: int, thr: int, dropout: bool) -> None:
+    """ga (+)= gu^T (keep * x) (float32 (R, K); zeroed by the caller when split) and grad_x += keep * (gu A)."""
+    M, K = x.shape
+    R = A.shape[0]
+    cfg = CONFIGS["bwd_down"]
+    BM, BK = cfg["BM"], min(cfg["BK"], max(16, triton.next_power_of_2(K)))
+    chunks = triton.cdiv(M, BM)
+    splits = _splits(triton.cdiv(K, BK), chunks, cfg["splits"])
+    m_per_split = triton.cdiv(chunks, splits) * BM
+    splits = triton.cdiv(M, m_per_split)
+    _bwd_down_kernel[(triton.cdiv(K, BK), splits)](
+        x, gu, A, grad_x if grad_x is not None else x, ga, M, K, x.stride(0),
+        grad_x.stride(0) if grad_x is not None else 0, seed_h, thr, m_per_split, R=R, BM=BM, BK=BK,
+        DROPOUT=dropout, GRAD_X=grad_x is not None, ATOMIC=splits > 1, IEEE=_ieee(x),
+        num_warps=cfg["warps"], num_stages=cfg["stages"])
+
+
+def finalize(gc, B_p, B_s, D, gd, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """dB_p, dB_s (float32) from gc = dL/dC; adds dL/dD into gd (zeroed by the caller)."""
+    N, R = gc.shape
+    num_private, num_shared = B_p.shape[1], B_s.shape[1]
+    gbp = torch.empty((N, num_private), dtype=torch.float32, device=gc.device)
+    gbs = torch.empty((N, num_shared), dtype=torch.float32, device=gc.device)
+    BN = 64
+    _finalize_kernel[(triton.cdiv(N, BN),)](gc, B_p, B_s, D, gbp, gbs, gd, N, num_private, num_shared, scale,
+                                            R=R, BN=BN)
+    return gbp, gbs
+
+
+def keep_mask(M: int, K: int, seed_h: int, thr: int, device) -> torch.Tensor:
+    """The kernels' keep decisions as a bool (M, K) tensor (tests compare it with `dropout.keep_mask`)."""
+    out = torch.empty((M, K), dtype=torch.int8, device=device)
+    grid = (triton.cdiv(M, 32), triton.cdiv(K, 64))
+    _keep_mask_kernel[grid](out, M, K, seed_h, thr, BM=32, BK=64)
+    return out.bool()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _keep_mask_kernel(out_ptr, M, K, seed_h, thr, BM: tl.constexpr, BK: tl.constexpr):
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rk = tl.program_id(1) * BK + tl.arange(0, BK)
+        keep = _keep(rm, rk, seed_h, thr)
+        tl.store(out_ptr + rm[:, None] * K + rk[None, :], keep.to(tl.int8),
+                 mask=(rm < M)[:, None] & (rk < K)[None, :])

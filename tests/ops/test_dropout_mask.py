@@ -1,0 +1,79 @@
+"""The hash dropout mask: what dropout needs from it, and the Triton kernels drawing the same bits."""
+
+import os
+
+import pytest
+import torch
+
+from rasa_lora.ops import dropout as hashmask
+
+
+def test_reproducible_seed_dependent_and_row_offset_consistent():
+    first = hashmask.keep_mask(300, 200, 7, 0.25)
+    assert torch.equal(first, hashmask.keep_mask(300, 200, 7, 0.25))
+    assert (first != hashmask.keep_mask(300, 200, 8, 0.25)).float().mean() > 0.3
+    assert torch.equal(first[100:], hashmask.keep_mask(200, 200, 7, 0.25, row_offset=100))
+    # a mask over more columns extends, it does not reshuffle, the first columns of each row
+    assert torch.equal(first, hashmask.keep_mask(300, 260, 7, 0.25)[:, :200])
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_keep_rate_is_one_minus_p(p):
+    mask = hashmask.keep_mask(1024, 1024, 123, p).double()
+    n = mask.numel()
+    std = ((1 - p) * p / n) ** 0.5
+    assert abs(mask.mean().item() - (1 - p)) < 5 * std
+    # every row and every column keeps about 1-p as well (no striped structure)
+    for rate in (mask.mean(0), mask.mean(1)):
+        assert (rate - (1 - p)).abs().max().item() < 6 * ((1 - p) * p / 1024) ** 0.5
+
+
+def test_neighbours_and_seeds_are_uncorrelated():
+    p = 0.3
+    mask = hashmask.keep_mask(1024, 1024, 99, p).double()
+    centred = mask - mask.mean()
+    var = centred.pow(2).mean()
+    bound = 5 / 1024  # ~5 standard errors of a correlation estimated from 1M pairs
+    for shifted, original in ((centred[1:], centred[:-1]), (centred[:, 1:], centred[:, :-1]),
+                              (centred[1:, 1:], centred[:-1, :-1]), (centred[:, 8:], centred[:, :-8])):
+        assert abs((shifted * original).mean() / var) < bound
+    other = hashmask.keep_mask(1024, 1024, 100, p).double()
+    other = other - other.mean()
+    assert abs((other * centred).mean() / var) < bound
+    # consecutive seeds, as successive layers would draw them, do not give shifted copies of each other
+    assert abs((other[1:] * centred[:-1]).mean() / var) < bound
+
+
+def test_threshold_and_edge_probabilities():
+    assert hashmask.threshold(0.0) == 0
+    assert hashmask.threshold(0.5) == 2**31
+    assert hashmask.keep_mask(64, 64, 1, 0.0).all()
+    assert not hashmask.keep_mask(64, 64, 1, 0.999999999).any()
+
+
+def test_dropout_mask_has_the_shape_of_its_input():
+    x = torch.empty(3, 5, 7)
+    mask = hashmask.dropout_mask(x, 0.2, 11)
+    assert mask.shape == x.shape and mask.dtype == torch.bool
+    assert torch.equal(mask.reshape(15, 7), hashmask.keep_mask(15, 7, 11, 0.2))
+
+
+def _triton_devices():
+    from rasa_lora.ops import kernels
+
+    if not kernels.available():
+        return [pytest.param("none", marks=pytest.mark.skip(reason="triton is not installed"))]
+    devices = [pytest.param("cuda", marks=pytest.mark.gpu)]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        devices.append("cpu")
+    return devices
+
+
+@pytest.mark.parametrize("device", _triton_devices())
+@pytest.mark.parametrize(("seed", "p"), [(0, 0.05), (2**31 - 2, 0.3), (12345, 0.75)])
+def test_triton_kernels_draw_the_same_bits(device, seed, p):
+    from rasa_lora.ops import kernels
+
+    expected = hashmask.keep_mask(100, 150, seed, p, device)
+    got = kernels.keep_mask(100, 150, hashmask.seed_hash(seed), hashmask.threshold(p), device)
+    assert torch.equal(got, expected)
