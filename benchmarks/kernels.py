@@ -125,7 +125,7 @@ def sweep(tokens):
         for option in options:
             kernels.CONFIGS[name] = option
             try:
-                total = sum(do_bench(lambda c=c: calls[name](c), warmup=5, rep=20, return_mode="median")
+                total = sum(do_bench(lambda c=c, fn=calls[name]: fn(c), warmup=5, rep=20, return_mode="median")
                             for c in cases)
             except Exception as error:  # e.g. out of shared memory for this shape
                 print(f"  {name} {option}: failed ({type(error).__name__})", flush=True)
