@@ -18,8 +18,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import time
 
 import torch
+
+# A dry run of this script's logic on the CPU, under Triton's interpreter (tiny shapes, float32, two options per
+# kernel): TRITON_INTERPRET=1 KERNELS_DRY_RUN=1 python benchmarks/kernels.py --sweep --out /tmp/k.json --tokens 64
+DRY = os.environ.get("KERNELS_DRY_RUN") == "1"
+DEVICE = "cpu" if DRY else "cuda"
+DTYPE = torch.float32 if DRY else torch.bfloat16
 
 SHAPES = {  # name: (K in, N out)
     "q_proj/o_proj": (4096, 4096),
@@ -30,9 +38,9 @@ SHAPES = {  # name: (K in, N out)
 PER_LAYER = {"q_proj/o_proj": 2, "k_proj/v_proj": 2, "gate_proj/up_proj": 2, "down_proj": 1}
 
 
-def make(M, K, N, R, n, device="cuda"):
+def make(M, K, N, R, n, device=DEVICE):
     g = torch.Generator(device=device).manual_seed(0)
-    bf = torch.bfloat16
+    bf = DTYPE
     t = {
         "x": torch.randn(M, K, device=device, dtype=bf, generator=g),
         "W": torch.randn(N, K, device=device, dtype=bf, generator=g) * 0.02,
@@ -46,98 +54,150 @@ def make(M, K, N, R, n, device="cuda"):
     return t
 
 
-def stage_times(M, K, N, p=0.05, n=39):
-    """Median ms of each stage for one layer shape, under the current kernels.CONFIGS."""
-    from triton.testing import do_bench
+def _timers():
+    if DRY:
+        def once(fn):
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
 
+        return once, once
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    def host(fn):  # what one call costs with the host's launch time included (an idle GPU waits for it)
+        return do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+    def gpu(fn):  # GPU time alone: the call replayed from a CUDA graph
+        return do_bench_cudagraph(fn, rep=20, return_mode="median")
+
+    return host, gpu
+
+
+def stage_times(M, K, N, p=0.05, n=39):
+    """Median ms of each stage for one layer shape, under the current kernels.CONFIGS: (GPU, with host)."""
     from rasa_lora.ops import dropout, kernels
 
+    host, gpu = _timers()
     R = kernels.packed_width(n)
     t = make(M, K, N, R, n)
     seed_h, thr = dropout.seed_hash(1234), dropout.threshold(p)
-    A, C = kernels.pack(t["A_p"], t["B_p"], t["D"], t["A_s"], t["B_s"], torch.bfloat16, 1 / (1 - p))
+    A, C = kernels.pack(t["A_p"], t["B_p"], t["D"], t["A_s"], t["B_s"], DTYPE, 1 / (1 - p))
     u = kernels.down(t["x"], A, seed_h, thr, True)
     y = t["x"] @ t["W"].t()
     gx = t["g"] @ t["W"]
-    gu = torch.zeros(M, R, device="cuda")
-    gc = torch.zeros(N, R, device="cuda")
-    ga = torch.zeros(R, K, device="cuda")
-    gd = torch.zeros(R, device="cuda")
+    gu = torch.zeros(M, R, device=DEVICE)
+    gc = torch.zeros(N, R, device=DEVICE)
+    ga = torch.zeros(R, K, device=DEVICE)
+    gd = torch.zeros(R, device=DEVICE)
     total = M * R + N * R + R * K + R
     bench = {
         "base x W^T": lambda: torch.nn.functional.linear(t["x"], t["W"]),
         "base g W": lambda: t["g"] @ t["W"],
-        "pack": lambda: kernels.pack(t["A_p"], t["B_p"], t["D"], t["A_s"], t["B_s"], torch.bfloat16, 1.05),
+        "pack": lambda: kernels.pack(t["A_p"], t["B_p"], t["D"], t["A_s"], t["B_s"], DTYPE, 1.05),
         "down": lambda: kernels.down(t["x"], A, seed_h, thr, True),
         "up_": lambda: kernels.up_(y, u, C),
-        "zeros": lambda: torch.zeros(total, device="cuda"),
+        "zeros": lambda: torch.zeros(total, device=DEVICE),
         "bwd_up": lambda: kernels.bwd_up(t["g"], C, u, gu, gc),
         "bwd_down": lambda: kernels.bwd_down(t["x"], gu, A, gx, ga, seed_h, thr, True),
         "finalize": lambda: kernels.finalize(gc, t["B_p"], t["B_s"], t["D"], gd, 1.05),
     }
     nbytes = {"down": M * K * 2, "up_": 2 * M * N * 2, "bwd_up": M * N * 2, "bwd_down": 3 * M * K * 2}
-    times = {name: do_bench(fn, warmup=10, rep=40, return_mode="median") for name, fn in bench.items()}
+    times = {name: gpu(fn) for name, fn in bench.items()}
+    with_host = {name: host(fn) for name, fn in bench.items()}
     gbs = {name: nbytes[name] / (times[name] * 1e-3) / 1e9 for name in nbytes}
-    # one training step of the layer under gradient checkpointing: forward twice, backward once
-    base = 2 * times["base x W^T"] + times["base g W"]
-    adapter = (2 * (times["pack"] + times["down"] + times["up_"]) + times["zeros"] + times["bwd_up"]
-               + times["bwd_down"] + times["finalize"])
-    return times, gbs, base, adapter
+
+    def step(tm):  # one training step of the layer under gradient checkpointing: forward twice, backward once
+        base = 2 * tm["base x W^T"] + tm["base g W"]
+        adapter = (2 * (tm["pack"] + tm["down"] + tm["up_"]) + tm["zeros"] + tm["bwd_up"] + tm["bwd_down"]
+                   + tm["finalize"])
+        return base, adapter
+
+    return times, with_host, gbs, step(times), step(with_host)
+
+
+def _grid(**axes):
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
 
 
 SWEEP = {
-    "down": [dict(BM=bm, BK=bk, splits=0, warps=w, stages=3)
-             for bm, bk, w in itertools.product((32, 64, 128), (64, 128), (4, 8))],
-    "up": [dict(BM=bm, BN=bn, warps=w, stages=1)
-           for bm, bn, w in itertools.product((64, 128, 256), (64, 128, 256), (4, 8)) if bm * bn <= 32768],
-    "bwd_up": [dict(BM=bm, BN=bn, splits=0, warps=w, stages=3)
-               for bm, bn, w in itertools.product((64, 128, 256), (32, 64, 128), (4, 8)) if bm * bn <= 16384],
-    "bwd_down": [dict(BM=bm, BK=bk, splits=0, warps=w, stages=3)
-                 for bm, bk, w in itertools.product((32, 64, 128), (64, 128, 256), (4, 8)) if bm * bk <= 16384],
+    "down": _grid(BM=(32, 64), BK=(64, 128, 256), splits=(0,), warps=(4,), stages=(3,), programs=(264, 528, 1056)),
+    "up": [c for c in _grid(BM=(32, 64, 128), BN=(64, 128, 256), warps=(4, 8), stages=(1,))
+           if c["BM"] * c["BN"] <= 16384],
+    "bwd_up": _grid(mode=("fused",), BM=(128, 256), BN=(32, 64), splits=(0,), warps=(8,), stages=(3,),
+                    programs=(264, 528)),
+    "gu": _grid(BM=(32, 64, 128), BN=(64, 128), splits=(0,), warps=(4,), stages=(3,), programs=(264, 528, 1056)),
+    "gc": _grid(BM=(64, 128, 256), BN=(32, 64), splits=(0,), warps=(4,), stages=(3,), programs=(264, 528, 1056)),
+    "bwd_down": _grid(mode=("fused",), BM=(32, 64), BK=(64, 128), splits=(0,), warps=(8,), stages=(3,),
+                      programs=(264, 528, 1056)),
+    "gx": [c for c in _grid(BM=(32, 64, 128), BK=(64, 128, 256), warps=(4, 8), stages=(1,))
+           if c["BM"] * c["BK"] <= 16384],
+    "ga": _grid(BM=(32, 64, 128), BK=(64, 128), splits=(0,), warps=(4,), stages=(3,), programs=(264, 528, 1056)),
 }
 
 
 def sweep(tokens):
-    """For each kernel, the config with the least summed time over the shapes (other kernels at defaults)."""
-    from triton.testing import do_bench
-
+    """For each kernel, the config with the least summed GPU time over the shapes; then each backward
+    stage's mode ("fused" or "split" into two kernels), whichever is faster."""
     from rasa_lora.ops import dropout, kernels
 
+    _, gpu = _timers()
     seed_h, thr = dropout.seed_hash(1), dropout.threshold(0.05)
     cases = []
     for (K, N), M in itertools.product(SHAPES.values(), tokens):
         t = make(M, K, N, 64, 39)
-        A, C = kernels.pack(t["A_p"], t["B_p"], t["D"], t["A_s"], t["B_s"], torch.bfloat16, 1.05)
+        A, C = kernels.pack(t["A_p"], t["B_p"], t["D"], t["A_s"], t["B_s"], DTYPE, 1.05)
         u = kernels.down(t["x"], A, seed_h, thr, True)
-        cases.append((M, K, N, t, A, C, u, (t["x"] @ t["W"].t()), t["g"] @ t["W"],
-                      torch.zeros(M, 64, device="cuda"), torch.zeros(N, 64, device="cuda"),
-                      torch.zeros(64, K, device="cuda")))
+        cases.append({"x": t["x"], "g": t["g"], "A": A, "C": C, "u": u, "y": t["x"] @ t["W"].t(),
+                      "gx": t["g"] @ t["W"], "gu": torch.zeros(M, 64, device=DEVICE),
+                      "gc": torch.zeros(N, 64, device=DEVICE), "ga": torch.zeros(64, K, device=DEVICE)})
+    split_up = {"mode": "split"}
+    split_down = {"mode": "split"}
     calls = {
-        "down": lambda c: kernels.down(c[3]["x"], c[4], seed_h, thr, True),
-        "up": lambda c: kernels.up_(c[7], c[6], c[5]),
-        "bwd_up": lambda c: kernels.bwd_up(c[3]["g"], c[5], c[6], c[9], c[10]),
-        "bwd_down": lambda c: kernels.bwd_down(c[3]["x"], c[9], c[4], c[8], c[11], seed_h, thr, True),
+        "down": lambda c: kernels.down(c["x"], c["A"], seed_h, thr, True),
+        "up": lambda c: kernels.up_(c["y"], c["u"], c["C"]),
+        "bwd_up": lambda c: kernels.bwd_up(c["g"], c["C"], c["u"], c["gu"], c["gc"]),
+        "gu": lambda c: kernels.bwd_up(c["g"], c["C"], c["u"], c["gu"], c["gc"]),
+        "gc": lambda c: kernels.bwd_up(c["g"], c["C"], c["u"], c["gu"], c["gc"]),
+        "bwd_down": lambda c: kernels.bwd_down(c["x"], c["gu"], c["A"], c["gx"], c["ga"], seed_h, thr, True),
+        "gx": lambda c: kernels.bwd_down(c["x"], c["gu"], c["A"], c["gx"], c["ga"], seed_h, thr, True),
+        "ga": lambda c: kernels.bwd_down(c["x"], c["gu"], c["A"], c["gx"], c["ga"], seed_h, thr, True),
     }
     best, report = {}, {}
     for name, options in SWEEP.items():
-        default = dict(kernels.CONFIGS[name])
+        saved = {key: dict(value) for key, value in kernels.CONFIGS.items()}
+        if name in ("gu", "gc"):
+            kernels.CONFIGS["bwd_up"] = {**kernels.CONFIGS["bwd_up"], **split_up}
+        if name in ("gx", "ga"):
+            kernels.CONFIGS["bwd_down"] = {**kernels.CONFIGS["bwd_down"], **split_down}
         scored = []
         for option in options:
             kernels.CONFIGS[name] = option
             try:
-                total = sum(do_bench(lambda c=c, fn=calls[name]: fn(c), warmup=5, rep=20, return_mode="median")
-                            for c in cases)
+                total = sum(gpu(lambda c=c, fn=calls[name]: fn(c)) for c in cases)
             except Exception as error:  # e.g. out of shared memory for this shape
                 print(f"  {name} {option}: failed ({type(error).__name__})", flush=True)
                 continue
             scored.append((total, option))
+        kernels.CONFIGS.clear()
+        kernels.CONFIGS.update(saved)
         scored.sort(key=lambda item: item[0])
-        kernels.CONFIGS[name] = default
-        default_total = next((s for s, o in scored if o == default), None)
         best[name] = scored[0][1]
-        report[name] = {"best": scored[0][1], "best_ms": scored[0][0], "default_ms": default_total,
-                        "top5": [{"ms": s, "config": o} for s, o in scored[:5]]}
-        print(f"{name}: best {scored[0][1]} {scored[0][0]:.3f} ms (default {default_total})", flush=True)
+        kernels.CONFIGS[name] = dict(scored[0][1])  # later kernels are swept with the earlier winners
+        report[name] = {"best": scored[0][1], "best_ms": scored[0][0],
+                        "top5": [{"ms": ms, "config": o} for ms, o in scored[:5]]}
+        print(f"{name}: best {scored[0][1]} {scored[0][0]:.3f} ms summed over {len(cases)} shapes", flush=True)
+    # fused vs split, each measured with its winners
+    for stage, parts, split in (("bwd_up", ("gu", "gc"), split_up), ("bwd_down", ("gx", "ga"), split_down)):
+        fused_cfg = dict(best[stage])
+        kernels.CONFIGS[stage] = {**fused_cfg, **split}
+        split_ms = sum(gpu(lambda c=c, fn=calls[stage]: fn(c)) for c in cases)
+        kernels.CONFIGS[stage] = fused_cfg
+        fused_ms = sum(gpu(lambda c=c, fn=calls[stage]: fn(c)) for c in cases)
+        if split_ms < fused_ms:
+            best[stage] = {**fused_cfg, **split}
+        report[stage + " mode"] = {"fused_ms": fused_ms, "split_ms": split_ms}
+        print(f"{stage}: fused {fused_ms:.3f} ms, split ({' + '.join(parts)}) {split_ms:.3f} ms", flush=True)
     return best, report
 
 
@@ -152,11 +212,16 @@ def main():
     args = parser.parse_args()
     from rasa_lora.ops import kernels
 
+    if DRY:
+        for key in SWEEP:
+            SWEEP[key] = SWEEP[key][:2]
+        for key in SHAPES:
+            SHAPES[key] = (SHAPES[key][0] // 64, SHAPES[key][1] // 64)
     if args.configs:
         with open(args.configs) as handle:
             kernels.CONFIGS.update(json.load(handle))
     tokens = [int(v) for v in args.tokens.split(",")]
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    out = {"device": "cpu (dry run)" if DRY else torch.cuda.get_device_name(), "torch": torch.__version__}
     if args.sweep:
         best, report = sweep([int(v) for v in args.sweep_tokens.split(",")])
         kernels.CONFIGS.update(best)
@@ -169,15 +234,16 @@ def main():
     for M in tokens:
         layer_base = layer_adapter = 0.0
         for name, (K, N) in SHAPES.items():
-            times, gbs, base, adapter = stage_times(M, K, N)
-            rows.append({"tokens": M, "shape": name, "K": K, "N": N, "ms": times, "GB/s": gbs,
-                         "base_ms": base, "adapter_ms": adapter})
+            times, with_host, gbs, (base, adapter), (base_h, adapter_h) = stage_times(M, K, N)
+            rows.append({"tokens": M, "shape": name, "K": K, "N": N, "gpu_ms": times, "with_host_ms": with_host,
+                         "GB/s": gbs, "base_ms": base, "adapter_ms": adapter, "adapter_with_host_ms": adapter_h})
             layer_base += PER_LAYER[name] * base
             layer_adapter += PER_LAYER[name] * adapter
+            stages = "  ".join(f"{k} {v * 1e3:.1f}" for k, v in times.items() if not k.startswith("base"))
+            rates = " ".join(f"{k} {v:.0f}" for k, v in gbs.items())
             print(f"M={M:<6} {name:<18} base {base * 1e3:8.1f} us  adapter {adapter * 1e3:7.1f} us "
-                  f"({adapter / base:6.1%})  " + "  ".join(f"{k} {v * 1e3:.1f}" for k, v in times.items()
-                                                           if not k.startswith("base"))
-                  + "  | GB/s " + " ".join(f"{k} {v:.0f}" for k, v in gbs.items()), flush=True)
+                  f"({adapter / base:6.1%}; {adapter_h * 1e3:7.1f} us with host launch)  {stages}  | GB/s {rates}",
+                  flush=True)
         print(f"M={M:<6} one decoder layer's projections: base {layer_base:.3f} ms, adapter {layer_adapter:.3f} ms "
               f"= {layer_adapter / layer_base:.1%} of the projections' GEMMs", flush=True)
     out["rows"] = rows

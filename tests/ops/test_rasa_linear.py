@@ -135,16 +135,21 @@ def test_triton_and_torch_backends_agree_on_an_8b_sized_layer(p):
 @pytest.mark.parametrize(("backend", "device"), [c for c in _cases() if c.values[0] == "triton"]
                          or [pytest.param("triton", "none", marks=pytest.mark.skip(reason="triton not installed"))])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_triton_launch_shapes_do_not_change_the_result(backend, device, splits, monkeypatch):
-    """Unsplit reductions (plain stores) and forced splits (atomics), with small blocks and ragged edges."""
+@pytest.mark.parametrize("mode", ["fused", "split"])
+def test_triton_launch_shapes_do_not_change_the_result(backend, device, splits, mode, monkeypatch):
+    """Both backward modes; unsplit reductions (plain stores) and forced splits (atomics); small blocks and
+    ragged edges."""
     from rasa_lora.ops import kernels
 
     configs = {name: dict(cfg) for name, cfg in kernels.CONFIGS.items()}
-    for name in ("down", "bwd_up", "bwd_down"):
+    for name in ("down", "bwd_up", "bwd_down", "gu", "gc", "ga"):
         configs[name].update(splits=splits, BM=16)
-    configs["down"]["BK"] = configs["bwd_down"]["BK"] = 32
-    configs["bwd_up"]["BN"] = 32
-    configs["up"].update(BM=16, BN=32)
+    for name in ("down", "bwd_down", "ga", "gx"):
+        configs[name]["BK"] = 32
+    for name in ("bwd_up", "gu", "gc", "up"):
+        configs[name]["BN"] = 32
+    configs["up"]["BM"] = configs["gx"]["BM"] = 16
+    configs["bwd_up"]["mode"] = configs["bwd_down"]["mode"] = mode
     monkeypatch.setattr(kernels, "CONFIGS", configs)
     dtype = torch.float32
     g = torch.Generator().manual_seed(7)

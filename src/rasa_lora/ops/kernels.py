@@ -42,20 +42,40 @@ def packed_width(n: int) -> int:
 
 # Launch shapes per kernel; `benchmarks/kernels.py` sweeps alternatives (it edits this dict in place).
 CONFIGS = {
-    "down": {"BM": 64, "BK": 128, "splits": 0, "warps": 4, "stages": 3},        # splits 0: enough for the GPU
-    "up": {"BM": 128, "BN": 128, "warps": 8, "stages": 1},
-    "bwd_up": {"BM": 128, "BN": 64, "splits": 0, "warps": 8, "stages": 3},
-    "bwd_down": {"BM": 64, "BK": 128, "splits": 0, "warps": 8, "stages": 3},
+    "down": {"BM": 32, "BK": 128, "splits": 0, "warps": 4, "stages": 3},        # splits 0: enough for the GPU
+    "up": {"BM": 64, "BN": 128, "warps": 4, "stages": 1},
+    "bwd_up": {"mode": "fused", "BM": 256, "BN": 64, "splits": 0, "warps": 8, "stages": 3},
+    "gu": {"BM": 64, "BN": 128, "splits": 0, "warps": 4, "stages": 3},           # bwd_up's "split" mode
+    "gc": {"BM": 128, "BN": 64, "splits": 0, "warps": 4, "stages": 3},
+    "bwd_down": {"mode": "fused", "BM": 64, "BK": 64, "splits": 0, "warps": 8, "stages": 3},
+    "gx": {"BM": 64, "BK": 128, "warps": 4, "stages": 1},                         # bwd_down's "split" mode
+    "ga": {"BM": 64, "BK": 128, "splits": 0, "warps": 4, "stages": 3},
     "pack": {"BK": 1024, "BN": 64},
 }
-_TARGET_PROGRAMS = 2 * 132  # about two programs per SM of an H100/H200; a floor elsewhere
+TARGET_PROGRAMS = 2 * 132  # about two programs per SM of an H100/H200; a floor elsewhere
 
 
-def _splits(blocks: int, chunks: int, requested: int) -> int:
-    """How many ways to split a reduction of `chunks` chunks, given `blocks` programs without splitting."""
+def _fit(name: str, R: int, itemsize: int) -> dict:
+    """CONFIGS[name] shrunk for wide packed ranks or float32, so tiles fit in shared memory (the defaults
+    are tuned for R = 64 in bf16)."""
+    cfg = CONFIGS[name]
+    factor = max(1, R * itemsize // 128)
+    if factor == 1:
+        return cfg
+    cfg = dict(cfg)
+    for key in ("BM", "BN", "BK"):
+        if key in cfg:
+            cfg[key] = max(16, cfg[key] // factor)
+    cfg["stages"] = min(cfg.get("stages", 1), 2)
+    return cfg
+
+
+def _splits(blocks: int, chunks: int, requested: int, programs: int = 0) -> int:
+    """How many ways to split a reduction of `chunks` chunks, given `blocks` programs without splitting:
+    `requested` if set, else enough for about `programs` (default TARGET_PROGRAMS) programs in all."""
     if requested:
         return max(1, min(requested, chunks))
-    return max(1, min(chunks, -(-_TARGET_PROGRAMS // max(blocks, 1))))
+    return max(1, min(chunks, -(-(programs or TARGET_PROGRAMS) // max(blocks, 1))))
 
 
 if triton is not None:
@@ -121,7 +141,7 @@ if triton is not None:
             acc += _dot(x, tl.trans(a), IEEE)
         pointers = u_ptr + rm[:, None] * R + rr[None, :]
         if ATOMIC:
-            tl.atomic_add(pointers, acc, mask=(rm < M)[:, None])
+            tl.atomic_add(pointers, acc, mask=(rm < M)[:, None], sem="relaxed")
         else:
             tl.store(pointers, acc, mask=(rm < M)[:, None])
 
@@ -156,10 +176,10 @@ if triton is not None:
             c = tl.load(c_ptr + rn[:, None] * R + rr[None, :], mask=(rn < N)[:, None], other=0.0)
             acc += _dot(g, c, IEEE)
             tl.atomic_add(gc_ptr + rn[:, None] * R + rr[None, :], _dot(tl.trans(g), u, IEEE),
-                          mask=(rn < N)[:, None])
+                          mask=(rn < N)[:, None], sem="relaxed")
         pointers = gu_ptr + rm[:, None] * R + rr[None, :]
         if ATOMIC:
-            tl.atomic_add(pointers, acc, mask=(rm < M)[:, None])
+            tl.atomic_add(pointers, acc, mask=(rm < M)[:, None], sem="relaxed")
         else:
             tl.store(pointers, acc, mask=(rm < M)[:, None])
 
@@ -190,7 +210,79 @@ if triton is not None:
                 tl.store(pointers, (gx.to(tl.float32) + update).to(gx_ptr.dtype.element_ty), mask=inside)
         pointers = ga_ptr + rr[:, None] * K + rk[None, :]
         if ATOMIC:
-            tl.atomic_add(pointers, acc, mask=(rk < K)[None, :])
+            tl.atomic_add(pointers, acc, mask=(rk < K)[None, :], sem="relaxed")
+        else:
+            tl.store(pointers, acc, mask=(rk < K)[None, :])
+
+    @triton.jit
+    def _gu_kernel(g_ptr, c_ptr, gu_ptr, M, N, sgm, n_per_split, R: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr):
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rr = tl.arange(0, R)
+        acc = tl.zeros((BM, R), dtype=tl.float32)
+        n_lo = tl.program_id(1) * n_per_split
+        for n0 in range(n_lo, n_lo + n_per_split, BN):
+            rn = n0 + tl.arange(0, BN)
+            g = tl.load(g_ptr + rm[:, None] * sgm + rn[None, :], mask=(rm < M)[:, None] & (rn < N)[None, :],
+                        other=0.0)
+            c = tl.load(c_ptr + rn[:, None] * R + rr[None, :], mask=(rn < N)[:, None], other=0.0)
+            acc += _dot(g, c, IEEE)
+        pointers = gu_ptr + rm[:, None] * R + rr[None, :]
+        if ATOMIC:
+            tl.atomic_add(pointers, acc, mask=(rm < M)[:, None], sem="relaxed")
+        else:
+            tl.store(pointers, acc, mask=(rm < M)[:, None])
+
+    @triton.jit
+    def _gc_kernel(g_ptr, u_ptr, gc_ptr, M, N, sgm, m_per_split, R: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, IEEE: tl.constexpr):
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        rr = tl.arange(0, R)
+        acc = tl.zeros((BN, R), dtype=tl.float32)
+        m_lo = tl.program_id(1) * m_per_split
+        for m0 in range(m_lo, m_lo + m_per_split, BM):
+            rm = m0 + tl.arange(0, BM)
+            g = tl.load(g_ptr + rm[:, None] * sgm + rn[None, :], mask=(rm < M)[:, None] & (rn < N)[None, :],
+                        other=0.0)
+            u = tl.load(u_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0)
+            acc += _dot(tl.trans(g), u.to(g.dtype), IEEE)
+        tl.atomic_add(gc_ptr + rn[:, None] * R + rr[None, :], acc, mask=(rn < N)[:, None], sem="relaxed")
+
+    @triton.jit
+    def _gx_kernel(gu_ptr, a_ptr, gx_ptr, M, K, sgxm, seed_h, thr, R: tl.constexpr, BM: tl.constexpr,
+                   BK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr):
+        rm = tl.program_id(1) * BM + tl.arange(0, BM)
+        rk = tl.program_id(0) * BK + tl.arange(0, BK)
+        rr = tl.arange(0, R)
+        a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
+        gu = tl.load(gu_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0).to(a.dtype)
+        update = _dot(gu, a, IEEE)
+        if DROPOUT:
+            update = tl.where(_keep(rm, rk, seed_h, thr), update, 0.0)
+        inside = (rm < M)[:, None] & (rk < K)[None, :]
+        pointers = gx_ptr + rm[:, None] * sgxm + rk[None, :]
+        gx = tl.load(pointers, mask=inside, other=0.0)
+        tl.store(pointers, (gx.to(tl.float32) + update).to(gx_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _ga_kernel(x_ptr, gu_ptr, ga_ptr, M, K, sxm, seed_h, thr, m_per_split, R: tl.constexpr,
+                   BM: tl.constexpr, BK: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC: tl.constexpr,
+                   IEEE: tl.constexpr):
+        rk = tl.program_id(0) * BK + tl.arange(0, BK)
+        rr = tl.arange(0, R)
+        acc = tl.zeros((R, BK), dtype=tl.float32)
+        m_lo = tl.program_id(1) * m_per_split
+        for m0 in range(m_lo, m_lo + m_per_split, BM):
+            rm = m0 + tl.arange(0, BM)
+            x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
+                        other=0.0)
+            if DROPOUT:
+                x = tl.where(_keep(rm, rk, seed_h, thr), x, 0.0)
+            gu = tl.load(gu_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0).to(x.dtype)
+            acc += _dot(tl.trans(gu), x, IEEE)
+        pointers = ga_ptr + rr[:, None] * K + rk[None, :]
+        if ATOMIC:
+            tl.atomic_add(pointers, acc, mask=(rk < K)[None, :], sem="relaxed")
         else:
             tl.store(pointers, acc, mask=(rk < K)[None, :])
 
@@ -209,7 +301,7 @@ if triton is not None:
         tl.store(gbs_ptr + rn[:, None] * NS + (rr - NP)[None, :], gb, mask=shared)
         bp = tl.load(bp_ptr + rn[:, None] * NP + rr[None, :], mask=private, other=0.0).to(tl.float32)
         bs = tl.load(bs_ptr + rn[:, None] * NS + (rr - NP)[None, :], mask=shared, other=0.0).to(tl.float32)
-        tl.atomic_add(gd_ptr + rr, tl.sum(gc * (bp + bs), axis=0), mask=rr < NP + NS)
+        tl.atomic_add(gd_ptr + rr, tl.sum(gc * (bp + bs), axis=0), mask=rr < NP + NS, sem="relaxed")
 
 
 def _ieee(t: torch.Tensor) -> bool:
@@ -235,12 +327,9 @@ def down(x: torch.Tensor, A: torch.Tensor, seed_h: int, thr: int, dropout: bool)
     """u = (keep * x) A^T, float32 (M, R)."""
     M, K = x.shape
     R = A.shape[0]
-    cfg = CONFIGS["down"]
+    cfg = _fit("down", R, x.element_size())
     BM, BK = cfg["BM"], min(cfg["BK"], max(16, triton.next_power_of_2(K)))
-    chunks = triton.cdiv(K, BK)
-    splits = _splits(triton.cdiv(M, BM), chunks, cfg["splits"])
-    k_per_split = triton.cdiv(chunks, splits) * BK
-    splits = triton.cdiv(K, k_per_split)
+    splits, k_per_split = _split_plan(triton.cdiv(M, BM), K, BK, cfg)
     u = (torch.zeros if splits > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
     _down_kernel[(triton.cdiv(M, BM), splits)](
         x, A, u, M, K, x.stride(0), seed_h, thr, k_per_split, R=R, BM=BM, BK=BK, DROPOUT=dropout,
@@ -252,50 +341,69 @@ def up_(y: torch.Tensor, u: torch.Tensor, C: torch.Tensor) -> None:
     """y += u C^T in place (y (M, N) with unit column stride)."""
     M, N = y.shape
     R = C.shape[1]
-    cfg = CONFIGS["up"]
+    cfg = _fit("up", R, y.element_size())
     BM, BN = cfg["BM"], cfg["BN"]
     _up_kernel[(triton.cdiv(N, BN), triton.cdiv(M, BM))](
         u, C, y, M, N, y.stride(0), R=R, BM=BM, BN=BN, IEEE=_ieee(y), num_warps=cfg["warps"],
         num_stages=cfg["stages"])
 
 
+def _split_plan(blocks: int, length: int, block: int, cfg: dict) -> tuple[int, int]:
+    """(splits, elements per split) for a reduction of `length` in chunks of `block`."""
+    chunks = triton.cdiv(length, block)
+    splits = _splits(blocks, chunks, cfg.get("splits", 0), cfg.get("programs", 0))
+    per_split = triton.cdiv(chunks, splits) * block
+    return triton.cdiv(length, per_split), per_split
+
+
 def bwd_up(g: torch.Tensor, C: torch.Tensor, u: torch.Tensor, gu: torch.Tensor, gc: torch.Tensor) -> None:
-    """gu = g C and gc += g^T u (float32; gc zeroed by the caller, gu too when it is split)."""
+    """gu (+)= g C and gc += g^T u (float32; both zeroed by the caller)."""
     M, N = g.shape
     R = C.shape[1]
-    cfg = CONFIGS["bwd_up"]
+    cfg = _fit("bwd_up", R, g.element_size())
+    ieee = _ieee(g)
+    if cfg.get("mode", "fused") == "split":  # two kernels, each reading g once, few atomics
+        cu, cc = _fit("gu", R, g.element_size()), _fit("gc", R, g.element_size())
+        splits, per_split = _split_plan(triton.cdiv(M, cu["BM"]), N, cu["BN"], cu)
+        _gu_kernel[(triton.cdiv(M, cu["BM"]), splits)](
+            g, C, gu, M, N, g.stride(0), per_split, R=R, BM=cu["BM"], BN=cu["BN"], ATOMIC=splits > 1, IEEE=ieee,
+            num_warps=cu["warps"], num_stages=cu["stages"])
+        splits, per_split = _split_plan(triton.cdiv(N, cc["BN"]), M, cc["BM"], cc)
+        _gc_kernel[(triton.cdiv(N, cc["BN"]), splits)](
+            g, u, gc, M, N, g.stride(0), per_split, R=R, BM=cc["BM"], BN=cc["BN"], IEEE=ieee,
+            num_warps=cc["warps"], num_stages=cc["stages"])
+        return
     BM, BN = cfg["BM"], cfg["BN"]
-    chunks = triton.cdiv(N, BN)
-    splits = _splits(triton.cdiv(M, BM), chunks, cfg["splits"])
-    n_per_split = triton.cdiv(chunks, splits) * BN
-    splits = triton.cdiv(N, n_per_split)
+    splits, n_per_split = _split_plan(triton.cdiv(M, BM), N, BN, cfg)
     _bwd_up_kernel[(triton.cdiv(M, BM), splits)](
-        g, C, u, gu, gc, M, N, g.stride(0), n_per_split, R=R, BM=BM, BN=BN, ATOMIC=splits > 1, IEEE=_ieee(g),
+        g, C, u, gu, gc, M, N, g.stride(0), n_per_split, R=R, BM=BM, BN=BN, ATOMIC=splits > 1, IEEE=ieee,
         num_warps=cfg["warps"], num_stages=cfg["stages"])
 
 
-def bwd_down_splits(M: int, K: int) -> int:
-    cfg = CONFIGS["bwd_down"]
-    BK = min(cfg["BK"], max(16, triton.next_power_of_2(K)))
-    chunks = triton.cdiv(M, cfg["BM"])
-    splits = _splits(triton.cdiv(K, BK), chunks, cfg["splits"])
-    return triton.cdiv(M, triton.cdiv(chunks, splits) * cfg["BM"])
-
-
 def bwd_down(x, gu, A, grad_x, ga, seed_h: int, thr: int, dropout: bool) -> None:
-    """ga (+)= gu^T (keep * x) (float32 (R, K); zeroed by the caller when split) and grad_x += keep * (gu A)."""
+    """ga (+)= gu^T (keep * x) (float32 (R, K), zeroed by the caller) and grad_x += keep * (gu A)."""
     M, K = x.shape
     R = A.shape[0]
-    cfg = CONFIGS["bwd_down"]
+    cfg = _fit("bwd_down", R, x.element_size())
+    ieee = _ieee(x)
+    if cfg.get("mode", "fused") == "split":  # grad_x: one tile per program; dA: a reduction over M
+        cx, ca = _fit("gx", R, x.element_size()), _fit("ga", R, x.element_size())
+        if grad_x is not None:
+            _gx_kernel[(triton.cdiv(K, cx["BK"]), triton.cdiv(M, cx["BM"]))](
+                gu, A, grad_x, M, K, grad_x.stride(0), seed_h, thr, R=R, BM=cx["BM"], BK=cx["BK"], DROPOUT=dropout,
+                IEEE=ieee, num_warps=cx["warps"], num_stages=cx["stages"])
+        BK = min(ca["BK"], max(16, triton.next_power_of_2(K)))
+        splits, per_split = _split_plan(triton.cdiv(K, BK), M, ca["BM"], ca)
+        _ga_kernel[(triton.cdiv(K, BK), splits)](
+            x, gu, ga, M, K, x.stride(0), seed_h, thr, per_split, R=R, BM=ca["BM"], BK=BK, DROPOUT=dropout,
+            ATOMIC=splits > 1, IEEE=ieee, num_warps=ca["warps"], num_stages=ca["stages"])
+        return
     BM, BK = cfg["BM"], min(cfg["BK"], max(16, triton.next_power_of_2(K)))
-    chunks = triton.cdiv(M, BM)
-    splits = _splits(triton.cdiv(K, BK), chunks, cfg["splits"])
-    m_per_split = triton.cdiv(chunks, splits) * BM
-    splits = triton.cdiv(M, m_per_split)
+    splits, m_per_split = _split_plan(triton.cdiv(K, BK), M, BM, cfg)
     _bwd_down_kernel[(triton.cdiv(K, BK), splits)](
         x, gu, A, grad_x if grad_x is not None else x, ga, M, K, x.stride(0),
         grad_x.stride(0) if grad_x is not None else 0, seed_h, thr, m_per_split, R=R, BM=BM, BK=BK,
-        DROPOUT=dropout, GRAD_X=grad_x is not None, ATOMIC=splits > 1, IEEE=_ieee(x),
+        DROPOUT=dropout, GRAD_X=grad_x is not None, ATOMIC=splits > 1, IEEE=ieee,
         num_warps=cfg["warps"], num_stages=cfg["stages"])
 
 
