@@ -37,6 +37,9 @@ def test_neighbours_and_seeds_are_uncorrelated():
     for shifted, original in ((centred[1:], centred[:-1]), (centred[:, 1:], centred[:, :-1]),
                               (centred[1:, 1:], centred[:-1, :-1]), (centred[:, 8:], centred[:, :-8])):
         assert abs((shifted * original).mean() / var) < bound
+    # the two columns drawn from one hash word (2q, 2q+1), and neighbouring words (2q+1, 2q+2)
+    assert abs((centred[:, 0::2] * centred[:, 1::2]).mean() / var) < 2 * bound
+    assert abs((centred[:, 1:-1:2] * centred[:, 2::2]).mean() / var) < 2 * bound
     other = hashmask.keep_mask(1024, 1024, 100, p).double()
     other = other - other.mean()
     assert abs((other * centred).mean() / var) < bound
@@ -46,7 +49,8 @@ def test_neighbours_and_seeds_are_uncorrelated():
 
 def test_threshold_and_edge_probabilities():
     assert hashmask.threshold(0.0) == 0
-    assert hashmask.threshold(0.5) == 2**31
+    assert hashmask.threshold(0.5) == 2**15
+    assert hashmask.effective_p(0.05) == 3277 / 2**16
     assert hashmask.keep_mask(64, 64, 1, 0.0).all()
     assert not hashmask.keep_mask(64, 64, 1, 0.999999999).any()
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rasa_lora.ops import dropout_mask, rasa_linear, set_kernel_backend
+from rasa_lora.ops.dropout import effective_p
 from rasa_lora.reference import dense_delta
 
 # fp32: 1e-5 relative (issue 6). bf16: 1e-2 — bf16 keeps 8 mantissa bits (~4e-3 per rounding), and the
@@ -76,7 +77,7 @@ def test_forward_and_all_gradients_match_the_dense_reference(backend, device, dt
     x64 = x.detach().double().requires_grad_(True)
     params64 = [t.detach().double().requires_grad_(True) for t in params]
     mask = dropout_mask(x.detach(), p, seed) if p > 0 else torch.ones_like(x64)
-    dropped = x64 * mask / (1 - p)
+    dropped = x64 * mask / (1 - effective_p(p))
     ref = x64 @ weight.double().t() + bias.double() + dropped @ dense_delta(*params64).t()
     ref_grads = torch.autograd.grad(ref, [x64, *params64], upstream.double())
 
@@ -159,7 +160,8 @@ def test_triton_launch_shapes_do_not_change_the_result(backend, device, splits, 
     out, upstream, grads = run_fused("triton", x, weight, None, params, 0.2, 77)
     x64 = x.detach().double().requires_grad_(True)
     params64 = [t.detach().double().requires_grad_(True) for t in params]
-    ref = x64 @ weight.double().t() + (x64 * dropout_mask(x.detach(), 0.2, 77) / 0.8) @ dense_delta(*params64).t()
+    dropped = x64 * dropout_mask(x.detach(), 0.2, 77) / (1 - effective_p(0.2))
+    ref = x64 @ weight.double().t() + dropped @ dense_delta(*params64).t()
     ref_grads = torch.autograd.grad(ref, [x64, *params64], upstream.double())
     assert rel_err(out, ref) <= 1e-5
     for name, grad, grad_ref in zip(["x", "A_p", "B_p", "D", "A_s", "B_s"], grads, ref_grads):

@@ -41,17 +41,18 @@ def packed_width(n: int) -> int:
 
 
 # Launch shapes per kernel; `benchmarks/kernels.py` sweeps alternatives (it edits this dict in place).
-CONFIGS = {
-    "down": {"BM": 32, "BK": 128, "splits": 0, "warps": 4, "stages": 3},        # splits 0: enough for the GPU
+CONFIGS = {  # winners of `benchmarks/kernels.py --sweep` on one H200 (2026-11-29), R = 64, bf16
+    "down": {"BM": 64, "BK": 64, "splits": 0, "warps": 4, "stages": 3, "programs": 1056},
     "up": {"BM": 64, "BN": 128, "warps": 4, "stages": 1},
-    "bwd_up": {"mode": "fused", "BM": 256, "BN": 64, "splits": 0, "warps": 8, "stages": 3},
-    "gu": {"BM": 64, "BN": 128, "splits": 0, "warps": 4, "stages": 3},           # bwd_up's "split" mode
-    "gc": {"BM": 128, "BN": 64, "splits": 0, "warps": 4, "stages": 3},
-    "bwd_down": {"mode": "fused", "BM": 64, "BK": 64, "splits": 0, "warps": 8, "stages": 3},
-    "gx": {"BM": 64, "BK": 128, "warps": 4, "stages": 1},                         # bwd_down's "split" mode
-    "ga": {"BM": 64, "BK": 128, "splits": 0, "warps": 4, "stages": 3},
+    "bwd_up": {"mode": "fused", "BM": 256, "BN": 64, "splits": 0, "warps": 8, "stages": 3, "programs": 264},
+    "gu": {"BM": 128, "BN": 64, "splits": 0, "warps": 4, "stages": 3, "programs": 264},   # bwd_up's "split" mode
+    "gc": {"BM": 64, "BN": 64, "splits": 0, "warps": 4, "stages": 3, "programs": 528},
+    "bwd_down": {"mode": "split", "BM": 64, "BK": 64, "splits": 0, "warps": 8, "stages": 3, "programs": 1056},
+    "gx": {"BM": 64, "BK": 128, "warps": 4, "stages": 1},                           # bwd_down's "split" mode
+    "ga": {"BM": 32, "BK": 128, "splits": 0, "warps": 4, "stages": 3, "programs": 528},
     "pack": {"BK": 1024, "BN": 64},
 }
+# splits 0: enough splits of the reduction for about `programs` programs (TARGET_PROGRAMS when unset)
 TARGET_PROGRAMS = 2 * 132  # about two programs per SM of an H100/H200; a floor elsewhere
 
 
@@ -89,10 +90,12 @@ if triton is not None:
         return v ^ (v >> 15)
 
     @triton.jit
-    def _keep(rows, cols, seed_h, thr):
+    def _keep(rows, col0, seed_h, thr, BK: tl.constexpr):
+        """Keep decisions of rows x columns [col0, col0 + BK) (col0 even): one hash per pair of columns."""
         hr = _mix(rows.to(tl.uint32) + seed_h.to(tl.uint32))
-        hc = cols.to(tl.uint32) * 0x61C88647
-        return _mix(hr[:, None] ^ hc[None, :]) >= thr
+        pairs = (col0 // 2 + tl.arange(0, BK // 2)).to(tl.uint32)
+        v = _mix(hr[:, None] ^ (pairs * 0x61C88647)[None, :])
+        return tl.interleave(v & 0xFFFF, v >> 16) >= thr
 
     @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
@@ -136,7 +139,7 @@ if triton is not None:
             x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
                         other=0.0)
             if DROPOUT:
-                x = tl.where(_keep(rm, rk, seed_h, thr), x, 0.0)
+                x = tl.where(_keep(rm, k0, seed_h, thr, BK), x, 0.0)
             a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
             acc += _dot(x, tl.trans(a), IEEE)
         pointers = u_ptr + rm[:, None] * R + rr[None, :]
@@ -198,7 +201,7 @@ if triton is not None:
             gu = tl.load(gu_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0).to(a.dtype)
             x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=inside, other=0.0)
             if DROPOUT:
-                keep = _keep(rm, rk, seed_h, thr)
+                keep = _keep(rm, tl.program_id(0) * BK, seed_h, thr, BK)
                 x = tl.where(keep, x, 0.0)
             acc += _dot(tl.trans(gu), x, IEEE)
             if GRAD_X:
@@ -258,7 +261,7 @@ if triton is not None:
         gu = tl.load(gu_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0).to(a.dtype)
         update = _dot(gu, a, IEEE)
         if DROPOUT:
-            update = tl.where(_keep(rm, rk, seed_h, thr), update, 0.0)
+            update = tl.where(_keep(rm, tl.program_id(0) * BK, seed_h, thr, BK), update, 0.0)
         inside = (rm < M)[:, None] & (rk < K)[None, :]
         pointers = gx_ptr + rm[:, None] * sgxm + rk[None, :]
         gx = tl.load(pointers, mask=inside, other=0.0)
@@ -277,7 +280,7 @@ if triton is not None:
             x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
                         other=0.0)
             if DROPOUT:
-                x = tl.where(_keep(rm, rk, seed_h, thr), x, 0.0)
+                x = tl.where(_keep(rm, tl.program_id(0) * BK, seed_h, thr, BK), x, 0.0)
             gu = tl.load(gu_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0).to(x.dtype)
             acc += _dot(tl.trans(gu), x, IEEE)
         pointers = ga_ptr + rr[:, None] * K + rk[None, :]
@@ -433,6 +436,6 @@ if triton is not None:
     def _keep_mask_kernel(out_ptr, M, K, seed_h, thr, BM: tl.constexpr, BK: tl.constexpr):
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rk = tl.program_id(1) * BK + tl.arange(0, BK)
-        keep = _keep(rm, rk, seed_h, thr)
+        keep = _keep(rm, tl.program_id(1) * BK, seed_h, thr, BK)
         tl.store(out_ptr + rm[:, None] * K + rk[None, :], keep.to(tl.int8),
                  mask=(rm < M)[:, None] & (rk < K)[None, :])

@@ -2,7 +2,7 @@ r"""The RaSA linear layer (base projection + eq. 5 adapter) as one autograd Func
 
 With input rows x (M x a), frozen base weight W (b x a) and bias c, the factors are packed once per call
 into one thin pair, zero-padded to R ranks (n = r-k+Lk rounded up to a power of two >= 16), with D and the
-dropout scale s = 1/(1-p) folded into C:
+dropout scale s = 1/(1-p) folded into C (p as the mask has it: `dropout.effective_p`):
 
     A = [A_p ; A_s ; 0]                (R x a)
     C = s [B_p D_p   B_s D_s   0]      (b x R)
@@ -112,7 +112,7 @@ class _RasaLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A_p, B_p, D, A_s, B_s, p: float, seed: int):
         dtype = x.dtype
-        scale = 1.0 / (1.0 - p)
+        scale = 1.0 / (1.0 - _dropout.effective_p(p))
         rows = x.reshape(-1, x.shape[-1])
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
@@ -213,7 +213,7 @@ def rasa_linear(
             generator when None, so gradient checkpointing's recomputation (which restores the RNG state)
             draws the same one.
     """
-    if not 0.0 <= dropout_p < 1.0:
+    if not 0.0 <= dropout_p < 1.0 or _dropout.effective_p(dropout_p) >= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (), device="cpu"))
