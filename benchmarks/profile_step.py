@@ -47,21 +47,29 @@ def profile_variant(model, label, lines):
         model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
-    lines.append(f"\n===== {label}: wall {wall * 1e3:.1f} ms (profiled)")
-    lines.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+    averages = prof.key_averages()
+    busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in averages) / 1e3
+    launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+    lines.append(f"\n===== {label}: wall {wall * 1e3:.1f} ms (profiled), GPU kernel time {busy:.1f} ms "
+                 f"({busy / (wall * 1e3):.0%} busy), {launches} kernel launches")
+    lines.append(averages.table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+    lines.append(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--no-lora", action="store_true")
+    parser.add_argument("--no-thin", action="store_true")
     args = parser.parse_args()
     from peft import LoraConfig, get_peft_model
 
     import rasa_lora
 
     lines: list[str] = []
-    thin_gemm_times(lines)
+    if not args.no_thin:
+        thin_gemm_times(lines)
     model = build_llama(False, torch.device("cuda"))
     model.model.layers = model.model.layers[: args.layers]
     model.config.num_hidden_layers = args.layers
@@ -70,9 +78,11 @@ def main():
     for p in model.parameters():
         p.requires_grad_(False)
     profile_variant(model, "frozen", lines)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=ALL_PROJ))
-    profile_variant(peft_model, "peft lora r8 d0.05", lines)
-    model = peft_model.unload()
+    if not args.no_lora:
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                                      target_modules=ALL_PROJ))
+        profile_variant(peft_model, "peft lora r8 d0.05", lines)
+        model = peft_model.unload()
     config = rasa_lora.RasaConfig(r=8, rasa_k=1, rasa_alpha=16, rasa_dropout=0.05, target_modules=ALL_PROJ)
     peft_model = get_peft_model(model, config)
     profile_variant(peft_model, "rasa r8k1 d0.05", lines)
