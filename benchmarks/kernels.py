@@ -6,8 +6,8 @@ Run on the GPU machine:
 For each projection shape (M tokens, K in, N out; r=8 k=1 over 32 layers, so R=64 packed ranks) it times,
 with `triton.testing.do_bench` (L2 flushed between runs, median), every stage of one training step of the
 layer: the base GEMMs a frozen model runs anyway (forward x W^T twice under gradient checkpointing,
-backward g W) and the adapter's kernels (pack and down and up twice, bwd_up, bwd_down, finalize, and the
-zeroing of the workspaces). It prints each kernel's time and achieved bandwidth and the adapter's share of
+backward g W) and the adapter's kernels (down_and_pack and up_ twice, bwd_up, bwd_down, and the zeroing of
+the workspace). It prints each kernel's time and achieved bandwidth and the adapter's share of
 the layer's step time. With --sweep it first tries alternative launch shapes per kernel and keeps, for each
 kernel, the one with the least total time over the shapes; `--configs-out FILE` saves them as JSON, which
 `benchmarks/speed.py --kernel-configs FILE` applies.
@@ -81,8 +81,8 @@ def stage_times(M, K, N, p=0.05, n=39):
     R = kernels.packed_width(n)
     t = make(M, K, N, R, n)
     seed_h, thr = dropout.seed_hash(1234), dropout.threshold(p)
-    A, C = kernels.pack(t["A_p"], t["B_p"], t["D"], t["A_s"], t["B_s"], DTYPE, 1 / (1 - p))
-    u = kernels.down(t["x"], A, seed_h, thr, True)
+    factors = [t[k] for k in ("A_p", "B_p", "D", "A_s", "B_s")]
+    u, A, C = kernels.down_and_pack(t["x"], *factors, 1.05, seed_h, thr, True)
     y = t["x"] @ t["W"].t()
     gx = t["g"] @ t["W"]
     gu = torch.zeros(M, R, device=DEVICE)
@@ -93,23 +93,21 @@ def stage_times(M, K, N, p=0.05, n=39):
     bench = {
         "base x W^T": lambda: torch.nn.functional.linear(t["x"], t["W"]),
         "base g W": lambda: t["g"] @ t["W"],
-        "pack": lambda: kernels.pack(t["A_p"], t["B_p"], t["D"], t["A_s"], t["B_s"], DTYPE, 1.05),
-        "down": lambda: kernels.down(t["x"], A, seed_h, thr, True),
+        "down_and_pack": lambda: kernels.down_and_pack(t["x"], *factors, 1.05, seed_h, thr, True),
         "up_": lambda: kernels.up_(y, u, C),
         "zeros": lambda: torch.zeros(total, device=DEVICE),
         "bwd_up": lambda: kernels.bwd_up(t["g"], C, u, gu, gc),
-        "bwd_down": lambda: kernels.bwd_down(t["x"], gu, A, gx, ga, seed_h, thr, True),
-        "finalize": lambda: kernels.finalize(gc, t["B_p"], t["B_s"], t["D"], gd, 1.05),
+        "bwd_down": lambda: kernels.bwd_down(t["x"], gu, A, gx, ga, gc, t["B_p"], t["B_s"], t["D"], gd, 1.05,
+                                             seed_h, thr, True),
     }
-    nbytes = {"down": M * K * 2, "up_": 2 * M * N * 2, "bwd_up": M * N * 2, "bwd_down": 3 * M * K * 2}
+    nbytes = {"down_and_pack": M * K * 2, "up_": 2 * M * N * 2, "bwd_up": M * N * 2, "bwd_down": 3 * M * K * 2}
     times = {name: gpu(fn) for name, fn in bench.items()}
     with_host = {name: host(fn) for name, fn in bench.items()}
     gbs = {name: nbytes[name] / (times[name] * 1e-3) / 1e9 for name in nbytes}
 
     def step(tm):  # one training step of the layer under gradient checkpointing: forward twice, backward once
         base = 2 * tm["base x W^T"] + tm["base g W"]
-        adapter = (2 * (tm["pack"] + tm["down"] + tm["up_"]) + tm["zeros"] + tm["bwd_up"] + tm["bwd_down"]
-                   + tm["finalize"])
+        adapter = 2 * (tm["down_and_pack"] + tm["up_"]) + tm["zeros"] + tm["bwd_up"] + tm["bwd_down"]
         return base, adapter
 
     return times, with_host, gbs, step(times), step(with_host)
@@ -146,22 +144,28 @@ def sweep(tokens):
     cases = []
     for (K, N), M in itertools.product(SHAPES.values(), tokens):
         t = make(M, K, N, 64, 39)
-        A, C = kernels.pack(t["A_p"], t["B_p"], t["D"], t["A_s"], t["B_s"], DTYPE, 1.05)
-        u = kernels.down(t["x"], A, seed_h, thr, True)
+        factors = [t[k] for k in ("A_p", "B_p", "D", "A_s", "B_s")]
+        u, A, C = kernels.down_and_pack(t["x"], *factors, 1.05, seed_h, thr, True)
         cases.append({"x": t["x"], "g": t["g"], "A": A, "C": C, "u": u, "y": t["x"] @ t["W"].t(),
                       "gx": t["g"] @ t["W"], "gu": torch.zeros(M, 64, device=DEVICE),
-                      "gc": torch.zeros(N, 64, device=DEVICE), "ga": torch.zeros(64, K, device=DEVICE)})
+                      "gc": torch.zeros(N, 64, device=DEVICE), "ga": torch.zeros(64, K, device=DEVICE),
+                      "gd": torch.zeros(64, device=DEVICE), "factors": factors})
     split_up = {"mode": "split"}
     split_down = {"mode": "split"}
+    def backward_down(c):
+        f = c["factors"]
+        kernels.bwd_down(c["x"], c["gu"], c["A"], c["gx"], c["ga"], c["gc"], f[1], f[4], f[2], c["gd"], 1.05,
+                         seed_h, thr, True)
+
     calls = {
-        "down": lambda c: kernels.down(c["x"], c["A"], seed_h, thr, True),
+        "down": lambda c: kernels.down_and_pack(c["x"], *c["factors"], 1.05, seed_h, thr, True),
         "up": lambda c: kernels.up_(c["y"], c["u"], c["C"]),
         "bwd_up": lambda c: kernels.bwd_up(c["g"], c["C"], c["u"], c["gu"], c["gc"]),
         "gu": lambda c: kernels.bwd_up(c["g"], c["C"], c["u"], c["gu"], c["gc"]),
         "gc": lambda c: kernels.bwd_up(c["g"], c["C"], c["u"], c["gu"], c["gc"]),
-        "bwd_down": lambda c: kernels.bwd_down(c["x"], c["gu"], c["A"], c["gx"], c["ga"], seed_h, thr, True),
-        "gx": lambda c: kernels.bwd_down(c["x"], c["gu"], c["A"], c["gx"], c["ga"], seed_h, thr, True),
-        "ga": lambda c: kernels.bwd_down(c["x"], c["gu"], c["A"], c["gx"], c["ga"], seed_h, thr, True),
+        "bwd_down": backward_down,
+        "gx": backward_down,
+        "ga": backward_down,
     }
     best, report = {}, {}
     for name, options in SWEEP.items():

@@ -3,18 +3,22 @@ r"""Triton kernels of the fused RaSA layer (see `rasa_linear.py` for the algebra
 Notation: x (M, K) the input rows, g (M, N) the output gradient, A (R, K) and C (N, R) the packed factors
 (R: n = r-k+Lk ranks rounded up to a power of two >= 16, zero beyond n; the dropout scale s and D folded into
 C), u (M, R) and gu (M, R) the thin float32 intermediates, keep(i, j) the hash mask of `dropout.py`.
+A training step of a layer launches five kernels (seven with gradient checkpointing's second forward):
 
-    pack        A = [A_p; A_s; 0],  C = s [B_p D_p, B_s D_s, 0]              one launch for both
-    down        u  = (keep * x) A^T                                         one read of x
-    up_         y += u C^T                                                  one read and write of y
-    bwd_up      gu = g C,  dC = g^T u                                       one read of g
-    bwd_down    dA = gu^T (keep * x),  dx += keep * (gu A)                  one read of x, read+write of dx
-    finalize    dB = s dC D,  dD = s sum_b(dC * B)                          small
+    forward   down_and_pack   u = (keep * x) [A_p; A_s]^T from the raw factors     one read of x
+                              + extra programs writing the packed A and C
+              up_             y += u C^T                                            one read and write of y
+    backward  bwd_up          gu = g C,  dC = g^T u                                 one read of g
+              bwd_down        dx += keep * (gu A)                                   one read and write of dx
+                              dA = gu^T (keep * x)                                  one read of x
+                              + extra programs: dB = s dC D, dD = s sum_b(dC * B)
 
-Every pass over a token-sized tensor happens once, the mask is drawn in registers where it is used, and
-the split reductions (over K in `down`, over M in `bwd_down` and `bwd_up`) add float32 partial sums
-atomically, so their last bits depend on scheduling. The launch shapes (`CONFIGS`) were chosen by
-`benchmarks/kernels.py` on one H200; the kernels are correct for any of them.
+Every pass over a token-sized tensor happens once and the mask is drawn in registers where it is used. The
+split reductions (over K in `down_and_pack`, over M in `bwd_down` and `bwd_up`) add float32 partial sums
+atomically, so their last bits depend on scheduling. Few launches matter as much as fast ones: on one H200 a
+Triton launch costs the host ~15-25 us, and at 4096 tokens a step the host, not the GPU, set the pace
+(`benchmarks/RESULTS.md`). The launch shapes (`CONFIGS`) were chosen by `benchmarks/kernels.py --sweep` on
+one H200; the kernels are correct for any of them (tested with small and split shapes).
 """
 
 from __future__ import annotations
@@ -30,6 +34,15 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 
 def available() -> bool:
     return triton is not None
+
+
+def _cdiv(a: int, b: int) -> int:
+    # not triton.cdiv: in Triton 3.6 that is a constexpr function costing ~5 us a call on the host
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def packed_width(n: int) -> int:
@@ -105,48 +118,72 @@ if triton is not None:
             return tl.dot(a, b)
 
     @triton.jit
+    def _pack_a_row(ap_ptr, as_ptr, a_ptr, row, K, NP, NS, BK: tl.constexpr):
+        """Row `row` of A = [A_p; A_s; 0], cast to A's dtype."""
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            vp = tl.load(ap_ptr + row * K + rk, mask=(rk < K) & (row < NP), other=0.0).to(tl.float32)
+            vs = tl.load(as_ptr + (row - NP) * K + rk, mask=(rk < K) & (row >= NP) & (row < NP + NS),
+                         other=0.0).to(tl.float32)
+            tl.store(a_ptr + row * K + rk, (vp + vs).to(a_ptr.dtype.element_ty), mask=rk < K)
+
+    @triton.jit
+    def _pack_c_block(bp_ptr, bs_ptr, d_ptr, c_ptr, block, N, NP, NS, scale, R: tl.constexpr, BN: tl.constexpr):
+        """Rows [block * BN, block * BN + BN) of C = s [B_p D_p, B_s D_s, 0]."""
+        rn = block * BN + tl.arange(0, BN)
+        rr = tl.arange(0, R)
+        d = tl.load(d_ptr + rr, mask=rr < NP + NS, other=0.0).to(tl.float32)
+        row_ok = (rn < N)[:, None]
+        bp = tl.load(bp_ptr + rn[:, None] * NP + rr[None, :], mask=row_ok & (rr < NP)[None, :], other=0.0)
+        bs = tl.load(bs_ptr + rn[:, None] * NS + (rr - NP)[None, :],
+                     mask=row_ok & ((rr >= NP) & (rr < NP + NS))[None, :], other=0.0)
+        c = (bp.to(tl.float32) + bs.to(tl.float32)) * d[None, :] * scale
+        tl.store(c_ptr + rn[:, None] * R + rr[None, :], c.to(c_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
     def _pack_kernel(ap_ptr, as_ptr, bp_ptr, bs_ptr, d_ptr, a_ptr, c_ptr, K, N, NP, NS, scale,
                      R: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
         pid = tl.program_id(0)
-        if pid < R:  # row `pid` of A
-            for k0 in range(0, K, BK):
-                rk = k0 + tl.arange(0, BK)
-                vp = tl.load(ap_ptr + pid * K + rk, mask=(rk < K) & (pid < NP), other=0.0).to(tl.float32)
-                vs = tl.load(as_ptr + (pid - NP) * K + rk, mask=(rk < K) & (pid >= NP) & (pid < NP + NS),
-                             other=0.0).to(tl.float32)
-                tl.store(a_ptr + pid * K + rk, (vp + vs).to(a_ptr.dtype.element_ty), mask=rk < K)
-        else:  # a block of BN rows of C
-            rn = (pid - R) * BN + tl.arange(0, BN)
-            rr = tl.arange(0, R)
-            d = tl.load(d_ptr + rr, mask=rr < NP + NS, other=0.0).to(tl.float32)
-            row_ok = (rn < N)[:, None]
-            bp = tl.load(bp_ptr + rn[:, None] * NP + rr[None, :], mask=row_ok & (rr < NP)[None, :], other=0.0)
-            bs = tl.load(bs_ptr + rn[:, None] * NS + (rr - NP)[None, :],
-                         mask=row_ok & ((rr >= NP) & (rr < NP + NS))[None, :], other=0.0)
-            c = (bp.to(tl.float32) + bs.to(tl.float32)) * d[None, :] * scale
-            tl.store(c_ptr + rn[:, None] * R + rr[None, :], c.to(c_ptr.dtype.element_ty), mask=row_ok)
+        if pid < R:
+            _pack_a_row(ap_ptr, as_ptr, a_ptr, pid, K, NP, NS, BK)
+        else:
+            _pack_c_block(bp_ptr, bs_ptr, d_ptr, c_ptr, pid - R, N, NP, NS, scale, R, BN)
 
     @triton.jit
-    def _down_kernel(x_ptr, a_ptr, u_ptr, M, K, sxm, seed_h, thr, k_per_split,
-                     R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, DROPOUT: tl.constexpr,
-                     ATOMIC: tl.constexpr, IEEE: tl.constexpr):
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
-        rr = tl.arange(0, R)
-        k_lo = tl.program_id(1) * k_per_split
-        acc = tl.zeros((BM, R), dtype=tl.float32)
-        for k0 in range(k_lo, k_lo + k_per_split, BK):
-            rk = k0 + tl.arange(0, BK)
-            x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
-                        other=0.0)
-            if DROPOUT:
-                x = tl.where(_keep(rm, k0, seed_h, thr, BK), x, 0.0)
-            a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
-            acc += _dot(x, tl.trans(a), IEEE)
-        pointers = u_ptr + rm[:, None] * R + rr[None, :]
-        if ATOMIC:
-            tl.atomic_add(pointers, acc, mask=(rm < M)[:, None], sem="relaxed")
+    def _down_pack_kernel(x_ptr, ap_ptr, as_ptr, bp_ptr, bs_ptr, d_ptr, a_ptr, c_ptr, u_ptr, M, K, N, NP, NS,
+                          sxm, seed_h, thr, k_per_split, scale, row_blocks, splits,
+                          R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BK_PACK: tl.constexpr,
+                          BN_PACK: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr):
+        """The forward's first launch: u = (keep * x) A^T from the raw factors, and, in extra programs, the
+        packed A and C that the next launch (`_up_kernel`) and the backward read."""
+        pid = tl.program_id(0)
+        computing = row_blocks * splits
+        if pid < computing:
+            rm = (pid % row_blocks) * BM + tl.arange(0, BM)
+            rr = tl.arange(0, R)
+            k_lo = (pid // row_blocks) * k_per_split
+            acc = tl.zeros((BM, R), dtype=tl.float32)
+            private = (rr < NP)[:, None]
+            shared = ((rr >= NP) & (rr < NP + NS))[:, None]
+            for k0 in range(k_lo, k_lo + k_per_split, BK):
+                rk = k0 + tl.arange(0, BK)
+                x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
+                            other=0.0)
+                if DROPOUT:
+                    x = tl.where(_keep(rm, k0, seed_h, thr, BK), x, 0.0)
+                in_k = (rk < K)[None, :]
+                a = tl.load(ap_ptr + rr[:, None] * K + rk[None, :], mask=private & in_k, other=0.0)
+                a += tl.load(as_ptr + (rr - NP)[:, None] * K + rk[None, :], mask=shared & in_k, other=0.0)
+                acc += _dot(x, tl.trans(a.to(x.dtype)), IEEE)
+            pointers = u_ptr + rm[:, None] * R + rr[None, :]
+            if ATOMIC:
+                tl.atomic_add(pointers, acc, mask=(rm < M)[:, None], sem="relaxed")
+            else:
+                tl.store(pointers, acc, mask=(rm < M)[:, None])
+        elif pid < computing + R:
+            _pack_a_row(ap_ptr, as_ptr, a_ptr, pid - computing, K, NP, NS, BK_PACK)
         else:
-            tl.store(pointers, acc, mask=(rm < M)[:, None])
+            _pack_c_block(bp_ptr, bs_ptr, d_ptr, c_ptr, pid - computing - R, N, NP, NS, scale, R, BN_PACK)
 
     @triton.jit
     def _up_kernel(u_ptr, c_ptr, y_ptr, M, N, sym, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -268,31 +305,10 @@ if triton is not None:
         tl.store(pointers, (gx.to(tl.float32) + update).to(gx_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _ga_kernel(x_ptr, gu_ptr, ga_ptr, M, K, sxm, seed_h, thr, m_per_split, R: tl.constexpr,
-                   BM: tl.constexpr, BK: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC: tl.constexpr,
-                   IEEE: tl.constexpr):
-        rk = tl.program_id(0) * BK + tl.arange(0, BK)
-        rr = tl.arange(0, R)
-        acc = tl.zeros((R, BK), dtype=tl.float32)
-        m_lo = tl.program_id(1) * m_per_split
-        for m0 in range(m_lo, m_lo + m_per_split, BM):
-            rm = m0 + tl.arange(0, BM)
-            x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
-                        other=0.0)
-            if DROPOUT:
-                x = tl.where(_keep(rm, tl.program_id(0) * BK, seed_h, thr, BK), x, 0.0)
-            gu = tl.load(gu_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0).to(x.dtype)
-            acc += _dot(tl.trans(gu), x, IEEE)
-        pointers = ga_ptr + rr[:, None] * K + rk[None, :]
-        if ATOMIC:
-            tl.atomic_add(pointers, acc, mask=(rk < K)[None, :], sem="relaxed")
-        else:
-            tl.store(pointers, acc, mask=(rk < K)[None, :])
-
-    @triton.jit
-    def _finalize_kernel(gc_ptr, bp_ptr, bs_ptr, d_ptr, gbp_ptr, gbs_ptr, gd_ptr, N, NP, NS, scale,
-                         R: tl.constexpr, BN: tl.constexpr):
-        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    def _finalize_block(gc_ptr, bp_ptr, bs_ptr, d_ptr, gbp_ptr, gbs_ptr, gd_ptr, block, N, NP, NS, scale,
+                        R: tl.constexpr, BN: tl.constexpr):
+        """dB = s dC D and dD += s sum_b(dC * B) for rows [block * BN, block * BN + BN) of dC."""
+        rn = block * BN + tl.arange(0, BN)
         rr = tl.arange(0, R)
         row_ok = (rn < N)[:, None]
         private = row_ok & (rr < NP)[None, :]
@@ -306,6 +322,43 @@ if triton is not None:
         bs = tl.load(bs_ptr + rn[:, None] * NS + (rr - NP)[None, :], mask=shared, other=0.0).to(tl.float32)
         tl.atomic_add(gd_ptr + rr, tl.sum(gc * (bp + bs), axis=0), mask=rr < NP + NS, sem="relaxed")
 
+    @triton.jit
+    def _finalize_kernel(gc_ptr, bp_ptr, bs_ptr, d_ptr, gbp_ptr, gbs_ptr, gd_ptr, N, NP, NS, scale,
+                         R: tl.constexpr, BN: tl.constexpr):
+        _finalize_block(gc_ptr, bp_ptr, bs_ptr, d_ptr, gbp_ptr, gbs_ptr, gd_ptr, tl.program_id(0), N, NP, NS, scale,
+                        R, BN)
+
+    @triton.jit
+    def _ga_finalize_kernel(x_ptr, gu_ptr, ga_ptr, gc_ptr, bp_ptr, bs_ptr, d_ptr, gbp_ptr, gbs_ptr, gd_ptr,
+                            M, K, N, NP, NS, sxm, seed_h, thr, m_per_split, scale, k_blocks, splits,
+                            R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN_FIN: tl.constexpr,
+                            DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr):
+        """The backward's last launch: dA = gu^T (keep * x) and, in extra programs, dB and dD from the complete
+        dC (written by the earlier `bwd_up` launch)."""
+        pid = tl.program_id(0)
+        computing = k_blocks * splits
+        if pid < computing:
+            col0 = (pid % k_blocks) * BK
+            rk = col0 + tl.arange(0, BK)
+            rr = tl.arange(0, R)
+            acc = tl.zeros((R, BK), dtype=tl.float32)
+            m_lo = (pid // k_blocks) * m_per_split
+            for m0 in range(m_lo, m_lo + m_per_split, BM):
+                rm = m0 + tl.arange(0, BM)
+                x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
+                            other=0.0)
+                if DROPOUT:
+                    x = tl.where(_keep(rm, col0, seed_h, thr, BK), x, 0.0)
+                gu = tl.load(gu_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0)
+                acc += _dot(tl.trans(gu.to(x.dtype)), x, IEEE)
+            pointers = ga_ptr + rr[:, None] * K + rk[None, :]
+            if ATOMIC:
+                tl.atomic_add(pointers, acc, mask=(rk < K)[None, :], sem="relaxed")
+            else:
+                tl.store(pointers, acc, mask=(rk < K)[None, :])
+        else:
+            _finalize_block(gc_ptr, bp_ptr, bs_ptr, d_ptr, gbp_ptr, gbs_ptr, gd_ptr, pid - computing, N, NP, NS,
+                            scale, R, BN_FIN)
 
 def _ieee(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32
@@ -319,25 +372,35 @@ def pack(A_p, B_p, D, A_s, B_s, dtype, scale: float) -> tuple[torch.Tensor, torc
     A = torch.empty((R, K), dtype=dtype, device=A_p.device)
     C = torch.empty((N, R), dtype=dtype, device=A_p.device)
     cfg = CONFIGS["pack"]
-    block_k = min(cfg["BK"], triton.next_power_of_2(K))
-    grid = (R + triton.cdiv(N, cfg["BN"]),)
+    block_k = min(cfg["BK"], _next_pow2(K))
+    grid = (R + _cdiv(N, cfg["BN"]),)
     _pack_kernel[grid](A_p, A_s, B_p, B_s, D, A, C, K, N, num_private, num_shared, scale,
                        R=R, BK=block_k, BN=cfg["BN"])
     return A, C
 
 
-def down(x: torch.Tensor, A: torch.Tensor, seed_h: int, thr: int, dropout: bool) -> torch.Tensor:
-    """u = (keep * x) A^T, float32 (M, R)."""
+def down_and_pack(x, A_p, B_p, D, A_s, B_s, scale: float, seed_h: int, thr: int, dropout: bool):
+    """u = (keep * x) [A_p; A_s]^T (float32 (M, R)), and the packed A (R, K) and C (N, R) in x's dtype, in one
+    launch (the factors must be contiguous)."""
     M, K = x.shape
-    R = A.shape[0]
+    NP, NS, N = A_p.shape[0], A_s.shape[0], B_p.shape[0]
+    R = packed_width(NP + NS)
+    A = torch.empty((R, K), dtype=x.dtype, device=x.device)
+    C = torch.empty((N, R), dtype=x.dtype, device=x.device)
     cfg = _fit("down", R, x.element_size())
-    BM, BK = cfg["BM"], min(cfg["BK"], max(16, triton.next_power_of_2(K)))
-    splits, k_per_split = _split_plan(triton.cdiv(M, BM), K, BK, cfg)
+    BM, BK = cfg["BM"], min(cfg["BK"], max(16, _next_pow2(K)))
+    row_blocks = _cdiv(M, BM)
+    splits, k_per_split = _split_plan(row_blocks, K, BK, cfg)
     u = (torch.zeros if splits > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
-    _down_kernel[(triton.cdiv(M, BM), splits)](
-        x, A, u, M, K, x.stride(0), seed_h, thr, k_per_split, R=R, BM=BM, BK=BK, DROPOUT=dropout,
-        ATOMIC=splits > 1, IEEE=_ieee(x), num_warps=cfg["warps"], num_stages=cfg["stages"])
-    return u
+    pack_cfg = CONFIGS["pack"]
+    BN_PACK = pack_cfg["BN"] if R <= 64 else max(16, pack_cfg["BN"] * 64 // R)
+    grid = (row_blocks * splits + R + _cdiv(N, BN_PACK),)
+    _down_pack_kernel[grid](
+        x, A_p, A_s, B_p, B_s, D, A, C, u, M, K, N, NP, NS, x.stride(0), seed_h, thr, k_per_split, scale,
+        row_blocks, splits, R=R, BM=BM, BK=BK, BK_PACK=min(pack_cfg["BK"], max(16, _next_pow2(K))),
+        BN_PACK=BN_PACK, DROPOUT=dropout, ATOMIC=splits > 1, IEEE=_ieee(x), num_warps=cfg["warps"],
+        num_stages=cfg["stages"])
+    return u, A, C
 
 
 def up_(y: torch.Tensor, u: torch.Tensor, C: torch.Tensor) -> None:
@@ -346,17 +409,17 @@ def up_(y: torch.Tensor, u: torch.Tensor, C: torch.Tensor) -> None:
     R = C.shape[1]
     cfg = _fit("up", R, y.element_size())
     BM, BN = cfg["BM"], cfg["BN"]
-    _up_kernel[(triton.cdiv(N, BN), triton.cdiv(M, BM))](
+    _up_kernel[(_cdiv(N, BN), _cdiv(M, BM))](
         u, C, y, M, N, y.stride(0), R=R, BM=BM, BN=BN, IEEE=_ieee(y), num_warps=cfg["warps"],
         num_stages=cfg["stages"])
 
 
 def _split_plan(blocks: int, length: int, block: int, cfg: dict) -> tuple[int, int]:
     """(splits, elements per split) for a reduction of `length` in chunks of `block`."""
-    chunks = triton.cdiv(length, block)
+    chunks = _cdiv(length, block)
     splits = _splits(blocks, chunks, cfg.get("splits", 0), cfg.get("programs", 0))
-    per_split = triton.cdiv(chunks, splits) * block
-    return triton.cdiv(length, per_split), per_split
+    per_split = _cdiv(chunks, splits) * block
+    return _cdiv(length, per_split), per_split
 
 
 def bwd_up(g: torch.Tensor, C: torch.Tensor, u: torch.Tensor, gu: torch.Tensor, gc: torch.Tensor) -> None:
@@ -367,47 +430,56 @@ def bwd_up(g: torch.Tensor, C: torch.Tensor, u: torch.Tensor, gu: torch.Tensor, 
     ieee = _ieee(g)
     if cfg.get("mode", "fused") == "split":  # two kernels, each reading g once, few atomics
         cu, cc = _fit("gu", R, g.element_size()), _fit("gc", R, g.element_size())
-        splits, per_split = _split_plan(triton.cdiv(M, cu["BM"]), N, cu["BN"], cu)
-        _gu_kernel[(triton.cdiv(M, cu["BM"]), splits)](
+        splits, per_split = _split_plan(_cdiv(M, cu["BM"]), N, cu["BN"], cu)
+        _gu_kernel[(_cdiv(M, cu["BM"]), splits)](
             g, C, gu, M, N, g.stride(0), per_split, R=R, BM=cu["BM"], BN=cu["BN"], ATOMIC=splits > 1, IEEE=ieee,
             num_warps=cu["warps"], num_stages=cu["stages"])
-        splits, per_split = _split_plan(triton.cdiv(N, cc["BN"]), M, cc["BM"], cc)
-        _gc_kernel[(triton.cdiv(N, cc["BN"]), splits)](
+        splits, per_split = _split_plan(_cdiv(N, cc["BN"]), M, cc["BM"], cc)
+        _gc_kernel[(_cdiv(N, cc["BN"]), splits)](
             g, u, gc, M, N, g.stride(0), per_split, R=R, BM=cc["BM"], BN=cc["BN"], IEEE=ieee,
             num_warps=cc["warps"], num_stages=cc["stages"])
         return
     BM, BN = cfg["BM"], cfg["BN"]
-    splits, n_per_split = _split_plan(triton.cdiv(M, BM), N, BN, cfg)
-    _bwd_up_kernel[(triton.cdiv(M, BM), splits)](
+    splits, n_per_split = _split_plan(_cdiv(M, BM), N, BN, cfg)
+    _bwd_up_kernel[(_cdiv(M, BM), splits)](
         g, C, u, gu, gc, M, N, g.stride(0), n_per_split, R=R, BM=BM, BN=BN, ATOMIC=splits > 1, IEEE=ieee,
         num_warps=cfg["warps"], num_stages=cfg["stages"])
 
 
-def bwd_down(x, gu, A, grad_x, ga, seed_h: int, thr: int, dropout: bool) -> None:
-    """ga (+)= gu^T (keep * x) (float32 (R, K), zeroed by the caller) and grad_x += keep * (gu A)."""
+def bwd_down(x, gu, A, grad_x, ga, gc, B_p, B_s, D, gd, scale: float, seed_h: int, thr: int, dropout: bool):
+    """grad_x += keep * (gu A) in place, ga (+)= gu^T (keep * x) (float32 (R, K), zeroed by the caller), and from
+    the complete gc = dL/dC: returns dB_p, dB_s (float32) and adds dL/dD into gd (zeroed by the caller)."""
     M, K = x.shape
-    R = A.shape[0]
+    R, N = A.shape[0], gc.shape[0]
+    NP, NS = B_p.shape[1], B_s.shape[1]
     cfg = _fit("bwd_down", R, x.element_size())
     ieee = _ieee(x)
-    if cfg.get("mode", "fused") == "split":  # grad_x: one tile per program; dA: a reduction over M
-        cx, ca = _fit("gx", R, x.element_size()), _fit("ga", R, x.element_size())
-        if grad_x is not None:
-            _gx_kernel[(triton.cdiv(K, cx["BK"]), triton.cdiv(M, cx["BM"]))](
-                gu, A, grad_x, M, K, grad_x.stride(0), seed_h, thr, R=R, BM=cx["BM"], BK=cx["BK"], DROPOUT=dropout,
-                IEEE=ieee, num_warps=cx["warps"], num_stages=cx["stages"])
-        BK = min(ca["BK"], max(16, triton.next_power_of_2(K)))
-        splits, per_split = _split_plan(triton.cdiv(K, BK), M, ca["BM"], ca)
-        _ga_kernel[(triton.cdiv(K, BK), splits)](
-            x, gu, ga, M, K, x.stride(0), seed_h, thr, per_split, R=R, BM=ca["BM"], BK=BK, DROPOUT=dropout,
-            ATOMIC=splits > 1, IEEE=ieee, num_warps=ca["warps"], num_stages=ca["stages"])
-        return
-    BM, BK = cfg["BM"], min(cfg["BK"], max(16, triton.next_power_of_2(K)))
-    splits, m_per_split = _split_plan(triton.cdiv(K, BK), M, BM, cfg)
-    _bwd_down_kernel[(triton.cdiv(K, BK), splits)](
-        x, gu, A, grad_x if grad_x is not None else x, ga, M, K, x.stride(0),
-        grad_x.stride(0) if grad_x is not None else 0, seed_h, thr, m_per_split, R=R, BM=BM, BK=BK,
-        DROPOUT=dropout, GRAD_X=grad_x is not None, ATOMIC=splits > 1, IEEE=ieee,
-        num_warps=cfg["warps"], num_stages=cfg["stages"])
+    if cfg.get("mode", "fused") != "split":  # one pass over x and grad_x, then dB and dD in a small launch
+        BM, BK = cfg["BM"], min(cfg["BK"], max(16, _next_pow2(K)))
+        splits, m_per_split = _split_plan(_cdiv(K, BK), M, BM, cfg)
+        _bwd_down_kernel[(_cdiv(K, BK), splits)](
+            x, gu, A, grad_x if grad_x is not None else x, ga, M, K, x.stride(0),
+            grad_x.stride(0) if grad_x is not None else 0, seed_h, thr, m_per_split, R=R, BM=BM, BK=BK,
+            DROPOUT=dropout, GRAD_X=grad_x is not None, ATOMIC=splits > 1, IEEE=ieee,
+            num_warps=cfg["warps"], num_stages=cfg["stages"])
+        return finalize(gc, B_p, B_s, D, gd, scale)
+    # "split": grad_x one tile per program; then dA (a reduction over M) with dB and dD in extra programs
+    cx, ca = _fit("gx", R, x.element_size()), _fit("ga", R, x.element_size())
+    if grad_x is not None:
+        _gx_kernel[(_cdiv(K, cx["BK"]), _cdiv(M, cx["BM"]))](
+            gu, A, grad_x, M, K, grad_x.stride(0), seed_h, thr, R=R, BM=cx["BM"], BK=cx["BK"], DROPOUT=dropout,
+            IEEE=ieee, num_warps=cx["warps"], num_stages=cx["stages"])
+    gbp = torch.empty((N, NP), dtype=torch.float32, device=gc.device)
+    gbs = torch.empty((N, NS), dtype=torch.float32, device=gc.device)
+    BK = min(ca["BK"], max(16, _next_pow2(K)))
+    k_blocks = _cdiv(K, BK)
+    splits, per_split = _split_plan(k_blocks, M, ca["BM"], ca)
+    BN_FIN = 64 if R <= 64 else max(16, 64 * 64 // R)
+    _ga_finalize_kernel[(k_blocks * splits + _cdiv(N, BN_FIN),)](
+        x, gu, ga, gc, B_p, B_s, D, gbp, gbs, gd, M, K, N, NP, NS, x.stride(0), seed_h, thr, per_split, scale,
+        k_blocks, splits, R=R, BM=ca["BM"], BK=BK, BN_FIN=BN_FIN, DROPOUT=dropout, ATOMIC=splits > 1, IEEE=ieee,
+        num_warps=ca["warps"], num_stages=ca["stages"])
+    return gbp, gbs
 
 
 def finalize(gc, B_p, B_s, D, gd, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -416,8 +488,8 @@ def finalize(gc, B_p, B_s, D, gd, scale: float) -> tuple[torch.Tensor, torch.Ten
     num_private, num_shared = B_p.shape[1], B_s.shape[1]
     gbp = torch.empty((N, num_private), dtype=torch.float32, device=gc.device)
     gbs = torch.empty((N, num_shared), dtype=torch.float32, device=gc.device)
-    BN = 64
-    _finalize_kernel[(triton.cdiv(N, BN),)](gc, B_p, B_s, D, gbp, gbs, gd, N, num_private, num_shared, scale,
+    BN = 64 if R <= 64 else max(16, 64 * 64 // R)
+    _finalize_kernel[(_cdiv(N, BN),)](gc, B_p, B_s, D, gbp, gbs, gd, N, num_private, num_shared, scale,
                                             R=R, BN=BN)
     return gbp, gbs
 
@@ -425,7 +497,7 @@ def finalize(gc, B_p, B_s, D, gd, scale: float) -> tuple[torch.Tensor, torch.Ten
 def keep_mask(M: int, K: int, seed_h: int, thr: int, device) -> torch.Tensor:
     """The kernels' keep decisions as a bool (M, K) tensor (tests compare it with `dropout.keep_mask`)."""
     out = torch.empty((M, K), dtype=torch.int8, device=device)
-    grid = (triton.cdiv(M, 32), triton.cdiv(K, 64))
+    grid = (_cdiv(M, 32), _cdiv(K, 64))
     _keep_mask_kernel[grid](out, M, K, seed_h, thr, BM=32, BK=64)
     return out.bool()
 

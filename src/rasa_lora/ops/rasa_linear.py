@@ -122,9 +122,8 @@ class _RasaLinearFunction(torch.autograd.Function):
             from rasa_lora.ops import kernels
 
             factors = [t.contiguous() for t in (A_p, B_p, D, A_s, B_s)]
-            A, C = kernels.pack(*factors, dtype, scale)
             seed_h, thr = _dropout.seed_hash(seed), _dropout.threshold(p)
-            u = kernels.down(rows, A, seed_h, thr, p > 0)
+            u, A, C = kernels.down_and_pack(rows, *factors, scale, seed_h, thr, p > 0)
             kernels.up_(y, u, C)
         else:
             A, C = _pack_torch(A_p, B_p, D, A_s, B_s, dtype, scale)
@@ -160,9 +159,8 @@ class _RasaLinearFunction(torch.autograd.Function):
             gd = workspace[(M + N) * R + R * K:]
             kernels.bwd_up(g, C, u, gu, gc)
             seed_h, thr = _dropout.seed_hash(ctx.seed), _dropout.threshold(p)
-            kernels.bwd_down(rows, gu, A, grad_x, ga, seed_h, thr, p > 0)
-            grad_B_p, grad_B_s = kernels.finalize(gc, B_p.contiguous(), B_s.contiguous(), D.contiguous(), gd,
-                                                  scale)
+            grad_B_p, grad_B_s = kernels.bwd_down(rows, gu, A, grad_x, ga, gc, B_p.contiguous(), B_s.contiguous(),
+                                                  D.contiguous(), gd, scale, seed_h, thr, p > 0)
             grad_D = gd[:n]
         else:
             dtype = g.dtype
@@ -184,9 +182,9 @@ class _RasaLinearFunction(torch.autograd.Function):
         dtypes = ctx.dtypes
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
-        return (grad_x, None, None,
-                ga[:num_private].to(dtypes[0]), grad_B_p.to(dtypes[1]), grad_D.to(dtypes[2]),
-                ga[num_private:n].to(dtypes[3]), grad_B_s.to(dtypes[4]), None, None)
+        grads = (ga[:num_private], grad_B_p, grad_D, ga[num_private:n], grad_B_s)
+        grads = [t if t.dtype == d else t.to(d) for t, d in zip(grads, dtypes)]
+        return (grad_x, None, None, *grads, None, None)
 
 
 def rasa_linear(
