@@ -24,6 +24,7 @@ a merged layer refuses to run once its pool has changed (its merged weight would
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -192,7 +193,7 @@ class Linear(nn.Module, RasaLayer):
             fused_backend_enabled()
             and len(self.active_adapters) == 1
             and self.active_adapters[0] in self.rasa_A
-            and type(base) in (nn.Linear,) + _conv1d_types()
+            and type(base) in _fusable_types()
             and not base.weight.requires_grad
             and (base.bias is None or not base.bias.requires_grad)
             and x.dtype.is_floating_point
@@ -202,15 +203,18 @@ class Linear(nn.Module, RasaLayer):
         name = self.active_adapters[0]
         base = self.get_base_layer()
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            x = x.to(torch.get_autocast_dtype(device_type))
         dropout = self.rasa_dropout[name]
         p = dropout.p if (self.training and isinstance(dropout, nn.Dropout)) else 0.0
         A_s, B_s = self.shared_factors(name)
+        if A_s.device != x.device:
+            A_s, B_s = A_s.to(x.device), B_s.to(x.device)
+        args = (weight, base.bias, self.rasa_A[name], self.rasa_B[name], self.rasa_D[name], A_s, B_s)
+        device_type = x.device.type
+        if not torch.is_autocast_enabled(device_type):  # the common case, without a context manager's cost
+            return rasa_linear(x, *args, dropout_p=p)
+        x = x.to(torch.get_autocast_dtype(device_type))
         with torch.autocast(device_type, enabled=False):
-            return rasa_linear(x, weight, base.bias, self.rasa_A[name], self.rasa_B[name], self.rasa_D[name],
-                               A_s.to(x.device), B_s.to(x.device), dropout_p=p)
+            return rasa_linear(x, *args, dropout_p=p)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
@@ -243,7 +247,13 @@ class Linear(nn.Module, RasaLayer):
         return "rasa." + super().__repr__()
 
 
+@functools.cache
 def _conv1d_types() -> tuple[type, ...]:
     from transformers.pytorch_utils import Conv1D
 
     return (Conv1D,)
+
+
+@functools.cache
+def _fusable_types() -> tuple[type, ...]:
+    return (nn.Linear, *_conv1d_types())
