@@ -106,10 +106,11 @@ def test_zero3_registers_each_groups_pool_on_every_layer_of_the_group():
     calls = []
     count = distributed.register_zero3_external_parameters(model, register=lambda m, p: calls.append((m, p)))
     layers = distributed.rasa_layers(model)
-    assert count == len(calls) == 5 * len(layers)  # A~, B~, D and the group's A_S, B_S
+    assert count == len(calls) == 6 * len(layers)  # the base weight (no bias here), A~, B~, D, the group's A_S, B_S
     tuner = model.base_model
     for layer in layers.values():
         registered = [p for m, p in calls if m is layer]
+        assert any(p is layer.get_base_layer().weight for p in registered)  # the fused path reads it directly
         key = layer.rasa_group["default"].replace(".", "-")
         for pool in (tuner.rasa_shared_A["default"][key], tuner.rasa_shared_B["default"][key]):
             assert sum(p is pool for p in registered) == 1  # the tuner's own parameter object, once
@@ -147,7 +148,21 @@ def simulated_zero3(model):
             p.data = full[id(p)]
 
 
-def test_zero3_registration_lets_partitioned_layers_compute_the_same_logits():
+@pytest.mark.parametrize("fused", [False, True])
+def test_zero3_registration_lets_partitioned_layers_compute_the_same_logits(fused):
+    """Both paths: the fused one (the default on GPUs) reads the base weight without the base layer's forward."""
+    from rasa_lora.ops import set_fused_backend, set_kernel_backend
+
+    set_fused_backend(fused)
+    set_kernel_backend("torch" if fused else None)
+    try:
+        _zero3_same_logits()
+    finally:
+        set_fused_backend(None)
+        set_kernel_backend(None)
+
+
+def _zero3_same_logits():
     model = build_model(False).eval()
     batch = global_batch()
     with torch.no_grad():

@@ -191,11 +191,14 @@ def zero3_external_parameters(model: nn.Module) -> list[tuple[nn.Module, nn.Para
 
     ZeRO-3 gathers `module.parameters(recurse=False)` at a module's forward. A RasaLayer reads its group's pool
     (A_S, B_S, owned by the tuner) and its private factors (A~, B~, D, held in child ParameterDicts whose forward
-    never runs); DeepSpeed's getter-based discovery may find these at run time, but declaring them is the
+    never runs), and its fused path reads the base layer's weight and bias without calling the base layer's
+    forward; DeepSpeed's getter-based discovery may find these at run time, but declaring them is the
     documented way and keeps the prefetch plan right from the first step.
     """
     pairs = []
     for layer in rasa_layers(model).values():
+        base = layer.get_base_layer()
+        pairs.extend((layer, p) for p in (base.weight, getattr(base, "bias", None)) if p is not None)
         for adapter in layer.rasa_group:
             for container in (layer.rasa_A, layer.rasa_B, layer.rasa_D):
                 pairs.append((layer, container[adapter]))
