@@ -5,12 +5,14 @@ the CPU under Triton's interpreter (`TRITON_INTERPRET=1`, float32 only).
 """
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from rasa_lora.ops import dropout_mask, rasa_linear, set_kernel_backend
 from rasa_lora.ops.dropout import effective_p
+from rasa_lora.ops.rasa_linear import dropout_scale
 from rasa_lora.reference import dense_delta
 
 # fp32: 1e-5 relative (issue 6). bf16: 1e-2 — bf16 keeps 8 mantissa bits (~4e-3 per rounding), and the
@@ -28,7 +30,9 @@ def _triton_ok() -> bool:
 
 def _cases():
     cases = [pytest.param("torch", "cpu", id="torch-cpu"),
-             pytest.param("torch", "cuda", marks=pytest.mark.gpu, id="torch-cuda")]
+             pytest.param("torch", "cuda", marks=pytest.mark.gpu, id="torch-cuda"),
+             pytest.param("cublas", "cpu", id="cublas-cpu"),
+             pytest.param("cublas", "cuda", marks=pytest.mark.gpu, id="cublas-cuda")]
     if _triton_ok():
         cases.append(pytest.param("triton", "cuda", marks=pytest.mark.gpu, id="triton-cuda"))
         if os.environ.get("TRITON_INTERPRET") == "1":
@@ -76,8 +80,8 @@ def test_forward_and_all_gradients_match_the_dense_reference(backend, device, dt
     # reference in float64, same mask
     x64 = x.detach().double().requires_grad_(True)
     params64 = [t.detach().double().requires_grad_(True) for t in params]
-    mask = dropout_mask(x.detach(), p, seed) if p > 0 else torch.ones_like(x64)
-    dropped = x64 * mask / (1 - effective_p(p))
+    mask = dropout_mask(x.detach(), p, seed, backend) if p > 0 else torch.ones_like(x64)
+    dropped = x64 * mask * dropout_scale(p, backend)
     ref = x64 @ weight.double().t() + bias.double() + dropped @ dense_delta(*params64).t()
     ref_grads = torch.autograd.grad(ref, [x64, *params64], upstream.double())
 
@@ -166,3 +170,30 @@ def test_triton_launch_shapes_do_not_change_the_result(backend, device, splits, 
     assert rel_err(out, ref) <= 1e-5
     for name, grad, grad_ref in zip(["x", "A_p", "B_p", "D", "A_s", "B_s"], grads, ref_grads):
         assert rel_err(grad, grad_ref) <= 1e-5, name
+
+
+def test_backend_choice_and_mask_flavours(monkeypatch):
+    from rasa_lora.ops import kernel_backend, kernels
+
+    x = torch.empty(4, 8)
+    assert kernel_backend(x, 39) == "torch"  # the CPU
+    cuda_like = SimpleNamespace(is_cuda=True)
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    assert kernel_backend(cuda_like, 39) == "triton"  # r=8 k=1 over 32 layers: R = 64
+    assert kernel_backend(cuda_like, 78) == "cublas"  # r=16 k=2: R = 128
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    assert kernel_backend(cuda_like, 39) == "cublas"
+    set_kernel_backend("torch")
+    try:
+        assert kernel_backend(cuda_like, 39) == "torch"
+    finally:
+        set_kernel_backend(None)
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        set_kernel_backend("cuda")
+    # the hash mask (p rounded to 2**-16) and torch's Bernoulli mask (p exact) differ, each reproducible
+    rows = torch.empty(64, 64)
+    for backend in ("torch", "cublas"):
+        assert torch.equal(dropout_mask(rows, 0.3, 5, backend), dropout_mask(rows, 0.3, 5, backend))
+    assert not torch.equal(dropout_mask(rows, 0.3, 5, "torch"), dropout_mask(rows, 0.3, 5, "cublas"))
+    assert dropout_scale(0.05, "cublas") == 1 / 0.95
+    assert dropout_scale(0.05, "torch") == 1 / (1 - effective_p(0.05))

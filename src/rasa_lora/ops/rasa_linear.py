@@ -24,10 +24,13 @@ C removes every elementwise pass over the tokens; dL/dD is a reduction over b. S
 The packed factors are rebuilt from the parameters on every call (one launch), so they are never stale
 (FSDP and DeepSpeed re-gather parameters into reused storage).
 
-Backends, chosen per call: "triton" (CUDA tensors with Triton installed: the default on GPUs) and "torch"
-(the same algebra with PyTorch ops and the same mask: any device). `set_fused_backend(True/False)` turns the
-fused Function on or off (off: the layer's plain reference path; the default is on with CUDA, or
-RASA_LORA_FUSED=1/0); `set_kernel_backend("triton"/"torch"/None)` forces a backend (tests; RASA_LORA_KERNELS).
+Backends, chosen per call (`kernel_backend`): "triton" (CUDA with Triton installed, for r-k+Lk <= 64: the
+default there), "cublas" (CUDA otherwise: the same algebra through PyTorch ops and cuBLAS, with torch's own
+Bernoulli dropout mask drawn from a seeded generator, stored for the multiply and drawn again in backward) and
+"torch" (the same ops with the hash mask of the Triton kernels: any device; the CPU's fused path, and the twin
+the kernels are tested against). `set_fused_backend(True/False)` turns the fused Function on or off (off: the
+layer's plain reference path; the default is on with CUDA, or RASA_LORA_FUSED=1/0);
+`set_kernel_backend(name or None)` forces a backend (tests; RASA_LORA_KERNELS).
 The base weight is frozen (no dL/dW); a trainable base weight or bias takes the layer's reference path.
 """
 
@@ -42,6 +45,7 @@ from rasa_lora.ops import dropout as _dropout
 
 _FUSED: bool | None = None
 _KERNELS: str | None = None
+_GENERATORS: dict[torch.device, torch.Generator] = {}
 
 
 def set_fused_backend(enabled: bool | None) -> None:
@@ -59,16 +63,28 @@ def fused_backend_enabled() -> bool:
     return torch.cuda.is_available()
 
 
+BACKENDS = ("triton", "torch", "cublas")
+TRITON_MAX_RANKS = 64  # widest packed rank count R for which the Triton kernels are the default (see below)
+
+
 def set_kernel_backend(name: str | None) -> None:
-    """Force the fused path's backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch", or None (auto)."""
-    if name not in (None, "triton", "torch"):
-        raise ValueError(f"unknown kernel backend {name!r}: use 'triton', 'torch' or None")
+    """Force the fused path's backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch", "cublas" or None
+    (auto: see `kernel_backend`)."""
+    if name not in (None, *BACKENDS):
+        raise ValueError(f"unknown kernel backend {name!r}: use one of {BACKENDS} or None")
     global _KERNELS
     _KERNELS = name
 
 
-def kernel_backend(x: torch.Tensor) -> str:
-    """The backend the fused path uses for input x."""
+def kernel_backend(x: torch.Tensor, ranks: int = 0) -> str:
+    """The backend the fused path uses for input x and n = `ranks` (r-k+Lk) adapter ranks.
+
+    Auto: on CUDA, "triton" when triton is installed and the packed width R (n rounded up to a power of two,
+    >= 16) is at most TRITON_MAX_RANKS, else "cublas"; elsewhere "torch". Why: on one H200 (Llama-3.1-8B shape,
+    2026-11-29) the Triton kernels made r=8 k=1 (R=64) steps 1.18x faster than the cuBLAS path did, while their
+    launch shapes, tuned for R=64, made r=16 k=2 (R=128) and r=32 k=4 (R=256) slower than it
+    (`benchmarks/RESULTS.md`).
+    """
     from rasa_lora.ops import kernels
 
     name = _KERNELS or os.environ.get("RASA_LORA_KERNELS")
@@ -77,23 +93,39 @@ def kernel_backend(x: torch.Tensor) -> str:
             raise RuntimeError("the Triton kernel backend was asked for but triton is not installed; "
                                "`pip install triton` or use set_kernel_backend('torch')")
         return "triton"
-    if name == "torch":
+    if name in ("torch", "cublas"):
+        return name
+    if not x.is_cuda:
         return "torch"
-    return "triton" if x.is_cuda and kernels.available() else "torch"
+    return "triton" if kernels.available() and kernels.packed_width(ranks) <= TRITON_MAX_RANKS else "cublas"
 
 
-def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The keep-mask (bool, shape of x) that `rasa_linear` uses for dropout probability p and this seed."""
+def dropout_mask(x: torch.Tensor, p: float, seed: int, backend: str = "triton") -> torch.Tensor:
+    """The keep-mask (bool, shape of x) that `rasa_linear` uses for dropout probability p and this seed.
+
+    "triton" and "torch" draw the hash mask of `dropout.py` (p rounded to 2**-16: `dropout.effective_p`);
+    "cublas" draws torch's Bernoulli (Philox) mask from a generator seeded with `seed`, with p exact.
+    """
+    if backend == "cublas":
+        # One generator per device, re-seeded per call: creating a CUDA generator on every call cost ~0.2 ms of
+        # host time each (SmolLM2 step on one H200, 2026-11-29).
+        generator = _GENERATORS.get(x.device)
+        if generator is None:
+            generator = _GENERATORS[x.device] = torch.Generator(device=x.device)
+        generator.manual_seed(seed)
+        return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p, generator=generator)
     return _dropout.dropout_mask(x, p, seed)
 
 
-# --- the PyTorch backend: the same stages as kernels.py ---------------------------------------------------
-def _pack_torch(A_p, B_p, D, A_s, B_s, dtype, scale):
-    from rasa_lora.ops.kernels import packed_width
+def dropout_scale(p: float, backend: str) -> float:
+    """1 / (1 - p), with p as the backend's mask has it."""
+    return 1.0 / (1.0 - (p if backend == "cublas" else _dropout.effective_p(p)))
 
+
+# --- the PyTorch backends ("torch", "cublas"): the same stages as kernels.py ----------------------------------
+def _pack_torch(A_p, B_p, D, A_s, B_s, dtype, scale, width):
     num_private, num_shared = A_p.shape[0], A_s.shape[0]
     n = num_private + num_shared
-    width = packed_width(n)
     with torch.no_grad():
         A = A_p.new_zeros((width, A_p.shape[1]), dtype=dtype)
         A[:num_private] = A_p
@@ -104,19 +136,20 @@ def _pack_torch(A_p, B_p, D, A_s, B_s, dtype, scale):
     return A, C
 
 
-def _keep(rows: torch.Tensor, p: float, seed: int) -> torch.Tensor | None:
-    return _dropout.keep_mask(rows.shape[0], rows.shape[1], seed, p, rows.device) if p > 0 else None
+def _keep(rows: torch.Tensor, p: float, seed: int, backend: str) -> torch.Tensor | None:
+    return dropout_mask(rows, p, seed, backend) if p > 0 else None
 
 
 class _RasaLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A_p, B_p, D, A_s, B_s, p: float, seed: int):
         dtype = x.dtype
-        scale = 1.0 / (1.0 - _dropout.effective_p(p))
         rows = x.reshape(-1, x.shape[-1])
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
-        backend = kernel_backend(rows)
+        num_ranks = A_p.shape[0] + A_s.shape[0]
+        backend = kernel_backend(rows, num_ranks)
+        scale = dropout_scale(p, backend)
         y = F.linear(rows, weight.to(dtype), None if bias is None else bias.to(dtype))
         if backend == "triton":
             from rasa_lora.ops import kernels
@@ -127,8 +160,12 @@ class _RasaLinearFunction(torch.autograd.Function):
             u, A, C = kernels.down_and_pack(rows, A_p, B_p, D, A_s, B_s, scale, seed_h, thr, p > 0)
             kernels.up_(y, u, C)
         else:
-            A, C = _pack_torch(A_p, B_p, D, A_s, B_s, dtype, scale)
-            keep = _keep(rows, p, seed)
+            from rasa_lora.ops.kernels import packed_width
+
+            # "cublas": n rounded up to 8 (cuBLAS's fast widths); "torch": the Triton kernels' packed width
+            width = (num_ranks + 7) // 8 * 8 if backend == "cublas" else packed_width(num_ranks)
+            A, C = _pack_torch(A_p, B_p, D, A_s, B_s, dtype, scale, width)
+            keep = _keep(rows, p, seed, backend)
             u = ((rows * keep if keep is not None else rows) @ A.t()).float()
             y.addmm_(u.to(dtype), C.t())
         # Only the token-sized and recomputable tensors go through save_for_backward (gradient checkpointing frees
@@ -170,7 +207,7 @@ class _RasaLinearFunction(torch.autograd.Function):
             dtype = g.dtype
             gu = (g @ C).float()
             gc = (g.t() @ u.to(dtype)).float()
-            keep = _keep(rows, p, ctx.seed)
+            keep = _keep(rows, p, ctx.seed, ctx.backend)
             kept = rows * keep if keep is not None else rows
             ga = (gu.to(dtype).t() @ kept).float()
             if grad_x is not None:
