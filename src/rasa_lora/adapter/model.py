@@ -48,16 +48,18 @@ def pool_key(group: str) -> str:
     return group.replace(".", "-")
 
 
-class RasaPools(nn.Module):
-    """The shared factors of every adapter and group: `shared_A[adapter][pool_key]`, `shared_B[...]`."""
+class RasaPools:
+    """A view of the tuner's shared factors, `shared_A[adapter][pool_key]` and `shared_B[...]`, that layers hold
+    (a plain object, not a module: the tuner's containers stay the only registered owners)."""
 
     def __init__(self, shared_A: nn.ModuleDict, shared_B: nn.ModuleDict) -> None:
-        super().__init__()
-        object.__setattr__(self, "shared_A", shared_A)
-        object.__setattr__(self, "shared_B", shared_B)
+        self.shared_A, self.shared_B = shared_A, shared_B
+        self._keys: dict[str, str] = {}
 
     def get(self, adapter_name: str, group: str) -> tuple[torch.Tensor, torch.Tensor]:
-        key = pool_key(group)
+        key = self._keys.get(group)
+        if key is None:
+            key = self._keys[group] = pool_key(group)
         return self.shared_A[adapter_name][key], self.shared_B[adapter_name][key]
 
 
@@ -78,7 +80,11 @@ class RasaModel(BaseTuner):
 
     @property
     def pools(self) -> RasaPools:
-        return RasaPools(self.rasa_shared_A, self.rasa_shared_B)
+        """The one `RasaPools` every layer of this tuner holds (made on first use, kept outside `_modules`)."""
+        pools = self.__dict__.get("_rasa_pools_view")
+        if pools is None or pools.shared_A is not self.rasa_shared_A or pools.shared_B is not self.rasa_shared_B:
+            pools = self.__dict__["_rasa_pools_view"] = RasaPools(self.rasa_shared_A, self.rasa_shared_B)
+        return pools
 
     # --- configuration and planning ----------------------------------------------------------------------
     def _prepare_adapter_config(self, peft_config: RasaConfig, model_config: dict) -> RasaConfig:
