@@ -141,15 +141,6 @@ if triton is not None:
         tl.store(c_ptr + rn[:, None] * R + rr[None, :], c.to(c_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
-    def _pack_kernel(ap_ptr, as_ptr, bp_ptr, bs_ptr, d_ptr, a_ptr, c_ptr, K, N, NP, NS, scale,
-                     R: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
-        pid = tl.program_id(0)
-        if pid < R:
-            _pack_a_row(ap_ptr, as_ptr, a_ptr, pid, K, NP, NS, BK)
-        else:
-            _pack_c_block(bp_ptr, bs_ptr, d_ptr, c_ptr, pid - R, N, NP, NS, scale, R, BN)
-
-    @triton.jit
     def _down_pack_kernel(x_ptr, ap_ptr, as_ptr, bp_ptr, bs_ptr, d_ptr, a_ptr, c_ptr, u_ptr, M, K, N, NP, NS,
                           sxm, seed_h, thr, k_per_split, scale, row_blocks, splits,
                           R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BK_PACK: tl.constexpr,
@@ -362,21 +353,6 @@ if triton is not None:
 
 def _ieee(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32
-
-
-def pack(A_p, B_p, D, A_s, B_s, dtype, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (R, K) and C (N, R) in `dtype`; the factors must be contiguous."""
-    num_private, num_shared = A_p.shape[0], A_s.shape[0]
-    K, N = A_p.shape[1], B_p.shape[0]
-    R = packed_width(num_private + num_shared)
-    A = torch.empty((R, K), dtype=dtype, device=A_p.device)
-    C = torch.empty((N, R), dtype=dtype, device=A_p.device)
-    cfg = CONFIGS["pack"]
-    block_k = min(cfg["BK"], _next_pow2(K))
-    grid = (R + _cdiv(N, cfg["BN"]),)
-    _pack_kernel[grid](A_p, A_s, B_p, B_s, D, A, C, K, N, num_private, num_shared, scale,
-                       R=R, BK=block_k, BN=cfg["BN"])
-    return A, C
 
 
 def down_and_pack(x, A_p, B_p, D, A_s, B_s, scale: float, seed_h: int, thr: int, dropout: bool):
