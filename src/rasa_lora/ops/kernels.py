@@ -45,6 +45,11 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def _block(cap: int, size: int) -> int:
+    """A tile edge along a dimension of `size`: `cap`, or less for a small dimension (a power of two >= 16)."""
+    return min(cap, max(16, _next_pow2(size)))
+
+
 def packed_width(n: int) -> int:
     """R: the packed rank width (a power of two, at least 16, as `tl.dot` needs)."""
     width = 16
@@ -111,6 +116,14 @@ if triton is not None:
         return tl.interleave(v & 0xFFFF, v >> 16) >= thr
 
     @triton.jit
+    def _store_or_add(pointers, acc, mask, ATOMIC: tl.constexpr):
+        """Write a reduction's result; added atomically when the reduction is split over several programs."""
+        if ATOMIC:
+            tl.atomic_add(pointers, acc, mask=mask, sem="relaxed")
+        else:
+            tl.store(pointers, acc, mask=mask)
+
+    @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
         if IEEE:
             return tl.dot(a, b, input_precision="ieee")
@@ -167,10 +180,7 @@ if triton is not None:
                 a += tl.load(as_ptr + (rr - NP)[:, None] * K + rk[None, :], mask=shared & in_k, other=0.0)
                 acc += _dot(x, tl.trans(a.to(x.dtype)), IEEE)
             pointers = u_ptr + rm[:, None] * R + rr[None, :]
-            if ATOMIC:
-                tl.atomic_add(pointers, acc, mask=(rm < M)[:, None], sem="relaxed")
-            else:
-                tl.store(pointers, acc, mask=(rm < M)[:, None])
+            _store_or_add(pointers, acc, (rm < M)[:, None], ATOMIC)
         elif pid < computing + R:
             _pack_a_row(ap_ptr, as_ptr, a_ptr, pid - computing, K, NP, NS, BK_PACK)
         else:
@@ -209,10 +219,7 @@ if triton is not None:
             tl.atomic_add(gc_ptr + rn[:, None] * R + rr[None, :], _dot(tl.trans(g), u, IEEE),
                           mask=(rn < N)[:, None], sem="relaxed")
         pointers = gu_ptr + rm[:, None] * R + rr[None, :]
-        if ATOMIC:
-            tl.atomic_add(pointers, acc, mask=(rm < M)[:, None], sem="relaxed")
-        else:
-            tl.store(pointers, acc, mask=(rm < M)[:, None])
+        _store_or_add(pointers, acc, (rm < M)[:, None], ATOMIC)
 
     @triton.jit
     def _bwd_down_kernel(x_ptr, gu_ptr, a_ptr, gx_ptr, ga_ptr, M, K, sxm, sgxm, seed_h, thr, m_per_split,
@@ -240,10 +247,7 @@ if triton is not None:
                 gx = tl.load(pointers, mask=inside, other=0.0)
                 tl.store(pointers, (gx.to(tl.float32) + update).to(gx_ptr.dtype.element_ty), mask=inside)
         pointers = ga_ptr + rr[:, None] * K + rk[None, :]
-        if ATOMIC:
-            tl.atomic_add(pointers, acc, mask=(rk < K)[None, :], sem="relaxed")
-        else:
-            tl.store(pointers, acc, mask=(rk < K)[None, :])
+        _store_or_add(pointers, acc, (rk < K)[None, :], ATOMIC)
 
     @triton.jit
     def _gu_kernel(g_ptr, c_ptr, gu_ptr, M, N, sgm, n_per_split, R: tl.constexpr, BM: tl.constexpr,
@@ -259,10 +263,7 @@ if triton is not None:
             c = tl.load(c_ptr + rn[:, None] * R + rr[None, :], mask=(rn < N)[:, None], other=0.0)
             acc += _dot(g, c, IEEE)
         pointers = gu_ptr + rm[:, None] * R + rr[None, :]
-        if ATOMIC:
-            tl.atomic_add(pointers, acc, mask=(rm < M)[:, None], sem="relaxed")
-        else:
-            tl.store(pointers, acc, mask=(rm < M)[:, None])
+        _store_or_add(pointers, acc, (rm < M)[:, None], ATOMIC)
 
     @triton.jit
     def _gc_kernel(g_ptr, u_ptr, gc_ptr, M, N, sgm, m_per_split, R: tl.constexpr, BM: tl.constexpr,
@@ -343,10 +344,7 @@ if triton is not None:
                 gu = tl.load(gu_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0)
                 acc += _dot(tl.trans(gu.to(x.dtype)), x, IEEE)
             pointers = ga_ptr + rr[:, None] * K + rk[None, :]
-            if ATOMIC:
-                tl.atomic_add(pointers, acc, mask=(rk < K)[None, :], sem="relaxed")
-            else:
-                tl.store(pointers, acc, mask=(rk < K)[None, :])
+            _store_or_add(pointers, acc, (rk < K)[None, :], ATOMIC)
         else:
             _finalize_block(gc_ptr, bp_ptr, bs_ptr, d_ptr, gbp_ptr, gbs_ptr, gd_ptr, pid - computing, N, NP, NS,
                             scale, R, BN_FIN)
@@ -364,7 +362,7 @@ def down_and_pack(x, A_p, B_p, D, A_s, B_s, scale: float, seed_h: int, thr: int,
     A = torch.empty((R, K), dtype=x.dtype, device=x.device)
     C = torch.empty((N, R), dtype=x.dtype, device=x.device)
     cfg = _fit("down", R, x.element_size())
-    BM, BK = cfg["BM"], min(cfg["BK"], max(16, _next_pow2(K)))
+    BM, BK = cfg["BM"], _block(cfg["BK"], K)
     row_blocks = _cdiv(M, BM)
     splits, k_per_split = _split_plan(row_blocks, K, BK, cfg)
     u = (torch.zeros if splits > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
@@ -373,7 +371,7 @@ def down_and_pack(x, A_p, B_p, D, A_s, B_s, scale: float, seed_h: int, thr: int,
     grid = (row_blocks * splits + R + _cdiv(N, BN_PACK),)
     _down_pack_kernel[grid](
         x, A_p, A_s, B_p, B_s, D, A, C, u, M, K, N, NP, NS, x.stride(0), seed_h, thr, k_per_split, scale,
-        row_blocks, splits, R=R, BM=BM, BK=BK, BK_PACK=min(pack_cfg["BK"], max(16, _next_pow2(K))),
+        row_blocks, splits, R=R, BM=BM, BK=BK, BK_PACK=_block(pack_cfg["BK"], K),
         BN_PACK=BN_PACK, DROPOUT=dropout, ATOMIC=splits > 1, IEEE=_ieee(x), num_warps=cfg["warps"],
         num_stages=cfg["stages"])
     return u, A, C
@@ -431,7 +429,7 @@ def bwd_down(x, gu, A, grad_x, ga, gc, B_p, B_s, D, gd, scale: float, seed_h: in
     cfg = _fit("bwd_down", R, x.element_size())
     ieee = _ieee(x)
     if cfg.get("mode", "fused") != "split":  # one pass over x and grad_x, then dB and dD in a small launch
-        BM, BK = cfg["BM"], min(cfg["BK"], max(16, _next_pow2(K)))
+        BM, BK = cfg["BM"], _block(cfg["BK"], K)
         splits, m_per_split = _split_plan(_cdiv(K, BK), M, BM, cfg)
         _bwd_down_kernel[(_cdiv(K, BK), splits)](
             x, gu, A, grad_x if grad_x is not None else x, ga, M, K, x.stride(0),
@@ -447,7 +445,7 @@ def bwd_down(x, gu, A, grad_x, ga, gc, B_p, B_s, D, gd, scale: float, seed_h: in
             IEEE=ieee, num_warps=cx["warps"], num_stages=cx["stages"])
     gbp = torch.empty((N, NP), dtype=torch.float32, device=gc.device)
     gbs = torch.empty((N, NS), dtype=torch.float32, device=gc.device)
-    BK = min(ca["BK"], max(16, _next_pow2(K)))
+    BK = _block(ca["BK"], K)
     k_blocks = _cdiv(K, BK)
     splits, per_split = _split_plan(k_blocks, M, ca["BM"], ca)
     BN_FIN = 64 if R <= 64 else max(16, 64 * 64 // R)
