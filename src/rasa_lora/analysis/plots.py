@@ -31,6 +31,23 @@ def _short(name: str) -> str:
     return name.split("*.", 1)[-1]
 
 
+def _label_panel(axis, name: str, lora_level: float, lora_label: str, xlabel: str) -> None:
+    """LoRA's minimum as a dashed line, the group as the title, the axis labels and the legend."""
+    axis.axhline(lora_level, color="tab:red", linestyle="--", label=lora_label)
+    axis.set_title(_short(name), fontsize=9)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("relative error")
+    axis.legend(fontsize=7)
+
+
+def _save(plt, figure, title: str, path: str | Path) -> Path:
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
 def plot_convergence(groups: dict[str, dict], path: str | Path) -> Path:
     """Figure 2: per group, `rasa_error_curve` (relative) against the iteration, and LoRA's minimum."""
     plt, figure, axes = _panels(len(groups))
@@ -38,19 +55,11 @@ def plot_convergence(groups: dict[str, dict], path: str | Path) -> Path:
         total = record["total_energy"] or 1.0
         curve = [record["rasa_initial_error"] / total] + [e / total for e in record["rasa_error_curve"]]
         axis.plot(range(len(curve)), curve, marker=".", label=f"RaSA (r={record['r']}, k={record['k']})")
-        axis.axhline(record["lora_error"] / total, color="tab:red", linestyle="--", label=f"LoRA min (r={record['r']})")
-        axis.set_title(_short(name), fontsize=9)
-        axis.set_xlabel("iteration")
-        axis.set_ylabel("relative error")
+        _label_panel(axis, name, record["lora_error"] / total, f"LoRA min (r={record['r']})", "iteration")
         low = min(curve[1:] + [record["lora_error"] / total]) if len(curve) > 1 else curve[0]
         high = max(curve[1:2] + [record["lora_error"] / total])
         axis.set_ylim(low - 0.1 * (high - low + 1e-12), high + 0.3 * (high - low + 1e-12))
-        axis.legend(fontsize=7)
-    figure.suptitle("Reconstruction error during coordinate descent (paper Fig. 2)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return Path(path)
+    return _save(plt, figure, "Reconstruction error during coordinate descent (paper Fig. 2)", path)
 
 
 def plot_k_sweep(groups: dict[str, dict], path: str | Path) -> Path:
@@ -60,13 +69,5 @@ def plot_k_sweep(groups: dict[str, dict], path: str | Path) -> Path:
         total = record["total_energy"] or 1.0
         ks = sorted(int(k) for k in record["k_sweep"])
         axis.plot(ks, [record["k_sweep"][str(k)] / total for k in ks], marker="o", label="RaSA")
-        axis.axhline(record["lora_error"] / total, color="tab:red", linestyle="--", label="LoRA min")
-        axis.set_title(_short(name), fontsize=9)
-        axis.set_xlabel("k (shared ranks per layer)")
-        axis.set_ylabel("relative error")
-        axis.legend(fontsize=7)
-    figure.suptitle("Final reconstruction error against k (paper Fig. 3)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return Path(path)
+        _label_panel(axis, name, record["lora_error"] / total, "LoRA min", "k (shared ranks per layer)")
+    return _save(plt, figure, "Final reconstruction error against k (paper Fig. 3)", path)
