@@ -73,32 +73,38 @@ def _timers():
     return host, gpu
 
 
-def stage_times(M, K, N, p=0.05, n=39):
-    """Median ms of each stage for one layer shape, under the current kernels.CONFIGS: (GPU, with host)."""
-    from rasa_lora.ops import dropout, kernels
+def layer_case(M, K, N, seed_h, thr, n=39):
+    """One projection's tensors, and each adapter stage of a training step as a call on them."""
+    from rasa_lora.ops import kernels
 
-    host, gpu = _timers()
     R = kernels.packed_width(n)
     t = make(M, K, N, R, n)
-    seed_h, thr = dropout.seed_hash(1234), dropout.threshold(p)
     factors = [t[k] for k in ("A_p", "B_p", "D", "A_s", "B_s")]
     u, A, C = kernels.down_and_pack(t["x"], *factors, 1.05, seed_h, thr, True)
-    y = t["x"] @ t["W"].t()
-    gx = t["g"] @ t["W"]
-    gu = torch.zeros(M, R, device=DEVICE)
-    gc = torch.zeros(N, R, device=DEVICE)
-    ga = torch.zeros(R, K, device=DEVICE)
-    gd = torch.zeros(R, device=DEVICE)
+    y, gx = t["x"] @ t["W"].t(), t["g"] @ t["W"]
+    gu, gc, ga, gd = (torch.zeros(*shape, device=DEVICE) for shape in ((M, R), (N, R), (R, K), (R,)))
+    calls = {
+        "down_and_pack": lambda: kernels.down_and_pack(t["x"], *factors, 1.05, seed_h, thr, True),
+        "up_": lambda: kernels.up_(y, u, C),
+        "bwd_up": lambda: kernels.bwd_up(t["g"], C, u, gu, gc),
+        "bwd_down": lambda: kernels.bwd_down(t["x"], gu, A, gx, ga, gc, t["B_p"], t["B_s"], t["D"], gd, 1.05,
+                                             seed_h, thr, True),
+    }
+    return t, R, calls
+
+
+def stage_times(M, K, N, p=0.05, n=39):
+    """Median ms of each stage for one layer shape, under the current kernels.CONFIGS: (GPU, with host)."""
+    from rasa_lora.ops import dropout
+
+    host, gpu = _timers()
+    t, R, calls = layer_case(M, K, N, dropout.seed_hash(1234), dropout.threshold(p), n)
     total = M * R + N * R + R * K + R
     bench = {
         "base x W^T": lambda: torch.nn.functional.linear(t["x"], t["W"]),
         "base g W": lambda: t["g"] @ t["W"],
-        "down_and_pack": lambda: kernels.down_and_pack(t["x"], *factors, 1.05, seed_h, thr, True),
-        "up_": lambda: kernels.up_(y, u, C),
+        **calls,
         "zeros": lambda: torch.zeros(total, device=DEVICE),
-        "bwd_up": lambda: kernels.bwd_up(t["g"], C, u, gu, gc),
-        "bwd_down": lambda: kernels.bwd_down(t["x"], gu, A, gx, ga, gc, t["B_p"], t["B_s"], t["D"], gd, 1.05,
-                                             seed_h, thr, True),
     }
     nbytes = {"down_and_pack": M * K * 2, "up_": 2 * M * N * 2, "bwd_up": M * N * 2, "bwd_down": 3 * M * K * 2}
     times = {name: gpu(fn) for name, fn in bench.items()}
@@ -141,32 +147,11 @@ def sweep(tokens):
 
     _, gpu = _timers()
     seed_h, thr = dropout.seed_hash(1), dropout.threshold(0.05)
-    cases = []
-    for (K, N), M in itertools.product(SHAPES.values(), tokens):
-        t = make(M, K, N, 64, 39)
-        factors = [t[k] for k in ("A_p", "B_p", "D", "A_s", "B_s")]
-        u, A, C = kernels.down_and_pack(t["x"], *factors, 1.05, seed_h, thr, True)
-        cases.append({"x": t["x"], "g": t["g"], "A": A, "C": C, "u": u, "y": t["x"] @ t["W"].t(),
-                      "gx": t["g"] @ t["W"], "gu": torch.zeros(M, 64, device=DEVICE),
-                      "gc": torch.zeros(N, 64, device=DEVICE), "ga": torch.zeros(64, K, device=DEVICE),
-                      "gd": torch.zeros(64, device=DEVICE), "factors": factors})
+    cases = [layer_case(M, K, N, seed_h, thr)[2] for (K, N), M in itertools.product(SHAPES.values(), tokens)]
     split_up = {"mode": "split"}
     split_down = {"mode": "split"}
-    def backward_down(c):
-        f = c["factors"]
-        kernels.bwd_down(c["x"], c["gu"], c["A"], c["gx"], c["ga"], c["gc"], f[1], f[4], f[2], c["gd"], 1.05,
-                         seed_h, thr, True)
-
-    calls = {
-        "down": lambda c: kernels.down_and_pack(c["x"], *c["factors"], 1.05, seed_h, thr, True),
-        "up": lambda c: kernels.up_(c["y"], c["u"], c["C"]),
-        "bwd_up": lambda c: kernels.bwd_up(c["g"], c["C"], c["u"], c["gu"], c["gc"]),
-        "gu": lambda c: kernels.bwd_up(c["g"], c["C"], c["u"], c["gu"], c["gc"]),
-        "gc": lambda c: kernels.bwd_up(c["g"], c["C"], c["u"], c["gu"], c["gc"]),
-        "bwd_down": backward_down,
-        "gx": backward_down,
-        "ga": backward_down,
-    }
+    stage_of = {"down": "down_and_pack", "up": "up_", "bwd_up": "bwd_up", "gu": "bwd_up", "gc": "bwd_up",
+                "bwd_down": "bwd_down", "gx": "bwd_down", "ga": "bwd_down"}
     best, report = {}, {}
     for name, options in SWEEP.items():
         saved = {key: dict(value) for key, value in kernels.CONFIGS.items()}
@@ -178,7 +163,7 @@ def sweep(tokens):
         for option in options:
             kernels.CONFIGS[name] = option
             try:
-                total = sum(gpu(lambda c=c, fn=calls[name]: fn(c)) for c in cases)
+                total = sum(gpu(c[stage_of[name]]) for c in cases)
             except Exception as error:  # e.g. out of shared memory for this shape
                 print(f"  {name} {option}: failed ({type(error).__name__})", flush=True)
                 continue
@@ -195,9 +180,9 @@ def sweep(tokens):
     for stage, parts, split in (("bwd_up", ("gu", "gc"), split_up), ("bwd_down", ("gx", "ga"), split_down)):
         fused_cfg = dict(best[stage])
         kernels.CONFIGS[stage] = {**fused_cfg, **split}
-        split_ms = sum(gpu(lambda c=c, fn=calls[stage]: fn(c)) for c in cases)
+        split_ms = sum(gpu(c[stage_of[stage]]) for c in cases)
         kernels.CONFIGS[stage] = fused_cfg
-        fused_ms = sum(gpu(lambda c=c, fn=calls[stage]: fn(c)) for c in cases)
+        fused_ms = sum(gpu(c[stage_of[stage]]) for c in cases)
         if split_ms < fused_ms:
             best[stage] = {**fused_cfg, **split}
         report[stage + " mode"] = {"fused_ms": fused_ms, "split_ms": split_ms}
