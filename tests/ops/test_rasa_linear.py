@@ -63,6 +63,18 @@ def run_fused(backend, x, weight, bias, params, p, seed, upstream_seed=5):
     return out, upstream, grads
 
 
+def dense_reference(x, weight, bias, params, upstream, backend, p, seed):
+    """Eq. 5 in float64 with the backend's own mask: the output and the gradients of x and the factors."""
+    x64 = x.detach().double().requires_grad_(True)
+    params64 = [t.detach().double().requires_grad_(True) for t in params]
+    mask = dropout_mask(x.detach(), p, seed, backend) if p > 0 else torch.ones_like(x64)
+    dropped = x64 * mask * dropout_scale(p, backend)
+    ref = x64 @ weight.double().t() + dropped @ dense_delta(*params64).t()
+    if bias is not None:
+        ref = ref + bias.double()
+    return ref, torch.autograd.grad(ref, [x64, *params64], upstream.double())
+
+
 @pytest.mark.parametrize(("backend", "device"), _cases())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("a", "b", "private", "shared", "p"), SHAPES)
@@ -77,13 +89,7 @@ def test_forward_and_all_gradients_match_the_dense_reference(backend, device, dt
     seed = 1234
     out, upstream, grads = run_fused(backend, x, weight, bias, params, p, seed)
 
-    # reference in float64, same mask
-    x64 = x.detach().double().requires_grad_(True)
-    params64 = [t.detach().double().requires_grad_(True) for t in params]
-    mask = dropout_mask(x.detach(), p, seed, backend) if p > 0 else torch.ones_like(x64)
-    dropped = x64 * mask * dropout_scale(p, backend)
-    ref = x64 @ weight.double().t() + bias.double() + dropped @ dense_delta(*params64).t()
-    ref_grads = torch.autograd.grad(ref, [x64, *params64], upstream.double())
+    ref, ref_grads = dense_reference(x, weight, bias, params, upstream, backend, p, seed)
 
     tol = TOLERANCE[dtype]
     assert out.dtype == dtype
@@ -162,11 +168,7 @@ def test_triton_launch_shapes_do_not_change_the_result(backend, device, splits, 
     weight = (torch.randn(45, 100, generator=g) * 0.1).to(device, dtype)
     params = factors(100, 45, 3, 12, device, seed=8)
     out, upstream, grads = run_fused("triton", x, weight, None, params, 0.2, 77)
-    x64 = x.detach().double().requires_grad_(True)
-    params64 = [t.detach().double().requires_grad_(True) for t in params]
-    dropped = x64 * dropout_mask(x.detach(), 0.2, 77) / (1 - effective_p(0.2))
-    ref = x64 @ weight.double().t() + dropped @ dense_delta(*params64).t()
-    ref_grads = torch.autograd.grad(ref, [x64, *params64], upstream.double())
+    ref, ref_grads = dense_reference(x, weight, None, params, upstream, "triton", 0.2, 77)
     assert rel_err(out, ref) <= 1e-5
     for name, grad, grad_ref in zip(["x", "A_p", "B_p", "D", "A_s", "B_s"], grads, ref_grads):
         assert rel_err(grad, grad_ref) <= 1e-5, name
