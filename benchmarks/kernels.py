@@ -6,8 +6,8 @@ Run on the GPU machine:
 For each projection shape (M tokens, K in, N out; r=8 k=1 over 32 layers, so R=64 packed ranks) it times,
 with `triton.testing.do_bench` (L2 flushed between runs, median), every stage of one training step of the
 layer: the base GEMMs a frozen model runs anyway (forward x W^T twice under gradient checkpointing,
-backward g W) and the adapter's kernels (down_and_pack and up_ twice, bwd_up, bwd_down, and the zeroing of
-the workspace). It prints each kernel's time and achieved bandwidth and the adapter's share of
+backward g W) and the adapter's kernels (down_and_pack and up_ twice; the backward's pack, bwd_up, bwd_down, and
+the zeroing of the workspace). It prints each kernel's time and achieved bandwidth and the adapter's share of
 the layer's step time. With --sweep it first tries alternative launch shapes per kernel and keeps, for each
 kernel, the one with the least total time over the shapes; `--configs-out FILE` saves them as JSON, which
 `benchmarks/speed.py --kernel-configs FILE` applies.
@@ -86,6 +86,7 @@ def layer_case(M, K, N, seed_h, thr, n=39):
     calls = {
         "down_and_pack": lambda: kernels.down_and_pack(t["x"], *factors, 1.05, seed_h, thr, True),
         "up_": lambda: kernels.up_(y, u, C),
+        "pack": lambda: kernels.pack(*factors, DTYPE, 1.05),
         "bwd_up": lambda: kernels.bwd_up(t["g"], C, u, gu, gc),
         "bwd_down": lambda: kernels.bwd_down(t["x"], gu, A, gx, ga, gc, t["B_p"], t["B_s"], t["D"], gd, 1.05,
                                              seed_h, thr, True),
@@ -113,7 +114,7 @@ def stage_times(M, K, N, p=0.05, n=39):
 
     def step(tm):  # one training step of the layer under gradient checkpointing: forward twice, backward once
         base = 2 * tm["base x W^T"] + tm["base g W"]
-        adapter = 2 * (tm["down_and_pack"] + tm["up_"]) + tm["zeros"] + tm["bwd_up"] + tm["bwd_down"]
+        adapter = 2 * (tm["down_and_pack"] + tm["up_"]) + tm["zeros"] + tm["pack"] + tm["bwd_up"] + tm["bwd_down"]
         return base, adapter
 
     return times, with_host, gbs, step(times), step(with_host)
@@ -125,7 +126,8 @@ def _grid(**axes):
 
 
 SWEEP = {
-    "down": _grid(BM=(32, 64), BK=(64, 128, 256), splits=(0,), warps=(4,), stages=(3,), programs=(264, 528, 1056)),
+    "down": [c for c in _grid(BM=(32, 64, 128, 256), BK=(64, 128), splits=(0,), warps=(4, 8), stages=(3,),
+                              programs=(264, 528, 1056), pack=("fused", "separate")) if c["BM"] * c["BK"] <= 16384],
     "up": [c for c in _grid(BM=(32, 64, 128), BN=(64, 128, 256), warps=(4, 8), stages=(1,))
            if c["BM"] * c["BN"] <= 16384],
     "bwd_up": _grid(mode=("fused",), BM=(128, 256), BN=(32, 64), splits=(0,), warps=(8,), stages=(3,),
@@ -162,6 +164,7 @@ def sweep(tokens):
         scored = []
         for option in options:
             kernels.CONFIGS[name] = option
+            kernels.clear_plans()
             try:
                 total = sum(gpu(c[stage_of[name]]) for c in cases)
             except Exception as error:  # e.g. out of shared memory for this shape
@@ -173,15 +176,18 @@ def sweep(tokens):
         scored.sort(key=lambda item: item[0])
         best[name] = scored[0][1]
         kernels.CONFIGS[name] = dict(scored[0][1])  # later kernels are swept with the earlier winners
+        kernels.clear_plans()
         report[name] = {"best": scored[0][1], "best_ms": scored[0][0],
                         "top5": [{"ms": ms, "config": o} for ms, o in scored[:5]]}
         print(f"{name}: best {scored[0][1]} {scored[0][0]:.3f} ms summed over {len(cases)} shapes", flush=True)
     # fused vs split, each measured with its winners
     for stage, parts, split in (("bwd_up", ("gu", "gc"), split_up), ("bwd_down", ("gx", "ga"), split_down)):
-        fused_cfg = dict(best[stage])
+        fused_cfg = {**best.get(stage, kernels.CONFIGS[stage]), "mode": "fused"}
         kernels.CONFIGS[stage] = {**fused_cfg, **split}
+        kernels.clear_plans()
         split_ms = sum(gpu(c[stage_of[stage]]) for c in cases)
         kernels.CONFIGS[stage] = fused_cfg
+        kernels.clear_plans()
         fused_ms = sum(gpu(c[stage_of[stage]]) for c in cases)
         if split_ms < fused_ms:
             best[stage] = {**fused_cfg, **split}
@@ -196,6 +202,8 @@ def main():
     parser.add_argument("--tokens", default="4096,16384")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-tokens", default="4096")
+    parser.add_argument("--sweep-kernels", default=None,
+                        help="comma-separated subset of the swept kernels (default all: " + ",".join(SWEEP) + ")")
     parser.add_argument("--configs-out", default=None)
     parser.add_argument("--configs", default=None, help="JSON of launch shapes to apply first")
     args = parser.parse_args()
@@ -209,11 +217,16 @@ def main():
     if args.configs:
         with open(args.configs) as handle:
             kernels.CONFIGS.update(json.load(handle))
+        kernels.clear_plans()
     tokens = [int(v) for v in args.tokens.split(",")]
     out = {"device": "cpu (dry run)" if DRY else torch.cuda.get_device_name(), "torch": torch.__version__}
     if args.sweep:
+        if args.sweep_kernels:
+            for name in set(SWEEP) - set(args.sweep_kernels.split(",")):
+                del SWEEP[name]
         best, report = sweep([int(v) for v in args.sweep_tokens.split(",")])
         kernels.CONFIGS.update(best)
+        kernels.clear_plans()
         out["sweep"] = report
         if args.configs_out:
             with open(args.configs_out, "w") as handle:

@@ -97,7 +97,29 @@ class Lion:
             p.grad = None
 
 
-def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True):
+OUR_KERNELS = ("_down_pack_kernel", "_up_kernel", "_bwd_up_kernel", "_gu_kernel", "_gc_kernel", "_bwd_down_kernel",
+               "_gx_kernel", "_ga_finalize_kernel", "_finalize_kernel")
+
+
+def gpu_busy(one_step):
+    """(GPU kernel time of one step, of which in our Triton kernels), in ms, from a CUDA-only torch.profiler trace
+    (CUPTI records the kernels; no CPU-side tracing, so the host is barely slowed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        one_step()
+        torch.cuda.synchronize()
+    total = ours = 0.0
+    for event in prof.key_averages():
+        ms = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0)) / 1e3
+        total += ms
+        if event.key.startswith(OUR_KERNELS):
+            ours += ms
+    return total, ours
+
+
+def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, busy=False):
+    """Median seconds of a step and peak GiB; with `busy` (CUDA), also (GPU ms, our kernels' ms) of one more step."""
     generator = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
     optimizer = Lion(model.parameters()) if train else None
@@ -105,10 +127,8 @@ def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(warmup + steps):
-        sync()
-        start = time.perf_counter()
+
+    def one_step():
         if train:
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
@@ -117,11 +137,18 @@ def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True):
         else:
             with torch.no_grad():
                 model(input_ids=ids)
+
+    times = []
+    for step in range(warmup + steps):
+        sync()
+        start = time.perf_counter()
+        one_step()
         sync()
         if step >= warmup:
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return statistics.median(times), peak
+    gpu = gpu_busy(one_step) if busy and device.type == "cuda" else (None, None)
+    return statistics.median(times), peak, gpu
 
 
 def build_llama(small: bool, device):
@@ -142,7 +169,7 @@ def build_llama(small: bool, device):
 VARIANTS = ("lora", "lora0", "authors", "rasa8", "rasa8d0", "rasa16", "rasa32", "merged")
 
 
-def run_variants(model, shapes, steps, warmup, device, label, variants=VARIANTS):
+def run_variants(model, shapes, steps, warmup, device, label, variants=VARIANTS, busy=False):
     """Measure the frozen base and the chosen `variants` (keys of VARIANTS) on `model`."""
     wanted = set(variants).__contains__
     from peft import LoraConfig, get_peft_model
@@ -159,11 +186,15 @@ def run_variants(model, shapes, steps, warmup, device, label, variants=VARIANTS)
 
     def measure(name, net, train=True):
         for batch, seq in shapes:
-            seconds, peak = timed_steps(net, batch, seq, vocab, steps, warmup, device, train=train)
+            seconds, peak, (gpu_ms, ours_ms) = timed_steps(net, batch, seq, vocab, steps, warmup, device,
+                                                           train=train, busy=busy)
             row = {"model": label, "variant": name, "batch": batch, "seq": seq, "tokens": batch * seq,
-                   "step_ms": seconds * 1e3, "tokens_per_s": batch * seq / seconds, "peak_gib": peak}
+                   "step_ms": seconds * 1e3, "tokens_per_s": batch * seq / seconds, "peak_gib": peak,
+                   "gpu_busy_ms": gpu_ms, "our_kernels_ms": ours_ms}
             results.append(row)
-            print(f"  {label:<10} {name:<24} {batch}x{seq:<5} {row['step_ms']:9.1f} ms  {peak:6.2f} GiB", flush=True)
+            busy_text = f"  GPU busy {gpu_ms:7.1f} ms (our kernels {ours_ms:5.1f})" if gpu_ms is not None else ""
+            print(f"  {label:<10} {name:<24} {batch}x{seq:<5} {row['step_ms']:9.1f} ms  {peak:6.2f} GiB{busy_text}",
+                  flush=True)
 
     measure("frozen", model)
     measure("frozen (inference)", model, train=False)
@@ -210,12 +241,13 @@ def add_ratios(results):
 
 def print_table(results):
     print(f"\n{'model':<10} {'variant':<28} {'tokens':>10} {'ms/step':>9} {'tok/s':>9} {'GiB':>7} "
-          f"{'x frozen':>8} {'x LoRA':>7} {'mem/frozen':>10}")
+          f"{'x frozen':>8} {'x LoRA':>7} {'mem/frozen':>10} {'GPU busy ms':>11} {'ours ms':>7}")
     for r in results:
         lora = f"{r['x_lora']:.3f}" if r["x_lora"] else "-"
         mem = f"{r['mem_vs_frozen']:.4f}" if r["mem_vs_frozen"] else "-"
+        busy = f"{r['gpu_busy_ms']:11.1f} {r['our_kernels_ms']:7.1f}" if r.get("gpu_busy_ms") is not None else ""
         print(f"{r['model']:<10} {r['variant']:<28} {r['batch']:>3}x{r['seq']:<6} {r['step_ms']:9.1f} "
-              f"{r['tokens_per_s']:9.0f} {r['peak_gib']:7.2f} {r['x_frozen']:8.3f} {lora:>7} {mem:>10}")
+              f"{r['tokens_per_s']:9.0f} {r['peak_gib']:7.2f} {r['x_frozen']:8.3f} {lora:>7} {mem:>10} {busy}")
 
 
 def main():
@@ -229,6 +261,8 @@ def main():
     parser.add_argument("--no-llama", action="store_true", help="skip the Llama-3.1-8B shape (measure SmolLM2 only)")
     parser.add_argument("--kernel-configs", default=None,
                         help="JSON of Triton launch shapes (from benchmarks/kernels.py --configs-out) to apply")
+    parser.add_argument("--busy", action="store_true",
+                        help="also profile one extra step per row (CUDA kernels only) for the GPU's busy time")
     parser.add_argument("--variants", default=None,
                         help="comma-separated subset of: " + ",".join(VARIANTS) + " (the frozen base always runs)")
     args = parser.parse_args()
@@ -237,6 +271,7 @@ def main():
 
         with open(args.kernel_configs) as handle:
             kernels.CONFIGS.update(json.load(handle))
+        kernels.clear_plans()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     variants = VARIANTS if args.variants is None else tuple(args.variants.split(","))
@@ -248,7 +283,7 @@ def main():
     results = []
     if not args.no_llama:
         results = run_variants(build_llama(args.small, device), shapes, args.steps, args.warmup, device,
-                               "tiny" if args.small else "llama-8b", variants)
+                               "tiny" if args.small else "llama-8b", variants, args.busy)
     torch.cuda.empty_cache() if device.type == "cuda" else None
     if args.smollm2:
         import os
@@ -258,7 +293,8 @@ def main():
         small = AutoModelForCausalLM.from_pretrained(
             os.path.dirname(args.smollm2), gguf_file=os.path.basename(args.smollm2), dtype=torch.bfloat16
         ).to(device)
-        results += run_variants(small, [(8, 512), (4, 4096)], args.steps, args.warmup, device, "smollm2", variants)
+        results += run_variants(small, [(8, 512), (4, 4096)], args.steps, args.warmup, device, "smollm2", variants,
+                                args.busy)
     add_ratios(results)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "steps": args.steps, "warmup": args.warmup}

@@ -148,8 +148,8 @@ def test_triton_and_torch_backends_agree_on_an_8b_sized_layer(p):
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("mode", ["fused", "split"])
 def test_triton_launch_shapes_do_not_change_the_result(backend, device, splits, mode, monkeypatch):
-    """Both backward modes; unsplit reductions (plain stores) and forced splits (atomics); small blocks and
-    ragged edges."""
+    """Both backward modes (and both forward packings); unsplit reductions (plain stores) and forced splits
+    (atomics); small blocks and ragged edges."""
     from rasa_lora.ops import kernels
 
     configs = {name: dict(cfg) for name, cfg in kernels.CONFIGS.items()}
@@ -161,6 +161,7 @@ def test_triton_launch_shapes_do_not_change_the_result(backend, device, splits, 
         configs[name]["BN"] = 32
     configs["up"]["BM"] = configs["gx"]["BM"] = 16
     configs["bwd_up"]["mode"] = configs["bwd_down"]["mode"] = mode
+    configs["down"]["pack"] = "separate" if mode == "split" else "fused"
     monkeypatch.setattr(kernels, "CONFIGS", configs)
     dtype = torch.float32
     g = torch.Generator().manual_seed(7)
@@ -172,6 +173,28 @@ def test_triton_launch_shapes_do_not_change_the_result(backend, device, splits, 
     assert rel_err(out, ref) <= 1e-5
     for name, grad, grad_ref in zip(["x", "A_p", "B_p", "D", "A_s", "B_s"], grads, ref_grads):
         assert rel_err(grad, grad_ref) <= 1e-5, name
+
+
+@pytest.mark.gpu
+def test_cached_launches_follow_each_calls_seed_and_shape():
+    """After the first launch the kernels are launched from a cache (`kernels._Launcher`): later calls with
+    other seeds, dropout rates and token counts must still get their own masks and shapes."""
+    if not torch.cuda.is_available() or not _triton_ok():
+        pytest.skip("needs CUDA and triton")
+    from rasa_lora.ops import kernels
+
+    g = torch.Generator().manual_seed(11)
+    weight = (torch.randn(72, 96, generator=g) * 0.1).to("cuda")
+    params = factors(96, 72, 5, 20, "cuda", seed=12)
+    for rows, p, seed in [(50, 0.1, 1), (50, 0.1, 2), (50, 0.3, 2), (33, 0.1, 2), (50, 0.0, 0), (50, 0.1, 1)]:
+        x = torch.randn(rows, 96, generator=g).to("cuda").requires_grad_(True)
+        out, upstream, grads = run_fused("triton", x, weight, None, params, p, seed)
+        ref, ref_grads = dense_reference(x, weight, None, params, upstream, "triton", p, seed)
+        assert rel_err(out, ref) <= 1e-5, (rows, p, seed)
+        for name, grad, grad_ref in zip(["x", "A_p", "B_p", "D", "A_s", "B_s"], grads, ref_grads):
+            assert rel_err(grad, grad_ref) <= 1e-5, (name, rows, p, seed)
+    if kernels._FAST_LAUNCH:
+        assert kernels._DOWN_PACK.compiled and kernels._UP.compiled  # the cached path was taken
 
 
 def test_backend_choice_and_mask_flavours(monkeypatch):

@@ -23,6 +23,10 @@ one H200; the kernels are correct for any of them (tested with small and split s
 
 from __future__ import annotations
 
+import functools
+import operator
+import os
+
 import torch
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs usually lack it.
@@ -60,7 +64,7 @@ def packed_width(n: int) -> int:
 
 # Launch shapes per kernel; `benchmarks/kernels.py` sweeps alternatives (it edits this dict in place).
 CONFIGS = {  # winners of `benchmarks/kernels.py --sweep` on one H200 (2026-11-29), R = 64, bf16
-    "down": {"BM": 64, "BK": 64, "splits": 0, "warps": 4, "stages": 3, "programs": 1056},
+    "down": {"BM": 64, "BK": 64, "splits": 0, "warps": 4, "stages": 3, "programs": 1056, "pack": "fused"},
     "up": {"BM": 64, "BN": 128, "warps": 4, "stages": 1},
     "bwd_up": {"mode": "fused", "BM": 256, "BN": 64, "splits": 0, "warps": 8, "stages": 3, "programs": 264},
     "gu": {"BM": 128, "BN": 64, "splits": 0, "warps": 4, "stages": 3, "programs": 264},   # bwd_up's "split" mode
@@ -95,6 +99,71 @@ def _splits(blocks: int, chunks: int, requested: int, programs: int = 0) -> int:
     if requested:
         return max(1, min(requested, chunks))
     return max(1, min(chunks, -(-(programs or TARGET_PROGRAMS) // max(blocks, 1))))
+
+
+# Arguments that change from call to call (the dropout seed's hash and threshold, the dropout scale): the kernels
+# are compiled without specializing on their values, and the launch cache below leaves them out of its key.
+_LOOSE = ["seed_h", "thr", "scale"]
+_FAST_LAUNCH = os.environ.get("RASA_LORA_FAST_LAUNCH", "1") not in ("0", "false", "False", "")
+
+
+_DTYPE, _DATA_PTR = operator.attrgetter("dtype"), torch.Tensor.data_ptr
+
+
+def _current_stream(device: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+class _Launcher:
+    """`kernel[grid](*args, num_warps=..., num_stages=...)` at a fraction of the host time.
+
+    Triton's launch path re-derives, from every argument on every call, which compiled variant to run, then
+    reads its settings and hooks: ~15-25 us of host time a launch on the H200's host (`benchmarks/RESULTS.md`),
+    and a step launches seven a projection. After one ordinary launch this keeps the compiled kernel under a
+    key holding what Triton specializes on (each tensor's dtype and 16-byte alignment, every integer and
+    constexpr argument except those in `_LOOSE`, the launch options, the device), and later launches with that
+    key call its C launcher directly. Arguments are positional, in the kernel's order, constexprs included.
+    Off under Triton's interpreter (nothing to cache), with RASA_LORA_FAST_LAUNCH=0, and while a Triton launch
+    hook is installed (profilers such as proton get Triton's own path).
+    """
+
+    __slots__ = ("fn", "loose", "tensors", "scalars", "compiled")
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.loose = frozenset(i for i, name in enumerate(fn.arg_names) if name in _LOOSE)
+        self.tensors = self.scalars = None  # itemgetters, set from the first call's arguments
+        self.compiled: dict = {}
+
+    def __call__(self, grid, args, warps: int, stages: int) -> None:
+        if _FAST_LAUNCH:
+            if self.tensors is None:
+                kinds = [isinstance(a, torch.Tensor) for a in args]
+                self.tensors = operator.itemgetter(*(i for i, k in enumerate(kinds) if k))
+                self.scalars = operator.itemgetter(*(i for i, k in enumerate(kinds) if not k and i not in self.loose))
+            tensors = self.tensors(args)
+            device = tensors[0].get_device()
+            key = (warps, stages, device, self.scalars(args), *map(_DTYPE, tensors))
+            aligned = not functools.reduce(operator.or_, map(_DATA_PTR, tensors)) & 15
+            kernel = self.compiled.get(key)
+            if kernel is not None and aligned:
+                kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, 1, _current_stream(device), kernel.function,
+                           kernel.packed_metadata, None, None, None, *args)
+                return
+        kernel = self.fn[grid](*args, num_warps=warps, num_stages=stages)
+        # cached only when every tensor is 16-byte aligned (what Triton assumes when it compiles for aligned ones)
+        if _FAST_LAUNCH and aligned and _cacheable(kernel, device):
+            self.compiled[key] = kernel
+
+
+def _cacheable(kernel, device: int) -> bool:
+    """A compiled kernel (not the interpreter's None), for the current device, without Triton launch hooks."""
+    if kernel is None or not hasattr(kernel, "packed_metadata") or getattr(kernel, "function", None) is None:
+        return False
+    if device != torch.cuda.current_device():
+        return False
+    hook = triton.knobs.runtime.launch_enter_hook
+    return not getattr(hook, "calls", hook)  # an empty HookChain (or None): nothing would be skipped
 
 
 if triton is not None:
@@ -153,13 +222,15 @@ if triton is not None:
         c = (bp.to(tl.float32) + bs.to(tl.float32)) * d[None, :] * scale
         tl.store(c_ptr + rn[:, None] * R + rr[None, :], c.to(c_ptr.dtype.element_ty), mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_LOOSE)
     def _down_pack_kernel(x_ptr, ap_ptr, as_ptr, bp_ptr, bs_ptr, d_ptr, a_ptr, c_ptr, u_ptr, M, K, N, NP, NS,
                           sxm, seed_h, thr, k_per_split, scale, row_blocks, splits,
                           R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BK_PACK: tl.constexpr,
-                          BN_PACK: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr):
-        """The forward's first launch: u = (keep * x) A^T from the raw factors, and, in extra programs, the
-        packed A and C that the next launch (`_up_kernel`) and the backward read."""
+                          BN_PACK: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
+                          PACKED: tl.constexpr):
+        """u = (keep * x) A^T in the first `row_blocks * splits` programs, reading the raw factors (or, with
+        PACKED, the packed A made by an earlier launch), and the packed A and C in R + cdiv(N, BN_PACK) more
+        programs (none when the grid stops short of them; only those with `row_blocks = 0`)."""
         pid = tl.program_id(0)
         computing = row_blocks * splits
         if pid < computing:
@@ -176,8 +247,11 @@ if triton is not None:
                 if DROPOUT:
                     x = tl.where(_keep(rm, k0, seed_h, thr, BK), x, 0.0)
                 in_k = (rk < K)[None, :]
-                a = tl.load(ap_ptr + rr[:, None] * K + rk[None, :], mask=private & in_k, other=0.0)
-                a += tl.load(as_ptr + (rr - NP)[:, None] * K + rk[None, :], mask=shared & in_k, other=0.0)
+                if PACKED:
+                    a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=in_k, other=0.0)
+                else:
+                    a = tl.load(ap_ptr + rr[:, None] * K + rk[None, :], mask=private & in_k, other=0.0)
+                    a += tl.load(as_ptr + (rr - NP)[:, None] * K + rk[None, :], mask=shared & in_k, other=0.0)
                 acc += _dot(x, tl.trans(a.to(x.dtype)), IEEE)
             pointers = u_ptr + rm[:, None] * R + rr[None, :]
             _store_or_add(pointers, acc, (rm < M)[:, None], ATOMIC)
@@ -221,7 +295,7 @@ if triton is not None:
         pointers = gu_ptr + rm[:, None] * R + rr[None, :]
         _store_or_add(pointers, acc, (rm < M)[:, None], ATOMIC)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_LOOSE)
     def _bwd_down_kernel(x_ptr, gu_ptr, a_ptr, gx_ptr, ga_ptr, M, K, sxm, sgxm, seed_h, thr, m_per_split,
                          R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, DROPOUT: tl.constexpr,
                          GRAD_X: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr):
@@ -280,7 +354,7 @@ if triton is not None:
             acc += _dot(tl.trans(g), u.to(g.dtype), IEEE)
         tl.atomic_add(gc_ptr + rn[:, None] * R + rr[None, :], acc, mask=(rn < N)[:, None], sem="relaxed")
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_LOOSE)
     def _gx_kernel(gu_ptr, a_ptr, gx_ptr, M, K, sgxm, seed_h, thr, R: tl.constexpr, BM: tl.constexpr,
                    BK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr):
         rm = tl.program_id(1) * BM + tl.arange(0, BM)
@@ -320,7 +394,7 @@ if triton is not None:
         _finalize_block(gc_ptr, bp_ptr, bs_ptr, d_ptr, gbp_ptr, gbs_ptr, gd_ptr, tl.program_id(0), N, NP, NS, scale,
                         R, BN)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_LOOSE)
     def _ga_finalize_kernel(x_ptr, gu_ptr, ga_ptr, gc_ptr, bp_ptr, bs_ptr, d_ptr, gbp_ptr, gbs_ptr, gd_ptr,
                             M, K, N, NP, NS, sxm, seed_h, thr, m_per_split, scale, k_blocks, splits,
                             R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN_FIN: tl.constexpr,
@@ -349,43 +423,90 @@ if triton is not None:
             _finalize_block(gc_ptr, bp_ptr, bs_ptr, d_ptr, gbp_ptr, gbs_ptr, gd_ptr, pid - computing, N, NP, NS,
                             scale, R, BN_FIN)
 
-def _ieee(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32
+_PLANS: dict = {}
+_PLANS_FOR: dict | None = None
 
 
-def down_and_pack(x, A_p, B_p, D, A_s, B_s, scale: float, seed_h: int, thr: int, dropout: bool):
-    """u = (keep * x) [A_p; A_s]^T (float32 (M, R)), and the packed A (R, K) and C (N, R) in x's dtype, in one
-    launch (the factors must be contiguous)."""
-    M, K = x.shape
-    NP, NS, N = A_p.shape[0], A_s.shape[0], B_p.shape[0]
+def clear_plans() -> None:
+    """Forget the launch plans derived from CONFIGS (call after editing CONFIGS in place)."""
+    _PLANS.clear()
+
+
+def _plan(key: tuple, build):
+    """The launch plan (grid, tiles, splits) of `key` = (kind, *shape), built once from CONFIGS."""
+    global _PLANS_FOR
+    if _PLANS_FOR is not CONFIGS:  # CONFIGS was replaced (tests monkeypatch it): start afresh
+        _PLANS.clear()
+        _PLANS_FOR = CONFIGS
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = build(*key[1:])
+    return plan
+
+
+def _down_plan(M, K, N, NP, NS, dtype):
     R = packed_width(NP + NS)
-    A = torch.empty((R, K), dtype=x.dtype, device=x.device)
-    C = torch.empty((N, R), dtype=x.dtype, device=x.device)
-    cfg = _fit("down", R, x.element_size())
+    cfg = _fit("down", R, dtype.itemsize)
     BM, BK = cfg["BM"], _block(cfg["BK"], K)
     row_blocks = _cdiv(M, BM)
     splits, k_per_split = _split_plan(row_blocks, K, BK, cfg)
+    pack = CONFIGS["pack"]
+    BN_PACK = pack["BN"] if R <= 64 else max(16, pack["BN"] * 64 // R)
+    pack_programs = R + _cdiv(N, BN_PACK)
+    return (R, BM, BK, row_blocks, splits, k_per_split, _block(pack["BK"], K), BN_PACK, pack_programs,
+            cfg.get("pack", "fused") == "separate", dtype == torch.float32, cfg["warps"], cfg["stages"])
+
+
+def _pack_into(A, C, A_p, B_p, D, A_s, B_s, x, u, scale, plan, M, K, N, NP, NS):
+    """Launch the pack-only programs of `_down_pack_kernel` (no rows: row_blocks = 0)."""
+    R, BM, BK, _, splits, k_per_split, BK_PACK, BN_PACK, programs, _, ieee, _, _ = plan
+    _DOWN_PACK((programs,), (x, A_p, A_s, B_p, B_s, D, A, C, u, M, K, N, NP, NS, K, 0, 0, k_per_split, scale, 0,
+                             splits, R, BM, BK, BK_PACK, BN_PACK, False, splits > 1, ieee, False), 4, 1)
+
+
+def pack(A_p, B_p, D, A_s, B_s, dtype, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed A = [A_p; A_s; 0] (R, K) and C = s [B_p D_p, B_s D_s, 0] (N, R) in `dtype`, in one launch."""
+    (NP, K), NS, N = A_p.shape, A_s.shape[0], B_p.shape[0]
+    plan = _plan(("down", 1, K, N, NP, NS, dtype), _down_plan)
+    R = plan[0]
+    A = torch.empty((R, K), dtype=dtype, device=A_p.device)
+    C = torch.empty((N, R), dtype=dtype, device=A_p.device)
+    _pack_into(A, C, A_p, B_p, D, A_s, B_s, A, A, scale, plan, 1, K, N, NP, NS)
+    return A, C
+
+
+def down_and_pack(x, A_p, B_p, D, A_s, B_s, scale: float, seed_h: int, thr: int, dropout: bool):
+    """u = (keep * x) [A_p; A_s]^T (float32 (M, R)), and the packed A (R, K) and C (N, R) in x's dtype (the
+    factors must be contiguous). One launch (CONFIGS["down"]["pack"] "fused", the default: the rows read the raw
+    factors) or two ("separate": a pack launch, then the rows read the packed A)."""
+    M, K = x.shape
+    NP, NS, N = A_p.shape[0], A_s.shape[0], B_p.shape[0]
+    plan = _plan(("down", M, K, N, NP, NS, x.dtype), _down_plan)
+    R, BM, BK, row_blocks, splits, k_per_split, BK_PACK, BN_PACK, pack_programs, separate, ieee, warps, stages = plan
+    A = torch.empty((R, K), dtype=x.dtype, device=x.device)
+    C = torch.empty((N, R), dtype=x.dtype, device=x.device)
     u = (torch.zeros if splits > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
-    pack_cfg = CONFIGS["pack"]
-    BN_PACK = pack_cfg["BN"] if R <= 64 else max(16, pack_cfg["BN"] * 64 // R)
-    grid = (row_blocks * splits + R + _cdiv(N, BN_PACK),)
-    _down_pack_kernel[grid](
-        x, A_p, A_s, B_p, B_s, D, A, C, u, M, K, N, NP, NS, x.stride(0), seed_h, thr, k_per_split, scale,
-        row_blocks, splits, R=R, BM=BM, BK=BK, BK_PACK=_block(pack_cfg["BK"], K),
-        BN_PACK=BN_PACK, DROPOUT=dropout, ATOMIC=splits > 1, IEEE=_ieee(x), num_warps=cfg["warps"],
-        num_stages=cfg["stages"])
+    if separate:
+        _pack_into(A, C, A_p, B_p, D, A_s, B_s, x, u, scale, plan, M, K, N, NP, NS)
+    programs = row_blocks * splits + (0 if separate else pack_programs)
+    _DOWN_PACK((programs,), (x, A_p, A_s, B_p, B_s, D, A, C, u, M, K, N, NP, NS, x.stride(0), seed_h, thr,
+                             k_per_split, scale, row_blocks, splits, R, BM, BK, BK_PACK, BN_PACK, dropout, splits > 1,
+                             ieee, separate), warps, stages)
     return u, A, C
+
+
+def _up_plan(M, N, R, dtype):
+    cfg = _fit("up", R, dtype.itemsize)
+    BM, BN = cfg["BM"], cfg["BN"]
+    return (_cdiv(N, BN), _cdiv(M, BM)), BM, BN, dtype == torch.float32, cfg["warps"], cfg["stages"]
 
 
 def up_(y: torch.Tensor, u: torch.Tensor, C: torch.Tensor) -> None:
     """y += u C^T in place (y (M, N) with unit column stride)."""
     M, N = y.shape
     R = C.shape[1]
-    cfg = _fit("up", R, y.element_size())
-    BM, BN = cfg["BM"], cfg["BN"]
-    _up_kernel[(_cdiv(N, BN), _cdiv(M, BM))](
-        u, C, y, M, N, y.stride(0), R=R, BM=BM, BN=BN, IEEE=_ieee(y), num_warps=cfg["warps"],
-        num_stages=cfg["stages"])
+    grid, BM, BN, ieee, warps, stages = _plan(("up", M, N, R, y.dtype), _up_plan)
+    _UP(grid, (u, C, y, M, N, y.stride(0), R, BM, BN, ieee), warps, stages)
 
 
 def _split_plan(blocks: int, length: int, block: int, cfg: dict) -> tuple[int, int]:
@@ -396,28 +517,52 @@ def _split_plan(blocks: int, length: int, block: int, cfg: dict) -> tuple[int, i
     return _cdiv(length, per_split), per_split
 
 
+def _bwd_up_plan(M, N, R, dtype):
+    size, ieee = dtype.itemsize, dtype == torch.float32
+    cfg = _fit("bwd_up", R, size)
+    if cfg.get("mode", "fused") == "split":  # two kernels, each reading g once, few atomics
+        cu, cc = _fit("gu", R, size), _fit("gc", R, size)
+        gu_splits, gu_per = _split_plan(_cdiv(M, cu["BM"]), N, cu["BN"], cu)
+        gc_splits, gc_per = _split_plan(_cdiv(N, cc["BN"]), M, cc["BM"], cc)
+        return ("split", ((_cdiv(M, cu["BM"]), gu_splits), gu_per, cu["BM"], cu["BN"], gu_splits > 1, cu["warps"],
+                          cu["stages"]),
+                ((_cdiv(N, cc["BN"]), gc_splits), gc_per, cc["BM"], cc["BN"], cc["warps"], cc["stages"]), ieee)
+    splits, per_split = _split_plan(_cdiv(M, cfg["BM"]), N, cfg["BN"], cfg)
+    return ("fused", ((_cdiv(M, cfg["BM"]), splits), per_split, cfg["BM"], cfg["BN"], splits > 1, cfg["warps"],
+                      cfg["stages"]), None, ieee)
+
+
 def bwd_up(g: torch.Tensor, C: torch.Tensor, u: torch.Tensor, gu: torch.Tensor, gc: torch.Tensor) -> None:
     """gu (+)= g C and gc += g^T u (float32; both zeroed by the caller)."""
     M, N = g.shape
     R = C.shape[1]
-    cfg = _fit("bwd_up", R, g.element_size())
-    ieee = _ieee(g)
-    if cfg.get("mode", "fused") == "split":  # two kernels, each reading g once, few atomics
-        cu, cc = _fit("gu", R, g.element_size()), _fit("gc", R, g.element_size())
-        splits, per_split = _split_plan(_cdiv(M, cu["BM"]), N, cu["BN"], cu)
-        _gu_kernel[(_cdiv(M, cu["BM"]), splits)](
-            g, C, gu, M, N, g.stride(0), per_split, R=R, BM=cu["BM"], BN=cu["BN"], ATOMIC=splits > 1, IEEE=ieee,
-            num_warps=cu["warps"], num_stages=cu["stages"])
-        splits, per_split = _split_plan(_cdiv(N, cc["BN"]), M, cc["BM"], cc)
-        _gc_kernel[(_cdiv(N, cc["BN"]), splits)](
-            g, u, gc, M, N, g.stride(0), per_split, R=R, BM=cc["BM"], BN=cc["BN"], IEEE=ieee,
-            num_warps=cc["warps"], num_stages=cc["stages"])
+    mode, first, second, ieee = _plan(("bwd_up", M, N, R, g.dtype), _bwd_up_plan)
+    grid, per_split, BM, BN, atomic, warps, stages = first
+    if mode == "split":
+        _GU(grid, (g, C, gu, M, N, g.stride(0), per_split, R, BM, BN, atomic, ieee), warps, stages)
+        grid, per_split, BM, BN, warps, stages = second
+        _GC(grid, (g, u, gc, M, N, g.stride(0), per_split, R, BM, BN, ieee), warps, stages)
         return
-    BM, BN = cfg["BM"], cfg["BN"]
-    splits, n_per_split = _split_plan(_cdiv(M, BM), N, BN, cfg)
-    _bwd_up_kernel[(_cdiv(M, BM), splits)](
-        g, C, u, gu, gc, M, N, g.stride(0), n_per_split, R=R, BM=BM, BN=BN, ATOMIC=splits > 1, IEEE=ieee,
-        num_warps=cfg["warps"], num_stages=cfg["stages"])
+    _BWD_UP(grid, (g, C, u, gu, gc, M, N, g.stride(0), per_split, R, BM, BN, atomic, ieee), warps, stages)
+
+
+def _bwd_down_plan(M, K, N, R, dtype):
+    size, ieee = dtype.itemsize, dtype == torch.float32
+    cfg = _fit("bwd_down", R, size)
+    BN_FIN = 64 if R <= 64 else max(16, 64 * 64 // R)
+    if cfg.get("mode", "fused") != "split":  # one pass over x and grad_x, then dB and dD in a small launch
+        BK = _block(cfg["BK"], K)
+        splits, per_split = _split_plan(_cdiv(K, BK), M, cfg["BM"], cfg)
+        return ("fused", ((_cdiv(K, BK), splits), per_split, cfg["BM"], BK, splits > 1, cfg["warps"], cfg["stages"]),
+                None, ((_cdiv(N, BN_FIN),), BN_FIN), ieee)
+    # "split": grad_x one tile per program; then dA (a reduction over M) with dB and dD in extra programs
+    cx, ca = _fit("gx", R, size), _fit("ga", R, size)
+    BK = _block(ca["BK"], K)
+    k_blocks = _cdiv(K, BK)
+    splits, per_split = _split_plan(k_blocks, M, ca["BM"], ca)
+    return ("split", ((_cdiv(K, cx["BK"]), _cdiv(M, cx["BM"])), cx["BM"], cx["BK"], cx["warps"], cx["stages"]),
+            ((k_blocks * splits + _cdiv(N, BN_FIN),), per_split, k_blocks, splits, ca["BM"], BK, BN_FIN, ca["warps"],
+             ca["stages"]), None, ieee)
 
 
 def bwd_down(x, gu, A, grad_x, ga, gc, B_p, B_s, D, gd, scale: float, seed_h: int, thr: int, dropout: bool):
@@ -426,45 +571,23 @@ def bwd_down(x, gu, A, grad_x, ga, gc, B_p, B_s, D, gd, scale: float, seed_h: in
     M, K = x.shape
     R, N = A.shape[0], gc.shape[0]
     NP, NS = B_p.shape[1], B_s.shape[1]
-    cfg = _fit("bwd_down", R, x.element_size())
-    ieee = _ieee(x)
-    if cfg.get("mode", "fused") != "split":  # one pass over x and grad_x, then dB and dD in a small launch
-        BM, BK = cfg["BM"], _block(cfg["BK"], K)
-        splits, m_per_split = _split_plan(_cdiv(K, BK), M, BM, cfg)
-        _bwd_down_kernel[(_cdiv(K, BK), splits)](
-            x, gu, A, grad_x if grad_x is not None else x, ga, M, K, x.stride(0),
-            grad_x.stride(0) if grad_x is not None else 0, seed_h, thr, m_per_split, R=R, BM=BM, BK=BK,
-            DROPOUT=dropout, GRAD_X=grad_x is not None, ATOMIC=splits > 1, IEEE=ieee,
-            num_warps=cfg["warps"], num_stages=cfg["stages"])
-        return finalize(gc, B_p, B_s, D, gd, scale)
-    # "split": grad_x one tile per program; then dA (a reduction over M) with dB and dD in extra programs
-    cx, ca = _fit("gx", R, x.element_size()), _fit("ga", R, x.element_size())
-    if grad_x is not None:
-        _gx_kernel[(_cdiv(K, cx["BK"]), _cdiv(M, cx["BM"]))](
-            gu, A, grad_x, M, K, grad_x.stride(0), seed_h, thr, R=R, BM=cx["BM"], BK=cx["BK"], DROPOUT=dropout,
-            IEEE=ieee, num_warps=cx["warps"], num_stages=cx["stages"])
+    mode, first, second, fin, ieee = _plan(("bwd_down", M, K, N, R, x.dtype), _bwd_down_plan)
     gbp = torch.empty((N, NP), dtype=torch.float32, device=gc.device)
     gbs = torch.empty((N, NS), dtype=torch.float32, device=gc.device)
-    BK = _block(ca["BK"], K)
-    k_blocks = _cdiv(K, BK)
-    splits, per_split = _split_plan(k_blocks, M, ca["BM"], ca)
-    BN_FIN = 64 if R <= 64 else max(16, 64 * 64 // R)
-    _ga_finalize_kernel[(k_blocks * splits + _cdiv(N, BN_FIN),)](
-        x, gu, ga, gc, B_p, B_s, D, gbp, gbs, gd, M, K, N, NP, NS, x.stride(0), seed_h, thr, per_split, scale,
-        k_blocks, splits, R=R, BM=ca["BM"], BK=BK, BN_FIN=BN_FIN, DROPOUT=dropout, ATOMIC=splits > 1, IEEE=ieee,
-        num_warps=ca["warps"], num_stages=ca["stages"])
-    return gbp, gbs
-
-
-def finalize(gc, B_p, B_s, D, gd, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """dB_p, dB_s (float32) from gc = dL/dC; adds dL/dD into gd (zeroed by the caller)."""
-    N, R = gc.shape
-    num_private, num_shared = B_p.shape[1], B_s.shape[1]
-    gbp = torch.empty((N, num_private), dtype=torch.float32, device=gc.device)
-    gbs = torch.empty((N, num_shared), dtype=torch.float32, device=gc.device)
-    BN = 64 if R <= 64 else max(16, 64 * 64 // R)
-    _finalize_kernel[(_cdiv(N, BN),)](gc, B_p, B_s, D, gbp, gbs, gd, N, num_private, num_shared, scale,
-                                            R=R, BN=BN)
+    if mode == "fused":
+        grid, per_split, BM, BK, atomic, warps, stages = first
+        _BWD_DOWN(grid, (x, gu, A, grad_x if grad_x is not None else x, ga, M, K, x.stride(0),
+                         grad_x.stride(0) if grad_x is not None else 0, seed_h, thr, per_split, R, BM, BK, dropout,
+                         grad_x is not None, atomic, ieee), warps, stages)
+        grid, BN = fin
+        _FINALIZE(grid, (gc, B_p, B_s, D, gbp, gbs, gd, N, NP, NS, scale, R, BN), 4, 1)
+        return gbp, gbs
+    if grad_x is not None:
+        grid, BM, BK, warps, stages = first
+        _GX(grid, (gu, A, grad_x, M, K, grad_x.stride(0), seed_h, thr, R, BM, BK, dropout, ieee), warps, stages)
+    grid, per_split, k_blocks, splits, BM, BK, BN_FIN, warps, stages = second
+    _GA_FINALIZE(grid, (x, gu, ga, gc, B_p, B_s, D, gbp, gbs, gd, M, K, N, NP, NS, x.stride(0), seed_h, thr, per_split,
+                        scale, k_blocks, splits, R, BM, BK, BN_FIN, dropout, splits > 1, ieee), warps, stages)
     return gbp, gbs
 
 
@@ -478,10 +601,15 @@ def keep_mask(M: int, K: int, seed_h: int, thr: int, device) -> torch.Tensor:
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_LOOSE)
     def _keep_mask_kernel(out_ptr, M, K, seed_h, thr, BM: tl.constexpr, BK: tl.constexpr):
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rk = tl.program_id(1) * BK + tl.arange(0, BK)
         keep = _keep(rm, tl.program_id(1) * BK, seed_h, thr, BK)
         tl.store(out_ptr + rm[:, None] * K + rk[None, :], keep.to(tl.int8),
                  mask=(rm < M)[:, None] & (rk < K)[None, :])
+
+    _DOWN_PACK, _UP, _BWD_UP, _GU, _GC, _BWD_DOWN, _GX, _GA_FINALIZE, _FINALIZE, _KEEP_MASK = (
+        _Launcher(fn) for fn in (_down_pack_kernel, _up_kernel, _bwd_up_kernel, _gu_kernel, _gc_kernel,
+                                 _bwd_down_kernel, _gx_kernel, _ga_finalize_kernel, _finalize_kernel,
+                                 _keep_mask_kernel))

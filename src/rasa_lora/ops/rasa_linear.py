@@ -168,11 +168,13 @@ class _RasaLinearFunction(torch.autograd.Function):
             keep = _keep(rows, p, seed, backend)
             u = ((rows * keep if keep is not None else rows) @ A.t()).float()
             y.addmm_(u.to(dtype), C.t())
-        # Only the token-sized and recomputable tensors go through save_for_backward (gradient checkpointing frees
-        # and recomputes those); the frozen weight and the factors are parameters, alive anyway: keeping them on
-        # ctx skips four pack/unpack hooks a call (host time: `benchmarks/host_overhead.py`).
-        ctx.save_for_backward(rows, A, C, u)
-        ctx.weight, ctx.B_p, ctx.D, ctx.B_s = weight, B_p, D, B_s
+        # Only the token-sized tensors go through save_for_backward (gradient checkpointing frees and recomputes
+        # those). The frozen weight and the factors are parameters, alive anyway: they stay on ctx. The packed A
+        # and C are not kept: the backward packs them again in one small launch, cheaper on the host than the
+        # two pack/unpack hook pairs gradient checkpointing runs per saved tensor (`benchmarks/host_overhead.py`),
+        # and keeping them across the checkpointed region would cost ~10 MB a layer on the Llama-3.1-8B shape.
+        ctx.save_for_backward(rows, u)
+        ctx.weight, ctx.factors = weight, (A_p, B_p, D, A_s, B_s)
         ctx.p, ctx.seed, ctx.scale, ctx.backend = p, seed, scale, backend
         ctx.num_private, ctx.x_shape = A_p.shape[0], x.shape
         ctx.dtypes = (A_p.dtype, B_p.dtype, D.dtype, A_s.dtype, B_s.dtype)
@@ -180,20 +182,21 @@ class _RasaLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, A, C, u = ctx.saved_tensors
-        weight, B_p, D, B_s = ctx.weight, ctx.B_p, ctx.D, ctx.B_s
+        rows, u = ctx.saved_tensors
+        weight, (A_p, B_p, D, A_s, B_s) = ctx.weight, ctx.factors
         p, scale, num_private = ctx.p, ctx.scale, ctx.num_private
         n = D.shape[0]
         g = grad_out.reshape(-1, grad_out.shape[-1])
         if g.stride(-1) != 1:
             g = g.contiguous()
         M, K = rows.shape
-        N, R = C.shape
+        N, R = weight.shape[0], u.shape[1]
         grad_x = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None
 
         if ctx.backend == "triton":
             from rasa_lora.ops import kernels
 
+            A, C = kernels.pack(A_p, B_p, D, A_s, B_s, rows.dtype, scale)
             # one zeroed float32 workspace for every accumulator: gu (M, R), dC (N, R), dA (R, K), dD (R)
             workspace = torch.zeros(M * R + N * R + R * K + R, dtype=torch.float32, device=g.device)
             gu, gc, ga, gd = workspace.split([M * R, N * R, R * K, R])
@@ -205,6 +208,7 @@ class _RasaLinearFunction(torch.autograd.Function):
             grad_D = gd[:n]
         else:
             dtype = g.dtype
+            A, C = _pack_torch(A_p, B_p, D, A_s, B_s, dtype, scale, R)
             gu = (g @ C).float()
             gc = (g.t() @ u.to(dtype)).float()
             keep = _keep(rows, p, ctx.seed, ctx.backend)
