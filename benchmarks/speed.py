@@ -110,12 +110,14 @@ def gpu_busy(one_step):
         one_step()
         torch.cuda.synchronize()
     total = ours = 0.0
+    per_kernel: dict[str, float] = {}
     for event in prof.key_averages():
         ms = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0)) / 1e3
         total += ms
+        per_kernel[event.key[:90]] = per_kernel.get(event.key[:90], 0.0) + ms
         if event.key.startswith(OUR_KERNELS):
             ours += ms
-    return total, ours
+    return total, ours, per_kernel
 
 
 def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, busy=False):
@@ -147,7 +149,7 @@ def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, bus
         if step >= warmup:
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    gpu = gpu_busy(one_step) if busy and device.type == "cuda" else (None, None)
+    gpu = gpu_busy(one_step) if busy and device.type == "cuda" else (None, None, None)
     return statistics.median(times), peak, gpu
 
 
@@ -183,11 +185,12 @@ def run_variants(model, shapes, steps, warmup, device, label, variants=VARIANTS,
         p.requires_grad_(False)
     vocab = model.config.vocab_size
     results = []
+    frozen_kernels = {}
 
     def measure(name, net, train=True):
         for batch, seq in shapes:
-            seconds, peak, (gpu_ms, ours_ms) = timed_steps(net, batch, seq, vocab, steps, warmup, device,
-                                                           train=train, busy=busy)
+            seconds, peak, (gpu_ms, ours_ms, per_kernel) = timed_steps(net, batch, seq, vocab, steps, warmup,
+                                                                       device, train=train, busy=busy)
             row = {"model": label, "variant": name, "batch": batch, "seq": seq, "tokens": batch * seq,
                    "step_ms": seconds * 1e3, "tokens_per_s": batch * seq / seconds, "peak_gib": peak,
                    "gpu_busy_ms": gpu_ms, "our_kernels_ms": ours_ms}
@@ -195,6 +198,17 @@ def run_variants(model, shapes, steps, warmup, device, label, variants=VARIANTS,
             busy_text = f"  GPU busy {gpu_ms:7.1f} ms (our kernels {ours_ms:5.1f})" if gpu_ms is not None else ""
             print(f"  {label:<10} {name:<24} {batch}x{seq:<5} {row['step_ms']:9.1f} ms  {peak:6.2f} GiB{busy_text}",
                   flush=True)
+            if per_kernel is not None:
+                if name.startswith("frozen"):
+                    frozen_kernels[(name, batch, seq)] = per_kernel
+                elif train and ("frozen", batch, seq) in frozen_kernels:
+                    # where the GPU time over the frozen base goes: kernels by added time, this step vs frozen's
+                    base = frozen_kernels[("frozen", batch, seq)]
+                    delta = {k: per_kernel.get(k, 0.0) - base.get(k, 0.0) for k in set(per_kernel) | set(base)}
+                    top = sorted(delta.items(), key=lambda item: -abs(item[1]))[:12]
+                    row["kernel_delta_ms"] = dict(top)
+                    for kernel_name, ms in top:
+                        print(f"      {ms:+8.2f} ms  {kernel_name}", flush=True)
 
     measure("frozen", model)
     measure("frozen (inference)", model, train=False)

@@ -64,7 +64,7 @@ def packed_width(n: int) -> int:
 
 # Launch shapes per kernel; `benchmarks/kernels.py` sweeps alternatives (it edits this dict in place).
 CONFIGS = {  # winners of `benchmarks/kernels.py --sweep` on one H200 (2026-11-29), R = 64, bf16
-    "down": {"BM": 64, "BK": 64, "splits": 0, "warps": 4, "stages": 3, "programs": 1056, "pack": "fused"},
+    "down": {"BM": 64, "BK": 64, "splits": 0, "warps": 4, "stages": 3, "programs": 528, "pack": "separate"},
     "up": {"BM": 64, "BN": 128, "warps": 4, "stages": 1},
     "bwd_up": {"mode": "fused", "BM": 256, "BN": 64, "splits": 0, "warps": 8, "stages": 3, "programs": 264},
     "gu": {"BM": 128, "BN": 64, "splits": 0, "warps": 4, "stages": 3, "programs": 264},   # bwd_up's "split" mode
