@@ -136,9 +136,10 @@ SWEEP = {
     "gc": _grid(BM=(64, 128, 256), BN=(32, 64), splits=(0,), warps=(4,), stages=(3,), programs=(264, 528, 1056)),
     "bwd_down": _grid(mode=("fused",), BM=(32, 64), BK=(64, 128), splits=(0,), warps=(8,), stages=(3,),
                       programs=(264, 528, 1056)),
-    "gx": [c for c in _grid(BM=(32, 64, 128), BK=(64, 128, 256), warps=(4, 8), stages=(1,))
+    "gx": [c for c in _grid(BM=(32, 64, 128), BK=(64, 128, 256), warps=(4, 8), stages=(1, 2))
            if c["BM"] * c["BK"] <= 16384],
-    "ga": _grid(BM=(32, 64, 128), BK=(64, 128), splits=(0,), warps=(4,), stages=(3,), programs=(264, 528, 1056)),
+    "ga": _grid(BM=(32, 64, 128), BK=(64, 128), splits=(0,), warps=(4, 8), stages=(3,),
+                programs=(132, 264, 528, 1056)),
 }
 
 

@@ -150,6 +150,7 @@ def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, bus
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     gpu = gpu_busy(one_step) if busy and device.type == "cuda" else (None, None, None)
+    timed_steps.spread = (min(times), max(times))
     return statistics.median(times), peak, gpu
 
 
@@ -193,11 +194,12 @@ def run_variants(model, shapes, steps, warmup, device, label, variants=VARIANTS,
                                                                        device, train=train, busy=busy)
             row = {"model": label, "variant": name, "batch": batch, "seq": seq, "tokens": batch * seq,
                    "step_ms": seconds * 1e3, "tokens_per_s": batch * seq / seconds, "peak_gib": peak,
-                   "gpu_busy_ms": gpu_ms, "our_kernels_ms": ours_ms}
+                   "gpu_busy_ms": gpu_ms, "our_kernels_ms": ours_ms,
+                   "min_ms": timed_steps.spread[0] * 1e3, "max_ms": timed_steps.spread[1] * 1e3}
             results.append(row)
             busy_text = f"  GPU busy {gpu_ms:7.1f} ms (our kernels {ours_ms:5.1f})" if gpu_ms is not None else ""
-            print(f"  {label:<10} {name:<24} {batch}x{seq:<5} {row['step_ms']:9.1f} ms  {peak:6.2f} GiB{busy_text}",
-                  flush=True)
+            print(f"  {label:<10} {name:<24} {batch}x{seq:<5} {row['step_ms']:9.1f} ms (min {row['min_ms']:.1f}, max "
+                  f"{row['max_ms']:.1f})  {peak:6.2f} GiB{busy_text}", flush=True)
             if per_kernel is not None:
                 if name.startswith("frozen"):
                     frozen_kernels[(name, batch, seq)] = per_kernel
@@ -277,9 +279,16 @@ def main():
                         help="JSON of Triton launch shapes (from benchmarks/kernels.py --configs-out) to apply")
     parser.add_argument("--busy", action="store_true",
                         help="also profile one extra step per row (CUDA kernels only) for the GPU's busy time")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.freeze() before measuring (a diagnostic: are step-time outliers Python GC pauses?)")
     parser.add_argument("--variants", default=None,
                         help="comma-separated subset of: " + ",".join(VARIANTS) + " (the frozen base always runs)")
     args = parser.parse_args()
+    if args.gc_freeze:
+        import gc
+
+        gc.collect()
+        gc.freeze()  # objects alive now (modules, libraries) are never scanned again by the cyclic collector
     if args.kernel_configs:
         from rasa_lora.ops import kernels
 
