@@ -190,12 +190,14 @@ def run_variants(model, shapes, steps, warmup, device, label, variants=VARIANTS,
 
     def measure(name, net, train=True):
         for batch, seq in shapes:
+            started = time.time()
             seconds, peak, (gpu_ms, ours_ms, per_kernel) = timed_steps(net, batch, seq, vocab, steps, warmup,
                                                                        device, train=train, busy=busy)
             row = {"model": label, "variant": name, "batch": batch, "seq": seq, "tokens": batch * seq,
                    "step_ms": seconds * 1e3, "tokens_per_s": batch * seq / seconds, "peak_gib": peak,
                    "gpu_busy_ms": gpu_ms, "our_kernels_ms": ours_ms,
-                   "min_ms": timed_steps.spread[0] * 1e3, "max_ms": timed_steps.spread[1] * 1e3}
+                   "min_ms": timed_steps.spread[0] * 1e3, "max_ms": timed_steps.spread[1] * 1e3,
+                   "unix_start": started, "unix_end": time.time()}  # to match against a clock/power log
             results.append(row)
             busy_text = f"  GPU busy {gpu_ms:7.1f} ms (our kernels {ours_ms:5.1f})" if gpu_ms is not None else ""
             print(f"  {label:<10} {name:<24} {batch}x{seq:<5} {row['step_ms']:9.1f} ms (min {row['min_ms']:.1f}, max "

@@ -3,22 +3,30 @@ r"""Triton kernels of the fused RaSA layer (see `rasa_linear.py` for the algebra
 Notation: x (M, K) the input rows, g (M, N) the output gradient, A (R, K) and C (N, R) the packed factors
 (R: n = r-k+Lk ranks rounded up to a power of two >= 16, zero beyond n; the dropout scale s and D folded into
 C), u (M, R) and gu (M, R) the thin float32 intermediates, keep(i, j) the hash mask of `dropout.py`.
-A training step of a layer launches five kernels (seven with gradient checkpointing's second forward):
+A training step of a layer runs these stages (the forward's twice under gradient checkpointing):
 
-    forward   down_and_pack   u = (keep * x) [A_p; A_s]^T from the raw factors     one read of x
-                              + extra programs writing the packed A and C
+    forward   pack            the packed A and C from the raw factors (R + N/64 small programs)
+              down            u = (keep * x) A^T                                    one read of x
               up_             y += u C^T                                            one read and write of y
-    backward  bwd_up          gu = g C,  dC = g^T u                                 one read of g
+    backward  pack            A and C again (not saved: see `rasa_linear.py`)
+              bwd_up          gu = g C,  dC = g^T u                                 one read of g
               bwd_down        dx += keep * (gu A)                                   one read and write of dx
                               dA = gu^T (keep * x)                                  one read of x
                               + extra programs: dB = s dC D, dD = s sum_b(dC * B)
 
-Every pass over a token-sized tensor happens once and the mask is drawn in registers where it is used. The
-split reductions (over K in `down_and_pack`, over M in `bwd_down` and `bwd_up`) add float32 partial sums
-atomically, so their last bits depend on scheduling. Few launches matter as much as fast ones: on one H200 a
-Triton launch costs the host ~15-25 us, and at 4096 tokens a step the host, not the GPU, set the pace
-(`benchmarks/RESULTS.md`). The launch shapes (`CONFIGS`) were chosen by `benchmarks/kernels.py --sweep` on
-one H200; the kernels are correct for any of them (tested with small and split shapes).
+`down_and_pack` runs the forward's pack and down as one launch (CONFIGS["down"]["pack"] = "fused": the rows
+then read the raw, often float32, factors) or two ("separate", the H200 sweep's choice: the rows read the
+packed bf16 A, twice as fast); `bwd_down` as one kernel or two ("split", the sweep's choice). Every pass over a
+token-sized tensor happens once and the mask is drawn in registers where it is used. The split reductions (over
+K in `down`, over M in `bwd_down` and `bwd_up`) add float32 partial sums atomically, so their last bits depend
+on scheduling.
+
+Host time matters as much as GPU time: Triton's own launch path costs ~15-25 us of host time a launch on the
+H200's host, which made the step host-bound at 4096 tokens (`benchmarks/RESULTS.md`, session 2). `_Launcher`
+keeps each compiled kernel after its first launch and calls its C launcher directly; the launch plans (tiles,
+grids, splits) are derived from CONFIGS once per shape (`_plan`; `clear_plans()` after editing CONFIGS). The
+launch shapes (`CONFIGS`) were chosen by `benchmarks/kernels.py --sweep` on one H200; the kernels are correct
+for any of them (tested with small and split shapes).
 """
 
 from __future__ import annotations

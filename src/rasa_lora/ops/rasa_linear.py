@@ -20,9 +20,10 @@ Backward, with g = dL/dy:
 Every pass over a token-sized tensor (x, y, g, dL/dx) is one read (or read and write) and happens once:
 the thin products, the mask and the update are fused (`kernels.py`, Triton, on CUDA). Folding D and s into
 C removes every elementwise pass over the tokens; dL/dD is a reduction over b. Saved for backward: x
-(alive in the caller anyway), the thin u and the packed factors; never the dropped input or the mask.
-The packed factors are rebuilt from the parameters on every call (one launch), so they are never stale
-(FSDP and DeepSpeed re-gather parameters into reused storage).
+(alive in the caller anyway) and the thin u; never the dropped input or the mask. The packed factors are
+rebuilt from the parameters by every forward and again by the backward (one small launch each), so they are
+never stale (FSDP and DeepSpeed re-gather parameters into reused storage) and never held across a
+checkpointed region.
 
 Backends, chosen per call (`kernel_backend`): "triton" (CUDA with Triton installed, for r-k+Lk <= 64: the
 default there), "cublas" (CUDA otherwise: the same algebra through PyTorch ops and cuBLAS, with torch's own
