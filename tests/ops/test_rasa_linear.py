@@ -205,7 +205,8 @@ def test_backend_choice_and_mask_flavours(monkeypatch):
     cuda_like = SimpleNamespace(is_cuda=True)
     monkeypatch.setattr(kernels, "available", lambda: True)
     assert kernel_backend(cuda_like, 39) == "triton"  # r=8 k=1 over 32 layers: R = 64
-    assert kernel_backend(cuda_like, 78) == "cublas"  # r=16 k=2: R = 128
+    assert kernel_backend(cuda_like, 78) == "triton"  # r=16 k=2: R = 128
+    assert kernel_backend(cuda_like, 156) == "cublas"  # r=32 k=4: R = 256
     monkeypatch.setattr(kernels, "available", lambda: False)
     assert kernel_backend(cuda_like, 39) == "cublas"
     set_kernel_backend("torch")

@@ -123,16 +123,17 @@ def _current_stream(device: int) -> int:
 
 
 class _Launcher:
-    """`kernel[grid](*args, num_warps=..., num_stages=...)` at a fraction of the host time.
+    """`kernel[grid](*args, num_warps=..., num_stages=...)` without Triton's per-call argument binding.
 
     Triton's launch path re-derives, from every argument on every call, which compiled variant to run, then
     reads its settings and hooks: ~15-25 us of host time a launch on the H200's host (`benchmarks/RESULTS.md`),
-    and a step launches seven a projection. After one ordinary launch this keeps the compiled kernel under a
+    and a training step launches ten a projection. After one ordinary launch this keeps the compiled kernel under a
     key holding what Triton specializes on (each tensor's dtype and 16-byte alignment, every integer and
     constexpr argument except those in `_LOOSE`, the launch options, the device), and later launches with that
     key call its C launcher directly. Arguments are positional, in the kernel's order, constexprs included.
-    Off under Triton's interpreter (nothing to cache), with RASA_LORA_FAST_LAUNCH=0, and while a Triton launch
-    hook is installed (profilers such as proton get Triton's own path).
+    Off under Triton's interpreter (nothing to cache) and with RASA_LORA_FAST_LAUNCH=0. A kernel first launched
+    while a Triton launch hook is installed is not cached, but cached kernels skip hooks installed later: set
+    RASA_LORA_FAST_LAUNCH=0 when profiling with such hooks (proton).
     """
 
     __slots__ = ("fn", "loose", "tensors", "scalars", "compiled")

@@ -25,7 +25,7 @@ rebuilt from the parameters by every forward and again by the backward (one smal
 never stale (FSDP and DeepSpeed re-gather parameters into reused storage) and never held across a
 checkpointed region.
 
-Backends, chosen per call (`kernel_backend`): "triton" (CUDA with Triton installed, for r-k+Lk <= 64: the
+Backends, chosen per call (`kernel_backend`): "triton" (CUDA with Triton installed, for r-k+Lk <= 128: the
 default there), "cublas" (CUDA otherwise: the same algebra through PyTorch ops and cuBLAS, with torch's own
 Bernoulli dropout mask drawn from a seeded generator, stored for the multiply and drawn again in backward) and
 "torch" (the same ops with the hash mask of the Triton kernels: any device; the CPU's fused path, and the twin
@@ -65,7 +65,7 @@ def fused_backend_enabled() -> bool:
 
 
 BACKENDS = ("triton", "torch", "cublas")
-TRITON_MAX_RANKS = 64  # widest packed rank count R for which the Triton kernels are the default (see below)
+TRITON_MAX_RANKS = 128  # widest packed rank count R for which the Triton kernels are the default (see below)
 
 
 def set_kernel_backend(name: str | None) -> None:
@@ -82,9 +82,10 @@ def kernel_backend(x: torch.Tensor, ranks: int = 0) -> str:
 
     Auto: on CUDA, "triton" when triton is installed and the packed width R (n rounded up to a power of two,
     >= 16) is at most TRITON_MAX_RANKS, else "cublas"; elsewhere "torch". Why: on one H200 (Llama-3.1-8B shape,
-    2026-11-29) the Triton kernels made r=8 k=1 (R=64) steps 1.18x faster than the cuBLAS path did, while their
-    launch shapes, tuned for R=64, made r=16 k=2 (R=128) and r=32 k=4 (R=256) slower than it
-    (`benchmarks/RESULTS.md`).
+    2026-11-29, `benchmarks/RESULTS.md`, session 3) the Triton kernels, launched through their cache, ran
+    r=8 k=1 (R=64) and r=16 k=2 (R=128) steps faster than the cuBLAS path (r16: 1.43x / 1.35x the frozen base
+    at 4096 / 16384 tokens against 1.84x / 1.39x), while their launch shapes, tuned for R=64, left r=32 k=4
+    (R=256) slower than it (2.27x / 2.07x against 1.81x / 1.40x).
     """
     from rasa_lora.ops import kernels
 
