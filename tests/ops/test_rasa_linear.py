@@ -197,6 +197,71 @@ def test_cached_launches_follow_each_calls_seed_and_shape():
         assert kernels._DOWN_PACK.compiled and kernels._UP.compiled  # the cached path was taken
 
 
+@pytest.mark.gpu
+def test_triton_kernels_on_a_second_gpu_while_the_first_is_current():
+    """A model spread over GPUs in one process (device_map="auto"): layers on cuda:1 while cuda:0 is current."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not _triton_ok():
+        pytest.skip("needs two CUDA devices and triton")
+    torch.cuda.set_device(0)
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(40, 64, generator=g).to("cuda:1").requires_grad_(True)
+    weight = (torch.randn(48, 64, generator=g) * 0.1).to("cuda:1")
+    params = factors(64, 48, 3, 10, "cuda:1", seed=14)
+    out, upstream, grads = run_fused("triton", x, weight, None, params, 0.1, 3)
+    ref, ref_grads = dense_reference(x, weight, None, params, upstream, "triton", 0.1, 3)
+    assert rel_err(out, ref) <= 1e-5
+    for name, grad, grad_ref in zip(["x", "A_p", "B_p", "D", "A_s", "B_s"], grads, ref_grads):
+        assert rel_err(grad, grad_ref) <= 1e-5, name
+
+
+def test_launch_cache_keys(monkeypatch):
+    """`kernels._Launcher`: a compiled kernel is reused only for arguments Triton would compile the same way
+    (dtypes, alignment, integers, launch options), whatever the per-call seed; unaligned tensors never reuse."""
+    from rasa_lora.ops import kernels
+
+    class Compiled:
+        function, packed_metadata = 1, None
+
+        def __init__(self):
+            self.launches = []
+
+        def run(self, *args):
+            self.launches.append(args[9:])  # grid x/y/z, stream, function, metadata, launch metadata, two hooks
+
+    class JIT:  # stands in for a @triton.jit function with arguments (x_ptr, M, seed_h, BM: constexpr)
+        arg_names = ["x_ptr", "M", "seed_h", "BM"]
+
+        def __init__(self):
+            self.compiled = []
+
+        def __getitem__(self, grid):
+            def launch(*args, num_warps, num_stages):
+                self.compiled.append(Compiled())
+                return self.compiled[-1]
+
+            return launch
+
+    monkeypatch.setattr(kernels, "_FAST_LAUNCH", True)
+    monkeypatch.setattr(kernels, "_cacheable", lambda kernel, device: True)
+    monkeypatch.setattr(kernels, "_current_stream", lambda device: 0)
+    jit = JIT()
+    launch = kernels._Launcher(jit)
+    x = torch.zeros(64)
+    launch((2,), (x, 8, 123, 16), 4, 1)
+    launch((2,), (x, 8, 456, 16), 4, 1)  # another seed: the cached kernel, given this call's seed
+    assert len(jit.compiled) == 1 and jit.compiled[0].launches == [(x, 8, 456, 16)]
+    for args, warps in [((x, 9, 1, 16), 4), ((x.double(), 8, 1, 16), 4), ((x, 8, 1, 32), 4), ((x, 8, 1, 16), 8)]:
+        launch((2,), args, warps, 1)  # another integer, dtype, constexpr, launch option: compiled anew
+    assert len(jit.compiled) == 5
+    unaligned = torch.zeros(65)[1:]  # 4 bytes past an aligned start
+    launch((2,), (unaligned, 8, 1, 16), 4, 1)
+    launch((2,), (unaligned, 8, 1, 16), 4, 1)
+    assert len(jit.compiled) == 7  # never cached, never served from the aligned tensor's entry
+    monkeypatch.setattr(kernels, "_FAST_LAUNCH", False)
+    launch((2,), (x, 8, 1, 16), 4, 1)
+    assert len(jit.compiled) == 8
+
+
 def test_backend_choice_and_mask_flavours(monkeypatch):
     from rasa_lora.ops import kernel_backend, kernels
 

@@ -148,8 +148,8 @@ class _Launcher:
         if _FAST_LAUNCH:
             if self.tensors is None:
                 kinds = [isinstance(a, torch.Tensor) for a in args]
-                self.tensors = operator.itemgetter(*(i for i, k in enumerate(kinds) if k))
-                self.scalars = operator.itemgetter(*(i for i, k in enumerate(kinds) if not k and i not in self.loose))
+                self.tensors = _picker([i for i, k in enumerate(kinds) if k])
+                self.scalars = _picker([i for i, k in enumerate(kinds) if not k and i not in self.loose])
             tensors = self.tensors(args)
             device = tensors[0].get_device()
             key = (warps, stages, device, self.scalars(args), *map(_DTYPE, tensors))
@@ -163,6 +163,14 @@ class _Launcher:
         # cached only when every tensor is 16-byte aligned (what Triton assumes when it compiles for aligned ones)
         if _FAST_LAUNCH and aligned and _cacheable(kernel, device):
             self.compiled[key] = kernel
+
+
+def _picker(indices: list[int]):
+    """args -> the tuple of args at `indices` (itemgetter, which returns a bare item for one index)."""
+    if len(indices) == 1:
+        index = indices[0]
+        return lambda args: (args[index],)
+    return operator.itemgetter(*indices) if indices else (lambda args: ())
 
 
 def _cacheable(kernel, device: int) -> bool:

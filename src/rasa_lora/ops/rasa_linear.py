@@ -37,6 +37,7 @@ The base weight is frozen (no dL/dW); a trainable base weight or bias takes the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -142,6 +143,15 @@ def _keep(rows: torch.Tensor, p: float, seed: int, backend: str) -> torch.Tensor
     return dropout_mask(rows, p, seed, backend) if p > 0 else None
 
 
+def _on_device(t: torch.Tensor):
+    """Make t's GPU the current device while Triton launches (it launches on the current device; a model spread
+    over several GPUs in one process, `device_map="auto"`, has layers on the others)."""
+    index = t.get_device()
+    if index < 0 or index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(index)
+
+
 class _RasaLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A_p, B_p, D, A_s, B_s, p: float, seed: int):
@@ -159,8 +169,9 @@ class _RasaLinearFunction(torch.autograd.Function):
             A_p, B_p, D, A_s, B_s = (t.contiguous() for t in (A_p, B_p, D, A_s, B_s))
             seed_h, thr = _dropout.seed_hash(seed), _dropout.threshold(p)
             ctx.hash = (seed_h, thr)
-            u, A, C = kernels.down_and_pack(rows, A_p, B_p, D, A_s, B_s, scale, seed_h, thr, p > 0)
-            kernels.up_(y, u, C)
+            with _on_device(rows):
+                u, A, C = kernels.down_and_pack(rows, A_p, B_p, D, A_s, B_s, scale, seed_h, thr, p > 0)
+                kernels.up_(y, u, C)
         else:
             from rasa_lora.ops.kernels import packed_width
 
@@ -198,16 +209,17 @@ class _RasaLinearFunction(torch.autograd.Function):
         if ctx.backend == "triton":
             from rasa_lora.ops import kernels
 
-            A, C = kernels.pack(A_p, B_p, D, A_s, B_s, rows.dtype, scale)
-            # one zeroed float32 workspace for every accumulator: gu (M, R), dC (N, R), dA (R, K), dD (R)
-            workspace = torch.zeros(M * R + N * R + R * K + R, dtype=torch.float32, device=g.device)
-            gu, gc, ga, gd = workspace.split([M * R, N * R, R * K, R])
-            gu, gc, ga = gu.view(M, R), gc.view(N, R), ga.view(R, K)
-            kernels.bwd_up(g, C, u, gu, gc)
-            seed_h, thr = ctx.hash
-            grad_B_p, grad_B_s = kernels.bwd_down(rows, gu, A, grad_x, ga, gc, B_p, B_s, D, gd, scale, seed_h, thr,
-                                                  p > 0)
-            grad_D = gd[:n]
+            with _on_device(rows):  # Triton launches on the current device, torch ops on their tensors'
+                A, C = kernels.pack(A_p, B_p, D, A_s, B_s, rows.dtype, scale)
+                # one zeroed float32 workspace for every accumulator: gu (M, R), dC (N, R), dA (R, K), dD (R)
+                workspace = torch.zeros(M * R + N * R + R * K + R, dtype=torch.float32, device=g.device)
+                gu, gc, ga, gd = workspace.split([M * R, N * R, R * K, R])
+                gu, gc, ga = gu.view(M, R), gc.view(N, R), ga.view(R, K)
+                kernels.bwd_up(g, C, u, gu, gc)
+                seed_h, thr = ctx.hash
+                grad_B_p, grad_B_s = kernels.bwd_down(rows, gu, A, grad_x, ga, gc, B_p, B_s, D, gd, scale, seed_h, thr,
+                                                      p > 0)
+                grad_D = gd[:n]
         else:
             dtype = g.dtype
             A, C = _pack_torch(A_p, B_p, D, A_s, B_s, dtype, scale, R)
