@@ -110,11 +110,13 @@ def gpu_busy(one_step):
         one_step()
         torch.cuda.synchronize()
     total = ours = 0.0
-    per_kernel: dict[str, float] = {}
+    per_kernel: dict[str, list] = {}  # name -> [ms, launches]
     for event in prof.key_averages():
         ms = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0)) / 1e3
         total += ms
-        per_kernel[event.key[:90]] = per_kernel.get(event.key[:90], 0.0) + ms
+        entry = per_kernel.setdefault(event.key[:90], [0.0, 0])
+        entry[0] += ms
+        entry[1] += event.count
         if event.key.startswith(OUR_KERNELS):
             ours += ms
     return total, ours, per_kernel
@@ -208,11 +210,15 @@ def run_variants(model, shapes, steps, warmup, device, label, variants=VARIANTS,
                 elif train and ("frozen", batch, seq) in frozen_kernels:
                     # where the GPU time over the frozen base goes: kernels by added time, this step vs frozen's
                     base = frozen_kernels[("frozen", batch, seq)]
-                    delta = {k: per_kernel.get(k, 0.0) - base.get(k, 0.0) for k in set(per_kernel) | set(base)}
-                    top = sorted(delta.items(), key=lambda item: -abs(item[1]))[:12]
-                    row["kernel_delta_ms"] = dict(top)
-                    for kernel_name, ms in top:
-                        print(f"      {ms:+8.2f} ms  {kernel_name}", flush=True)
+                    zero = [0.0, 0]
+                    delta = {k: (per_kernel.get(k, zero)[0] - base.get(k, zero)[0],
+                                 per_kernel.get(k, zero)[1] - base.get(k, zero)[1])
+                             for k in set(per_kernel) | set(base)}
+                    top = sorted(delta.items(), key=lambda item: -abs(item[1][0]))[:12]
+                    row["kernel_delta_ms"] = {k: ms for k, (ms, _) in top}
+                    row["kernel_delta_launches"] = {k: n for k, (_, n) in top}
+                    for kernel_name, (ms, launches) in top:  # more time in as many launches: slower kernels
+                        print(f"      {ms:+8.2f} ms {launches:+6d} launches  {kernel_name}", flush=True)
 
     measure("frozen", model)
     measure("frozen (inference)", model, train=False)
