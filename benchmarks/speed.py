@@ -123,7 +123,8 @@ def gpu_busy(one_step):
 
 
 def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, busy=False):
-    """Median seconds of a step and peak GiB; with `busy` (CUDA), also (GPU ms, our kernels' ms) of one more step."""
+    """Median seconds of a step, peak GiB, with `busy` (CUDA) (GPU ms, our kernels' ms, per-kernel [ms, launches])
+    of one more step, and (fastest, slowest) step seconds."""
     generator = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
     optimizer = Lion(model.parameters()) if train else None
@@ -152,8 +153,7 @@ def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, bus
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     gpu = gpu_busy(one_step) if busy and device.type == "cuda" else (None, None, None)
-    timed_steps.spread = (min(times), max(times))
-    return statistics.median(times), peak, gpu
+    return statistics.median(times), peak, gpu, (min(times), max(times))
 
 
 def build_llama(small: bool, device):
@@ -193,12 +193,12 @@ def run_variants(model, shapes, steps, warmup, device, label, variants=VARIANTS,
     def measure(name, net, train=True):
         for batch, seq in shapes:
             started = time.time()
-            seconds, peak, (gpu_ms, ours_ms, per_kernel) = timed_steps(net, batch, seq, vocab, steps, warmup,
-                                                                       device, train=train, busy=busy)
+            seconds, peak, (gpu_ms, ours_ms, per_kernel), (fastest, slowest) = timed_steps(
+                net, batch, seq, vocab, steps, warmup, device, train=train, busy=busy)
             row = {"model": label, "variant": name, "batch": batch, "seq": seq, "tokens": batch * seq,
                    "step_ms": seconds * 1e3, "tokens_per_s": batch * seq / seconds, "peak_gib": peak,
                    "gpu_busy_ms": gpu_ms, "our_kernels_ms": ours_ms,
-                   "min_ms": timed_steps.spread[0] * 1e3, "max_ms": timed_steps.spread[1] * 1e3,
+                   "min_ms": fastest * 1e3, "max_ms": slowest * 1e3,
                    "unix_start": started, "unix_end": time.time()}  # to match against a clock/power log
             results.append(row)
             busy_text = f"  GPU busy {gpu_ms:7.1f} ms (our kernels {ours_ms:5.1f})" if gpu_ms is not None else ""

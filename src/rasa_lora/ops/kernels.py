@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import operator
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -84,6 +85,12 @@ CONFIGS = {  # winners of `benchmarks/kernels.py --sweep` on one H200 (2026-11-2
 }
 # splits 0: enough splits of the reduction for about `programs` programs (TARGET_PROGRAMS when unset)
 TARGET_PROGRAMS = 2 * 132  # about two programs per SM of an H100/H200; a floor elsewhere
+
+
+def _rows_for_width(cap: int, R: int) -> int:
+    """A tile edge for the packed-rank tiles (rows x R) of the small pack and finalize programs: `cap` up to
+    R = 64, proportionally fewer rows for wider R (at least 16)."""
+    return cap if R <= 64 else max(16, cap * 64 // R)
 
 
 def _fit(name: str, R: int, itemsize: int) -> dict:
@@ -461,6 +468,22 @@ def _plan(key: tuple, build):
     return plan
 
 
+class _DownPlan(NamedTuple):
+    R: int
+    BM: int
+    BK: int
+    row_blocks: int
+    splits: int
+    k_per_split: int
+    BK_PACK: int
+    BN_PACK: int
+    pack_programs: int
+    separate: bool  # the pack in its own launch before the rows (CONFIGS["down"]["pack"] == "separate")
+    ieee: bool
+    warps: int
+    stages: int
+
+
 def _down_plan(M, K, N, NP, NS, dtype):
     R = packed_width(NP + NS)
     cfg = _fit("down", R, dtype.itemsize)
@@ -468,34 +491,33 @@ def _down_plan(M, K, N, NP, NS, dtype):
     row_blocks = _cdiv(M, BM)
     splits, k_per_split = _split_plan(row_blocks, K, BK, cfg)
     pack = CONFIGS["pack"]
-    BN_PACK = pack["BN"] if R <= 64 else max(16, pack["BN"] * 64 // R)
-    pack_programs = R + _cdiv(N, BN_PACK)
-    return (R, BM, BK, row_blocks, splits, k_per_split, _block(pack["BK"], K), BN_PACK, pack_programs,
-            cfg.get("pack", "fused") == "separate", dtype == torch.float32, cfg["warps"], cfg["stages"])
+    BN_PACK = _rows_for_width(pack["BN"], R)
+    return _DownPlan(R, BM, BK, row_blocks, splits, k_per_split, _block(pack["BK"], K), BN_PACK,
+                     R + _cdiv(N, BN_PACK), cfg.get("pack", "fused") == "separate", dtype == torch.float32,
+                     cfg["warps"], cfg["stages"])
 
 
 def _pack_into(A, C, A_p, B_p, D, A_s, B_s, x, u, scale, plan, M, K, N, NP, NS):
     """Launch the pack-only programs of `_down_pack_kernel` (no rows: row_blocks = 0)."""
-    R, BM, BK, _, splits, k_per_split, BK_PACK, BN_PACK, programs, _, ieee, _, _ = plan
-    _DOWN_PACK((programs,), (x, A_p, A_s, B_p, B_s, D, A, C, u, M, K, N, NP, NS, K, 0, 0, k_per_split, scale, 0,
-                             splits, R, BM, BK, BK_PACK, BN_PACK, False, splits > 1, ieee, False), 4, 1)
+    _DOWN_PACK((plan.pack_programs,), (
+        x, A_p, A_s, B_p, B_s, D, A, C, u, M, K, N, NP, NS, K, 0, 0, plan.k_per_split, scale, 0, plan.splits,
+        plan.R, plan.BM, plan.BK, plan.BK_PACK, plan.BN_PACK, False, plan.splits > 1, plan.ieee, False), 4, 1)
 
 
 def pack(A_p, B_p, D, A_s, B_s, dtype, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The packed A = [A_p; A_s; 0] (R, K) and C = s [B_p D_p, B_s D_s, 0] (N, R) in `dtype`, in one launch."""
     (NP, K), NS, N = A_p.shape, A_s.shape[0], B_p.shape[0]
     plan = _plan(("down", 1, K, N, NP, NS, dtype), _down_plan)
-    R = plan[0]
-    A = torch.empty((R, K), dtype=dtype, device=A_p.device)
-    C = torch.empty((N, R), dtype=dtype, device=A_p.device)
+    A = torch.empty((plan.R, K), dtype=dtype, device=A_p.device)
+    C = torch.empty((N, plan.R), dtype=dtype, device=A_p.device)
     _pack_into(A, C, A_p, B_p, D, A_s, B_s, A, A, scale, plan, 1, K, N, NP, NS)
     return A, C
 
 
 def down_and_pack(x, A_p, B_p, D, A_s, B_s, scale: float, seed_h: int, thr: int, dropout: bool):
     """u = (keep * x) [A_p; A_s]^T (float32 (M, R)), and the packed A (R, K) and C (N, R) in x's dtype (the
-    factors must be contiguous). One launch (CONFIGS["down"]["pack"] "fused", the default: the rows read the raw
-    factors) or two ("separate": a pack launch, then the rows read the packed A)."""
+    factors must be contiguous). One launch (CONFIGS["down"]["pack"] "fused": the rows read the raw factors) or
+    two ("separate", the committed default: a pack launch, then the rows read the packed A)."""
     M, K = x.shape
     NP, NS, N = A_p.shape[0], A_s.shape[0], B_p.shape[0]
     plan = _plan(("down", M, K, N, NP, NS, x.dtype), _down_plan)
@@ -566,7 +588,7 @@ def bwd_up(g: torch.Tensor, C: torch.Tensor, u: torch.Tensor, gu: torch.Tensor, 
 def _bwd_down_plan(M, K, N, R, dtype):
     size, ieee = dtype.itemsize, dtype == torch.float32
     cfg = _fit("bwd_down", R, size)
-    BN_FIN = 64 if R <= 64 else max(16, 64 * 64 // R)
+    BN_FIN = _rows_for_width(64, R)
     if cfg.get("mode", "fused") != "split":  # one pass over x and grad_x, then dB and dD in a small launch
         BK = _block(cfg["BK"], K)
         splits, per_split = _split_plan(_cdiv(K, BK), M, cfg["BM"], cfg)
