@@ -171,7 +171,9 @@ def build_llama(small: bool, device):
     return model
 
 
-VARIANTS = ("lora", "lora0", "authors", "rasa8", "rasa8d0", "rasa16", "rasa32", "merged")
+VARIANTS = ("lora", "lora0", "authors", "rasa8", "rasa8acc", "rasa8d0", "rasa16", "rasa32", "merged")
+# rasa8acc: RaSA r8 k1 d0.05 with the adapter's kernels adding into the base GEMMs' outputs
+# (`set_base_gemm_adds(False)`, the layout before 2026-11-29 session 4) instead of the GEMMs adding into them
 
 
 def run_variants(model, shapes, steps, warmup, device, label, variants=VARIANTS, busy=False):
@@ -235,12 +237,20 @@ def run_variants(model, shapes, steps, warmup, device, label, variants=VARIANTS,
         del pools
     for r, k, dropout, key in ((8, 1, 0.05, "rasa8"), (8, 1, 0.0, "rasa8d0"), (16, 2, 0.05, "rasa16"),
                                (32, 4, 0.05, "rasa32")):
-        if not (wanted(key) or (key == "rasa8" and wanted("merged"))):
+        if not (wanted(key) or (key == "rasa8" and (wanted("merged") or wanted("rasa8acc")))):
             continue
         config = rasa_lora.RasaConfig(r=r, rasa_k=k, rasa_alpha=16, rasa_dropout=dropout, target_modules=ALL_PROJ)
         peft_model = get_peft_model(model, config)
         if wanted(key):
             measure(f"rasa r{r}k{k} d{dropout}", peft_model)
+        if key == "rasa8" and wanted("rasa8acc"):
+            from rasa_lora.ops import set_base_gemm_adds
+
+            set_base_gemm_adds(False)
+            try:
+                measure("rasa r8k1 d0.05 (adapter adds)", peft_model)
+            finally:
+                set_base_gemm_adds(None)
         if key == "rasa8" and wanted("merged"):
             peft_model.merge_adapter()
             measure("rasa r8k1 merged (inference)", peft_model, train=False)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rasa_lora.ops import dropout_mask, rasa_linear, set_kernel_backend
+from rasa_lora.ops import dropout_mask, rasa_linear, set_base_gemm_adds, set_kernel_backend
 from rasa_lora.ops.dropout import effective_p
 from rasa_lora.ops.rasa_linear import dropout_scale
 from rasa_lora.reference import dense_delta
@@ -34,9 +34,12 @@ def _cases():
              pytest.param("cublas", "cpu", id="cublas-cpu"),
              pytest.param("cublas", "cuda", marks=pytest.mark.gpu, id="cublas-cuda")]
     if _triton_ok():
-        cases.append(pytest.param("triton", "cuda", marks=pytest.mark.gpu, id="triton-cuda"))
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            cases.append(pytest.param("triton", "cpu", id="triton-interpreter"))
+        # "triton": the base GEMMs add into the adapter's term (beta = 1); "triton-accumulate": the adapter's
+        # kernels add into the base GEMMs' outputs (`set_base_gemm_adds(False)`)
+        for name in ("triton", "triton-accumulate"):
+            cases.append(pytest.param(name, "cuda", marks=pytest.mark.gpu, id=f"{name}-cuda"))
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                cases.append(pytest.param(name, "cpu", id=f"{name}-interpreter"))
     return cases
 
 
@@ -52,7 +55,8 @@ def rel_err(x, y):
 
 
 def run_fused(backend, x, weight, bias, params, p, seed, upstream_seed=5):
-    set_kernel_backend(backend)
+    set_kernel_backend("triton" if backend.startswith("triton") else backend)
+    set_base_gemm_adds(backend != "triton-accumulate")
     try:
         out = rasa_linear(x, weight, bias, *params, dropout_p=p, seed=seed)
         g = torch.Generator().manual_seed(upstream_seed)
@@ -60,6 +64,7 @@ def run_fused(backend, x, weight, bias, params, p, seed, upstream_seed=5):
         grads = torch.autograd.grad(out, [x, *params], upstream)
     finally:
         set_kernel_backend(None)
+        set_base_gemm_adds(None)
     return out, upstream, grads
 
 
@@ -79,7 +84,7 @@ def dense_reference(x, weight, bias, params, upstream, backend, p, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("a", "b", "private", "shared", "p"), SHAPES)
 def test_forward_and_all_gradients_match_the_dense_reference(backend, device, dtype, a, b, private, shared, p):
-    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+    if backend.startswith("triton") and device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the interpreter computes bf16 dots through numpy, which has no bf16")
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 11, a, generator=g).to(device, dtype).requires_grad_(True)
@@ -110,12 +115,14 @@ def test_eval_mode_input_without_grad_and_bf16_factors(backend, device):
     x = torch.randn(5, 40, generator=g).to(device, dtype)
     weight = (torch.randn(24, 40, generator=g) * 0.1).to(device, dtype)
     params = [t.detach().to(dtype).requires_grad_(True) for t in factors(40, 24, 3, 6, device)]
-    set_kernel_backend(backend)
+    set_kernel_backend("triton" if backend.startswith("triton") else backend)
+    set_base_gemm_adds(backend != "triton-accumulate")
     try:
         out = rasa_linear(x, weight, None, *params)
         grads = torch.autograd.grad(out.sum(), params)
     finally:
         set_kernel_backend(None)
+        set_base_gemm_adds(None)
     params64 = [t.detach().double().requires_grad_(True) for t in params]
     ref = x.double() @ weight.double().t() + x.double() @ dense_delta(*params64).t()
     ref_grads = torch.autograd.grad(ref.sum(), params64)
@@ -136,14 +143,17 @@ def test_triton_and_torch_backends_agree_on_an_8b_sized_layer(p):
     x = torch.randn(2, 1000, 4096, generator=g).to("cuda", torch.bfloat16).requires_grad_(True)
     weight = (torch.randn(14336, 4096, generator=g) * 0.02).to("cuda", torch.bfloat16)
     params = factors(4096, 14336, 7, 32, "cuda", seed=1)
-    results = {name: run_fused(name, x, weight, None, params, p, 99) for name in ("torch", "triton")}
-    (out_t, _, grads_t), (out_k, _, grads_k) = results["torch"], results["triton"]
-    assert rel_err(out_k, out_t) <= 1e-2
-    for name, a, b in zip(["x", "A_p", "B_p", "D", "A_s", "B_s"], grads_k, grads_t):
-        assert rel_err(a, b) <= 1e-2, name
+    results = {name: run_fused(name, x, weight, None, params, p, 99)
+               for name in ("torch", "triton", "triton-accumulate")}
+    out_t, _, grads_t = results["torch"]
+    for backend in ("triton", "triton-accumulate"):
+        out_k, _, grads_k = results[backend]
+        assert rel_err(out_k, out_t) <= 1e-2, backend
+        for name, a, b in zip(["x", "A_p", "B_p", "D", "A_s", "B_s"], grads_k, grads_t):
+            assert rel_err(a, b) <= 1e-2, (backend, name)
 
 
-@pytest.mark.parametrize(("backend", "device"), [c for c in _cases() if c.values[0] == "triton"]
+@pytest.mark.parametrize(("backend", "device"), [c for c in _cases() if c.values[0].startswith("triton")]
                          or [pytest.param("triton", "none", marks=pytest.mark.skip(reason="triton not installed"))])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("mode", ["fused", "split"])
@@ -168,7 +178,7 @@ def test_triton_launch_shapes_do_not_change_the_result(backend, device, splits, 
     x = torch.randn(70, 100, generator=g).to(device, dtype).requires_grad_(True)
     weight = (torch.randn(45, 100, generator=g) * 0.1).to(device, dtype)
     params = factors(100, 45, 3, 12, device, seed=8)
-    out, upstream, grads = run_fused("triton", x, weight, None, params, 0.2, 77)
+    out, upstream, grads = run_fused(backend, x, weight, None, params, 0.2, 77)
     ref, ref_grads = dense_reference(x, weight, None, params, upstream, "triton", 0.2, 77)
     assert rel_err(out, ref) <= 1e-5
     for name, grad, grad_ref in zip(["x", "A_p", "B_p", "D", "A_s", "B_s"], grads, ref_grads):

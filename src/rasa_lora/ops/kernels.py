@@ -285,18 +285,25 @@ if triton is not None:
             _pack_c_block(bp_ptr, bs_ptr, d_ptr, c_ptr, pid - computing - R, N, NP, NS, scale, R, BN_PACK)
 
     @triton.jit
-    def _up_kernel(u_ptr, c_ptr, y_ptr, M, N, sym, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   IEEE: tl.constexpr):
+    def _write_or_add(pointers, update, mask, ACCUMULATE: tl.constexpr):
+        """Store a float32 tile into a token-sized tensor (its dtype), or add it to what is there."""
+        if ACCUMULATE:
+            update += tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
+        tl.store(pointers, update.to(pointers.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _up_kernel(u_ptr, c_ptr, y_ptr, bias_ptr, M, N, sym, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   ACCUMULATE: tl.constexpr, BIAS: tl.constexpr, IEEE: tl.constexpr):
         rm = tl.program_id(1) * BM + tl.arange(0, BM)
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rr = tl.arange(0, R)
         c = tl.load(c_ptr + rn[:, None] * R + rr[None, :], mask=(rn < N)[:, None], other=0.0)
         u = tl.load(u_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0)
         update = _dot(u.to(c.dtype), tl.trans(c), IEEE)
+        if BIAS:
+            update += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         inside = (rm < M)[:, None] & (rn < N)[None, :]
-        pointers = y_ptr + rm[:, None] * sym + rn[None, :]
-        y = tl.load(pointers, mask=inside, other=0.0)
-        tl.store(pointers, (y.to(tl.float32) + update).to(y_ptr.dtype.element_ty), mask=inside)
+        _write_or_add(y_ptr + rm[:, None] * sym + rn[None, :], update, inside, ACCUMULATE)
 
     @triton.jit
     def _bwd_up_kernel(g_ptr, c_ptr, u_ptr, gu_ptr, gc_ptr, M, N, sgm, n_per_split,
@@ -322,7 +329,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=_LOOSE)
     def _bwd_down_kernel(x_ptr, gu_ptr, a_ptr, gx_ptr, ga_ptr, M, K, sxm, sgxm, seed_h, thr, m_per_split,
                          R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, DROPOUT: tl.constexpr,
-                         GRAD_X: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr):
+                         GRAD_X: tl.constexpr, ACCUMULATE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr):
         rk = tl.program_id(0) * BK + tl.arange(0, BK)
         rr = tl.arange(0, R)
         a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
@@ -341,9 +348,7 @@ if triton is not None:
                 update = _dot(gu, a, IEEE)
                 if DROPOUT:
                     update = tl.where(keep, update, 0.0)
-                pointers = gx_ptr + rm[:, None] * sgxm + rk[None, :]
-                gx = tl.load(pointers, mask=inside, other=0.0)
-                tl.store(pointers, (gx.to(tl.float32) + update).to(gx_ptr.dtype.element_ty), mask=inside)
+                _write_or_add(gx_ptr + rm[:, None] * sgxm + rk[None, :], update, inside, ACCUMULATE)
         pointers = ga_ptr + rr[:, None] * K + rk[None, :]
         _store_or_add(pointers, acc, (rk < K)[None, :], ATOMIC)
 
@@ -380,7 +385,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=_LOOSE)
     def _gx_kernel(gu_ptr, a_ptr, gx_ptr, M, K, sgxm, seed_h, thr, R: tl.constexpr, BM: tl.constexpr,
-                   BK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr):
+                   BK: tl.constexpr, DROPOUT: tl.constexpr, ACCUMULATE: tl.constexpr, IEEE: tl.constexpr):
         rm = tl.program_id(1) * BM + tl.arange(0, BM)
         rk = tl.program_id(0) * BK + tl.arange(0, BK)
         rr = tl.arange(0, R)
@@ -390,9 +395,7 @@ if triton is not None:
         if DROPOUT:
             update = tl.where(_keep(rm, tl.program_id(0) * BK, seed_h, thr, BK), update, 0.0)
         inside = (rm < M)[:, None] & (rk < K)[None, :]
-        pointers = gx_ptr + rm[:, None] * sgxm + rk[None, :]
-        gx = tl.load(pointers, mask=inside, other=0.0)
-        tl.store(pointers, (gx.to(tl.float32) + update).to(gx_ptr.dtype.element_ty), mask=inside)
+        _write_or_add(gx_ptr + rm[:, None] * sgxm + rk[None, :], update, inside, ACCUMULATE)
 
     @triton.jit
     def _finalize_block(gc_ptr, bp_ptr, bs_ptr, d_ptr, gbp_ptr, gbs_ptr, gd_ptr, block, N, NP, NS, scale,
@@ -540,12 +543,14 @@ def _up_plan(M, N, R, dtype):
     return (_cdiv(N, BN), _cdiv(M, BM)), BM, BN, dtype == torch.float32, cfg["warps"], cfg["stages"]
 
 
-def up_(y: torch.Tensor, u: torch.Tensor, C: torch.Tensor) -> None:
-    """y += u C^T in place (y (M, N) with unit column stride)."""
+def up_(y: torch.Tensor, u: torch.Tensor, C: torch.Tensor, accumulate: bool = True,
+        bias: torch.Tensor | None = None) -> None:
+    """y += u C^T in place (y (M, N) with unit column stride); with accumulate=False, y = u C^T (+ bias)."""
     M, N = y.shape
     R = C.shape[1]
     grid, BM, BN, ieee, warps, stages = _plan(("up", M, N, R, y.dtype), _up_plan)
-    _UP(grid, (u, C, y, M, N, y.stride(0), R, BM, BN, ieee), warps, stages)
+    _UP(grid, (u, C, y, y if bias is None else bias, M, N, y.stride(0), R, BM, BN, accumulate, bias is not None,
+               ieee), warps, stages)
 
 
 def _split_plan(blocks: int, length: int, block: int, cfg: dict) -> tuple[int, int]:
@@ -604,8 +609,9 @@ def _bwd_down_plan(M, K, N, R, dtype):
              ca["stages"]), None, ieee)
 
 
-def bwd_down(x, gu, A, grad_x, ga, gc, B_p, B_s, D, gd, scale: float, seed_h: int, thr: int, dropout: bool):
-    """grad_x += keep * (gu A) in place, ga (+)= gu^T (keep * x) (float32 (R, K), zeroed by the caller), and from
+def bwd_down(x, gu, A, grad_x, ga, gc, B_p, B_s, D, gd, scale: float, seed_h: int, thr: int, dropout: bool,
+             accumulate: bool = True):
+    """grad_x += keep * (gu A) in place (grad_x = keep * (gu A) with accumulate=False), ga (+)= gu^T (keep * x) (float32 (R, K), zeroed by the caller), and from
     the complete gc = dL/dC: returns dB_p, dB_s (float32) and adds dL/dD into gd (zeroed by the caller)."""
     M, K = x.shape
     R, N = A.shape[0], gc.shape[0]
@@ -617,13 +623,14 @@ def bwd_down(x, gu, A, grad_x, ga, gc, B_p, B_s, D, gd, scale: float, seed_h: in
         grid, per_split, BM, BK, atomic, warps, stages = first
         _BWD_DOWN(grid, (x, gu, A, grad_x if grad_x is not None else x, ga, M, K, x.stride(0),
                          grad_x.stride(0) if grad_x is not None else 0, seed_h, thr, per_split, R, BM, BK, dropout,
-                         grad_x is not None, atomic, ieee), warps, stages)
+                         grad_x is not None, accumulate, atomic, ieee), warps, stages)
         grid, BN = fin
         _FINALIZE(grid, (gc, B_p, B_s, D, gbp, gbs, gd, N, NP, NS, scale, R, BN), 4, 1)
         return gbp, gbs
     if grad_x is not None:
         grid, BM, BK, warps, stages = first
-        _GX(grid, (gu, A, grad_x, M, K, grad_x.stride(0), seed_h, thr, R, BM, BK, dropout, ieee), warps, stages)
+        _GX(grid, (gu, A, grad_x, M, K, grad_x.stride(0), seed_h, thr, R, BM, BK, dropout, accumulate, ieee), warps,
+            stages)
     grid, per_split, k_blocks, splits, BM, BK, BN_FIN, warps, stages = second
     _GA_FINALIZE(grid, (x, gu, ga, gc, B_p, B_s, D, gbp, gbs, gd, M, K, N, NP, NS, x.stride(0), seed_h, thr, per_split,
                         scale, k_blocks, splits, R, BM, BK, BN_FIN, dropout, splits > 1, ieee), warps, stages)

@@ -65,6 +65,24 @@ def fused_backend_enabled() -> bool:
     return torch.cuda.is_available()
 
 
+_GEMM_ADDS: bool | None = None
+
+
+def set_base_gemm_adds(enabled: bool | None) -> None:
+    """Triton backend: whether the base GEMMs add their product into the adapter's term (cuBLAS with beta = 1:
+    y = u C^T + c written first, then y += x W^T; dL/dx = m * (gu A) first, then += g W), instead of the adapter's
+    kernels reading and writing the base GEMMs' outputs once more. `None`: the default (RASA_LORA_GEMM_ADDS=1/0,
+    else on)."""
+    global _GEMM_ADDS
+    _GEMM_ADDS = enabled
+
+
+def base_gemm_adds() -> bool:
+    if _GEMM_ADDS is not None:
+        return _GEMM_ADDS
+    return os.environ.get("RASA_LORA_GEMM_ADDS", "1") not in ("0", "false", "False", "")
+
+
 BACKENDS = ("triton", "torch", "cublas")
 TRITON_MAX_RANKS = 128  # widest packed rank count R for which the Triton kernels are the default (see below)
 
@@ -162,7 +180,10 @@ class _RasaLinearFunction(torch.autograd.Function):
         num_ranks = A_p.shape[0] + A_s.shape[0]
         backend = kernel_backend(rows, num_ranks)
         scale = dropout_scale(p, backend)
-        y = F.linear(rows, weight.to(dtype), None if bias is None else bias.to(dtype))
+        w = weight.to(dtype)  # the parameter itself stays on ctx, not a cast copy
+        bias = None if bias is None else bias.to(dtype)
+        gemm_adds = backend == "triton" and base_gemm_adds()
+        ctx.gemm_adds = gemm_adds
         if backend == "triton":
             from rasa_lora.ops import kernels
 
@@ -171,8 +192,15 @@ class _RasaLinearFunction(torch.autograd.Function):
             ctx.hash = (seed_h, thr)
             with _on_device(rows):
                 u, A, C = kernels.down_and_pack(rows, A_p, B_p, D, A_s, B_s, scale, seed_h, thr, p > 0)
-                kernels.up_(y, u, C)
+                if gemm_adds:  # y = u C^T + c first, then the base GEMM adds x W^T into it (beta = 1)
+                    y = rows.new_empty((rows.shape[0], w.shape[0]))
+                    kernels.up_(y, u, C, accumulate=False, bias=bias)
+                    y.addmm_(rows, w.t())
+                else:
+                    y = F.linear(rows, w, bias)
+                    kernels.up_(y, u, C)
         else:
+            y = F.linear(rows, w, bias)
             from rasa_lora.ops.kernels import packed_width
 
             # "cublas": n rounded up to 8 (cuBLAS's fast widths); "torch": the Triton kernels' packed width
@@ -204,7 +232,10 @@ class _RasaLinearFunction(torch.autograd.Function):
             g = g.contiguous()
         M, K = rows.shape
         N, R = weight.shape[0], u.shape[1]
-        grad_x = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # with gemm_adds the adapter's term is written first and the GEMM adds g W into it (beta = 1)
+            grad_x = g.new_empty((M, K)) if ctx.gemm_adds else g @ weight.to(g.dtype)
 
         if ctx.backend == "triton":
             from rasa_lora.ops import kernels
@@ -218,8 +249,10 @@ class _RasaLinearFunction(torch.autograd.Function):
                 kernels.bwd_up(g, C, u, gu, gc)
                 seed_h, thr = ctx.hash
                 grad_B_p, grad_B_s = kernels.bwd_down(rows, gu, A, grad_x, ga, gc, B_p, B_s, D, gd, scale, seed_h, thr,
-                                                      p > 0)
+                                                      p > 0, accumulate=not ctx.gemm_adds)
                 grad_D = gd[:n]
+            if grad_x is not None and ctx.gemm_adds:
+                grad_x.addmm_(g, weight.to(g.dtype))
         else:
             dtype = g.dtype
             A, C = _pack_torch(A_p, B_p, D, A_s, B_s, dtype, scale, R)
