@@ -102,9 +102,9 @@ def main():
             for variant in VARIANTS:
                 totals[variant] += times[variant] * PER_LAYER[name] * LAYERS
             rows.append({"tokens": M, "shape": name, "K": K, "N": N, **{f"{v}_ms": times[v] for v in VARIANTS}})
-            print(f"M={M:<6} {name:<18} " + "  ".join(
-                f"{v} {times[v] * 1e3:8.1f} us" + ("" if v == "frozen" else f" (+{(times[v] - times['frozen']) * 1e3:6.1f})")
-                for v in VARIANTS), flush=True)
+            extra = {v: "" if v == "frozen" else f" (+{(times[v] - times['frozen']) * 1e3:6.1f})" for v in VARIANTS}
+            print(f"M={M:<6} {name:<18} " + "  ".join(f"{v} {times[v] * 1e3:8.1f} us{extra[v]}" for v in VARIANTS),
+                  flush=True)
         rows.append({"tokens": M, "shape": "model step (32 layers)", **{f"{v}_ms": totals[v] for v in VARIANTS}})
         print(f"M={M:<6} 32-layer step: " + "  ".join(
             f"{v} {totals[v]:7.1f} ms" + ("" if v == "frozen" else f" (x{totals[v] / totals['frozen']:.3f}, "

@@ -611,7 +611,8 @@ def _bwd_down_plan(M, K, N, R, dtype):
 
 def bwd_down(x, gu, A, grad_x, ga, gc, B_p, B_s, D, gd, scale: float, seed_h: int, thr: int, dropout: bool,
              accumulate: bool = True):
-    """grad_x += keep * (gu A) in place (grad_x = keep * (gu A) with accumulate=False), ga (+)= gu^T (keep * x) (float32 (R, K), zeroed by the caller), and from
+    """grad_x += keep * (gu A) in place (grad_x = keep * (gu A) with accumulate=False), ga (+)= gu^T (keep * x)
+    (float32 (R, K), zeroed by the caller), and from
     the complete gc = dL/dC: returns dB_p, dB_s (float32) and adds dL/dD into gd (zeroed by the caller)."""
     M, K = x.shape
     R, N = A.shape[0], gc.shape[0]

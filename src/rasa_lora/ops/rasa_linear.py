@@ -170,28 +170,70 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(index)
 
 
-class _RasaLinearFunction(torch.autograd.Function):
+class _Down(torch.autograd.Function):
+    """First stage: u = (m * x) A^T, with the factors packed (A, C). It is the node that saves what the backward
+    needs, (x, u), and does nothing in backward: `_Up`'s backward computes every gradient, reading these saved
+    tensors through the link it keeps to this node.
+
+    Why two nodes: gradient checkpointing (non-reentrant, with early stop, PyTorch's default) recomputes a block
+    only until every tensor saved in it exists again. A frozen base layer saves nothing token-sized, so for the
+    last projection of a Llama block (down_proj) the frozen model never recomputes its forward GEMM. If the
+    adapter saved x in the node that also runs the base GEMM, the recomputation would run that GEMM as well (one
+    of the largest of the block: +17 / +79 ms a step at 4096 / 16384 tokens on the Llama-3.1-8B shape, one H200,
+    `benchmarks/RESULTS.md` session 4). With the saving node first, the recomputation stops right after it.
+    """
+
     @staticmethod
-    def forward(ctx, x, weight, bias, A_p, B_p, D, A_s, B_s, p: float, seed: int):
-        dtype = x.dtype
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.stride(-1) != 1:
-            rows = rows.contiguous()
-        num_ranks = A_p.shape[0] + A_s.shape[0]
-        backend = kernel_backend(rows, num_ranks)
-        scale = dropout_scale(p, backend)
-        w = weight.to(dtype)  # the parameter itself stays on ctx, not a cast copy
-        bias = None if bias is None else bias.to(dtype)
-        gemm_adds = backend == "triton" and base_gemm_adds()
-        ctx.gemm_adds = gemm_adds
+    def forward(ctx, rows, A_p, B_p, D, A_s, B_s, p: float, seed: int, backend: str, scale: float, link: list):
+        ctx.set_materialize_grads(False)
+        link.append(ctx)
         if backend == "triton":
             from rasa_lora.ops import kernels
 
-            A_p, B_p, D, A_s, B_s = (t.contiguous() for t in (A_p, B_p, D, A_s, B_s))
-            seed_h, thr = _dropout.seed_hash(seed), _dropout.threshold(p)
-            ctx.hash = (seed_h, thr)
             with _on_device(rows):
-                u, A, C = kernels.down_and_pack(rows, A_p, B_p, D, A_s, B_s, scale, seed_h, thr, p > 0)
+                u, A, C = kernels.down_and_pack(rows, A_p, B_p, D, A_s, B_s, scale, *_hash(p, seed), p > 0)
+        else:
+            from rasa_lora.ops.kernels import packed_width
+
+            # "cublas": n rounded up to 8 (cuBLAS's fast widths); "torch": the Triton kernels' packed width
+            num_ranks = A_p.shape[0] + A_s.shape[0]
+            width = (num_ranks + 7) // 8 * 8 if backend == "cublas" else packed_width(num_ranks)
+            A, C = _pack_torch(A_p, B_p, D, A_s, B_s, rows.dtype, scale, width)
+            keep = _keep(rows, p, seed, backend)
+            u = ((rows * keep if keep is not None else rows) @ A.t()).float()
+        # Only the token-sized tensors go through save_for_backward (gradient checkpointing frees and recomputes
+        # those). The packed A and C are not kept: the backward packs them again in one small launch, cheaper on
+        # the host than the two pack/unpack hook pairs gradient checkpointing runs per saved tensor
+        # (`benchmarks/host_overhead.py`), and keeping them across the checkpointed region would cost ~10 MB a
+        # layer on the Llama-3.1-8B shape.
+        ctx.save_for_backward(rows, u)
+        ctx.mark_non_differentiable(C)
+        return u, C
+
+    @staticmethod
+    def backward(ctx, grad_u, grad_c):  # every gradient comes from _Up.backward
+        return (None,) * 11
+
+
+def _hash(p: float, seed: int) -> tuple[int, int]:
+    return _dropout.seed_hash(seed), _dropout.threshold(p)
+
+
+class _Up(torch.autograd.Function):
+    """Second stage: y = x W^T + c + u C^T. Saves nothing token-sized; its backward reads x and u from the `_Down`
+    node of the same call and returns every gradient (of x, of the five factors)."""
+
+    @staticmethod
+    def forward(ctx, rows, u, C, weight, bias, A_p, B_p, D, A_s, B_s, p: float, seed: int, backend: str, scale: float,
+                link: list):
+        dtype = rows.dtype
+        w = weight.to(dtype)  # the parameter itself stays on ctx, not a cast copy
+        bias = None if bias is None else bias.to(dtype)
+        gemm_adds = backend == "triton" and base_gemm_adds()
+        if backend == "triton":
+            from rasa_lora.ops import kernels
+
+            with _on_device(rows):
                 if gemm_adds:  # y = u C^T + c first, then the base GEMM adds x W^T into it (beta = 1)
                     y = rows.new_empty((rows.shape[0], w.shape[0]))
                     kernels.up_(y, u, C, accumulate=False, bias=bias)
@@ -201,35 +243,21 @@ class _RasaLinearFunction(torch.autograd.Function):
                     kernels.up_(y, u, C)
         else:
             y = F.linear(rows, w, bias)
-            from rasa_lora.ops.kernels import packed_width
-
-            # "cublas": n rounded up to 8 (cuBLAS's fast widths); "torch": the Triton kernels' packed width
-            width = (num_ranks + 7) // 8 * 8 if backend == "cublas" else packed_width(num_ranks)
-            A, C = _pack_torch(A_p, B_p, D, A_s, B_s, dtype, scale, width)
-            keep = _keep(rows, p, seed, backend)
-            u = ((rows * keep if keep is not None else rows) @ A.t()).float()
             y.addmm_(u.to(dtype), C.t())
-        # Only the token-sized tensors go through save_for_backward (gradient checkpointing frees and recomputes
-        # those). The frozen weight and the factors are parameters, alive anyway: they stay on ctx. The packed A
-        # and C are not kept: the backward packs them again in one small launch, cheaper on the host than the
-        # two pack/unpack hook pairs gradient checkpointing runs per saved tensor (`benchmarks/host_overhead.py`),
-        # and keeping them across the checkpointed region would cost ~10 MB a layer on the Llama-3.1-8B shape.
-        ctx.save_for_backward(rows, u)
+        ctx.down = link[0]  # the _Down node (its ctx): x and u are read from its saved tensors in backward
         ctx.weight, ctx.factors = weight, (A_p, B_p, D, A_s, B_s)
-        ctx.p, ctx.seed, ctx.scale, ctx.backend = p, seed, scale, backend
-        ctx.num_private, ctx.x_shape = A_p.shape[0], x.shape
+        ctx.p, ctx.seed, ctx.scale, ctx.backend, ctx.gemm_adds = p, seed, scale, backend, gemm_adds
+        ctx.num_private = A_p.shape[0]
         ctx.dtypes = (A_p.dtype, B_p.dtype, D.dtype, A_s.dtype, B_s.dtype)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, u = ctx.saved_tensors
+        rows, u = ctx.down.saved_tensors
         weight, (A_p, B_p, D, A_s, B_s) = ctx.weight, ctx.factors
         p, scale, num_private = ctx.p, ctx.scale, ctx.num_private
         n = D.shape[0]
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        if g.stride(-1) != 1:
-            g = g.contiguous()
+        g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
         M, K = rows.shape
         N, R = weight.shape[0], u.shape[1]
         grad_x = None
@@ -247,9 +275,8 @@ class _RasaLinearFunction(torch.autograd.Function):
                 gu, gc, ga, gd = workspace.split([M * R, N * R, R * K, R])
                 gu, gc, ga = gu.view(M, R), gc.view(N, R), ga.view(R, K)
                 kernels.bwd_up(g, C, u, gu, gc)
-                seed_h, thr = ctx.hash
-                grad_B_p, grad_B_s = kernels.bwd_down(rows, gu, A, grad_x, ga, gc, B_p, B_s, D, gd, scale, seed_h, thr,
-                                                      p > 0, accumulate=not ctx.gemm_adds)
+                grad_B_p, grad_B_s = kernels.bwd_down(rows, gu, A, grad_x, ga, gc, B_p, B_s, D, gd, scale,
+                                                      *_hash(p, ctx.seed), p > 0, accumulate=not ctx.gemm_adds)
                 grad_D = gd[:n]
             if grad_x is not None and ctx.gemm_adds:
                 grad_x.addmm_(g, weight.to(g.dtype))
@@ -271,12 +298,23 @@ class _RasaLinearFunction(torch.autograd.Function):
             grad_D = (gc * torch.cat([B_p, B_s], dim=1).float()).sum(0)
             grad_B_p, grad_B_s = grad_B[:, :num_private], grad_B[:, num_private:]
 
-        dtypes = ctx.dtypes
-        if grad_x is not None:
-            grad_x = grad_x.reshape(ctx.x_shape)
         grads = (ga[:num_private], grad_B_p, grad_D, ga[num_private:n], grad_B_s)
-        grads = [t if t.dtype == d else t.to(d) for t, d in zip(grads, dtypes)]
-        return (grad_x, None, None, *grads, None, None)
+        grads = [t if t.dtype == d else t.to(d) for t, d in zip(grads, ctx.dtypes)]
+        return (grad_x, None, None, None, None, *grads, None, None, None, None, None)
+
+
+def _forward(x, weight, bias, A_p, B_p, D, A_s, B_s, p: float, seed: int) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    backend = kernel_backend(rows, A_p.shape[0] + A_s.shape[0])
+    scale = dropout_scale(p, backend)
+    if backend == "triton":
+        A_p, B_p, D, A_s, B_s = (t.contiguous() for t in (A_p, B_p, D, A_s, B_s))
+    link: list = []
+    u, C = _Down.apply(rows, A_p, B_p, D, A_s, B_s, p, seed, backend, scale, link)
+    y = _Up.apply(rows, u, C, weight, bias, A_p, B_p, D, A_s, B_s, p, seed, backend, scale, link)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def rasa_linear(
@@ -310,6 +348,6 @@ def rasa_linear(
     return _apply(x, weight, bias, A_p, B_p, D, A_s, B_s, float(dropout_p), seed or 0)
 
 
-# torch.compile runs the fused Function eagerly (a graph break): its launch logic and Triton kernels are
+# torch.compile runs the fused Functions eagerly (a graph break): their launch logic and Triton kernels are
 # already what a compiler would produce, and tracing them buys nothing.
-_apply = torch.compiler.disable(_RasaLinearFunction.apply)
+_apply = torch.compiler.disable(_forward)

@@ -1,0 +1,71 @@
+"""Gradient checkpointing recomputes no more of the base model with RaSA than without it.
+
+PyTorch's non-reentrant checkpoint stops recomputing a block once every tensor saved in it exists again. A frozen
+linear layer saves nothing token-sized, so a frozen Llama block's last projection (down_proj) is never
+recomputed. The fused layer saves x and u in its first node (`rasa_linear._Down`) and runs the base GEMM in the
+second (`_Up`), so its recomputation stops before down_proj's base GEMM as well.
+"""
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rasa_lora.ops import set_fused_backend, set_kernel_backend
+from tests.adapter.helpers import rasa_model
+
+
+class WeightUses(TorchDispatchMode):
+    """Counts matrix products that read any of the given weights (or a view of them)."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.pointers = {w.data_ptr(): name for name, w in weights.items()}
+        self.uses = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            for arg in args:
+                if isinstance(arg, torch.Tensor) and arg.data_ptr() in self.pointers:
+                    self.uses[self.pointers[arg.data_ptr()]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def backward_weight_uses(model, module_names):
+    weights = {name: model.get_submodule(name).weight for name in module_names}
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0)).to(model.device)
+    logits = model(input_ids=ids).logits
+    with WeightUses(weights) as counter:
+        logits.float().square().mean().backward()
+    return counter.uses
+
+
+@pytest.mark.parametrize(("backend", "device"), [
+    ("torch", "cpu"), ("cublas", "cpu"),
+    pytest.param("triton", "cuda", marks=pytest.mark.gpu), pytest.param("cublas", "cuda", marks=pytest.mark.gpu)])
+def test_checkpointed_backward_does_not_recompute_the_last_projection(backend, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = rasa_model(dropout=0.1).to(device)
+    model.train()
+    base = model.get_base_model()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
+    names = [n for n, m in base.named_modules() if n.endswith("mlp.down_proj.base_layer")]
+    up_names = [n for n, m in base.named_modules() if n.endswith("mlp.up_proj.base_layer")]
+    assert names
+    set_fused_backend(True)
+    set_kernel_backend(backend)
+    try:
+        with_adapter = backward_weight_uses(base, names + up_names)
+        with model.disable_adapter():  # the frozen base alone, through the same checkpointing
+            frozen = backward_weight_uses(base, names + up_names)
+    finally:
+        set_fused_backend(None)
+        set_kernel_backend(None)
+    for name in names:  # down_proj: the backward's g W only, as in the frozen model (the recomputation stops)
+        assert frozen[name] == 1, frozen
+        assert with_adapter[name] == 1, with_adapter
+    for name in up_names:  # up_proj: recomputed forward and backward, with and without the adapter
+        assert frozen[name] == 2 and with_adapter[name] == 2, (frozen, with_adapter)
