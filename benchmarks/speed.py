@@ -143,17 +143,27 @@ def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, bus
             with torch.no_grad():
                 model(input_ids=ids)
 
-    times = []
+    times, host = [], []
     for step in range(warmup + steps):
         sync()
         start = time.perf_counter()
         one_step()
+        issued = time.perf_counter()  # the host has queued the whole step (or waited in a synchronizing call)
         sync()
         if step >= warmup:
             times.append(time.perf_counter() - start)
+            host.append(issued - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     gpu = gpu_busy(one_step) if busy and device.type == "cuda" else (None, None, None)
-    return statistics.median(times), peak, gpu, (min(times), max(times))
+    if HOST_PROFILE and train:
+        import cProfile
+        import pstats
+
+        profile = cProfile.Profile()
+        profile.runcall(one_step)
+        sync()
+        pstats.Stats(profile).sort_stats("tottime").print_stats(HOST_PROFILE)
+    return statistics.median(times), peak, gpu, (min(times), max(times), statistics.median(host))
 
 
 def build_llama(small: bool, device):
@@ -171,6 +181,7 @@ def build_llama(small: bool, device):
     return model
 
 
+HOST_PROFILE = 0  # --host-profile N
 VARIANTS = ("lora", "lora0", "authors", "rasa8", "rasa8acc", "rasa8d0", "rasa16", "rasa32", "merged")
 # rasa8acc: RaSA r8 k1 d0.05 with the adapter's kernels adding into the base GEMMs' outputs
 # (`set_base_gemm_adds(False)`, the layout before 2026-11-29 session 4) instead of the GEMMs adding into them
@@ -195,17 +206,17 @@ def run_variants(model, shapes, steps, warmup, device, label, variants=VARIANTS,
     def measure(name, net, train=True):
         for batch, seq in shapes:
             started = time.time()
-            seconds, peak, (gpu_ms, ours_ms, per_kernel), (fastest, slowest) = timed_steps(
+            seconds, peak, (gpu_ms, ours_ms, per_kernel), (fastest, slowest, host) = timed_steps(
                 net, batch, seq, vocab, steps, warmup, device, train=train, busy=busy)
             row = {"model": label, "variant": name, "batch": batch, "seq": seq, "tokens": batch * seq,
                    "step_ms": seconds * 1e3, "tokens_per_s": batch * seq / seconds, "peak_gib": peak,
                    "gpu_busy_ms": gpu_ms, "our_kernels_ms": ours_ms,
-                   "min_ms": fastest * 1e3, "max_ms": slowest * 1e3,
+                   "min_ms": fastest * 1e3, "max_ms": slowest * 1e3, "host_ms": host * 1e3,
                    "unix_start": started, "unix_end": time.time()}  # to match against a clock/power log
             results.append(row)
             busy_text = f"  GPU busy {gpu_ms:7.1f} ms (our kernels {ours_ms:5.1f})" if gpu_ms is not None else ""
             print(f"  {label:<10} {name:<24} {batch}x{seq:<5} {row['step_ms']:9.1f} ms (min {row['min_ms']:.1f}, max "
-                  f"{row['max_ms']:.1f})  {peak:6.2f} GiB{busy_text}", flush=True)
+                  f"{row['max_ms']:.1f}, host {row['host_ms']:.1f})  {peak:6.2f} GiB{busy_text}", flush=True)
             if per_kernel is not None:
                 if name.startswith("frozen"):
                     frozen_kernels[(name, batch, seq)] = per_kernel
@@ -299,9 +310,14 @@ def main():
                         help="also profile one extra step per row (CUDA kernels only) for the GPU's busy time")
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.freeze() before measuring (a diagnostic: are step-time outliers Python GC pauses?)")
+    parser.add_argument("--host-profile", type=int, default=0, metavar="N",
+                        help="also run one more training step per row under cProfile and print its N costliest "
+                             "functions by own time (a diagnostic: where the host's time goes)")
     parser.add_argument("--variants", default=None,
                         help="comma-separated subset of: " + ",".join(VARIANTS) + " (the frozen base always runs)")
     args = parser.parse_args()
+    global HOST_PROFILE
+    HOST_PROFILE = args.host_profile
     if args.gc_freeze:
         import gc
 
