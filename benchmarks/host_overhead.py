@@ -111,6 +111,7 @@ def main():
             rasa_step()
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        pstats.Stats(profiler).print_callers("named_modules|genexpr|\\(to\\)|empty|randint|addmm_")
 
 
 if __name__ == "__main__":

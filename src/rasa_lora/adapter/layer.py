@@ -187,8 +187,7 @@ class Linear(nn.Module, RasaLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, group, pools, num_layers)
 
-    def _can_fuse(self, x: torch.Tensor) -> bool:
-        base = self.get_base_layer()
+    def _can_fuse(self, x: torch.Tensor, base: nn.Module) -> bool:
         return (
             fused_backend_enabled()
             and len(self.active_adapters) == 1
@@ -199,9 +198,8 @@ class Linear(nn.Module, RasaLayer):
             and x.dtype.is_floating_point
         )
 
-    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _fused_forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         name = self.active_adapters[0]
-        base = self.get_base_layer()
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
         dropout = self.rasa_dropout[name]
         p = dropout.p if (self.training and isinstance(dropout, nn.Dropout)) else 0.0
@@ -224,8 +222,9 @@ class Linear(nn.Module, RasaLayer):
         if self.merged:
             self.check_pool_unchanged_while_merged()
             return self.base_layer(x, *args, **kwargs)
-        if self._can_fuse(x):
-            return self._fused_forward(x)
+        base = self.get_base_layer()
+        if self._can_fuse(x, base):
+            return self._fused_forward(x, base)
         return self._reference_forward(x, *args, **kwargs)
 
     def _reference_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

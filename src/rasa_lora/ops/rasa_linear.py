@@ -184,7 +184,10 @@ class _Down(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, A_p, B_p, D, A_s, B_s, p: float, seed: int, backend: str, scale: float, link: list):
+    def forward(ctx, rows, A_p, B_p, D, A_s, B_s, options: tuple):
+        # options (not tensors autograd tracks; one argument, fewer for Function.apply to inspect):
+        # (C, weight, bias, p, seed, backend, scale, link); this node fills in C and link
+        _, _, _, p, seed, backend, scale, link = options
         ctx.set_materialize_grads(False)
         link.append(ctx)
         if backend == "triton":
@@ -212,7 +215,7 @@ class _Down(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_u, grad_c):  # every gradient comes from _Up.backward
-        return (None,) * 11
+        return (None,) * 7
 
 
 def _hash(p: float, seed: int) -> tuple[int, int]:
@@ -224,11 +227,12 @@ class _Up(torch.autograd.Function):
     node of the same call and returns every gradient (of x, of the five factors)."""
 
     @staticmethod
-    def forward(ctx, rows, u, C, weight, bias, A_p, B_p, D, A_s, B_s, p: float, seed: int, backend: str, scale: float,
-                link: list):
+    def forward(ctx, rows, u, A_p, B_p, D, A_s, B_s, options: tuple):
+        C, weight, bias, p, seed, backend, scale, link = options  # C: _Down's packed (non-differentiable) output
         dtype = rows.dtype
-        w = weight.to(dtype)  # the parameter itself stays on ctx, not a cast copy
-        bias = None if bias is None else bias.to(dtype)
+        w = weight if weight.dtype == dtype else weight.to(dtype)  # the parameter itself stays on ctx
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
         gemm_adds = backend == "triton" and base_gemm_adds()
         if backend == "triton":
             from rasa_lora.ops import kernels
@@ -263,7 +267,9 @@ class _Up(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             # with gemm_adds the adapter's term is written first and the GEMM adds g W into it (beta = 1)
-            grad_x = g.new_empty((M, K)) if ctx.gemm_adds else g @ weight.to(g.dtype)
+            if weight.dtype != g.dtype:
+                weight = weight.to(g.dtype)
+            grad_x = g.new_empty((M, K)) if ctx.gemm_adds else g @ weight
 
         if ctx.backend == "triton":
             from rasa_lora.ops import kernels
@@ -279,7 +285,7 @@ class _Up(torch.autograd.Function):
                                                       *_hash(p, ctx.seed), p > 0, accumulate=not ctx.gemm_adds)
                 grad_D = gd[:n]
             if grad_x is not None and ctx.gemm_adds:
-                grad_x.addmm_(g, weight.to(g.dtype))
+                grad_x.addmm_(g, weight)
         else:
             dtype = g.dtype
             A, C = _pack_torch(A_p, B_p, D, A_s, B_s, dtype, scale, R)
@@ -300,7 +306,7 @@ class _Up(torch.autograd.Function):
 
         grads = (ga[:num_private], grad_B_p, grad_D, ga[num_private:n], grad_B_s)
         grads = [t if t.dtype == d else t.to(d) for t, d in zip(grads, ctx.dtypes)]
-        return (grad_x, None, None, None, None, *grads, None, None, None, None, None)
+        return (grad_x, None, *grads, None)
 
 
 def _forward(x, weight, bias, A_p, B_p, D, A_s, B_s, p: float, seed: int) -> torch.Tensor:
@@ -312,8 +318,8 @@ def _forward(x, weight, bias, A_p, B_p, D, A_s, B_s, p: float, seed: int) -> tor
     if backend == "triton":
         A_p, B_p, D, A_s, B_s = (t.contiguous() for t in (A_p, B_p, D, A_s, B_s))
     link: list = []
-    u, C = _Down.apply(rows, A_p, B_p, D, A_s, B_s, p, seed, backend, scale, link)
-    y = _Up.apply(rows, u, C, weight, bias, A_p, B_p, D, A_s, B_s, p, seed, backend, scale, link)
+    u, C = _Down.apply(rows, A_p, B_p, D, A_s, B_s, (None, None, None, p, seed, backend, scale, link))
+    y = _Up.apply(rows, u, A_p, B_p, D, A_s, B_s, (C, weight, bias, p, seed, backend, scale, link))
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
