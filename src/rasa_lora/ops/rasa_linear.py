@@ -1,4 +1,4 @@
-r"""The RaSA linear layer (base projection + eq. 5 adapter) as one autograd Function.
+r"""The RaSA linear layer (base projection + eq. 5 adapter) as two autograd nodes (`_Down`, then `_Up`).
 
 With input rows x (M x a), frozen base weight W (b x a) and bias c, the factors are packed once per call
 into one thin pair, zero-padded to R ranks (n = r-k+Lk rounded up to a power of two >= 16), with D and the
@@ -9,13 +9,19 @@ dropout scale s = 1/(1-p) folded into C (p as the mask has it: `dropout.effectiv
 
 and, with the dropout keep-mask m (`dropout.py`: a hash of seed, row and column, never stored):
 
-    u  = (m * x) A^T                   (M x R, float32)
-    y  = x W^T + c + u C^T             (the update added into the base output in place)
+    u  = (m * x) A^T                   (M x R, float32)                  `_Down`: saves x and u
+    y  = x W^T + c + u C^T             (u C^T + c written first, then     `_Up`: saves nothing token-sized
+                                        cuBLAS adds x W^T into it: beta=1)
 
 Backward, with g = dL/dy:
 
     gu = g C                           dL/dC = g^T u      dL/dB = s dL/dC D      dL/dD = s sum_b(dL/dC * B)
-    dL/dA = gu^T (m * x)               dL/dx = g W + m * (gu A)
+    dL/dA = gu^T (m * x)               dL/dx = g W + m * (gu A)   (m * (gu A) written first, then += g W)
+
+all computed by `_Up`'s backward, which reads x and u from the `_Down` node of the same call. Two nodes so that
+gradient checkpointing recomputes no more base GEMMs than for the frozen model (see `_Down`); the base GEMMs
+adding into the adapter's term (`set_base_gemm_adds`) spares the adapter's kernels a read and a write of y and
+dL/dx, at no measured cost to the GEMMs (cuBLAS picks the same kernels with beta = 1).
 
 Every pass over a token-sized tensor (x, y, g, dL/dx) is one read (or read and write) and happens once:
 the thin products, the mask and the update are fused (`kernels.py`, Triton, on CUDA). Folding D and s into
@@ -29,7 +35,7 @@ Backends, chosen per call (`kernel_backend`): "triton" (CUDA with Triton install
 default there), "cublas" (CUDA otherwise: the same algebra through PyTorch ops and cuBLAS, with torch's own
 Bernoulli dropout mask drawn from a seeded generator, stored for the multiply and drawn again in backward) and
 "torch" (the same ops with the hash mask of the Triton kernels: any device; the CPU's fused path, and the twin
-the kernels are tested against). `set_fused_backend(True/False)` turns the fused Function on or off (off: the
+the kernels are tested against). `set_fused_backend(True/False)` turns the fused path on or off (off: the
 layer's plain reference path; the default is on with CUDA, or RASA_LORA_FUSED=1/0);
 `set_kernel_backend(name or None)` forces a backend (tests; RASA_LORA_KERNELS).
 The base weight is frozen (no dL/dW); a trainable base weight or bias takes the layer's reference path.
