@@ -69,3 +69,34 @@ def test_checkpointed_backward_does_not_recompute_the_last_projection(backend, d
         assert with_adapter[name] == 1, with_adapter
     for name in up_names:  # up_proj: recomputed forward and backward, with and without the adapter
         assert frozen[name] == 2 and with_adapter[name] == 2, (frozen, with_adapter)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("frozen_factors", [False, True])
+def test_checkpointed_gradients_equal_the_plain_ones(reentrant, frozen_factors):
+    """Both checkpoint flavours give the gradients of an unchecked run (same dropout masks: the seeds come from
+    torch's CPU generator, which checkpointing restores); with frozen factors only dL/dx flows, through `_Up`."""
+    def grads(checkpointing):
+        model = rasa_model(dropout=0.1)
+        model.train()
+        base = model.get_base_model()
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            base.config.use_cache = False
+        params = [p for n, p in model.named_parameters() if ".rasa_" in n]
+        for p in params:
+            p.requires_grad_(not frozen_factors)
+        embeddings = base.get_input_embeddings()(torch.arange(24).view(2, 12)).detach().requires_grad_(True)
+        set_fused_backend(True)
+        set_kernel_backend("torch")
+        try:
+            torch.manual_seed(3)
+            base(inputs_embeds=embeddings).logits.float().square().mean().backward()  # reentrant: no .grad()
+            return [t.grad for t in [embeddings] + ([] if frozen_factors else params)]
+        finally:
+            set_fused_backend(None)
+            set_kernel_backend(None)
+
+    for got, expected in zip(grads(True), grads(False), strict=True):
+        assert expected is not None and expected.abs().sum() > 0
+        assert got is not None and torch.allclose(got, expected, rtol=1e-5, atol=1e-7)
