@@ -125,6 +125,10 @@ def gpu_busy(one_step):
 def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, busy=False):
     """Median seconds of a step, peak GiB, with `busy` (CUDA) (GPU ms, our kernels' ms, per-kernel [ms, launches])
     of one more step, and (fastest, slowest) step seconds."""
+    # Training steps in training mode: transformers checkpoints only a module in training mode, and the adapters'
+    # dropout is off in eval mode. (`from_pretrained` returns a model in eval mode: until 2026-11-29 session 4 the
+    # SmolLM2 rows were measured that way, without checkpointing or dropout.)
+    model.train(train)
     generator = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
     optimizer = Lion(model.parameters()) if train else None
