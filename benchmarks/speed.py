@@ -122,7 +122,7 @@ def gpu_busy(one_step):
     return total, ours, per_kernel
 
 
-def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, busy=False):
+def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, busy=False, host_profile=0):
     """Median seconds of a step, peak GiB, with `busy` (CUDA) (GPU ms, our kernels' ms, per-kernel [ms, launches])
     of one more step, and (fastest, slowest) step seconds."""
     # Training steps in training mode: transformers checkpoints only a module in training mode, and the adapters'
@@ -159,14 +159,14 @@ def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, bus
             host.append(issued - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     gpu = gpu_busy(one_step) if busy and device.type == "cuda" else (None, None, None)
-    if HOST_PROFILE and train:
+    if host_profile and train:
         import cProfile
         import pstats
 
         profile = cProfile.Profile()
         profile.runcall(one_step)
         sync()
-        pstats.Stats(profile).sort_stats("tottime").print_stats(HOST_PROFILE)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(host_profile)
     return statistics.median(times), peak, gpu, (min(times), max(times), statistics.median(host))
 
 
@@ -185,13 +185,12 @@ def build_llama(small: bool, device):
     return model
 
 
-HOST_PROFILE = 0  # --host-profile N
 VARIANTS = ("lora", "lora0", "authors", "rasa8", "rasa8acc", "rasa8d0", "rasa16", "rasa32", "merged")
 # rasa8acc: RaSA r8 k1 d0.05 with the adapter's kernels adding into the base GEMMs' outputs
 # (`set_base_gemm_adds(False)`, the layout before 2026-11-29 session 4) instead of the GEMMs adding into them
 
 
-def run_variants(model, shapes, steps, warmup, device, label, variants=VARIANTS, busy=False):
+def run_variants(model, shapes, steps, warmup, device, label, variants=VARIANTS, busy=False, host_profile=0):
     """Measure the frozen base and the chosen `variants` (keys of VARIANTS) on `model`."""
     wanted = set(variants).__contains__
     from peft import LoraConfig, get_peft_model
@@ -211,7 +210,7 @@ def run_variants(model, shapes, steps, warmup, device, label, variants=VARIANTS,
         for batch, seq in shapes:
             started = time.time()
             seconds, peak, (gpu_ms, ours_ms, per_kernel), (fastest, slowest, host) = timed_steps(
-                net, batch, seq, vocab, steps, warmup, device, train=train, busy=busy)
+                net, batch, seq, vocab, steps, warmup, device, train=train, busy=busy, host_profile=host_profile)
             row = {"model": label, "variant": name, "batch": batch, "seq": seq, "tokens": batch * seq,
                    "step_ms": seconds * 1e3, "tokens_per_s": batch * seq / seconds, "peak_gib": peak,
                    "gpu_busy_ms": gpu_ms, "our_kernels_ms": ours_ms,
@@ -320,8 +319,6 @@ def main():
     parser.add_argument("--variants", default=None,
                         help="comma-separated subset of: " + ",".join(VARIANTS) + " (the frozen base always runs)")
     args = parser.parse_args()
-    global HOST_PROFILE
-    HOST_PROFILE = args.host_profile
     if args.gc_freeze:
         import gc
 
@@ -344,7 +341,7 @@ def main():
     results = []
     if not args.no_llama:
         results = run_variants(build_llama(args.small, device), shapes, args.steps, args.warmup, device,
-                               "tiny" if args.small else "llama-8b", variants, args.busy)
+                               "tiny" if args.small else "llama-8b", variants, args.busy, args.host_profile)
     torch.cuda.empty_cache() if device.type == "cuda" else None
     if args.smollm2:
         import os
@@ -355,7 +352,7 @@ def main():
             os.path.dirname(args.smollm2), gguf_file=os.path.basename(args.smollm2), dtype=torch.bfloat16
         ).to(device)
         results += run_variants(small, [(8, 512), (4, 4096)], args.steps, args.warmup, device, "smollm2", variants,
-                                args.busy)
+                                args.busy, args.host_profile)
     add_ratios(results)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "steps": args.steps, "warmup": args.warmup}

@@ -4,6 +4,7 @@ The "torch" backend runs everywhere; the "triton" backend runs on CUDA (`-m gpu`
 the CPU under Triton's interpreter (`TRITON_INTERPRET=1`, float32 only).
 """
 
+import contextlib
 import os
 from types import SimpleNamespace
 
@@ -54,17 +55,24 @@ def rel_err(x, y):
     return float((x - y).norm() / y.norm().clamp_min(1e-30))
 
 
-def run_fused(backend, x, weight, bias, params, p, seed, upstream_seed=5):
+@contextlib.contextmanager
+def using(backend):
+    """Force a backend of `_cases()` ("triton-accumulate": Triton with `set_base_gemm_adds(False)`)."""
     set_kernel_backend("triton" if backend.startswith("triton") else backend)
     set_base_gemm_adds(backend != "triton-accumulate")
     try:
+        yield
+    finally:
+        set_kernel_backend(None)
+        set_base_gemm_adds(None)
+
+
+def run_fused(backend, x, weight, bias, params, p, seed, upstream_seed=5):
+    with using(backend):
         out = rasa_linear(x, weight, bias, *params, dropout_p=p, seed=seed)
         g = torch.Generator().manual_seed(upstream_seed)
         upstream = torch.randn(out.shape, generator=g).to(x.device, x.dtype)
         grads = torch.autograd.grad(out, [x, *params], upstream)
-    finally:
-        set_kernel_backend(None)
-        set_base_gemm_adds(None)
     return out, upstream, grads
 
 
@@ -115,14 +123,9 @@ def test_eval_mode_input_without_grad_and_bf16_factors(backend, device):
     x = torch.randn(5, 40, generator=g).to(device, dtype)
     weight = (torch.randn(24, 40, generator=g) * 0.1).to(device, dtype)
     params = [t.detach().to(dtype).requires_grad_(True) for t in factors(40, 24, 3, 6, device)]
-    set_kernel_backend("triton" if backend.startswith("triton") else backend)
-    set_base_gemm_adds(backend != "triton-accumulate")
-    try:
+    with using(backend):
         out = rasa_linear(x, weight, None, *params)
         grads = torch.autograd.grad(out.sum(), params)
-    finally:
-        set_kernel_backend(None)
-        set_base_gemm_adds(None)
     params64 = [t.detach().double().requires_grad_(True) for t in params]
     ref = x.double() @ weight.double().t() + x.double() @ dense_delta(*params64).t()
     ref_grads = torch.autograd.grad(ref.sum(), params64)

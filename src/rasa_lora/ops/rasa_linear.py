@@ -191,16 +191,17 @@ class _Down(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, A_p, B_p, D, A_s, B_s, options: tuple):
-        # options (not tensors autograd tracks; one argument, fewer for Function.apply to inspect):
-        # (C, weight, bias, p, seed, backend, scale, link); this node fills in C and link
-        _, _, _, p, seed, backend, scale, link = options
+        # options: what autograd need not track, in one argument (fewer for Function.apply to inspect):
+        # (p, seed, backend, scale, link); this node appends itself to link for `_Up`
+        p, seed, backend, scale, link = options
         ctx.set_materialize_grads(False)
         link.append(ctx)
         if backend == "triton":
             from rasa_lora.ops import kernels
 
+            ctx.hash = (_dropout.seed_hash(seed), _dropout.threshold(p))  # `_Up`'s backward reuses it
             with _on_device(rows):
-                u, A, C = kernels.down_and_pack(rows, A_p, B_p, D, A_s, B_s, scale, *_hash(p, seed), p > 0)
+                u, A, C = kernels.down_and_pack(rows, A_p, B_p, D, A_s, B_s, scale, *ctx.hash, p > 0)
         else:
             from rasa_lora.ops.kernels import packed_width
 
@@ -222,10 +223,6 @@ class _Down(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_u, grad_c):  # every gradient comes from _Up.backward
         return (None,) * 7
-
-
-def _hash(p: float, seed: int) -> tuple[int, int]:
-    return _dropout.seed_hash(seed), _dropout.threshold(p)
 
 
 class _Up(torch.autograd.Function):
@@ -288,7 +285,7 @@ class _Up(torch.autograd.Function):
                 gu, gc, ga = gu.view(M, R), gc.view(N, R), ga.view(R, K)
                 kernels.bwd_up(g, C, u, gu, gc)
                 grad_B_p, grad_B_s = kernels.bwd_down(rows, gu, A, grad_x, ga, gc, B_p, B_s, D, gd, scale,
-                                                      *_hash(p, ctx.seed), p > 0, accumulate=not ctx.gemm_adds)
+                                                      *ctx.down.hash, p > 0, accumulate=not ctx.gemm_adds)
                 grad_D = gd[:n]
             if grad_x is not None and ctx.gemm_adds:
                 grad_x.addmm_(g, weight)
@@ -324,7 +321,7 @@ def _forward(x, weight, bias, A_p, B_p, D, A_s, B_s, p: float, seed: int) -> tor
     if backend == "triton":
         A_p, B_p, D, A_s, B_s = (t.contiguous() for t in (A_p, B_p, D, A_s, B_s))
     link: list = []
-    u, C = _Down.apply(rows, A_p, B_p, D, A_s, B_s, (None, None, None, p, seed, backend, scale, link))
+    u, C = _Down.apply(rows, A_p, B_p, D, A_s, B_s, (p, seed, backend, scale, link))
     y = _Up.apply(rows, u, A_p, B_p, D, A_s, B_s, (C, weight, bias, p, seed, backend, scale, link))
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
