@@ -239,3 +239,21 @@ def test_gpt2_conv1d():
     assert layer.get_delta_weight("default").shape == (24, 72)  # Conv1D layout (in, out)
     merged = model.merge_and_unload()
     assert rel_err(merged(x).logits, expected) <= 1e-5
+
+
+def test_only_the_last_adapted_projection_of_each_block_runs_as_two_autograd_nodes():
+    """`last_in_block` (see `rasa_linear`): False for every projection followed by another adapted one of its
+    decoder layer, True for the last (down_proj with all projections adapted, v_proj with q and v only)."""
+    from rasa_lora.adapter.model import mark_last_in_block
+
+    marks = {name.split("model.layers.")[-1]: layer.last_in_block for name, layer in rasa_layers(rasa_model()).items()}
+    assert marks and {name: last for name, last in marks.items() if last} == {
+        f"{i}.mlp.down_proj": True for i in range(len(marks) // 7)}
+    config = rasa_lora.RasaConfig(r=4, rasa_k=1, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(tiny_llama(), config)
+    marks = {name.split("model.layers.")[-1]: layer.last_in_block for name, layer in rasa_layers(model).items()}
+    assert marks["0.self_attn.v_proj"] and not marks["0.self_attn.q_proj"]
+    layer = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    layer.last_in_block = True
+    mark_last_in_block(model)  # idempotent: recomputed from the module order
+    assert not layer.last_in_block

@@ -67,9 +67,9 @@ def using(backend):
         set_base_gemm_adds(None)
 
 
-def run_fused(backend, x, weight, bias, params, p, seed, upstream_seed=5):
+def run_fused(backend, x, weight, bias, params, p, seed, upstream_seed=5, last_in_block=True):
     with using(backend):
-        out = rasa_linear(x, weight, bias, *params, dropout_p=p, seed=seed)
+        out = rasa_linear(x, weight, bias, *params, dropout_p=p, seed=seed, last_in_block=last_in_block)
         g = torch.Generator().manual_seed(upstream_seed)
         upstream = torch.randn(out.shape, generator=g).to(x.device, x.dtype)
         grads = torch.autograd.grad(out, [x, *params], upstream)
@@ -91,7 +91,9 @@ def dense_reference(x, weight, bias, params, upstream, backend, p, seed):
 @pytest.mark.parametrize(("backend", "device"), _cases())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("a", "b", "private", "shared", "p"), SHAPES)
-def test_forward_and_all_gradients_match_the_dense_reference(backend, device, dtype, a, b, private, shared, p):
+@pytest.mark.parametrize("last_in_block", [True, False], ids=["two-nodes", "one-node"])
+def test_forward_and_all_gradients_match_the_dense_reference(backend, device, dtype, a, b, private, shared, p,
+                                                             last_in_block):
     if backend.startswith("triton") and device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the interpreter computes bf16 dots through numpy, which has no bf16")
     g = torch.Generator().manual_seed(1)
@@ -100,7 +102,7 @@ def test_forward_and_all_gradients_match_the_dense_reference(backend, device, dt
     bias = torch.randn(b, generator=g).to(device, dtype)
     params = factors(a, b, private, shared, device)
     seed = 1234
-    out, upstream, grads = run_fused(backend, x, weight, bias, params, p, seed)
+    out, upstream, grads = run_fused(backend, x, weight, bias, params, p, seed, last_in_block=last_in_block)
 
     ref, ref_grads = dense_reference(x, weight, bias, params, upstream, backend, p, seed)
 
@@ -277,21 +279,28 @@ def test_launch_cache_keys(monkeypatch):
 
 def test_backend_choice_and_mask_flavours(monkeypatch):
     from rasa_lora.ops import kernel_backend, kernels
+    from rasa_lora.ops.rasa_linear import _cuda_default
+
+    def triton_installed(installed):  # the choice is cached per rank count (it is fixed in a process)
+        monkeypatch.setattr(kernels, "available", lambda: installed)
+        _cuda_default.cache_clear()
 
     x = torch.empty(4, 8)
     assert kernel_backend(x, 39) == "torch"  # the CPU
     cuda_like = SimpleNamespace(is_cuda=True)
-    monkeypatch.setattr(kernels, "available", lambda: True)
+    triton_installed(True)
     assert kernel_backend(cuda_like, 39) == "triton"  # r=8 k=1 over 32 layers: R = 64
     assert kernel_backend(cuda_like, 78) == "triton"  # r=16 k=2: R = 128
     assert kernel_backend(cuda_like, 156) == "cublas"  # r=32 k=4: R = 256
-    monkeypatch.setattr(kernels, "available", lambda: False)
+    triton_installed(False)
     assert kernel_backend(cuda_like, 39) == "cublas"
     set_kernel_backend("torch")
     try:
         assert kernel_backend(cuda_like, 39) == "torch"
     finally:
         set_kernel_backend(None)
+    monkeypatch.undo()
+    _cuda_default.cache_clear()  # no choice made under the patched `available` outlives the test
     with pytest.raises(ValueError, match="unknown kernel backend"):
         set_kernel_backend("cuda")
     # the hash mask (p rounded to 2**-16) and torch's Bernoulli mask (p exact) differ, each reproducible

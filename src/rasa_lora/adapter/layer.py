@@ -185,46 +185,55 @@ class Linear(nn.Module, RasaLayer):
         self.fan_in_fan_out = config.fan_in_fan_out
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
         self._active_adapter = adapter_name
+        # Whether this projection may be the last to save tensors in a gradient-checkpointed block: the tuner sets
+        # False on the ones followed by another adapted projection of their block (`rasa_linear`'s
+        # `last_in_block`: one autograd node instead of two, less host time).
+        self.last_in_block = True
         self.update_layer(adapter_name, config, group, pools, num_layers)
 
-    def _can_fuse(self, x: torch.Tensor, base: nn.Module) -> bool:
-        return (
-            fused_backend_enabled()
-            and len(self.active_adapters) == 1
-            and self.active_adapters[0] in self.rasa_A
-            and type(base) in _fusable_types()
-            and not base.weight.requires_grad
-            and (base.bias is None or not base.bias.requires_grad)
-            and x.dtype.is_floating_point
-        )
-
-    def _fused_forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        name = self.active_adapters[0]
-        weight = base.weight.t() if self.fan_in_fan_out else base.weight
-        dropout = self.rasa_dropout[name]
+    def _fused_forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        """The fused path's output, or None where it does not apply (then the reference path runs). Written for
+        host time: it runs twice per projection and step under gradient checkpointing, so it reads the
+        containers' dicts directly instead of going through `nn.Module.__getattr__` and PEFT's properties."""
+        active = self._active_adapter
+        if not isinstance(active, str):
+            if len(active) != 1:
+                return None
+            active = active[0]
+        modules = self._modules
+        A_p = modules["rasa_A"]._parameters.get(active)
+        if A_p is None or not fused_backend_enabled() or type(base) not in _fusable_types():
+            return None
+        weight, bias = base.weight, base.bias
+        if weight.requires_grad or (bias is not None and bias.requires_grad) or not x.dtype.is_floating_point:
+            return None
+        if self.fan_in_fan_out:
+            weight = weight.t()
+        dropout = modules["rasa_dropout"]._modules[active]
         p = dropout.p if (self.training and isinstance(dropout, nn.Dropout)) else 0.0
-        A_s, B_s = self.shared_factors(name)
+        A_s, B_s = self.shared_factors(active)
         if A_s.device != x.device:
             A_s, B_s = A_s.to(x.device), B_s.to(x.device)
-        args = (weight, base.bias, self.rasa_A[name], self.rasa_B[name], self.rasa_D[name], A_s, B_s)
+        args = (weight, bias, A_p, modules["rasa_B"]._parameters[active], modules["rasa_D"]._parameters[active],
+                A_s, B_s)
         device_type = x.device.type
         if not torch.is_autocast_enabled(device_type):  # the common case, without a context manager's cost
-            return rasa_linear(x, *args, dropout_p=p)
+            return rasa_linear(x, *args, dropout_p=p, last_in_block=self.last_in_block)
         x = x.to(torch.get_autocast_dtype(device_type))
         with torch.autocast(device_type, enabled=False):
-            return rasa_linear(x, *args, dropout_p=p)
+            return rasa_linear(x, *args, dropout_p=p, last_in_block=self.last_in_block)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if self.merged_adapters:
             self.check_pool_unchanged_while_merged()
             return self.base_layer(x, *args, **kwargs)
-        base = self.get_base_layer()
-        if self._can_fuse(x, base):
-            return self._fused_forward(x, base)
+        out = self._fused_forward(x, self.get_base_layer())
+        if out is not None:
+            return out
         return self._reference_forward(x, *args, **kwargs)
 
     def _reference_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -1,4 +1,5 @@
-r"""The RaSA linear layer (base projection + eq. 5 adapter) as two autograd nodes (`_Down`, then `_Up`).
+r"""The RaSA linear layer (base projection + eq. 5 adapter) as one autograd node (`_Fused`), or as two (`_Down`,
+then `_Up`) where it may be the last projection of a gradient-checkpointed block (`last_in_block`).
 
 With input rows x (M x a), frozen base weight W (b x a) and bias c, the factors are packed once per call
 into one thin pair, zero-padded to R ranks (n = r-k+Lk rounded up to a power of two >= 16), with D and the
@@ -11,15 +12,16 @@ and, with the dropout keep-mask m (`dropout.py`: a hash of seed, row and column,
 
     u  = (m * x) A^T                   (M x R, float32)                  `_Down`: saves x and u
     y  = x W^T + c + u C^T             (u C^T + c written first, then     `_Up`: saves nothing token-sized
-                                        cuBLAS adds x W^T into it: beta=1)
+                                        cuBLAS adds x W^T into it: beta=1) (`_Fused`: both, saves x and u)
 
 Backward, with g = dL/dy:
 
     gu = g C                           dL/dC = g^T u      dL/dB = s dL/dC D      dL/dD = s sum_b(dL/dC * B)
     dL/dA = gu^T (m * x)               dL/dx = g W + m * (gu A)   (m * (gu A) written first, then += g W)
 
-all computed by `_Up`'s backward, which reads x and u from the `_Down` node of the same call. Two nodes so that
-gradient checkpointing recomputes no more base GEMMs than for the frozen model (see `_Down`); the base GEMMs
+all computed by `_Fused`'s backward, or by `_Up`'s, which reads x and u from the `_Down` node of the same call.
+Two nodes for a block's last projection so that gradient checkpointing recomputes no more base GEMMs than for the
+frozen model (see `_Down`), one elsewhere for less host time (`_Fused`); the base GEMMs
 adding into the adapter's term (`set_base_gemm_adds`) spares the adapter's kernels a read and a write of y and
 dL/dx, at no measured cost to the GEMMs (cuBLAS picks the same kernels with beta = 1).
 
@@ -44,6 +46,7 @@ The base weight is frozen (no dL/dW); a trainable base weight or bias takes the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -65,6 +68,12 @@ def set_fused_backend(enabled: bool | None) -> None:
 def fused_backend_enabled() -> bool:
     if _FUSED is not None:
         return _FUSED
+    return _fused_default()
+
+
+@functools.cache
+def _fused_default() -> bool:
+    """RASA_LORA_FUSED=1/0 if set, else whether CUDA is available (read once: this runs on every forward)."""
     env = os.environ.get("RASA_LORA_FUSED")
     if env is not None:
         return env not in ("0", "false", "False", "")
@@ -86,6 +95,11 @@ def set_base_gemm_adds(enabled: bool | None) -> None:
 def base_gemm_adds() -> bool:
     if _GEMM_ADDS is not None:
         return _GEMM_ADDS
+    return _gemm_adds_default()
+
+
+@functools.cache
+def _gemm_adds_default() -> bool:
     return os.environ.get("RASA_LORA_GEMM_ADDS", "1") not in ("0", "false", "False", "")
 
 
@@ -112,10 +126,10 @@ def kernel_backend(x: torch.Tensor, ranks: int = 0) -> str:
     at 4096 / 16384 tokens against 1.84x / 1.39x), while their launch shapes, tuned for R=64, left r=32 k=4
     (R=256) slower than it (2.27x / 2.07x against 1.81x / 1.40x).
     """
-    from rasa_lora.ops import kernels
-
-    name = _KERNELS or os.environ.get("RASA_LORA_KERNELS")
+    name = _KERNELS or _kernels_env()
     if name == "triton":
+        from rasa_lora.ops import kernels
+
         if not kernels.available():
             raise RuntimeError("the Triton kernel backend was asked for but triton is not installed; "
                                "`pip install triton` or use set_kernel_backend('torch')")
@@ -124,7 +138,19 @@ def kernel_backend(x: torch.Tensor, ranks: int = 0) -> str:
         return name
     if not x.is_cuda:
         return "torch"
+    return _cuda_default(ranks)
+
+
+@functools.cache
+def _cuda_default(ranks: int) -> str:
+    from rasa_lora.ops import kernels
+
     return "triton" if kernels.available() and kernels.packed_width(ranks) <= TRITON_MAX_RANKS else "cublas"
+
+
+@functools.cache
+def _kernels_env() -> str | None:
+    return os.environ.get("RASA_LORA_KERNELS")
 
 
 def dropout_mask(x: torch.Tensor, p: float, seed: int, backend: str = "triton") -> torch.Tensor:
@@ -176,14 +202,80 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(index)
 
 
-class _Down(torch.autograd.Function):
-    """First stage: u = (m * x) A^T, with the factors packed (A, C). It is the node that saves what the backward
-    needs, (x, u), and does nothing in backward: `_Up`'s backward computes every gradient, reading these saved
-    tensors through the link it keeps to this node.
+def _down(rows, A_p, B_p, D, A_s, B_s, p, seed, backend, scale):
+    """u = (m * x) A^T and the packed C (and, for "triton", the mask's (seed hash, threshold))."""
+    if backend == "triton":
+        from rasa_lora.ops import kernels
 
-    Why two nodes: gradient checkpointing (non-reentrant, with early stop, PyTorch's default) recomputes a block
-    only until every tensor saved in it exists again. A frozen base layer saves nothing token-sized, so for the
-    last projection of a Llama block (down_proj) the frozen model never recomputes its forward GEMM. If the
+        hashed = (_dropout.seed_hash(seed), _dropout.threshold(p))
+        with _on_device(rows):
+            u, _, C = kernels.down_and_pack(rows, A_p, B_p, D, A_s, B_s, scale, *hashed, p > 0)
+        return u, C, hashed
+    from rasa_lora.ops.kernels import packed_width
+
+    # "cublas": n rounded up to 8 (cuBLAS's fast widths); "torch": the Triton kernels' packed width
+    num_ranks = A_p.shape[0] + A_s.shape[0]
+    width = (num_ranks + 7) // 8 * 8 if backend == "cublas" else packed_width(num_ranks)
+    A, C = _pack_torch(A_p, B_p, D, A_s, B_s, rows.dtype, scale, width)
+    keep = _keep(rows, p, seed, backend)
+    u = ((rows * keep if keep is not None else rows) @ A.t()).float()
+    return u, C, None
+
+
+def _up(rows, u, C, weight, bias, backend, gemm_adds):
+    """y = x W^T + c + u C^T."""
+    dtype = rows.dtype
+    w = weight if weight.dtype == dtype else weight.to(dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    if backend == "triton":
+        from rasa_lora.ops import kernels
+
+        with _on_device(rows):
+            if gemm_adds:  # y = u C^T + c first, then the base GEMM adds x W^T into it (beta = 1)
+                y = rows.new_empty((rows.shape[0], w.shape[0]))
+                kernels.up_(y, u, C, accumulate=False, bias=bias)
+                y.addmm_(rows, w.t())
+            else:
+                y = F.linear(rows, w, bias)
+                kernels.up_(y, u, C)
+        return y
+    y = F.linear(rows, w, bias)
+    return y.addmm_(u.to(dtype), C.t())
+
+
+class _Fused(torch.autograd.Function):
+    """The layer as one autograd node: u = (m * x) A^T, y = x W^T + c + u C^T; saves x and u.
+
+    For every projection but the last one of a gradient-checkpointed block (see `_Down`): their outputs are
+    recomputed anyway, and one node costs less host time than two (one `Function.apply` per forward and no
+    second backward call)."""
+
+    @staticmethod
+    def forward(ctx, rows, A_p, B_p, D, A_s, B_s, options: tuple):
+        weight, bias, p, seed, backend, scale, gemm_adds = options
+        ctx.set_materialize_grads(False)
+        u, C, hashed = _down(rows, A_p, B_p, D, A_s, B_s, p, seed, backend, scale)
+        y = _up(rows, u, C, weight, bias, backend, gemm_adds)
+        ctx.save_for_backward(rows, u)
+        ctx.state = (weight, (A_p, B_p, D, A_s, B_s), p, seed, scale, backend, gemm_adds, hashed)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, u = ctx.saved_tensors
+        return (*_backward(ctx.state, rows, u, grad_out, ctx.needs_input_grad[0]), None)
+
+
+class _Down(torch.autograd.Function):
+    """First of two nodes (`_Down`, `_Up`), for a projection that may be the last of a gradient-checkpointed
+    block: u = (m * x) A^T, with the factors packed (C). It is the node that saves what the backward needs,
+    (x, u), and does nothing in backward: `_Up`'s backward computes every gradient, reading these saved tensors
+    through the link it keeps to this node.
+
+    Why two nodes there: gradient checkpointing (non-reentrant, with early stop, PyTorch's default) recomputes a
+    block only until every tensor saved in it exists again. A frozen base layer saves nothing token-sized, so for
+    the last projection of a Llama block (down_proj) the frozen model never recomputes its forward GEMM. If the
     adapter saved x in the node that also runs the base GEMM, the recomputation would run that GEMM as well (one
     of the largest of the block: +17 / +79 ms a step at 4096 / 16384 tokens on the Llama-3.1-8B shape, one H200,
     `benchmarks/RESULTS.md` session 4). With the saving node first, the recomputation stops right after it.
@@ -196,21 +288,7 @@ class _Down(torch.autograd.Function):
         p, seed, backend, scale, link = options
         ctx.set_materialize_grads(False)
         link.append(ctx)
-        if backend == "triton":
-            from rasa_lora.ops import kernels
-
-            ctx.hash = (_dropout.seed_hash(seed), _dropout.threshold(p))  # `_Up`'s backward reuses it
-            with _on_device(rows):
-                u, A, C = kernels.down_and_pack(rows, A_p, B_p, D, A_s, B_s, scale, *ctx.hash, p > 0)
-        else:
-            from rasa_lora.ops.kernels import packed_width
-
-            # "cublas": n rounded up to 8 (cuBLAS's fast widths); "torch": the Triton kernels' packed width
-            num_ranks = A_p.shape[0] + A_s.shape[0]
-            width = (num_ranks + 7) // 8 * 8 if backend == "cublas" else packed_width(num_ranks)
-            A, C = _pack_torch(A_p, B_p, D, A_s, B_s, rows.dtype, scale, width)
-            keep = _keep(rows, p, seed, backend)
-            u = ((rows * keep if keep is not None else rows) @ A.t()).float()
+        u, C, ctx.hash = _down(rows, A_p, B_p, D, A_s, B_s, p, seed, backend, scale)  # `_Up`'s backward reads hash
         # Only the token-sized tensors go through save_for_backward (gradient checkpointing frees and recomputes
         # those). The packed A and C are not kept: the backward packs them again in one small launch, cheaper on
         # the host than the two pack/unpack hook pairs gradient checkpointing runs per saved tensor
@@ -226,103 +304,95 @@ class _Down(torch.autograd.Function):
 
 
 class _Up(torch.autograd.Function):
-    """Second stage: y = x W^T + c + u C^T. Saves nothing token-sized; its backward reads x and u from the `_Down`
-    node of the same call and returns every gradient (of x, of the five factors)."""
+    """Second of the two nodes: y = x W^T + c + u C^T. Saves nothing token-sized; its backward reads x and u from
+    the `_Down` node of the same call and returns every gradient (of x, of the five factors)."""
 
     @staticmethod
     def forward(ctx, rows, u, A_p, B_p, D, A_s, B_s, options: tuple):
-        C, weight, bias, p, seed, backend, scale, link = options  # C: _Down's packed (non-differentiable) output
-        dtype = rows.dtype
-        w = weight if weight.dtype == dtype else weight.to(dtype)  # the parameter itself stays on ctx
-        if bias is not None and bias.dtype != dtype:
-            bias = bias.to(dtype)
-        gemm_adds = backend == "triton" and base_gemm_adds()
-        if backend == "triton":
-            from rasa_lora.ops import kernels
-
-            with _on_device(rows):
-                if gemm_adds:  # y = u C^T + c first, then the base GEMM adds x W^T into it (beta = 1)
-                    y = rows.new_empty((rows.shape[0], w.shape[0]))
-                    kernels.up_(y, u, C, accumulate=False, bias=bias)
-                    y.addmm_(rows, w.t())
-                else:
-                    y = F.linear(rows, w, bias)
-                    kernels.up_(y, u, C)
-        else:
-            y = F.linear(rows, w, bias)
-            y.addmm_(u.to(dtype), C.t())
+        C, weight, bias, p, seed, backend, scale, gemm_adds, link = options  # C: _Down's (non-differentiable) C
+        y = _up(rows, u, C, weight, bias, backend, gemm_adds)
         ctx.down = link[0]  # the _Down node (its ctx): x and u are read from its saved tensors in backward
-        ctx.weight, ctx.factors = weight, (A_p, B_p, D, A_s, B_s)
-        ctx.p, ctx.seed, ctx.scale, ctx.backend, ctx.gemm_adds = p, seed, scale, backend, gemm_adds
-        ctx.num_private = A_p.shape[0]
-        ctx.dtypes = (A_p.dtype, B_p.dtype, D.dtype, A_s.dtype, B_s.dtype)
+        ctx.state = (weight, (A_p, B_p, D, A_s, B_s), p, seed, scale, backend, gemm_adds, None)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, u = ctx.down.saved_tensors
-        weight, (A_p, B_p, D, A_s, B_s) = ctx.weight, ctx.factors
-        p, scale, num_private = ctx.p, ctx.scale, ctx.num_private
-        n = D.shape[0]
-        g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        M, K = rows.shape
-        N, R = weight.shape[0], u.shape[1]
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # with gemm_adds the adapter's term is written first and the GEMM adds g W into it (beta = 1)
-            if weight.dtype != g.dtype:
-                weight = weight.to(g.dtype)
-            grad_x = g.new_empty((M, K)) if ctx.gemm_adds else g @ weight
-
-        if ctx.backend == "triton":
-            from rasa_lora.ops import kernels
-
-            with _on_device(rows):  # Triton launches on the current device, torch ops on their tensors'
-                A, C = kernels.pack(A_p, B_p, D, A_s, B_s, rows.dtype, scale)
-                # one zeroed float32 workspace for every accumulator: gu (M, R), dC (N, R), dA (R, K), dD (R)
-                workspace = torch.zeros(M * R + N * R + R * K + R, dtype=torch.float32, device=g.device)
-                gu, gc, ga, gd = workspace.split([M * R, N * R, R * K, R])
-                gu, gc, ga = gu.view(M, R), gc.view(N, R), ga.view(R, K)
-                kernels.bwd_up(g, C, u, gu, gc)
-                grad_B_p, grad_B_s = kernels.bwd_down(rows, gu, A, grad_x, ga, gc, B_p, B_s, D, gd, scale,
-                                                      *ctx.down.hash, p > 0, accumulate=not ctx.gemm_adds)
-                grad_D = gd[:n]
-            if grad_x is not None and ctx.gemm_adds:
-                grad_x.addmm_(g, weight)
-        else:
-            dtype = g.dtype
-            A, C = _pack_torch(A_p, B_p, D, A_s, B_s, dtype, scale, R)
-            gu = (g @ C).float()
-            gc = (g.t() @ u.to(dtype)).float()
-            keep = _keep(rows, p, ctx.seed, ctx.backend)
-            kept = rows * keep if keep is not None else rows
-            ga = (gu.to(dtype).t() @ kept).float()
-            if grad_x is not None:
-                if keep is not None:
-                    grad_x.addcmul_(gu.to(dtype) @ A, keep)
-                else:
-                    grad_x.addmm_(gu.to(dtype), A)
-            gc = gc[:, :n] * scale
-            grad_B = gc * D.float()
-            grad_D = (gc * torch.cat([B_p, B_s], dim=1).float()).sum(0)
-            grad_B_p, grad_B_s = grad_B[:, :num_private], grad_B[:, num_private:]
-
-        grads = (ga[:num_private], grad_B_p, grad_D, ga[num_private:n], grad_B_s)
-        grads = [t if t.dtype == d else t.to(d) for t, d in zip(grads, ctx.dtypes)]
+        down = ctx.down
+        rows, u = down.saved_tensors
+        state = ctx.state[:-1] + (down.hash,)
+        grad_x, *grads = _backward(state, rows, u, grad_out, ctx.needs_input_grad[0])
         return (grad_x, None, *grads, None)
 
 
-def _forward(x, weight, bias, A_p, B_p, D, A_s, B_s, p: float, seed: int) -> torch.Tensor:
+def _backward(state, rows, u, grad_out, needs_grad_x: bool):
+    """(dL/dx, dL/dA_p, dL/dB_p, dL/dD, dL/dA_s, dL/dB_s) of one call, from its saved x and u."""
+    weight, (A_p, B_p, D, A_s, B_s), p, seed, scale, backend, gemm_adds, hashed = state
+    if grad_out is None:  # no gradient reached this output
+        return (None,) * 6
+    num_private, n = A_p.shape[0], D.shape[0]
+    g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    M, K = rows.shape
+    N, R = weight.shape[0], u.shape[1]
+    grad_x = None
+    if needs_grad_x:
+        # with gemm_adds the adapter's term is written first and the GEMM adds g W into it (beta = 1)
+        if weight.dtype != g.dtype:
+            weight = weight.to(g.dtype)
+        grad_x = g.new_empty((M, K)) if gemm_adds else g @ weight
+
+    if backend == "triton":
+        from rasa_lora.ops import kernels
+
+        with _on_device(rows):  # Triton launches on the current device, torch ops on their tensors'
+            A, C = kernels.pack(A_p, B_p, D, A_s, B_s, rows.dtype, scale)
+            # one zeroed float32 workspace for every accumulator: gu (M, R), dC (N, R), dA (R, K), dD (R)
+            workspace = torch.zeros(M * R + N * R + R * K + R, dtype=torch.float32, device=g.device)
+            gu, gc, ga, gd = workspace.split([M * R, N * R, R * K, R])
+            gu, gc, ga = gu.view(M, R), gc.view(N, R), ga.view(R, K)
+            kernels.bwd_up(g, C, u, gu, gc)
+            grad_B_p, grad_B_s = kernels.bwd_down(rows, gu, A, grad_x, ga, gc, B_p, B_s, D, gd, scale,
+                                                  *hashed, p > 0, accumulate=not gemm_adds)
+            grad_D = gd[:n]
+        if grad_x is not None and gemm_adds:
+            grad_x.addmm_(g, weight)
+    else:
+        dtype = g.dtype
+        A, C = _pack_torch(A_p, B_p, D, A_s, B_s, dtype, scale, R)
+        gu = (g @ C).float()
+        gc = (g.t() @ u.to(dtype)).float()
+        keep = _keep(rows, p, seed, backend)
+        kept = rows * keep if keep is not None else rows
+        ga = (gu.to(dtype).t() @ kept).float()
+        if grad_x is not None:
+            if keep is not None:
+                grad_x.addcmul_(gu.to(dtype) @ A, keep)
+            else:
+                grad_x.addmm_(gu.to(dtype), A)
+        gc = gc[:, :n] * scale
+        grad_B = gc * D.float()
+        grad_D = (gc * torch.cat([B_p, B_s], dim=1).float()).sum(0)
+        grad_B_p, grad_B_s = grad_B[:, :num_private], grad_B[:, num_private:]
+
+    grads = (ga[:num_private], grad_B_p, grad_D, ga[num_private:n], grad_B_s)
+    return (grad_x, *(t if t.dtype == f.dtype else t.to(f.dtype) for t, f in zip(grads, (A_p, B_p, D, A_s, B_s))))
+
+
+def _forward(x, weight, bias, A_p, B_p, D, A_s, B_s, p: float, seed: int, last_in_block: bool) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     backend = kernel_backend(rows, A_p.shape[0] + A_s.shape[0])
     scale = dropout_scale(p, backend)
-    if backend == "triton":
+    gemm_adds = backend == "triton" and base_gemm_adds()
+    if backend == "triton" and not (A_p.is_contiguous() and B_p.is_contiguous() and A_s.is_contiguous()
+                                    and B_s.is_contiguous() and D.is_contiguous()):
         A_p, B_p, D, A_s, B_s = (t.contiguous() for t in (A_p, B_p, D, A_s, B_s))
-    link: list = []
-    u, C = _Down.apply(rows, A_p, B_p, D, A_s, B_s, (p, seed, backend, scale, link))
-    y = _Up.apply(rows, u, A_p, B_p, D, A_s, B_s, (C, weight, bias, p, seed, backend, scale, link))
+    if last_in_block:
+        link: list = []
+        u, C = _Down.apply(rows, A_p, B_p, D, A_s, B_s, (p, seed, backend, scale, link))
+        y = _Up.apply(rows, u, A_p, B_p, D, A_s, B_s, (C, weight, bias, p, seed, backend, scale, gemm_adds, link))
+    else:
+        y = _Fused.apply(rows, A_p, B_p, D, A_s, B_s, (weight, bias, p, seed, backend, scale, gemm_adds))
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -337,6 +407,7 @@ def rasa_linear(
     B_s: torch.Tensor,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    last_in_block: bool = True,
 ) -> torch.Tensor:
     """y = x W^T + c + [B_p B_s] diag(D) [A_p ; A_s] dropout(x), computed in x's dtype.
 
@@ -349,14 +420,31 @@ def rasa_linear(
         seed: seed of the dropout mask (`dropout_mask(x, dropout_p, seed)`); drawn from torch's default CPU
             generator when None, so gradient checkpointing's recomputation (which restores the RNG state)
             draws the same one.
+        last_in_block: whether this call may be the last one saving tensors in a gradient-checkpointed block
+            (down_proj in a Llama block). True, the safe default, runs the layer as two autograd nodes so that a
+            checkpointed recomputation stops before the base GEMM (see `_Down`); False runs one node, which costs
+            less host time but makes such a recomputation run the base GEMM once more when the call was last.
     """
     if not 0.0 <= dropout_p < 1.0 or _dropout.effective_p(dropout_p) >= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (), device="cpu"))
-    return _apply(x, weight, bias, A_p, B_p, D, A_s, B_s, float(dropout_p), seed or 0)
+        seed = _draw_seed()
+    # torch.compile: through `_compiled` (a graph break); eagerly straight to `_forward` (the wrapper costs host time)
+    run = _compiled if torch.compiler.is_compiling() else _forward
+    return run(x, weight, bias, A_p, B_p, D, A_s, B_s, float(dropout_p), seed or 0, last_in_block)
+
+
+_SEED = torch.empty((), dtype=torch.int64)
+
+
+def _draw_seed() -> int:
+    """A seed from torch's default CPU generator (which gradient checkpointing saves and restores), drawn into
+    one reused scalar: `int(torch.randint(...))` costs twice the host time."""
+    if torch.is_inference_mode_enabled():
+        return int(torch.randint(0, 2**31 - 1, ()))
+    return int(_SEED.random_(0, 2**31 - 1))
 
 
 # torch.compile runs the fused Functions eagerly (a graph break): their launch logic and Triton kernels are
 # already what a compiler would produce, and tracing them buys nothing.
-_apply = torch.compiler.disable(_forward)
+_compiled = torch.compiler.disable(_forward)
