@@ -82,14 +82,16 @@ def layer_case(M, K, N, seed_h, thr, n=39):
     factors = [t[k] for k in ("A_p", "B_p", "D", "A_s", "B_s")]
     u, A, C = kernels.down_and_pack(t["x"], *factors, 1.05, seed_h, thr, True)
     y, gx = t["x"] @ t["W"].t(), t["g"] @ t["W"]
-    gu, gc, ga, gd = (torch.zeros(*shape, device=DEVICE) for shape in ((M, R), (N, R), (R, K), (R,)))
+    NP, NS = t["A_p"].shape[0], t["A_s"].shape[0]
+    gu, gc, gap, gas, gd, gbp, gbs = (torch.zeros(*shape, device=DEVICE)
+                                      for shape in ((M, R), (N, R), (NP, K), (NS, K), (n,), (N, NP), (N, NS)))
     calls = {
         "down_and_pack": lambda: kernels.down_and_pack(t["x"], *factors, 1.05, seed_h, thr, True),
         "up_": lambda: kernels.up_(y, u, C),
         "pack": lambda: kernels.pack(*factors, DTYPE, 1.05),
         "bwd_up": lambda: kernels.bwd_up(t["g"], C, u, gu, gc),
-        "bwd_down": lambda: kernels.bwd_down(t["x"], gu, A, gx, ga, gc, t["B_p"], t["B_s"], t["D"], gd, 1.05,
-                                             seed_h, thr, True),
+        "bwd_down": lambda: kernels.bwd_down(t["x"], gu, A, gx, gap, gas, gc, t["B_p"], t["B_s"], t["D"], gd, gbp,
+                                             gbs, 1.05, seed_h, thr, True),
     }
     return t, R, calls
 

@@ -7,6 +7,7 @@ second (`_Up`), so its recomputation stops before down_proj's base GEMM as well.
 """
 
 import collections
+import importlib
 
 import pytest
 import torch
@@ -100,3 +101,63 @@ def test_checkpointed_gradients_equal_the_plain_ones(reentrant, frozen_factors):
     for got, expected in zip(grads(True), grads(False), strict=True):
         assert expected is not None and expected.abs().sum() > 0
         assert got is not None and torch.allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_backward_reuses_the_recomputations_pack(reentrant, monkeypatch):
+    """Under checkpointing each layer packs its factors twice a step (forward, recomputation), not three times:
+    the backward takes the recomputation's pack. Without checkpointing: forward and backward, twice. A factor
+    changed in place between them makes the backward pack afresh."""
+    module = importlib.import_module("rasa_lora.ops.rasa_linear")  # the module (the package exports the function)
+    calls = collections.Counter()
+    original = module._pack_torch
+
+    def counting(*args):
+        calls["pack"] += 1
+        return original(*args)
+
+    monkeypatch.setattr(module, "_pack_torch", counting)
+    for checkpointing, expected in ((True, 2), (False, 2)):
+        model = rasa_model(dropout=0.1)
+        model.train()
+        base = model.get_base_model()
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            base.config.use_cache = False
+        layers = sum(1 for name, _ in base.named_modules() if name.endswith("_proj.base_layer"))
+        set_fused_backend(True)
+        set_kernel_backend("torch")
+        try:
+            calls.clear()
+            embeddings = base.get_input_embeddings()(torch.arange(24).view(2, 12)).detach().requires_grad_(True)
+            base(inputs_embeds=embeddings).logits.float().square().mean().backward()
+        finally:
+            set_fused_backend(None)
+            set_kernel_backend(None)
+        assert calls["pack"] == expected * layers, (checkpointing, calls, layers)
+    assert not module._RECOMPUTED_PACKS  # every stash was taken
+
+
+def test_a_stashed_pack_is_not_used_for_changed_factors():
+    from rasa_lora.ops.rasa_linear import _RECOMPUTED_PACKS, _stash_pack, _take_pack
+
+    factors = tuple(torch.randn(4, 4) for _ in range(5))
+    A, C = torch.zeros(2), torch.zeros(2)
+    _stash_pack(factors, 1.0, torch.float32, "torch", A, C)
+    assert _take_pack(factors, 1.0, torch.float32, "torch") == (A, C)
+    assert _take_pack(factors, 1.0, torch.float32, "torch") is None  # taken once
+    for change in ("in place", "scale", "dtype", "backend", "other tensor"):
+        _stash_pack(factors, 1.0, torch.float32, "torch", A, C)
+        scale, dtype, backend, current = 1.0, torch.float32, "torch", factors
+        if change == "in place":
+            factors[2].add_(1.0)
+        elif change == "scale":
+            scale = 2.0
+        elif change == "dtype":
+            dtype = torch.bfloat16
+        elif change == "backend":
+            backend = "cublas"
+        else:
+            current = (factors[0], torch.randn(4, 4), *factors[2:])
+        assert _take_pack(current, scale, dtype, backend) is None, change
+    assert not _RECOMPUTED_PACKS

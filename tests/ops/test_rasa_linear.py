@@ -190,6 +190,27 @@ def test_triton_launch_shapes_do_not_change_the_result(backend, device, splits, 
         assert rel_err(grad, grad_ref) <= 1e-5, name
 
 
+@pytest.mark.parametrize(("backend", "device"), [c for c in _cases() if c.values[0] == "triton"]
+                         or [pytest.param("triton", "none", marks=pytest.mark.skip(reason="triton not installed"))])
+def test_a_layers_gradients_hold_no_more_memory_than_its_parameters(backend, device):
+    """Autograd keeps the returned gradients as the parameters' .grad, views included: a view of a larger
+    workspace would keep that workspace (token-sized temporaries) alive until zero_grad, for every layer. The
+    layer's own dA_p, dB_p and dD share one allocation of exactly their size; the pool's share the temporaries."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 64, generator=g).to(device, dtype).requires_grad_(True)
+    weight = (torch.randn(48, 64, generator=g) * 0.1).to(device, dtype)
+    params = factors(64, 48, 7, 32, device, seed=3)
+    with using(backend):
+        rasa_linear(x, weight, None, *params, dropout_p=0.1, seed=5).float().square().sum().backward()
+    own = params[:3]
+    storages = {t.grad.untyped_storage().data_ptr() for t in own}
+    assert len(storages) == 1
+    assert own[0].grad.untyped_storage().nbytes() == sum(t.numel() for t in own) * 4
+    for t in params:
+        assert t.grad.dtype == t.dtype and t.grad.shape == t.shape and t.grad.abs().sum() > 0
+
+
 @pytest.mark.gpu
 def test_cached_launches_follow_each_calls_seed_and_shape():
     """After the first launch the kernels are launched from a cache (`kernels._Launcher`): later calls with

@@ -285,6 +285,14 @@ if triton is not None:
             _pack_c_block(bp_ptr, bs_ptr, d_ptr, c_ptr, pid - computing - R, N, NP, NS, scale, R, BN_PACK)
 
     @triton.jit
+    def _store_ga(gap_ptr, gas_ptr, acc, rr, rk, K, NP, NS, ATOMIC: tl.constexpr):
+        """Rows of dA = [dA_p; dA_s; unused] (R, BK tile at columns rk) into dA_p (NP, K) and dA_s (NS, K)."""
+        in_k = (rk < K)[None, :]
+        _store_or_add(gap_ptr + rr[:, None] * K + rk[None, :], acc, in_k & (rr < NP)[:, None], ATOMIC)
+        _store_or_add(gas_ptr + (rr - NP)[:, None] * K + rk[None, :], acc,
+                      in_k & ((rr >= NP) & (rr < NP + NS))[:, None], ATOMIC)
+
+    @triton.jit
     def _write_or_add(pointers, update, mask, ACCUMULATE: tl.constexpr):
         """Store a float32 tile into a token-sized tensor (its dtype), or add it to what is there."""
         if ACCUMULATE:
@@ -327,7 +335,8 @@ if triton is not None:
         _store_or_add(pointers, acc, (rm < M)[:, None], ATOMIC)
 
     @triton.jit(do_not_specialize=_LOOSE)
-    def _bwd_down_kernel(x_ptr, gu_ptr, a_ptr, gx_ptr, ga_ptr, M, K, sxm, sgxm, seed_h, thr, m_per_split,
+    def _bwd_down_kernel(x_ptr, gu_ptr, a_ptr, gx_ptr, gap_ptr, gas_ptr, M, K, NP, NS, sxm, sgxm, seed_h, thr,
+                         m_per_split,
                          R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, DROPOUT: tl.constexpr,
                          GRAD_X: tl.constexpr, ACCUMULATE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr):
         rk = tl.program_id(0) * BK + tl.arange(0, BK)
@@ -349,8 +358,7 @@ if triton is not None:
                 if DROPOUT:
                     update = tl.where(keep, update, 0.0)
                 _write_or_add(gx_ptr + rm[:, None] * sgxm + rk[None, :], update, inside, ACCUMULATE)
-        pointers = ga_ptr + rr[:, None] * K + rk[None, :]
-        _store_or_add(pointers, acc, (rk < K)[None, :], ATOMIC)
+        _store_ga(gap_ptr, gas_ptr, acc, rr, rk, K, NP, NS, ATOMIC)
 
     @triton.jit
     def _gu_kernel(g_ptr, c_ptr, gu_ptr, M, N, sgm, n_per_split, R: tl.constexpr, BM: tl.constexpr,
@@ -422,7 +430,7 @@ if triton is not None:
                         R, BN)
 
     @triton.jit(do_not_specialize=_LOOSE)
-    def _ga_finalize_kernel(x_ptr, gu_ptr, ga_ptr, gc_ptr, bp_ptr, bs_ptr, d_ptr, gbp_ptr, gbs_ptr, gd_ptr,
+    def _ga_finalize_kernel(x_ptr, gu_ptr, gap_ptr, gas_ptr, gc_ptr, bp_ptr, bs_ptr, d_ptr, gbp_ptr, gbs_ptr, gd_ptr,
                             M, K, N, NP, NS, sxm, seed_h, thr, m_per_split, scale, k_blocks, splits,
                             R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN_FIN: tl.constexpr,
                             DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr):
@@ -444,8 +452,7 @@ if triton is not None:
                     x = tl.where(_keep(rm, col0, seed_h, thr, BK), x, 0.0)
                 gu = tl.load(gu_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0)
                 acc += _dot(tl.trans(gu.to(x.dtype)), x, IEEE)
-            pointers = ga_ptr + rr[:, None] * K + rk[None, :]
-            _store_or_add(pointers, acc, (rk < K)[None, :], ATOMIC)
+            _store_ga(gap_ptr, gas_ptr, acc, rr, rk, K, NP, NS, ATOMIC)
         else:
             _finalize_block(gc_ptr, bp_ptr, bs_ptr, d_ptr, gbp_ptr, gbs_ptr, gd_ptr, pid - computing, N, NP, NS,
                             scale, R, BN_FIN)
@@ -609,33 +616,32 @@ def _bwd_down_plan(M, K, N, R, dtype):
              ca["stages"]), None, ieee)
 
 
-def bwd_down(x, gu, A, grad_x, ga, gc, B_p, B_s, D, gd, scale: float, seed_h: int, thr: int, dropout: bool,
-             accumulate: bool = True):
-    """grad_x += keep * (gu A) in place (grad_x = keep * (gu A) with accumulate=False), ga (+)= gu^T (keep * x)
-    (float32 (R, K), zeroed by the caller), and from
-    the complete gc = dL/dC: returns dB_p, dB_s (float32) and adds dL/dD into gd (zeroed by the caller)."""
+def bwd_down(x, gu, A, grad_x, gap, gas, gc, B_p, B_s, D, gd, gbp, gbs, scale: float, seed_h: int, thr: int,
+             dropout: bool, accumulate: bool = True) -> None:
+    """grad_x += keep * (gu A) in place (grad_x = keep * (gu A) with accumulate=False); dA = gu^T (keep * x) added
+    into gap = dA_p (NP, K) and gas = dA_s (NS, K) (float32, zeroed by the caller); and from the complete
+    gc = dL/dC: dB_p into gbp (N, NP), dB_s into gbs (N, NS) (float32, written) and dL/dD added into gd (zeroed).
+    Each gradient goes to a tensor of its own size, so the parameters' .grad (which autograd takes over as they
+    are) hold no more memory than the parameters do."""
     M, K = x.shape
     R, N = A.shape[0], gc.shape[0]
     NP, NS = B_p.shape[1], B_s.shape[1]
     mode, first, second, fin, ieee = _plan(("bwd_down", M, K, N, R, x.dtype), _bwd_down_plan)
-    gbp = torch.empty((N, NP), dtype=torch.float32, device=gc.device)
-    gbs = torch.empty((N, NS), dtype=torch.float32, device=gc.device)
     if mode == "fused":
         grid, per_split, BM, BK, atomic, warps, stages = first
-        _BWD_DOWN(grid, (x, gu, A, grad_x if grad_x is not None else x, ga, M, K, x.stride(0),
+        _BWD_DOWN(grid, (x, gu, A, grad_x if grad_x is not None else x, gap, gas, M, K, NP, NS, x.stride(0),
                          grad_x.stride(0) if grad_x is not None else 0, seed_h, thr, per_split, R, BM, BK, dropout,
                          grad_x is not None, accumulate, atomic, ieee), warps, stages)
         grid, BN = fin
         _FINALIZE(grid, (gc, B_p, B_s, D, gbp, gbs, gd, N, NP, NS, scale, R, BN), 4, 1)
-        return gbp, gbs
+        return
     if grad_x is not None:
         grid, BM, BK, warps, stages = first
         _GX(grid, (gu, A, grad_x, M, K, grad_x.stride(0), seed_h, thr, R, BM, BK, dropout, accumulate, ieee), warps,
             stages)
     grid, per_split, k_blocks, splits, BM, BK, BN_FIN, warps, stages = second
-    _GA_FINALIZE(grid, (x, gu, ga, gc, B_p, B_s, D, gbp, gbs, gd, M, K, N, NP, NS, x.stride(0), seed_h, thr, per_split,
-                        scale, k_blocks, splits, R, BM, BK, BN_FIN, dropout, splits > 1, ieee), warps, stages)
-    return gbp, gbs
+    _GA_FINALIZE(grid, (x, gu, gap, gas, gc, B_p, B_s, D, gbp, gbs, gd, M, K, N, NP, NS, x.stride(0), seed_h, thr,
+                        per_split, scale, k_blocks, splits, R, BM, BK, BN_FIN, dropout, splits > 1, ieee), warps, stages)
 
 
 def keep_mask(M: int, K: int, seed_h: int, thr: int, device) -> torch.Tensor:

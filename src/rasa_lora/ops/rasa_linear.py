@@ -31,7 +31,8 @@ C removes every elementwise pass over the tokens; dL/dD is a reduction over b. S
 (alive in the caller anyway) and the thin u; never the dropped input or the mask. The packed factors are
 rebuilt from the parameters by every forward and again by the backward (one small launch each), so they are
 never stale (FSDP and DeepSpeed re-gather parameters into reused storage) and never held across a
-checkpointed region.
+checkpointed region; a backward that directly follows its layer's checkpointed recomputation takes that
+recomputation's pack when the factors are the same tensors with unchanged version counters (`_stash_pack`).
 
 Backends, chosen per call (`kernel_backend`): "triton" (CUDA with Triton installed, for r-k+Lk <= 128: the
 default there), "cublas" (CUDA otherwise: the same algebra through PyTorch ops and cuBLAS, with torch's own
@@ -202,6 +203,37 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(index)
 
 
+# Packs made by a gradient-checkpointing recomputation, for the backward that follows it (see `_stash_pack`).
+_RECOMPUTED_PACKS: dict[int, tuple] = {}
+_MAX_STASHED = 512
+
+
+def _stash_pack(factors: tuple, scale: float, dtype, backend: str, A, C) -> None:
+    """Keep the packed (A, C) of a forward that runs inside a backward pass (a checkpointed recomputation), so the
+    backward of the same layer, which follows, uses them instead of packing again (a launch and two allocations
+    less a layer and step). Keyed by the factor tensors themselves and their version counters: a factor changed
+    in place, another scale, dtype or backend, and the backward packs afresh. A forward outside backward passes
+    stashes nothing (its pack would be held across the whole step, ~10 MB a layer on the Llama-3.1-8B shape);
+    the backward pops what it finds, so at most a block's worth is held."""
+    if len(_RECOMPUTED_PACKS) >= _MAX_STASHED:  # stashes nobody took (a recomputation without a backward)
+        _RECOMPUTED_PACKS.clear()
+    versions = tuple(t._version for t in factors)
+    _RECOMPUTED_PACKS[id(factors[0])] = (factors, versions, scale, dtype, backend, A, C)
+
+
+def _take_pack(factors: tuple, scale: float, dtype, backend: str):
+    """(A, C) stashed for exactly these factors (same tensors, unchanged), scale, dtype and backend, or None."""
+    entry = _RECOMPUTED_PACKS.pop(id(factors[0]), None)
+    if entry is None:
+        return None
+    stashed, versions, stashed_scale, stashed_dtype, stashed_backend, A, C = entry
+    if (stashed_scale != scale or stashed_dtype != dtype or stashed_backend != backend
+            or any(a is not b for a, b in zip(stashed, factors))
+            or versions != tuple(t._version for t in factors)):
+        return None
+    return A, C
+
+
 def _down(rows, A_p, B_p, D, A_s, B_s, p, seed, backend, scale):
     """u = (m * x) A^T and the packed C (and, for "triton", the mask's (seed hash, threshold))."""
     if backend == "triton":
@@ -209,17 +241,20 @@ def _down(rows, A_p, B_p, D, A_s, B_s, p, seed, backend, scale):
 
         hashed = (_dropout.seed_hash(seed), _dropout.threshold(p))
         with _on_device(rows):
-            u, _, C = kernels.down_and_pack(rows, A_p, B_p, D, A_s, B_s, scale, *hashed, p > 0)
-        return u, C, hashed
-    from rasa_lora.ops.kernels import packed_width
+            u, A, C = kernels.down_and_pack(rows, A_p, B_p, D, A_s, B_s, scale, *hashed, p > 0)
+    else:
+        from rasa_lora.ops.kernels import packed_width
 
-    # "cublas": n rounded up to 8 (cuBLAS's fast widths); "torch": the Triton kernels' packed width
-    num_ranks = A_p.shape[0] + A_s.shape[0]
-    width = (num_ranks + 7) // 8 * 8 if backend == "cublas" else packed_width(num_ranks)
-    A, C = _pack_torch(A_p, B_p, D, A_s, B_s, rows.dtype, scale, width)
-    keep = _keep(rows, p, seed, backend)
-    u = ((rows * keep if keep is not None else rows) @ A.t()).float()
-    return u, C, None
+        # "cublas": n rounded up to 8 (cuBLAS's fast widths); "torch": the Triton kernels' packed width
+        num_ranks = A_p.shape[0] + A_s.shape[0]
+        width = (num_ranks + 7) // 8 * 8 if backend == "cublas" else packed_width(num_ranks)
+        A, C = _pack_torch(A_p, B_p, D, A_s, B_s, rows.dtype, scale, width)
+        keep = _keep(rows, p, seed, backend)
+        u = ((rows * keep if keep is not None else rows) @ A.t()).float()
+        hashed = None
+    if torch._C._current_graph_task_id() != -1:  # inside a backward pass: a checkpointed recomputation
+        _stash_pack((A_p, B_p, D, A_s, B_s), scale, rows.dtype, backend, A, C)
+    return u, C, hashed
 
 
 def _up(rows, u, C, weight, bias, backend, gemm_adds):
@@ -344,20 +379,29 @@ def _backward(state, rows, u, grad_out, needs_grad_x: bool):
         from rasa_lora.ops import kernels
 
         with _on_device(rows):  # Triton launches on the current device, torch ops on their tensors'
-            A, C = kernels.pack(A_p, B_p, D, A_s, B_s, rows.dtype, scale)
-            # one zeroed float32 workspace for every accumulator: gu (M, R), dC (N, R), dA (R, K), dD (R)
-            workspace = torch.zeros(M * R + N * R + R * K + R, dtype=torch.float32, device=g.device)
-            gu, gc, ga, gd = workspace.split([M * R, N * R, R * K, R])
-            gu, gc, ga = gu.view(M, R), gc.view(N, R), ga.view(R, K)
+            packed = _take_pack((A_p, B_p, D, A_s, B_s), scale, rows.dtype, backend)
+            A, C = packed if packed is not None else kernels.pack(A_p, B_p, D, A_s, B_s, rows.dtype, scale)
+            # Two zeroed float32 workspaces. The layer's own gradients (dA_p, dD, dB_p) in one: autograd keeps
+            # them as the parameters' .grad, views and all, so it holds nothing else. The temporaries gu (M, R)
+            # and dC (N, R) in the other, with the pool's dA_s and dB_s (of which the pool's .grad keeps at most
+            # one layer's workspace: the first to reach it; the others are added into it).
+            NS = A_s.shape[0]
+            own = torch.zeros(num_private * K + n + N * num_private, dtype=torch.float32, device=g.device)
+            grad_A_p, grad_D, grad_B_p = own.split([num_private * K, n, N * num_private])
+            grad_A_p, grad_B_p = grad_A_p.view(num_private, K), grad_B_p.view(N, num_private)
+            temporary = torch.zeros(M * R + N * R + NS * K + N * NS, dtype=torch.float32, device=g.device)
+            gu, gc, grad_A_s, grad_B_s = temporary.split([M * R, N * R, NS * K, N * NS])
+            gu, gc = gu.view(M, R), gc.view(N, R)
+            grad_A_s, grad_B_s = grad_A_s.view(NS, K), grad_B_s.view(N, NS)
             kernels.bwd_up(g, C, u, gu, gc)
-            grad_B_p, grad_B_s = kernels.bwd_down(rows, gu, A, grad_x, ga, gc, B_p, B_s, D, gd, scale,
-                                                  *hashed, p > 0, accumulate=not gemm_adds)
-            grad_D = gd[:n]
+            kernels.bwd_down(rows, gu, A, grad_x, grad_A_p, grad_A_s, gc, B_p, B_s, D, grad_D, grad_B_p, grad_B_s,
+                             scale, *hashed, p > 0, accumulate=not gemm_adds)
         if grad_x is not None and gemm_adds:
             grad_x.addmm_(g, weight)
     else:
         dtype = g.dtype
-        A, C = _pack_torch(A_p, B_p, D, A_s, B_s, dtype, scale, R)
+        packed = _take_pack((A_p, B_p, D, A_s, B_s), scale, rows.dtype, backend) if dtype == rows.dtype else None
+        A, C = packed if packed is not None else _pack_torch(A_p, B_p, D, A_s, B_s, dtype, scale, R)
         gu = (g @ C).float()
         gc = (g.t() @ u.to(dtype)).float()
         keep = _keep(rows, p, seed, backend)
@@ -372,8 +416,9 @@ def _backward(state, rows, u, grad_out, needs_grad_x: bool):
         grad_B = gc * D.float()
         grad_D = (gc * torch.cat([B_p, B_s], dim=1).float()).sum(0)
         grad_B_p, grad_B_s = grad_B[:, :num_private], grad_B[:, num_private:]
+        grad_A_p, grad_A_s = ga[:num_private], ga[num_private:n]
 
-    grads = (ga[:num_private], grad_B_p, grad_D, ga[num_private:n], grad_B_s)
+    grads = (grad_A_p, grad_B_p, grad_D, grad_A_s, grad_B_s)
     return (grad_x, *(t if t.dtype == f.dtype else t.to(f.dtype) for t, f in zip(grads, (A_p, B_p, D, A_s, B_s))))
 
 
