@@ -641,7 +641,8 @@ def bwd_down(x, gu, A, grad_x, gap, gas, gc, B_p, B_s, D, gd, gbp, gbs, scale: f
             stages)
     grid, per_split, k_blocks, splits, BM, BK, BN_FIN, warps, stages = second
     _GA_FINALIZE(grid, (x, gu, gap, gas, gc, B_p, B_s, D, gbp, gbs, gd, M, K, N, NP, NS, x.stride(0), seed_h, thr,
-                        per_split, scale, k_blocks, splits, R, BM, BK, BN_FIN, dropout, splits > 1, ieee), warps, stages)
+                        per_split, scale, k_blocks, splits, R, BM, BK, BN_FIN, dropout, splits > 1, ieee),
+                 warps, stages)
 
 
 def keep_mask(M: int, K: int, seed_h: int, thr: int, device) -> torch.Tensor:
