@@ -161,3 +161,45 @@ def test_a_stashed_pack_is_not_used_for_changed_factors():
             current = (factors[0], torch.randn(4, 4), *factors[2:])
         assert _take_pack(current, scale, dtype, backend) is None, change
     assert not _RECOMPUTED_PACKS
+
+
+@pytest.mark.gpu
+def test_a_steady_training_step_launches_every_kernel_from_the_cache(monkeypatch):
+    """After a first step, a checkpointed bf16 training step of the model takes `kernels._Launcher`'s cached path
+    for every Triton launch: a tensor that is not 16-byte aligned (say, a part of a workspace at an odd offset)
+    would send its kernel through Triton's own launch path on every call, ~100 us of host time each."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from rasa_lora.ops import kernels
+
+    if not kernels.available() or not kernels._FAST_LAUNCH:
+        pytest.skip("needs triton and the launch cache")
+    model = rasa_model(dropout=0.1).to("cuda", torch.bfloat16)
+    model.train()
+    base = model.get_base_model()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
+
+    def step():
+        base(input_ids=ids).logits.float().square().mean().backward()
+
+    set_fused_backend(True)
+    set_kernel_backend("triton")
+    try:
+        step()
+
+        class Uncached:
+            def __init__(self, name):
+                self.name = name
+
+            def __getitem__(self, grid):
+                raise AssertionError(f"{self.name} took Triton's own launch path")
+
+        for name, launcher in vars(kernels).items():
+            if isinstance(launcher, kernels._Launcher) and name != "_KEEP_MASK":
+                monkeypatch.setattr(launcher, "fn", Uncached(name))
+        step()
+    finally:
+        set_fused_backend(None)
+        set_kernel_backend(None)

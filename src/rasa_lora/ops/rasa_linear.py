@@ -359,6 +359,11 @@ class _Up(torch.autograd.Function):
         return (grad_x, None, *grads, None)
 
 
+def _aligned(size: int) -> int:
+    """`size` float32 elements rounded up to a multiple of 16 bytes."""
+    return -(-size // 4) * 4
+
+
 def _backward(state, rows, u, grad_out, needs_grad_x: bool):
     """(dL/dx, dL/dA_p, dL/dB_p, dL/dD, dL/dA_s, dL/dB_s) of one call, from its saved x and u."""
     weight, (A_p, B_p, D, A_s, B_s), p, seed, scale, backend, gemm_adds, hashed = state
@@ -385,14 +390,16 @@ def _backward(state, rows, u, grad_out, needs_grad_x: bool):
             # them as the parameters' .grad, views and all, so it holds nothing else. The temporaries gu (M, R)
             # and dC (N, R) in the other, with the pool's dA_s and dB_s (of which the pool's .grad keeps at most
             # one layer's workspace: the first to reach it; the others are added into it).
+            # Each part starts 16-byte aligned (a multiple of 4 floats), as the launch cache needs (`kernels`).
             NS = A_s.shape[0]
-            own = torch.zeros(num_private * K + n + N * num_private, dtype=torch.float32, device=g.device)
-            grad_A_p, grad_D, grad_B_p = own.split([num_private * K, n, N * num_private])
-            grad_A_p, grad_B_p = grad_A_p.view(num_private, K), grad_B_p.view(N, num_private)
-            temporary = torch.zeros(M * R + N * R + NS * K + N * NS, dtype=torch.float32, device=g.device)
-            gu, gc, grad_A_s, grad_B_s = temporary.split([M * R, N * R, NS * K, N * NS])
+            sizes = [_aligned(num_private * K), _aligned(N * num_private), _aligned(n)]
+            grad_A_p, grad_B_p, grad_D = torch.zeros(sum(sizes), dtype=torch.float32, device=g.device).split(sizes)
+            grad_A_p = grad_A_p[:num_private * K].view(num_private, K)
+            grad_B_p, grad_D = grad_B_p[:N * num_private].view(N, num_private), grad_D[:n]
+            sizes = [M * R, N * R, _aligned(NS * K), _aligned(N * NS)]
+            gu, gc, grad_A_s, grad_B_s = torch.zeros(sum(sizes), dtype=torch.float32, device=g.device).split(sizes)
             gu, gc = gu.view(M, R), gc.view(N, R)
-            grad_A_s, grad_B_s = grad_A_s.view(NS, K), grad_B_s.view(N, NS)
+            grad_A_s, grad_B_s = grad_A_s[:NS * K].view(NS, K), grad_B_s[:N * NS].view(N, NS)
             kernels.bwd_up(g, C, u, gu, gc)
             kernels.bwd_down(rows, gu, A, grad_x, grad_A_p, grad_A_s, gc, B_p, B_s, D, grad_D, grad_B_p, grad_B_s,
                              scale, *hashed, p > 0, accumulate=not gemm_adds)
