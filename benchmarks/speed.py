@@ -16,6 +16,7 @@ frozen base and to PEFT LoRA r=8 (dropout 0.05), and writes JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -147,16 +148,26 @@ def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, bus
             with torch.no_grad():
                 model(input_ids=ids)
 
-    times, host = [], []
-    for step in range(warmup + steps):
-        sync()
-        start = time.perf_counter()
-        one_step()
-        issued = time.perf_counter()  # the host has queued the whole step (or waited in a synchronizing call)
-        sync()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-            host.append(issued - start)
+    times, host, collecting = [], [], []
+    if GC_FREEZE:
+        gc.collect()
+        gc.freeze()  # the model and everything alive now is never scanned again by the cyclic collector
+    clock = _GcClock()
+    gc.callbacks.append(clock)
+    try:
+        for step in range(warmup + steps):
+            sync()
+            clock.total = 0.0
+            start = time.perf_counter()
+            one_step()
+            issued = time.perf_counter()  # the host has queued the whole step (or waited in a synchronizing call)
+            sync()
+            if step >= warmup:
+                times.append(time.perf_counter() - start)
+                host.append(issued - start)
+                collecting.append(clock.total)
+    finally:
+        gc.callbacks.remove(clock)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     gpu = gpu_busy(one_step) if busy and device.type == "cuda" else (None, None, None)
     if host_profile and train:
@@ -167,7 +178,25 @@ def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, bus
         profile.runcall(one_step)
         sync()
         pstats.Stats(profile).sort_stats("tottime").print_stats(host_profile)
-    return statistics.median(times), peak, gpu, (min(times), max(times), statistics.median(host))
+    return statistics.median(times), peak, gpu, (min(times), max(times), statistics.median(host),
+                                                 statistics.median(collecting), max(collecting))
+
+
+GC_FREEZE = False  # --gc-freeze
+
+
+class _GcClock:
+    """A `gc.callbacks` hook adding up the time Python's cyclic collector runs (`total`, seconds)."""
+
+    def __init__(self) -> None:
+        self.total, self.started = 0.0, None
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        elif self.started is not None:
+            self.total += time.perf_counter() - self.started
+            self.started = None
 
 
 def build_llama(small: bool, device):
@@ -209,17 +238,19 @@ def run_variants(model, shapes, steps, warmup, device, label, variants=VARIANTS,
     def measure(name, net, train=True):
         for batch, seq in shapes:
             started = time.time()
-            seconds, peak, (gpu_ms, ours_ms, per_kernel), (fastest, slowest, host) = timed_steps(
+            seconds, peak, (gpu_ms, ours_ms, per_kernel), (fastest, slowest, host, gc_s, gc_max_s) = timed_steps(
                 net, batch, seq, vocab, steps, warmup, device, train=train, busy=busy, host_profile=host_profile)
             row = {"model": label, "variant": name, "batch": batch, "seq": seq, "tokens": batch * seq,
                    "step_ms": seconds * 1e3, "tokens_per_s": batch * seq / seconds, "peak_gib": peak,
                    "gpu_busy_ms": gpu_ms, "our_kernels_ms": ours_ms,
                    "min_ms": fastest * 1e3, "max_ms": slowest * 1e3, "host_ms": host * 1e3,
+                   "gc_ms": gc_s * 1e3, "gc_max_ms": gc_max_s * 1e3,  # Python's cyclic GC within a step
                    "unix_start": started, "unix_end": time.time()}  # to match against a clock/power log
             results.append(row)
             busy_text = f"  GPU busy {gpu_ms:7.1f} ms (our kernels {ours_ms:5.1f})" if gpu_ms is not None else ""
             print(f"  {label:<10} {name:<24} {batch}x{seq:<5} {row['step_ms']:9.1f} ms (min {row['min_ms']:.1f}, max "
-                  f"{row['max_ms']:.1f}, host {row['host_ms']:.1f})  {peak:6.2f} GiB{busy_text}", flush=True)
+                  f"{row['max_ms']:.1f}, host {row['host_ms']:.1f}, GC {row['gc_ms']:.1f}/{row['gc_max_ms']:.1f})  "
+                  f"{peak:6.2f} GiB{busy_text}", flush=True)
             if per_kernel is not None:
                 if name.startswith("frozen"):
                     frozen_kernels[(name, batch, seq)] = per_kernel
@@ -312,18 +343,16 @@ def main():
     parser.add_argument("--busy", action="store_true",
                         help="also profile one extra step per row (CUDA kernels only) for the GPU's busy time")
     parser.add_argument("--gc-freeze", action="store_true",
-                        help="gc.freeze() before measuring (a diagnostic: are step-time outliers Python GC pauses?)")
+                        help="gc.collect() and gc.freeze() before each row's steps (a diagnostic: are slow steps "
+                             "Python GC pauses? The GC column shows the collector's time within a step)")
     parser.add_argument("--host-profile", type=int, default=0, metavar="N",
                         help="also run one more training step per row under cProfile and print its N costliest "
                              "functions by own time (a diagnostic: where the host's time goes)")
     parser.add_argument("--variants", default=None,
                         help="comma-separated subset of: " + ",".join(VARIANTS) + " (the frozen base always runs)")
     args = parser.parse_args()
-    if args.gc_freeze:
-        import gc
-
-        gc.collect()
-        gc.freeze()  # objects alive now (modules, libraries) are never scanned again by the cyclic collector
+    global GC_FREEZE
+    GC_FREEZE = args.gc_freeze
     if args.kernel_configs:
         from rasa_lora.ops import kernels
 
