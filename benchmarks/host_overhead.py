@@ -28,7 +28,11 @@ class _NoLaunch:
     """Stands in for a Triton kernel: `kernel[grid](...)` returns a compiled kernel whose launcher does nothing,
     so later calls take `kernels._Launcher`'s cached path with all its host-side work."""
 
-    run = staticmethod(lambda *args: None)
+    class run:  # noqa: N801 - a Triton 3.x CUDA launcher without scratch memory: its C `launch` is called directly
+        launch = staticmethod(lambda *args: None)
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid = launch_pdl = False
+
     function = 0
     packed_metadata = None
 

@@ -301,6 +301,24 @@ def test_launch_cache_keys(monkeypatch):
     assert len(jit.compiled) == 8
 
 
+def test_cached_launches_call_the_c_launcher_directly_when_they_can():
+    """Triton 3.x's CUDA launcher object wraps a C `launch` in a Python `__call__` that only adds scratch buffers:
+    without scratch memory the cache calls `launch` itself, with the launcher's own options; otherwise `run`."""
+    from types import SimpleNamespace
+
+    from rasa_lora.ops import kernels
+
+    calls = []
+    run = SimpleNamespace(launch=lambda *args: calls.append(("launch", args)), global_scratch_size=0,
+                          profile_scratch_size=0, launch_cooperative_grid=False, launch_pdl=True)
+    kernel = SimpleNamespace(run=run, function=7, packed_metadata="meta")
+    launch, function, options, metadata = kernels._entry(kernel)
+    launch(2, 1, 1, 0, function, *options, metadata, None, None, None, "x", 8)
+    assert calls == [("launch", (2, 1, 1, 0, 7, False, True, None, None, "meta", None, None, None, "x", 8))]
+    run.global_scratch_size = 64  # needs a scratch buffer: through the Python wrapper
+    assert kernels._entry(kernel)[0] is run and kernels._entry(kernel)[2] == ()
+
+
 def test_backend_choice_and_mask_flavours(monkeypatch):
     from rasa_lora.ops import kernel_backend, kernels
     from rasa_lora.ops.rasa_linear import _cuda_default

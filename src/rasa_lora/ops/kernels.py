@@ -161,15 +161,30 @@ class _Launcher:
             device = tensors[0].get_device()
             key = (warps, stages, device, self.scalars(args), *map(_DTYPE, tensors))
             aligned = not functools.reduce(operator.or_, map(_DATA_PTR, tensors)) & 15
-            kernel = self.compiled.get(key)
-            if kernel is not None and aligned:
-                kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, 1, _current_stream(device), kernel.function,
-                           kernel.packed_metadata, None, None, None, *args)
+            entry = self.compiled.get(key)
+            if entry is not None and aligned:
+                launch, function, options, metadata = entry
+                launch(grid[0], grid[1] if len(grid) > 1 else 1, 1, _current_stream(device), function, *options,
+                       metadata, None, None, None, *args)
                 return
         kernel = self.fn[grid](*args, num_warps=warps, num_stages=stages)
         # cached only when every tensor is 16-byte aligned (what Triton assumes when it compiles for aligned ones)
         if _FAST_LAUNCH and aligned and _cacheable(kernel, device):
-            self.compiled[key] = kernel
+            self.compiled[key] = _entry(kernel)
+
+
+def _entry(kernel) -> tuple:
+    """(launch, function, options, metadata) of a compiled kernel: with Triton 3.x's CUDA launcher and no scratch
+    memory, its C `launch` itself (options: cooperative grid, PDL, two null scratch buffers), skipping the Python
+    `__call__` around it (~2 us of host time a launch); otherwise that `__call__` (`kernel.run`)."""
+    run = kernel.run
+    direct = getattr(run, "launch", None)
+    if (direct is not None and getattr(run, "global_scratch_size", 1) == 0
+            and getattr(run, "profile_scratch_size", 1) == 0 and hasattr(run, "launch_cooperative_grid")
+            and hasattr(run, "launch_pdl")):
+        return direct, kernel.function, (run.launch_cooperative_grid, run.launch_pdl, None, None), \
+            kernel.packed_metadata
+    return run, kernel.function, (), kernel.packed_metadata
 
 
 def _picker(indices: list[int]):
@@ -254,7 +269,8 @@ if triton is not None:
                           PACKED: tl.constexpr):
         """u = (keep * x) A^T in the first `row_blocks * splits` programs, reading the raw factors (or, with
         PACKED, the packed A made by an earlier launch), and the packed A and C in R + cdiv(N, BN_PACK) more
-        programs (none when the grid stops short of them; only those with `row_blocks = 0`)."""
+        programs (none when the grid stops short of them; only those with `row_blocks = 0`). Programs past those
+        zero rows of u, BN_PACK each (a pack-only launch before the rows' launch that adds into u)."""
         pid = tl.program_id(0)
         computing = row_blocks * splits
         if pid < computing:
@@ -281,8 +297,13 @@ if triton is not None:
             _store_or_add(pointers, acc, (rm < M)[:, None], ATOMIC)
         elif pid < computing + R:
             _pack_a_row(ap_ptr, as_ptr, a_ptr, pid - computing, K, NP, NS, BK_PACK)
-        else:
+        elif pid < computing + R + tl.cdiv(N, BN_PACK):
             _pack_c_block(bp_ptr, bs_ptr, d_ptr, c_ptr, pid - computing - R, N, NP, NS, scale, R, BN_PACK)
+        else:
+            rm = (pid - computing - R - tl.cdiv(N, BN_PACK)) * BN_PACK + tl.arange(0, BN_PACK)
+            rr = tl.arange(0, R)
+            tl.store(u_ptr + rm[:, None] * R + rr[None, :], tl.zeros((BN_PACK, R), dtype=tl.float32),
+                     mask=(rm < M)[:, None])
 
     @triton.jit
     def _store_ga(gap_ptr, gas_ptr, acc, rr, rk, K, NP, NS, ATOMIC: tl.constexpr):
@@ -507,9 +528,11 @@ def _down_plan(M, K, N, NP, NS, dtype):
                      cfg["warps"], cfg["stages"])
 
 
-def _pack_into(A, C, A_p, B_p, D, A_s, B_s, x, u, scale, plan, M, K, N, NP, NS):
-    """Launch the pack-only programs of `_down_pack_kernel` (no rows: row_blocks = 0)."""
-    _DOWN_PACK((plan.pack_programs,), (
+def _pack_into(A, C, A_p, B_p, D, A_s, B_s, x, u, scale, plan, M, K, N, NP, NS, zero_u: bool = False):
+    """Launch the pack-only programs of `_down_pack_kernel` (no rows: row_blocks = 0), and with zero_u, programs
+    zeroing u (M, R) (instead of a `torch.zeros`: one launch and allocation call less on the host)."""
+    programs = plan.pack_programs + (_cdiv(M, plan.BN_PACK) if zero_u else 0)
+    _DOWN_PACK((programs,), (
         x, A_p, A_s, B_p, B_s, D, A, C, u, M, K, N, NP, NS, K, 0, 0, plan.k_per_split, scale, 0, plan.splits,
         plan.R, plan.BM, plan.BK, plan.BK_PACK, plan.BN_PACK, False, plan.splits > 1, plan.ieee, False), 4, 1)
 
@@ -534,9 +557,10 @@ def down_and_pack(x, A_p, B_p, D, A_s, B_s, scale: float, seed_h: int, thr: int,
     R, BM, BK, row_blocks, splits, k_per_split, BK_PACK, BN_PACK, pack_programs, separate, ieee, warps, stages = plan
     A = torch.empty((R, K), dtype=x.dtype, device=x.device)
     C = torch.empty((N, R), dtype=x.dtype, device=x.device)
-    u = (torch.zeros if splits > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
+    # u is added into by split reductions: zeroed by the pack launch when there is one, else by torch
+    u = (torch.zeros if splits > 1 and not separate else torch.empty)((M, R), dtype=torch.float32, device=x.device)
     if separate:
-        _pack_into(A, C, A_p, B_p, D, A_s, B_s, x, u, scale, plan, M, K, N, NP, NS)
+        _pack_into(A, C, A_p, B_p, D, A_s, B_s, x, u, scale, plan, M, K, N, NP, NS, zero_u=splits > 1)
     programs = row_blocks * splits + (0 if separate else pack_programs)
     _DOWN_PACK((programs,), (x, A_p, A_s, B_p, B_s, D, A, C, u, M, K, N, NP, NS, x.stride(0), seed_h, thr,
                              k_per_split, scale, row_blocks, splits, R, BM, BK, BK_PACK, BN_PACK, dropout, splits > 1,
