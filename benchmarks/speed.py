@@ -221,9 +221,9 @@ VARIANTS = ("lora", "lora0", "authors", "rasa8", "rasa8acc", "rasa8d0", "rasa16"
 
 def run_variants(model, shapes, steps, warmup, device, label, variants=VARIANTS, busy=False, host_profile=0):
     """Measure the frozen base and the chosen `variants` (keys of VARIANTS) on `model`, shape by shape: every
-    variant at the first shape, then every variant at the next. (Variant by variant, the RaSA row at the small
-    shape ran right after PEFT LoRA's largest, and came out 25% slower in two of five runs of 2026-11-29,
-    session 5, while it never did when it ran among rows of its own shape.)"""
+    variant at the first shape, then every variant at the next, so the rows compared with each other run close
+    in time. (Variant by variant, RaSA's 4096-token row ran right after PEFT LoRA's 16384-token row; in session
+    5 it once came out 1.43x the frozen step against 1.14-1.17x in five other runs: cause not found.)"""
     results = []
     for shape in shapes:
         results += _run_variants_at(model, [shape], steps, warmup, device, label, variants, busy, host_profile)
