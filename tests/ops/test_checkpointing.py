@@ -7,6 +7,7 @@ second (`_Up`), so its recomputation stops before down_proj's base GEMM as well.
 """
 
 import collections
+import contextlib
 import importlib
 
 import pytest
@@ -33,6 +34,29 @@ class WeightUses(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def training_model(checkpointing: bool, reentrant: bool = False, device: str = "cpu", dtype=torch.float32):
+    """The tiny RaSA Llama (dropout 0.1) in training mode, with gradient checkpointing or not; (model, base)."""
+    model = rasa_model(dropout=0.1).to(device, dtype)
+    model.train()
+    base = model.get_base_model()
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        base.config.use_cache = False
+    return model, base
+
+
+@contextlib.contextmanager
+def fused(backend: str):
+    """The fused path with `backend`, restored to the defaults afterwards."""
+    set_fused_backend(True)
+    set_kernel_backend(backend)
+    try:
+        yield
+    finally:
+        set_fused_backend(None)
+        set_kernel_backend(None)
+
+
 def backward_weight_uses(model, module_names):
     weights = {name: model.get_submodule(name).weight for name in module_names}
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0)).to(model.device)
@@ -48,23 +72,14 @@ def backward_weight_uses(model, module_names):
 def test_checkpointed_backward_does_not_recompute_the_last_projection(backend, device):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    model = rasa_model(dropout=0.1).to(device)
-    model.train()
-    base = model.get_base_model()
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    base.config.use_cache = False
+    model, base = training_model(True, device=device)
     names = [n for n, m in base.named_modules() if n.endswith("mlp.down_proj.base_layer")]
     up_names = [n for n, m in base.named_modules() if n.endswith("mlp.up_proj.base_layer")]
     assert names
-    set_fused_backend(True)
-    set_kernel_backend(backend)
-    try:
+    with fused(backend):
         with_adapter = backward_weight_uses(base, names + up_names)
         with model.disable_adapter():  # the frozen base alone, through the same checkpointing
             frozen = backward_weight_uses(base, names + up_names)
-    finally:
-        set_fused_backend(None)
-        set_kernel_backend(None)
     for name in names:  # down_proj: the backward's g W only, as in the frozen model (the recomputation stops)
         assert frozen[name] == 1, frozen
         assert with_adapter[name] == 1, with_adapter
@@ -78,25 +93,15 @@ def test_checkpointed_gradients_equal_the_plain_ones(reentrant, frozen_factors):
     """Both checkpoint flavours give the gradients of an unchecked run (same dropout masks: the seeds come from
     torch's CPU generator, which checkpointing restores); with frozen factors only dL/dx flows, through `_Up`."""
     def grads(checkpointing):
-        model = rasa_model(dropout=0.1)
-        model.train()
-        base = model.get_base_model()
-        if checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-            base.config.use_cache = False
+        model, base = training_model(checkpointing, reentrant)
         params = [p for n, p in model.named_parameters() if ".rasa_" in n]
         for p in params:
             p.requires_grad_(not frozen_factors)
         embeddings = base.get_input_embeddings()(torch.arange(24).view(2, 12)).detach().requires_grad_(True)
-        set_fused_backend(True)
-        set_kernel_backend("torch")
-        try:
+        with fused("torch"):
             torch.manual_seed(3)
             base(inputs_embeds=embeddings).logits.float().square().mean().backward()  # reentrant: no .grad()
-            return [t.grad for t in [embeddings] + ([] if frozen_factors else params)]
-        finally:
-            set_fused_backend(None)
-            set_kernel_backend(None)
+        return [t.grad for t in [embeddings] + ([] if frozen_factors else params)]
 
     for got, expected in zip(grads(True), grads(False), strict=True):
         assert expected is not None and expected.abs().sum() > 0
@@ -118,22 +123,12 @@ def test_checkpointed_backward_reuses_the_recomputations_pack(reentrant, monkeyp
 
     monkeypatch.setattr(module, "_pack_torch", counting)
     for checkpointing, expected in ((True, 2), (False, 2)):
-        model = rasa_model(dropout=0.1)
-        model.train()
-        base = model.get_base_model()
-        if checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-            base.config.use_cache = False
+        model, base = training_model(checkpointing, reentrant)
         layers = sum(1 for name, _ in base.named_modules() if name.endswith("_proj.base_layer"))
-        set_fused_backend(True)
-        set_kernel_backend("torch")
-        try:
+        with fused("torch"):
             calls.clear()
             embeddings = base.get_input_embeddings()(torch.arange(24).view(2, 12)).detach().requires_grad_(True)
             base(inputs_embeds=embeddings).logits.float().square().mean().backward()
-        finally:
-            set_fused_backend(None)
-            set_kernel_backend(None)
         assert calls["pack"] == expected * layers, (checkpointing, calls, layers)
     assert not module._RECOMPUTED_PACKS  # every stash was taken
 
@@ -174,19 +169,13 @@ def test_a_steady_training_step_launches_every_kernel_from_the_cache(monkeypatch
 
     if not kernels.available() or not kernels._FAST_LAUNCH:
         pytest.skip("needs triton and the launch cache")
-    model = rasa_model(dropout=0.1).to("cuda", torch.bfloat16)
-    model.train()
-    base = model.get_base_model()
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    base.config.use_cache = False
+    _, base = training_model(True, device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
 
     def step():
         base(input_ids=ids).logits.float().square().mean().backward()
 
-    set_fused_backend(True)
-    set_kernel_backend("triton")
-    try:
+    with fused("triton"):
         step()
 
         class Uncached:
@@ -200,6 +189,3 @@ def test_a_steady_training_step_launches_every_kernel_from_the_cache(monkeypatch
             if isinstance(launcher, kernels._Launcher) and name != "_KEEP_MASK":
                 monkeypatch.setattr(launcher, "fn", Uncached(name))
         step()
-    finally:
-        set_fused_backend(None)
-        set_kernel_backend(None)
