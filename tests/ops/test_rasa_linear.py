@@ -190,12 +190,12 @@ def test_triton_launch_shapes_do_not_change_the_result(backend, device, splits, 
         assert rel_err(grad, grad_ref) <= 1e-5, name
 
 
-@pytest.mark.parametrize(("backend", "device"), [c for c in _cases() if c.values[0] == "triton"]
-                         or [pytest.param("triton", "none", marks=pytest.mark.skip(reason="triton not installed"))])
+@pytest.mark.parametrize(("backend", "device"), [c for c in _cases() if c.values[0] in ("triton", "torch", "cublas")])
 def test_a_layers_gradients_hold_no_more_memory_than_its_parameters(backend, device):
     """Autograd keeps the returned gradients as the parameters' .grad, views included: a view of a larger
     workspace would keep that workspace (token-sized temporaries) alive until zero_grad, for every layer. The
-    layer's own dA_p, dB_p and dD share one allocation of exactly their size; the pool's share the temporaries."""
+    layer's own dA_p, dB_p and dD hold no more than their size (Triton: one allocation for the three, each part
+    16-byte aligned); the pool's may share the temporaries."""
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     g = torch.Generator().manual_seed(2)
     x = torch.randn(300, 56, generator=g).to(device, dtype).requires_grad_(True)  # odd sizes: parts need padding
@@ -204,12 +204,12 @@ def test_a_layers_gradients_hold_no_more_memory_than_its_parameters(backend, dev
     with using(backend):
         rasa_linear(x, weight, None, *params, dropout_p=0.1, seed=5).float().square().sum().backward()
     own = params[:3]
-    storages = {t.grad.untyped_storage().data_ptr() for t in own}
-    assert len(storages) == 1
-    assert sum(t.numel() for t in own) * 4 <= own[0].grad.untyped_storage().nbytes() <= sum(
-        t.numel() * 4 + 12 for t in own)  # each part padded to 16 bytes at most
-    for t in params:  # every part 16-byte aligned (the launch cache's condition)
-        assert t.grad.data_ptr() % 16 == 0
+    storages = {t.grad.untyped_storage().data_ptr(): t.grad.untyped_storage().nbytes() for t in own}
+    assert sum(storages.values()) <= sum(t.numel() * 4 + 12 for t in own)  # each padded to 16 bytes at most
+    if backend.startswith("triton"):
+        assert len(storages) == 1
+        for t in params:  # every part 16-byte aligned (the launch cache's condition)
+            assert t.grad.data_ptr() % 16 == 0
     for t in params:
         assert t.grad.dtype == t.dtype and t.grad.shape == t.shape and t.grad.abs().sum() > 0
 

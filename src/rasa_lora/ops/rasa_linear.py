@@ -423,7 +423,8 @@ def _backward(state, rows, u, grad_out, needs_grad_x: bool):
         grad_B = gc * D.float()
         grad_D = (gc * torch.cat([B_p, B_s], dim=1).float()).sum(0)
         grad_B_p, grad_B_s = grad_B[:, :num_private], grad_B[:, num_private:]
-        grad_A_p, grad_A_s = ga[:num_private], ga[num_private:n]
+        # dA_p copied out of the (R, K) product: autograd would keep a view, and with it all R rows, as .grad
+        grad_A_p, grad_A_s = ga[:num_private].clone(), ga[num_private:n]
 
     grads = (grad_A_p, grad_B_p, grad_D, grad_A_s, grad_B_s)
     return (grad_x, *(t if t.dtype == f.dtype else t.to(f.dtype) for t, f in zip(grads, (A_p, B_p, D, A_s, B_s))))
