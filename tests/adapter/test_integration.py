@@ -95,6 +95,35 @@ def test_torch_compile_smoke():
     assert rel_err(compiled(x).logits, expected) <= 1e-5
 
 
+def test_torch_compile_runs_the_fused_layer_eagerly_with_gradients():
+    """Under torch.compile the fused layer is a graph break (`rasa_linear` routes to its compiler-disabled twin):
+    training-mode outputs and gradients, dropout included, equal the eager ones."""
+    from rasa_lora.ops import set_fused_backend, set_kernel_backend
+
+    def run(compile_it):
+        model = rasa_model(r=8, k=1, dropout=0.1)
+        model.train()
+        net = torch.compile(model, backend="aot_eager") if compile_it else model
+        set_fused_backend(True)
+        set_kernel_backend("torch")
+        try:
+            torch.manual_seed(4)
+            loss = net(tokens()).logits.float().square().mean()
+            loss.backward()
+        finally:
+            set_fused_backend(None)
+            set_kernel_backend(None)
+        grads = [p.grad for n, p in model.named_parameters() if ".rasa_" in n]
+        return loss.detach(), grads
+
+    loss, grads = run(True)
+    expected_loss, expected_grads = run(False)
+    assert rel_err(loss, expected_loss) <= 1e-5
+    assert grads and all(g is not None for g in grads)
+    for got, expected in zip(grads, expected_grads, strict=True):
+        assert rel_err(got, expected) <= 1e-4
+
+
 def test_deepcopy_keeps_pool_sharing():
     import copy
 
