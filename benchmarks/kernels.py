@@ -145,6 +145,21 @@ SWEEP = {
 }
 
 
+# --wide: deeper pipelines and longer tiles along the streamed dimension, which the committed sweep never tried.
+# Session 5 (RESULTS) found the kernels at 1.1-2.2 TB/s where the 16384-token target needs >= 3.3 TB/s on average;
+# more bytes in flight per SM is the first thing to try.
+WIDE = {
+    "down": [c for c in _grid(BM=(64, 128), BK=(64, 128, 256), splits=(0,), warps=(4, 8), stages=(4, 5),
+                              programs=(264, 528), pack=("separate",)) if c["BM"] * c["BK"] <= 16384],
+    "up": [c for c in _grid(BM=(64, 128), BN=(128, 256), warps=(4, 8), stages=(2, 3)) if c["BM"] * c["BN"] <= 32768],
+    "bwd_up": _grid(mode=("fused",), BM=(128, 256), BN=(64, 128), splits=(0,), warps=(8,), stages=(4, 5),
+                    programs=(264, 528)),
+    "gx": [c for c in _grid(BM=(64, 128), BK=(128, 256), warps=(4, 8), stages=(2, 3)) if c["BM"] * c["BK"] <= 32768],
+    "ga": [c for c in _grid(BM=(32, 64), BK=(128, 256), splits=(0,), warps=(4, 8), stages=(4, 5),
+                            programs=(264, 528)) if c["BM"] * c["BK"] <= 16384],
+}
+
+
 def sweep(tokens):
     """For each kernel, the config with the least summed GPU time over the shapes; then each backward
     stage's mode ("fused" or "split" into two kernels), whichever is faster."""
@@ -207,14 +222,19 @@ def main():
     parser.add_argument("--sweep-tokens", default="4096")
     parser.add_argument("--sweep-kernels", default=None,
                         help="comma-separated subset of the swept kernels (default all: " + ",".join(SWEEP) + ")")
+    parser.add_argument("--wide", action="store_true",
+                        help="sweep the deeper pipelines and longer tiles of WIDE as well (more bytes in flight)")
     parser.add_argument("--configs-out", default=None)
     parser.add_argument("--configs", default=None, help="JSON of launch shapes to apply first")
     args = parser.parse_args()
     from rasa_lora.ops import kernels
 
+    if args.wide:
+        for key, options in WIDE.items():
+            SWEEP[key] = SWEEP[key] + [c for c in options if c not in SWEEP[key]]
     if DRY:
         for key in SWEEP:
-            SWEEP[key] = SWEEP[key][:2]
+            SWEEP[key] = SWEEP[key][:1] + SWEEP[key][-1:]  # the first and the last (a --wide one with --wide)
         for key in SHAPES:
             SHAPES[key] = (SHAPES[key][0] // 64, SHAPES[key][1] // 64)
     if args.configs:
