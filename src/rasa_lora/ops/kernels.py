@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import functools
 import operator
-import os
 from typing import NamedTuple
 
 import torch
+
+from rasa_lora.ops.rasa_linear import env_flag
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs usually lack it.
     import triton
@@ -119,7 +120,7 @@ def _splits(blocks: int, chunks: int, requested: int, programs: int = 0) -> int:
 # Arguments that change from call to call (the dropout seed's hash and threshold, the dropout scale): the kernels
 # are compiled without specializing on their values, and the launch cache below leaves them out of its key.
 _LOOSE = ["seed_h", "thr", "scale"]
-_FAST_LAUNCH = os.environ.get("RASA_LORA_FAST_LAUNCH", "1") not in ("0", "false", "False", "")
+_FAST_LAUNCH = env_flag("RASA_LORA_FAST_LAUNCH", True)
 
 
 _DTYPE, _DATA_PTR = operator.attrgetter("dtype"), torch.Tensor.data_ptr

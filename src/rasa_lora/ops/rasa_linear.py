@@ -60,6 +60,12 @@ _KERNELS: str | None = None
 _GENERATORS: dict[torch.device, torch.Generator] = {}
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """A boolean environment switch: "0", "false", "False" or "" turn it off, any other value on; unset: default."""
+    value = os.environ.get(name)
+    return default if value is None else value not in ("0", "false", "False", "")
+
+
 def set_fused_backend(enabled: bool | None) -> None:
     """Force the fused path on or off; `None` restores the default (on with CUDA, or RASA_LORA_FUSED=1/0)."""
     global _FUSED
@@ -75,10 +81,7 @@ def fused_backend_enabled() -> bool:
 @functools.cache
 def _fused_default() -> bool:
     """RASA_LORA_FUSED=1/0 if set, else whether CUDA is available (read once: this runs on every forward)."""
-    env = os.environ.get("RASA_LORA_FUSED")
-    if env is not None:
-        return env not in ("0", "false", "False", "")
-    return torch.cuda.is_available()
+    return env_flag("RASA_LORA_FUSED", torch.cuda.is_available())
 
 
 _GEMM_ADDS: bool | None = None
@@ -101,7 +104,7 @@ def base_gemm_adds() -> bool:
 
 @functools.cache
 def _gemm_adds_default() -> bool:
-    return os.environ.get("RASA_LORA_GEMM_ADDS", "1") not in ("0", "false", "False", "")
+    return env_flag("RASA_LORA_GEMM_ADDS", True)
 
 
 BACKENDS = ("triton", "torch", "cublas")
@@ -325,10 +328,10 @@ class _Down(torch.autograd.Function):
         link.append(ctx)
         u, C, ctx.hash = _down(rows, A_p, B_p, D, A_s, B_s, p, seed, backend, scale)  # `_Up`'s backward reads hash
         # Only the token-sized tensors go through save_for_backward (gradient checkpointing frees and recomputes
-        # those). The packed A and C are not kept: the backward packs them again in one small launch, cheaper on
-        # the host than the two pack/unpack hook pairs gradient checkpointing runs per saved tensor
-        # (`benchmarks/host_overhead.py`), and keeping them across the checkpointed region would cost ~10 MB a
-        # layer on the Llama-3.1-8B shape.
+        # those). The packed A and C are not kept: the backward packs them again in one small launch (or takes
+        # a checkpointed recomputation's pack, `_stash_pack`), cheaper on the host than the two pack/unpack hook
+        # pairs gradient checkpointing runs per saved tensor (`benchmarks/host_overhead.py`), and keeping them
+        # across the checkpointed region would cost ~10 MB a layer on the Llama-3.1-8B shape.
         ctx.save_for_backward(rows, u)
         ctx.mark_non_differentiable(C)
         return u, C
@@ -493,8 +496,6 @@ _SEED = torch.empty((), dtype=torch.int64)
 def _draw_seed() -> int:
     """A seed from torch's default CPU generator (which gradient checkpointing saves and restores), drawn into
     one reused scalar: `int(torch.randint(...))` costs twice the host time."""
-    if torch.is_inference_mode_enabled():
-        return int(torch.randint(0, 2**31 - 1, ()))
     return int(_SEED.random_(0, 2**31 - 1))
 
 
