@@ -352,3 +352,14 @@ def test_backend_choice_and_mask_flavours(monkeypatch):
     assert not torch.equal(dropout_mask(rows, 0.3, 5, "torch"), dropout_mask(rows, 0.3, 5, "cublas"))
     assert dropout_scale(0.05, "cublas") == 1 / 0.95
     assert dropout_scale(0.05, "torch") == 1 / (1 - effective_p(0.05))
+
+
+def test_env_flag_reads_off_values_and_defaults(monkeypatch):
+    from rasa_lora.ops.rasa_linear import env_flag
+
+    monkeypatch.delenv("RASA_LORA_TEST_FLAG", raising=False)
+    assert env_flag("RASA_LORA_TEST_FLAG", True) is True and env_flag("RASA_LORA_TEST_FLAG", False) is False
+    for value, expected in (("0", False), ("false", False), ("False", False), ("", False), ("1", True),
+                            ("yes", True)):
+        monkeypatch.setenv("RASA_LORA_TEST_FLAG", value)
+        assert env_flag("RASA_LORA_TEST_FLAG", not expected) is expected, value
