@@ -73,35 +73,48 @@ def _timers():
     return host, gpu
 
 
-def layer_case(M, K, N, seed_h, thr, n=39):
-    """One projection's tensors, and each adapter stage of a training step as a call on them."""
+def layer_case(M, K, N, seed_h, thr, n=39, dropout=True):
+    """One projection's tensors, and each adapter stage of a training step as a call on them, as the layer's
+    default path runs them (the base GEMMs add into the adapter's terms: `up_` and the dL/dx part of `bwd_down`
+    write their outputs without reading them; `rasa_linear.set_base_gemm_adds`)."""
     from rasa_lora.ops import kernels
 
     R = kernels.packed_width(n)
     t = make(M, K, N, R, n)
     factors = [t[k] for k in ("A_p", "B_p", "D", "A_s", "B_s")]
-    u, A, C = kernels.down_and_pack(t["x"], *factors, 1.05, seed_h, thr, True)
+    u, A, C = kernels.down_and_pack(t["x"], *factors, 1.05, seed_h, thr, dropout)
     y, gx = t["x"] @ t["W"].t(), t["g"] @ t["W"]
     NP, NS = t["A_p"].shape[0], t["A_s"].shape[0]
     gu, gc, gap, gas, gd, gbp, gbs = (torch.zeros(*shape, device=DEVICE)
                                       for shape in ((M, R), (N, R), (NP, K), (NS, K), (n,), (N, NP), (N, NS)))
     calls = {
-        "down_and_pack": lambda: kernels.down_and_pack(t["x"], *factors, 1.05, seed_h, thr, True),
-        "up_": lambda: kernels.up_(y, u, C),
+        "down_and_pack": lambda: kernels.down_and_pack(t["x"], *factors, 1.05, seed_h, thr, dropout),
+        "up_": lambda: kernels.up_(y, u, C, accumulate=False),
         "pack": lambda: kernels.pack(*factors, DTYPE, 1.05),
         "bwd_up": lambda: kernels.bwd_up(t["g"], C, u, gu, gc),
         "bwd_down": lambda: kernels.bwd_down(t["x"], gu, A, gx, gap, gas, gc, t["B_p"], t["B_s"], t["D"], gd, gbp,
-                                             gbs, 1.05, seed_h, thr, True),
+                                             gbs, 1.05, seed_h, thr, dropout, accumulate=False),
     }
+    # the dA part of bwd_down alone (no dL/dx): bwd_down minus this is the dL/dx kernel in the "split" mode
+    calls["ga"] = lambda: kernels.bwd_down(t["x"], gu, A, None, gap, gas, gc, t["B_p"], t["B_s"], t["D"], gd, gbp,
+                                           gbs, 1.05, seed_h, thr, dropout)
     return t, R, calls
 
 
-def stage_times(M, K, N, p=0.05, n=39):
-    """Median ms of each stage for one layer shape, under the current kernels.CONFIGS: (GPU, with host)."""
-    from rasa_lora.ops import dropout
+# bytes each stage must move through HBM (token-sized tensors only), for the GB/s columns
+def _nbytes(M, K, N):
+    return {"down_and_pack": M * K * 2, "up_": M * N * 2, "bwd_up": M * N * 2, "bwd_down": 2 * M * K * 2,
+            "ga": M * K * 2, "ref read x": M * K * 2, "ref write y": M * N * 2, "ref copy x": 2 * M * K * 2}
+
+
+def stage_times(M, K, N, p=0.05, n=39, dropout=True, refs=False):
+    """Median ms of each stage for one layer shape, under the current kernels.CONFIGS: (GPU, with host).
+    With refs, also what PyTorch's own memory-bound kernels reach on the same sizes (a read of x, a write of y,
+    a copy of x): the bandwidth our kernels could hope for."""
+    from rasa_lora.ops import dropout as hashed
 
     host, gpu = _timers()
-    t, R, calls = layer_case(M, K, N, dropout.seed_hash(1234), dropout.threshold(p), n)
+    t, R, calls = layer_case(M, K, N, hashed.seed_hash(1234), hashed.threshold(p), n, dropout)
     total = M * R + N * R + R * K + R
     bench = {
         "base x W^T": lambda: torch.nn.functional.linear(t["x"], t["W"]),
@@ -109,14 +122,20 @@ def stage_times(M, K, N, p=0.05, n=39):
         **calls,
         "zeros": lambda: torch.zeros(total, device=DEVICE),
     }
-    nbytes = {"down_and_pack": M * K * 2, "up_": 2 * M * N * 2, "bwd_up": M * N * 2, "bwd_down": 3 * M * K * 2}
+    if refs:
+        y, xc = torch.empty(M, N, device=DEVICE, dtype=DTYPE), torch.empty_like(t["x"])
+        bench["ref read x"] = lambda: t["x"].sum(dtype=torch.float32)
+        bench["ref write y"] = lambda: y.fill_(1.0)
+        bench["ref copy x"] = lambda: xc.copy_(t["x"])
+    nbytes = {k: v for k, v in _nbytes(M, K, N).items() if k in bench}
     times = {name: gpu(fn) for name, fn in bench.items()}
     with_host = {name: host(fn) for name, fn in bench.items()}
     gbs = {name: nbytes[name] / (times[name] * 1e-3) / 1e9 for name in nbytes}
 
     def step(tm):  # one training step of the layer under gradient checkpointing: forward twice, backward once
         base = 2 * tm["base x W^T"] + tm["base g W"]
-        adapter = 2 * (tm["down_and_pack"] + tm["up_"]) + tm["zeros"] + tm["pack"] + tm["bwd_up"] + tm["bwd_down"]
+        # (the backward takes the recomputation's pack: no "pack" of its own)
+        adapter = 2 * (tm["down_and_pack"] + tm["up_"]) + tm["zeros"] + tm["bwd_up"] + tm["bwd_down"]
         return base, adapter
 
     return times, with_host, gbs, step(times), step(with_host)
@@ -157,7 +176,14 @@ WIDE = {
     "gx": [c for c in _grid(BM=(64, 128), BK=(128, 256), warps=(4, 8), stages=(2, 3)) if c["BM"] * c["BK"] <= 32768],
     "ga": [c for c in _grid(BM=(32, 64), BK=(128, 256), splits=(0,), warps=(4, 8), stages=(4, 5),
                             programs=(264, 528)) if c["BM"] * c["BK"] <= 16384],
+    # a row block a program for up_ and gx: u / gu read once, C / A streamed from L2 (session 6)
+    "up_rows": _grid(mode=("rows",), BM=(64, 128), BN=(64, 128), warps=(4, 8), stages=(2,), programs=(264, 528)),
+    "gx_rows": _grid(mode=("rows",), BM=(64, 128), BK=(64, 128), warps=(4, 8), stages=(2,), programs=(264, 528)),
+    "bwd_down": _grid(mode=("fused",), BM=(32, 64), BK=(128, 256), splits=(0,), warps=(4, 8), stages=(2, 4),
+                      programs=(264, 528)),
 }
+# sweep entries that tune another entry's CONFIGS (WIDE's row-block variants compete with the tile ones)
+ALIAS = {"up_rows": "up", "gx_rows": "gx"}
 
 
 def sweep(tokens):
@@ -207,11 +233,32 @@ def sweep(tokens):
         kernels.CONFIGS[stage] = fused_cfg
         kernels.clear_plans()
         fused_ms = sum(gpu(c[stage_of[stage]]) for c in cases)
-        if split_ms < fused_ms:
-            best[stage] = {**fused_cfg, **split}
+        best[stage] = {**fused_cfg, **split} if split_ms < fused_ms else fused_cfg
         report[stage + " mode"] = {"fused_ms": fused_ms, "split_ms": split_ms}
         print(f"{stage}: fused {fused_ms:.3f} ms, split ({' + '.join(parts)}) {split_ms:.3f} ms", flush=True)
     return best, report
+
+
+def measure(M, label, dropout, refs):
+    """Every stage on every projection shape at M tokens; prints a line per shape and one per layer."""
+    rows, layer_base, layer_adapter = [], 0.0, 0.0
+    tag = f"{label}{'' if dropout else ' no-dropout'}"
+    for name, (K, N) in SHAPES.items():
+        times, with_host, gbs, (base, adapter), (base_h, adapter_h) = stage_times(M, K, N, dropout=dropout,
+                                                                                  refs=refs)
+        rows.append({"tokens": M, "variant": label, "dropout": dropout, "shape": name, "K": K, "N": N,
+                     "gpu_ms": times, "with_host_ms": with_host, "GB/s": gbs, "base_ms": base, "adapter_ms": adapter,
+                     "adapter_with_host_ms": adapter_h})
+        layer_base += PER_LAYER[name] * base
+        layer_adapter += PER_LAYER[name] * adapter
+        stages = "  ".join(f"{k} {v * 1e3:.1f}" for k, v in times.items() if not k.startswith("base"))
+        rates = " ".join(f"{k} {v:.0f}" for k, v in gbs.items())
+        print(f"[{tag}] M={M:<6} {name:<18} base {base * 1e3:8.1f} us  adapter {adapter * 1e3:7.1f} us "
+              f"({adapter / base:6.1%}; {adapter_h * 1e3:7.1f} us with host launch)  {stages}  | GB/s {rates}",
+              flush=True)
+    print(f"[{tag}] M={M:<6} one decoder layer's projections: base {layer_base:.3f} ms, adapter {layer_adapter:.3f} "
+          f"ms = {layer_adapter / layer_base:.1%} of the projections' GEMMs", flush=True)
+    return rows
 
 
 def main():
@@ -224,13 +271,25 @@ def main():
                         help="comma-separated subset of the swept kernels (default all: " + ",".join(SWEEP) + ")")
     parser.add_argument("--wide", action="store_true",
                         help="sweep the deeper pipelines and longer tiles of WIDE as well (more bytes in flight)")
+    parser.add_argument("--only-wide", action="store_true",
+                        help="sweep only WIDE's options against the committed shape (a shorter run than --wide)")
     parser.add_argument("--configs-out", default=None)
     parser.add_argument("--configs", default=None, help="JSON of launch shapes to apply first")
+    parser.add_argument("--refs", action="store_true",
+                        help="also time PyTorch's own read / write / copy of the same sizes (the bandwidth to aim at)")
+    parser.add_argument("--no-dropout", action="store_true",
+                        help="also time every stage without the dropout mask (what the hash costs)")
+    parser.add_argument("--compare", default=None,
+                        help="JSON of launch shapes: time every stage under them as well, same run (old vs new)")
     args = parser.parse_args()
     from rasa_lora.ops import kernels
 
-    if args.wide:
+    if args.only_wide:  # WIDE's options and the committed shape, nothing else
+        for key in SWEEP:
+            SWEEP[key] = [dict(kernels.CONFIGS[key])]
+    if args.wide or args.only_wide:
         for key, options in WIDE.items():
+            key = ALIAS.get(key, key)
             SWEEP[key] = SWEEP[key] + [c for c in options if c not in SWEEP[key]]
     if DRY:
         for key in SWEEP:
@@ -254,23 +313,21 @@ def main():
         if args.configs_out:
             with open(args.configs_out, "w") as handle:
                 json.dump(best, handle, indent=1)
-    out["configs"] = kernels.CONFIGS
+    out["configs"] = {key: dict(value) for key, value in kernels.CONFIGS.items()}
+    variants = [("committed" if not (args.sweep or args.configs) else "configs", out["configs"])]
+    if args.compare:
+        with open(args.compare) as handle:
+            variants.append(("compare", {**out["configs"], **json.load(handle)}))
+        out["compare_configs"] = variants[-1][1]
     rows = []
     for M in tokens:
-        layer_base = layer_adapter = 0.0
-        for name, (K, N) in SHAPES.items():
-            times, with_host, gbs, (base, adapter), (base_h, adapter_h) = stage_times(M, K, N)
-            rows.append({"tokens": M, "shape": name, "K": K, "N": N, "gpu_ms": times, "with_host_ms": with_host,
-                         "GB/s": gbs, "base_ms": base, "adapter_ms": adapter, "adapter_with_host_ms": adapter_h})
-            layer_base += PER_LAYER[name] * base
-            layer_adapter += PER_LAYER[name] * adapter
-            stages = "  ".join(f"{k} {v * 1e3:.1f}" for k, v in times.items() if not k.startswith("base"))
-            rates = " ".join(f"{k} {v:.0f}" for k, v in gbs.items())
-            print(f"M={M:<6} {name:<18} base {base * 1e3:8.1f} us  adapter {adapter * 1e3:7.1f} us "
-                  f"({adapter / base:6.1%}; {adapter_h * 1e3:7.1f} us with host launch)  {stages}  | GB/s {rates}",
-                  flush=True)
-        print(f"M={M:<6} one decoder layer's projections: base {layer_base:.3f} ms, adapter {layer_adapter:.3f} ms "
-              f"= {layer_adapter / layer_base:.1%} of the projections' GEMMs", flush=True)
+        for label, configs in variants:
+            kernels.CONFIGS.clear()
+            kernels.CONFIGS.update({key: dict(value) for key, value in configs.items()})
+            kernels.clear_plans()
+            for dropout in (True, False) if args.no_dropout else (True,):
+                rows += measure(M, label, dropout, args.refs and label == variants[0][0] and dropout)
+    out["rows"] = rows
     out["rows"] = rows
     with open(args.out, "w") as handle:
         json.dump(out, handle, indent=1)

@@ -162,14 +162,17 @@ def test_triton_and_torch_backends_agree_on_an_8b_sized_layer(p):
                          or [pytest.param("triton", "none", marks=pytest.mark.skip(reason="triton not installed"))])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("mode", ["fused", "split"])
-def test_triton_launch_shapes_do_not_change_the_result(backend, device, splits, mode, monkeypatch):
+@pytest.mark.parametrize("layout", ["tiles", "rows"])
+def test_triton_launch_shapes_do_not_change_the_result(backend, device, splits, mode, layout, monkeypatch):
     """Both backward modes (and both forward packings); unsplit reductions (plain stores) and forced splits
-    (atomics); small blocks and ragged edges."""
+    (atomics); small blocks and ragged edges; `up_` and `gx` one tile a program or a row block a program (whose
+    column range is split in `splits`)."""
     from rasa_lora.ops import kernels
 
     configs = {name: dict(cfg) for name, cfg in kernels.CONFIGS.items()}
-    for name in ("down", "bwd_up", "bwd_down", "gu", "gc", "ga"):
+    for name in ("down", "bwd_up", "bwd_down", "gu", "gc", "ga", "up", "gx"):
         configs[name].update(splits=splits, BM=16)
+    configs["up"]["mode"] = configs["gx"]["mode"] = layout
     for name in ("down", "bwd_down", "ga", "gx"):
         configs[name]["BK"] = 32
     for name in ("bwd_up", "gu", "gc", "up"):

@@ -217,12 +217,22 @@ if triton is not None:
         return v ^ (v >> 15)
 
     @triton.jit
-    def _keep(rows, col0, seed_h, thr, BK: tl.constexpr):
-        """Keep decisions of rows x columns [col0, col0 + BK) (col0 even): one hash per pair of columns."""
-        hr = _mix(rows.to(tl.uint32) + seed_h.to(tl.uint32))
+    def _row_hash(rows, seed_h):
+        """The per-row half of the mask's hash (hoisted out of loops over columns)."""
+        return _mix(rows.to(tl.uint32) + seed_h.to(tl.uint32))
+
+    @triton.jit
+    def _keep_h(hr, col0, thr, BK: tl.constexpr):
+        """Keep decisions of the rows hashed `hr` x columns [col0, col0 + BK) (col0 even): one hash per pair of
+        columns."""
         pairs = (col0 // 2 + tl.arange(0, BK // 2)).to(tl.uint32)
         v = _mix(hr[:, None] ^ (pairs * 0x61C88647)[None, :])
         return tl.interleave(v & 0xFFFF, v >> 16) >= thr
+
+    @triton.jit
+    def _keep(rows, col0, seed_h, thr, BK: tl.constexpr):
+        """Keep decisions of rows x columns [col0, col0 + BK) (col0 even)."""
+        return _keep_h(_row_hash(rows, seed_h), col0, thr, BK)
 
     @triton.jit
     def _store_or_add(pointers, acc, mask, ATOMIC: tl.constexpr):
@@ -281,12 +291,14 @@ if triton is not None:
             acc = tl.zeros((BM, R), dtype=tl.float32)
             private = (rr < NP)[:, None]
             shared = ((rr >= NP) & (rr < NP + NS))[:, None]
+            if DROPOUT:
+                hr = _row_hash(rm, seed_h)
             for k0 in range(k_lo, k_lo + k_per_split, BK):
                 rk = k0 + tl.arange(0, BK)
                 x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
                             other=0.0)
                 if DROPOUT:
-                    x = tl.where(_keep(rm, k0, seed_h, thr, BK), x, 0.0)
+                    x = tl.where(_keep_h(hr, k0, thr, BK), x, 0.0)
                 in_k = (rk < K)[None, :]
                 if PACKED:
                     a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=in_k, other=0.0)
@@ -334,6 +346,48 @@ if triton is not None:
             update += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         inside = (rm < M)[:, None] & (rn < N)[None, :]
         _write_or_add(y_ptr + rm[:, None] * sym + rn[None, :], update, inside, ACCUMULATE)
+
+    @triton.jit
+    def _up_rows_kernel(u_ptr, c_ptr, y_ptr, bias_ptr, M, N, sym, n_per_split, R: tl.constexpr, BM: tl.constexpr,
+                        BN: tl.constexpr, ACCUMULATE: tl.constexpr, BIAS: tl.constexpr, IEEE: tl.constexpr):
+        """`_up_kernel` with each program owning BM rows: u's rows are read once, and the program walks its
+        `n_per_split` output columns BN at a time, streaming C's rows (L2-resident) and writing y. The tile
+        version reads u (float32) once per BN columns, as many bytes as it writes at BN = 128."""
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rr = tl.arange(0, R)
+        u = tl.load(u_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0)
+        u = u.to(c_ptr.dtype.element_ty)
+        n_lo = tl.program_id(1) * n_per_split
+        for n0 in range(n_lo, tl.minimum(n_lo + n_per_split, N), BN):
+            rn = n0 + tl.arange(0, BN)
+            c = tl.load(c_ptr + rn[:, None] * R + rr[None, :], mask=(rn < N)[:, None], other=0.0)
+            update = _dot(u, tl.trans(c), IEEE)
+            if BIAS:
+                update += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            inside = (rm < M)[:, None] & (rn < N)[None, :]
+            _write_or_add(y_ptr + rm[:, None] * sym + rn[None, :], update, inside, ACCUMULATE)
+
+    @triton.jit(do_not_specialize=_LOOSE)
+    def _gx_rows_kernel(gu_ptr, a_ptr, gx_ptr, M, K, sgxm, seed_h, thr, k_per_split, R: tl.constexpr,
+                        BM: tl.constexpr, BK: tl.constexpr, DROPOUT: tl.constexpr, ACCUMULATE: tl.constexpr,
+                        IEEE: tl.constexpr):
+        """`_gx_kernel` with each program owning BM rows: gu's rows read (and the rows' half of the mask's hash
+        computed) once, A's rows streamed (L2-resident), dL/dx written BK columns at a time."""
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rr = tl.arange(0, R)
+        gu = tl.load(gu_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0)
+        gu = gu.to(a_ptr.dtype.element_ty)
+        if DROPOUT:
+            hr = _row_hash(rm, seed_h)
+        k_lo = tl.program_id(1) * k_per_split
+        for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BK):
+            rk = k0 + tl.arange(0, BK)
+            a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
+            update = _dot(gu, a, IEEE)
+            if DROPOUT:
+                update = tl.where(_keep_h(hr, k0, thr, BK), update, 0.0)
+            inside = (rm < M)[:, None] & (rk < K)[None, :]
+            _write_or_add(gx_ptr + rm[:, None] * sgxm + rk[None, :], update, inside, ACCUMULATE)
 
     @triton.jit
     def _bwd_up_kernel(g_ptr, c_ptr, u_ptr, gu_ptr, gc_ptr, M, N, sgm, n_per_split,
@@ -572,7 +626,11 @@ def down_and_pack(x, A_p, B_p, D, A_s, B_s, scale: float, seed_h: int, thr: int,
 def _up_plan(M, N, R, dtype):
     cfg = _fit("up", R, dtype.itemsize)
     BM, BN = cfg["BM"], cfg["BN"]
-    return (_cdiv(N, BN), _cdiv(M, BM)), BM, BN, dtype == torch.float32, cfg["warps"], cfg["stages"]
+    ieee = dtype == torch.float32
+    if cfg.get("mode", "tiles") == "rows":  # programs own BM rows and walk their share of the columns
+        splits, per_split = _split_plan(_cdiv(M, BM), N, BN, cfg)
+        return True, (_cdiv(M, BM), splits), per_split, BM, BN, ieee, cfg["warps"], cfg["stages"]
+    return False, (_cdiv(N, BN), _cdiv(M, BM)), 0, BM, BN, ieee, cfg["warps"], cfg["stages"]
 
 
 def up_(y: torch.Tensor, u: torch.Tensor, C: torch.Tensor, accumulate: bool = True,
@@ -580,7 +638,11 @@ def up_(y: torch.Tensor, u: torch.Tensor, C: torch.Tensor, accumulate: bool = Tr
     """y += u C^T in place (y (M, N) with unit column stride); with accumulate=False, y = u C^T (+ bias)."""
     M, N = y.shape
     R = C.shape[1]
-    grid, BM, BN, ieee, warps, stages = _plan(("up", M, N, R, y.dtype), _up_plan)
+    rows, grid, per_split, BM, BN, ieee, warps, stages = _plan(("up", M, N, R, y.dtype), _up_plan)
+    if rows:
+        _UP_ROWS(grid, (u, C, y, y if bias is None else bias, M, N, y.stride(0), per_split, R, BM, BN, accumulate,
+                        bias is not None, ieee), warps, stages)
+        return
     _UP(grid, (u, C, y, y if bias is None else bias, M, N, y.stride(0), R, BM, BN, accumulate, bias is not None,
                ieee), warps, stages)
 
@@ -636,7 +698,12 @@ def _bwd_down_plan(M, K, N, R, dtype):
     BK = _block(ca["BK"], K)
     k_blocks = _cdiv(K, BK)
     splits, per_split = _split_plan(k_blocks, M, ca["BM"], ca)
-    return ("split", ((_cdiv(K, cx["BK"]), _cdiv(M, cx["BM"])), cx["BM"], cx["BK"], cx["warps"], cx["stages"]),
+    if cx.get("mode", "tiles") == "rows":  # programs own BM rows and walk their share of K
+        gx_splits, gx_per = _split_plan(_cdiv(M, cx["BM"]), K, cx["BK"], cx)
+        gx = ((_cdiv(M, cx["BM"]), gx_splits), gx_per, cx["BM"], cx["BK"], cx["warps"], cx["stages"])
+    else:
+        gx = ((_cdiv(K, cx["BK"]), _cdiv(M, cx["BM"])), None, cx["BM"], cx["BK"], cx["warps"], cx["stages"])
+    return ("split", gx,
             ((k_blocks * splits + _cdiv(N, BN_FIN),), per_split, k_blocks, splits, ca["BM"], BK, BN_FIN, ca["warps"],
              ca["stages"]), None, ieee)
 
@@ -661,9 +728,13 @@ def bwd_down(x, gu, A, grad_x, gap, gas, gc, B_p, B_s, D, gd, gbp, gbs, scale: f
         _FINALIZE(grid, (gc, B_p, B_s, D, gbp, gbs, gd, N, NP, NS, scale, R, BN), 4, 1)
         return
     if grad_x is not None:
-        grid, BM, BK, warps, stages = first
-        _GX(grid, (gu, A, grad_x, M, K, grad_x.stride(0), seed_h, thr, R, BM, BK, dropout, accumulate, ieee), warps,
-            stages)
+        grid, per_split, BM, BK, warps, stages = first
+        if per_split is None:
+            _GX(grid, (gu, A, grad_x, M, K, grad_x.stride(0), seed_h, thr, R, BM, BK, dropout, accumulate, ieee),
+                warps, stages)
+        else:
+            _GX_ROWS(grid, (gu, A, grad_x, M, K, grad_x.stride(0), seed_h, thr, per_split, R, BM, BK, dropout,
+                            accumulate, ieee), warps, stages)
     grid, per_split, k_blocks, splits, BM, BK, BN_FIN, warps, stages = second
     _GA_FINALIZE(grid, (x, gu, gap, gas, gc, B_p, B_s, D, gbp, gbs, gd, M, K, N, NP, NS, x.stride(0), seed_h, thr,
                         per_split, scale, k_blocks, splits, R, BM, BK, BN_FIN, dropout, splits > 1, ieee),
@@ -688,7 +759,7 @@ if triton is not None:
         tl.store(out_ptr + rm[:, None] * K + rk[None, :], keep.to(tl.int8),
                  mask=(rm < M)[:, None] & (rk < K)[None, :])
 
-    _DOWN_PACK, _UP, _BWD_UP, _GU, _GC, _BWD_DOWN, _GX, _GA_FINALIZE, _FINALIZE, _KEEP_MASK = (
-        _Launcher(fn) for fn in (_down_pack_kernel, _up_kernel, _bwd_up_kernel, _gu_kernel, _gc_kernel,
-                                 _bwd_down_kernel, _gx_kernel, _ga_finalize_kernel, _finalize_kernel,
-                                 _keep_mask_kernel))
+    _DOWN_PACK, _UP, _UP_ROWS, _BWD_UP, _GU, _GC, _BWD_DOWN, _GX, _GX_ROWS, _GA_FINALIZE, _FINALIZE, _KEEP_MASK = (
+        _Launcher(fn) for fn in (_down_pack_kernel, _up_kernel, _up_rows_kernel, _bwd_up_kernel, _gu_kernel,
+                                 _gc_kernel, _bwd_down_kernel, _gx_kernel, _gx_rows_kernel, _ga_finalize_kernel,
+                                 _finalize_kernel, _keep_mask_kernel))
