@@ -15,6 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rasa_lora.ops import set_fused_backend, set_kernel_backend
+from rasa_lora.ops.rasa_linear import set_keep_u
 from tests.adapter.helpers import rasa_model
 
 
@@ -34,9 +35,10 @@ class WeightUses(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def training_model(checkpointing: bool, reentrant: bool = False, device: str = "cpu", dtype=torch.float32):
-    """The tiny RaSA Llama (dropout 0.1) in training mode, with gradient checkpointing or not; (model, base)."""
-    model = rasa_model(dropout=0.1).to(device, dtype)
+def training_model(checkpointing: bool, reentrant: bool = False, device: str = "cpu", dtype=torch.float32,
+                   dropout: float = 0.1):
+    """The tiny RaSA Llama in training mode, with gradient checkpointing or not; (model, base)."""
+    model = rasa_model(dropout=dropout).to(device, dtype)
     model.train()
     base = model.get_base_model()
     if checkpointing:
@@ -156,6 +158,86 @@ def test_a_stashed_pack_is_not_used_for_changed_factors():
             current = (factors[0], torch.randn(4, 4), *factors[2:])
         assert _take_pack(current, scale, dtype, backend) is None, change
     assert not _RECOMPUTED_PACKS
+
+
+@contextlib.contextmanager
+def keeping_u(enabled: bool):
+    set_keep_u(enabled)
+    try:
+        yield
+    finally:
+        set_keep_u(None)
+
+
+def _checkpointed_step(dropout, dtype, keep, monkeypatch, backend="torch", device="cpu"):
+    """One checkpointed step of the tiny model: (the gradients of the inputs and factors, how many calls took a
+    kept u, how many layers)."""
+    module = importlib.import_module("rasa_lora.ops.rasa_linear")
+    taken = collections.Counter()
+    original = module._take_u
+
+    def counting(*args):
+        u = original(*args)
+        taken["u"] += u is not None
+        return u
+
+    monkeypatch.setattr(module, "_take_u", counting)
+    model, base = training_model(True, device=device, dtype=dtype, dropout=dropout)
+    layers = sum(1 for name, _ in base.named_modules() if name.endswith("_proj.base_layer"))
+    params = [p for n, p in model.named_parameters() if ".rasa_" in n]
+    embeddings = base.get_input_embeddings()(torch.arange(24, device=device).view(2, 12)).detach()
+    embeddings.requires_grad_(True)
+    with fused(backend), keeping_u(keep):
+        torch.manual_seed(3)
+        base(inputs_embeds=embeddings).logits.float().square().mean().backward()
+    assert not module._KEPT_U  # every kept u was taken (or went with its graph)
+    return [t.grad for t in [embeddings, *params]], taken["u"], layers
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_recomputation_takes_the_forwards_u_and_gets_the_same_gradients(dropout, dtype, monkeypatch):
+    """Under non-reentrant checkpointing every layer's recomputation takes the u its forward kept (dropout or
+    not: the key's seed is drawn either way), and the step's gradients are the same bits as with u computed
+    again (u kept in x's dtype is what every consumer rounds u to)."""
+    kept, taken, layers = _checkpointed_step(dropout, dtype, True, monkeypatch)
+    again, not_taken, _ = _checkpointed_step(dropout, dtype, False, monkeypatch)
+    assert taken == layers and not_taken == 0
+    for got, expected in zip(kept, again, strict=True):
+        assert expected is not None and expected.abs().sum() > 0
+        assert torch.equal(got, expected)
+
+
+def test_a_kept_u_goes_with_its_graph_and_is_not_taken_for_changed_factors():
+    module = importlib.import_module("rasa_lora.ops.rasa_linear")
+    model, base = training_model(True)
+    ids = torch.arange(24).view(2, 12)
+    with fused("torch"):
+        logits = base(input_ids=ids).logits  # a checkpointed forward, no backward
+        assert len(module._KEPT_U) == sum(1 for n, _ in base.named_modules() if n.endswith("_proj.base_layer"))
+        del logits
+        assert not module._KEPT_U
+    factors = tuple(torch.randn(4, 4) for _ in range(5))
+    rows = torch.randn(6, 4)
+    for change in ("none", "in place", "rows", "scale", "backend", "other tensor"):
+        ctx = type("Ctx", (), {})()
+        module._keep_u(ctx, factors, 7, 1.0, "torch", rows, torch.randn(6, 4))
+        scale, backend, current, current_rows = 1.0, "torch", factors, rows
+        if change == "in place":
+            factors[2].add_(1.0)
+        elif change == "rows":
+            current_rows = torch.randn(5, 4)
+        elif change == "scale":
+            scale = 2.0
+        elif change == "backend":
+            backend = "cublas"
+        elif change == "other tensor":
+            current = (factors[0], torch.randn(4, 4), *factors[2:])
+        u = module._take_u(current, 7, scale, backend, current_rows)
+        assert (u is not None) == (change == "none"), change
+        if change == "none":
+            assert ctx.kept.u is None  # released by the node: the recomputation's saved tensors hold it now
+    assert not module._KEPT_U
 
 
 @pytest.mark.gpu
