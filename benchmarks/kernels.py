@@ -182,6 +182,8 @@ WIDE = {
     "bwd_down": _grid(mode=("fused",), BM=(32, 64), BK=(128, 256), splits=(0,), warps=(4, 8), stages=(2, 4),
                       programs=(264, 528)),
 }
+WIDE["bwd_up"] = _grid(mode=("fused",), BM=(256, 512), BN=(32, 64), splits=(0,), warps=(8, 16), stages=(2, 4),
+                       programs=(132, 264))
 # sweep entries that tune another entry's CONFIGS (WIDE's row-block variants compete with the tile ones)
 ALIAS = {"up_rows": "up", "gx_rows": "gx"}
 

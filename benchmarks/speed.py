@@ -214,9 +214,11 @@ def build_llama(small: bool, device):
     return model
 
 
-VARIANTS = ("lora", "lora0", "authors", "rasa8", "rasa8acc", "rasa8d0", "rasa16", "rasa32", "merged")
+VARIANTS = ("lora", "lora0", "authors", "rasa8", "rasa8acc", "rasa8nokeep", "rasa8d0", "rasa16", "rasa32", "merged")
 # rasa8acc: RaSA r8 k1 d0.05 with the adapter's kernels adding into the base GEMMs' outputs
 # (`set_base_gemm_adds(False)`, the layout before 2026-11-29 session 4) instead of the GEMMs adding into them
+# rasa8nokeep: RaSA r8 k1 d0.05 with checkpointing's recomputation computing u again (`set_keep_u(False)`, the
+# layer before 2026-11-29 session 6) instead of taking the u its forward kept
 
 
 def run_variants(model, shapes, steps, warmup, device, label, variants=VARIANTS, busy=False, host_profile=0):
@@ -292,7 +294,8 @@ def _run_variants_at(model, shapes, steps, warmup, device, label, variants, busy
         del pools
     for r, k, dropout, key in ((8, 1, 0.05, "rasa8"), (8, 1, 0.0, "rasa8d0"), (16, 2, 0.05, "rasa16"),
                                (32, 4, 0.05, "rasa32")):
-        if not (wanted(key) or (key == "rasa8" and (wanted("merged") or wanted("rasa8acc")))):
+        if not (wanted(key) or (key == "rasa8" and (wanted("merged") or wanted("rasa8acc")
+                                                    or wanted("rasa8nokeep")))):
             continue
         config = rasa_lora.RasaConfig(r=r, rasa_k=k, rasa_alpha=16, rasa_dropout=dropout, target_modules=ALL_PROJ)
         peft_model = get_peft_model(model, config)
@@ -306,6 +309,14 @@ def _run_variants_at(model, shapes, steps, warmup, device, label, variants, busy
                 measure("rasa r8k1 d0.05 (adapter adds)", peft_model)
             finally:
                 set_base_gemm_adds(None)
+        if key == "rasa8" and wanted("rasa8nokeep"):
+            from rasa_lora.ops import set_keep_u
+
+            set_keep_u(False)
+            try:
+                measure("rasa r8k1 d0.05 (u recomputed)", peft_model)
+            finally:
+                set_keep_u(None)
         if key == "rasa8" and wanted("merged"):
             peft_model.merge_adapter()
             measure("rasa r8k1 merged (inference)", peft_model, train=False)

@@ -208,6 +208,20 @@ def test_the_recomputation_takes_the_forwards_u_and_gets_the_same_gradients(drop
         assert torch.equal(got, expected)
 
 
+@pytest.mark.gpu
+def test_the_recomputation_takes_the_forwards_u_with_the_triton_kernels(monkeypatch):
+    """The same on the GPU in bf16 (Triton): every layer takes its u; the gradients agree to bf16 precision (the
+    kernels' split reductions add atomically, so two runs differ in their last bits whatever is kept)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    kept, taken, layers = _checkpointed_step(0.1, torch.bfloat16, True, monkeypatch, "triton", "cuda")
+    again, not_taken, _ = _checkpointed_step(0.1, torch.bfloat16, False, monkeypatch, "triton", "cuda")
+    assert taken == layers and not_taken == 0
+    for got, expected in zip(kept, again, strict=True):
+        got, expected = got.double(), expected.double()
+        assert expected.abs().sum() > 0 and float((got - expected).norm() / expected.norm()) <= 1e-2
+
+
 def test_a_kept_u_goes_with_its_graph_and_is_not_taken_for_changed_factors():
     module = importlib.import_module("rasa_lora.ops.rasa_linear")
     model, base = training_model(True)

@@ -8,9 +8,9 @@ from rasa_lora.ops.rasa_linear import (
     rasa_linear,
     set_base_gemm_adds,
     set_fused_backend,
+    set_keep_u,
     set_kernel_backend,
 )
 
 __all__ = ["dropout_mask", "fused_backend_enabled", "kernel_backend", "rasa_linear", "set_base_gemm_adds",
-           "set_fused_backend",
-           "set_kernel_backend"]
+           "set_fused_backend", "set_keep_u", "set_kernel_backend"]

@@ -75,13 +75,14 @@ def packed_width(n: int) -> int:
 # Launch shapes per kernel; `benchmarks/kernels.py` sweeps alternatives (it edits this dict in place).
 CONFIGS = {  # winners of `benchmarks/kernels.py --sweep` on one H200 (2026-11-29), R = 64, bf16
     "down": {"BM": 64, "BK": 64, "splits": 0, "warps": 4, "stages": 3, "programs": 528, "pack": "separate"},
-    "up": {"BM": 64, "BN": 128, "warps": 4, "stages": 1},
+    # up and gx: a row block a program (session 6, `--only-wide` at 16384 tokens: up_ 57 -> 43 us on q_proj)
+    "up": {"mode": "rows", "BM": 64, "BN": 128, "warps": 4, "stages": 2, "programs": 264},
     "bwd_up": {"mode": "fused", "BM": 256, "BN": 64, "splits": 0, "warps": 8, "stages": 3, "programs": 264},
     "gu": {"BM": 128, "BN": 64, "splits": 0, "warps": 4, "stages": 3, "programs": 264},   # bwd_up's "split" mode
     "gc": {"BM": 64, "BN": 64, "splits": 0, "warps": 4, "stages": 3, "programs": 528},
     "bwd_down": {"mode": "split", "BM": 64, "BK": 64, "splits": 0, "warps": 8, "stages": 3, "programs": 1056},
-    "gx": {"BM": 64, "BK": 128, "warps": 4, "stages": 1},                           # bwd_down's "split" mode
-    "ga": {"BM": 32, "BK": 128, "splits": 0, "warps": 4, "stages": 3, "programs": 528},
+    "gx": {"mode": "rows", "BM": 64, "BK": 64, "warps": 4, "stages": 2, "programs": 264},  # bwd_down's "split"
+    "ga": {"BM": 32, "BK": 256, "splits": 0, "warps": 4, "stages": 4, "programs": 528},
     "pack": {"BK": 1024, "BN": 64},
 }
 # splits 0: enough splits of the reduction for about `programs` programs (TARGET_PROGRAMS when unset)
@@ -368,15 +369,20 @@ if triton is not None:
             _write_or_add(y_ptr + rm[:, None] * sym + rn[None, :], update, inside, ACCUMULATE)
 
     @triton.jit(do_not_specialize=_LOOSE)
-    def _gx_rows_kernel(gu_ptr, a_ptr, gx_ptr, M, K, sgxm, seed_h, thr, k_per_split, R: tl.constexpr,
+    def _gx_rows_kernel(gu_ptr, a_ptr, gx_ptr, gu16_ptr, M, K, sgxm, seed_h, thr, k_per_split, R: tl.constexpr,
                         BM: tl.constexpr, BK: tl.constexpr, DROPOUT: tl.constexpr, ACCUMULATE: tl.constexpr,
-                        IEEE: tl.constexpr):
+                        IEEE: tl.constexpr, GU16: tl.constexpr):
         """`_gx_kernel` with each program owning BM rows: gu's rows read (and the rows' half of the mask's hash
-        computed) once, A's rows streamed (L2-resident), dL/dx written BK columns at a time."""
+        computed) once, A's rows streamed (L2-resident), dL/dx written BK columns at a time. With GU16, the
+        first program of each row block also writes its rows of gu in A's dtype (for `_ga_finalize_kernel`,
+        which would otherwise re-read float32 gu once per column block)."""
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rr = tl.arange(0, R)
         gu = tl.load(gu_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0)
         gu = gu.to(a_ptr.dtype.element_ty)
+        if GU16:
+            if tl.program_id(1) == 0:
+                tl.store(gu16_ptr + rm[:, None] * R + rr[None, :], gu, mask=(rm < M)[:, None])
         if DROPOUT:
             hr = _row_hash(rm, seed_h)
         k_lo = tl.program_id(1) * k_per_split
@@ -732,9 +738,11 @@ def bwd_down(x, gu, A, grad_x, gap, gas, gc, B_p, B_s, D, gd, gbp, gbs, scale: f
         if per_split is None:
             _GX(grid, (gu, A, grad_x, M, K, grad_x.stride(0), seed_h, thr, R, BM, BK, dropout, accumulate, ieee),
                 warps, stages)
-        else:
-            _GX_ROWS(grid, (gu, A, grad_x, M, K, grad_x.stride(0), seed_h, thr, per_split, R, BM, BK, dropout,
-                            accumulate, ieee), warps, stages)
+        else:  # row blocks: they also hand `ga` gu in x's dtype (half the bytes it re-reads per column block)
+            gu16 = gu if ieee else torch.empty((M, R), dtype=x.dtype, device=x.device)
+            _GX_ROWS(grid, (gu, A, grad_x, gu16, M, K, grad_x.stride(0), seed_h, thr, per_split, R, BM, BK, dropout,
+                            accumulate, ieee, not ieee), warps, stages)
+            gu = gu16
     grid, per_split, k_blocks, splits, BM, BK, BN_FIN, warps, stages = second
     _GA_FINALIZE(grid, (x, gu, gap, gas, gc, B_p, B_s, D, gbp, gbs, gd, M, K, N, NP, NS, x.stride(0), seed_h, thr,
                         per_split, scale, k_blocks, splits, R, BM, BK, BN_FIN, dropout, splits > 1, ieee),
