@@ -98,8 +98,8 @@ class Lion:
             p.grad = None
 
 
-OUR_KERNELS = ("_down_pack_kernel", "_up_kernel", "_bwd_up_kernel", "_gu_kernel", "_gc_kernel", "_bwd_down_kernel",
-               "_gx_kernel", "_ga_finalize_kernel", "_finalize_kernel")
+OUR_KERNELS = ("_down_pack_kernel", "_up_kernel", "_up_rows_kernel", "_bwd_up_kernel", "_gu_kernel", "_gc_kernel",
+               "_bwd_down_kernel", "_gx_kernel", "_gx_rows_kernel", "_ga_finalize_kernel", "_finalize_kernel")
 
 
 def gpu_busy(one_step):
@@ -149,6 +149,8 @@ def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, bus
                 model(input_ids=ids)
 
     times, host, collecting = [], [], []
+    stats = torch.cuda.memory_stats if device.type == "cuda" else dict
+    before = stats()
     if GC_FREEZE:
         gc.collect()
         gc.freeze()  # the model and everything alive now is never scanned again by the cyclic collector
@@ -168,6 +170,12 @@ def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, bus
                 collecting.append(clock.total)
     finally:
         gc.callbacks.remove(clock)
+    after = stats()
+    # the caching allocator's calls into the driver during the steps (cudaMalloc / cudaFree; a cudaFree waits for
+    # the GPU) and its retries after a failed allocation: none once warm, else a step may wait
+    ALLOCATOR_EVENTS.update({key: after.get(key, 0) - before.get(key, 0)
+                             for key in ("num_device_alloc", "num_device_free", "num_alloc_retries",
+                                         "num_sync_all_streams")})
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     gpu = gpu_busy(one_step) if busy and device.type == "cuda" else (None, None, None)
     if host_profile and train:
@@ -183,6 +191,7 @@ def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, bus
 
 
 GC_FREEZE = False  # --gc-freeze
+ALLOCATOR_EVENTS: dict = {}  # of the last timed_steps call
 
 
 class _GcClock:
@@ -257,12 +266,14 @@ def _run_variants_at(model, shapes, steps, warmup, device, label, variants, busy
                    "gpu_busy_ms": gpu_ms, "our_kernels_ms": ours_ms,
                    "min_ms": fastest * 1e3, "max_ms": slowest * 1e3, "host_ms": host * 1e3,
                    "gc_ms": gc_s * 1e3, "gc_max_ms": gc_max_s * 1e3,  # Python's cyclic GC within a step
-                   "unix_start": started, "unix_end": time.time()}  # to match against a clock/power log
+                   "unix_start": started, "unix_end": time.time(),  # to match against a clock/power log
+                   "allocator": dict(ALLOCATOR_EVENTS)}
             results.append(row)
             busy_text = f"  GPU busy {gpu_ms:7.1f} ms (our kernels {ours_ms:5.1f})" if gpu_ms is not None else ""
+            events = " ".join(f"{k[4:]} {v}" for k, v in ALLOCATOR_EVENTS.items() if v)
             print(f"  {label:<10} {name:<24} {batch}x{seq:<5} {row['step_ms']:9.1f} ms (min {row['min_ms']:.1f}, max "
                   f"{row['max_ms']:.1f}, host {row['host_ms']:.1f}, GC {row['gc_ms']:.1f}/{row['gc_max_ms']:.1f})  "
-                  f"{peak:6.2f} GiB{busy_text}", flush=True)
+                  f"{peak:6.2f} GiB{busy_text}{'  allocator: ' + events if events else ''}", flush=True)
             if per_kernel is not None:
                 if name.startswith("frozen"):
                     frozen_kernels[(name, batch, seq)] = per_kernel

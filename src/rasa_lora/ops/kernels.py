@@ -75,14 +75,15 @@ def packed_width(n: int) -> int:
 # Launch shapes per kernel; `benchmarks/kernels.py` sweeps alternatives (it edits this dict in place).
 CONFIGS = {  # winners of `benchmarks/kernels.py --sweep` on one H200 (2026-11-29), R = 64, bf16
     "down": {"BM": 64, "BK": 64, "splits": 0, "warps": 4, "stages": 3, "programs": 528, "pack": "separate"},
-    # up and gx: a row block a program (session 6, `--only-wide` at 16384 tokens: up_ 57 -> 43 us on q_proj)
+    # up and gx: a row block a program (session 6, `--only-wide` at 16384 tokens: up_ 57 -> 43 us on q_proj);
+    # bwd_up and ga: session 6's sweep over 4096 and 16384 tokens (run C)
     "up": {"mode": "rows", "BM": 64, "BN": 128, "warps": 4, "stages": 2, "programs": 264},
-    "bwd_up": {"mode": "fused", "BM": 256, "BN": 64, "splits": 0, "warps": 8, "stages": 3, "programs": 264},
+    "bwd_up": {"mode": "fused", "BM": 256, "BN": 64, "splits": 0, "warps": 8, "stages": 4, "programs": 264},
     "gu": {"BM": 128, "BN": 64, "splits": 0, "warps": 4, "stages": 3, "programs": 264},   # bwd_up's "split" mode
     "gc": {"BM": 64, "BN": 64, "splits": 0, "warps": 4, "stages": 3, "programs": 528},
     "bwd_down": {"mode": "split", "BM": 64, "BK": 64, "splits": 0, "warps": 8, "stages": 3, "programs": 1056},
     "gx": {"mode": "rows", "BM": 64, "BK": 64, "warps": 4, "stages": 2, "programs": 264},  # bwd_down's "split"
-    "ga": {"BM": 32, "BK": 256, "splits": 0, "warps": 4, "stages": 4, "programs": 528},
+    "ga": {"BM": 64, "BK": 128, "splits": 0, "warps": 8, "stages": 4, "programs": 528},  # reads gu in x's dtype
     "pack": {"BK": 1024, "BN": 64},
 }
 # splits 0: enough splits of the reduction for about `programs` programs (TARGET_PROGRAMS when unset)
