@@ -367,3 +367,16 @@ def test_env_flag_reads_off_values_and_defaults(monkeypatch):
                             ("yes", True)):
         monkeypatch.setenv("RASA_LORA_TEST_FLAG", value)
         assert env_flag("RASA_LORA_TEST_FLAG", not expected) is expected, value
+
+
+@pytest.mark.parametrize("R", [16, 32, 64, 128, 256])
+def test_float32_launch_shapes_pipeline_at_most_two_stages(R):
+    """Float32 doubles every pipelined tile's shared memory, the token-sized ones too, whatever R: the committed
+    4-stage shapes (tuned in bf16) must drop to two stages (four stages of bwd_up needed 254 KB at R = 32, more than
+    an H200 has: an OutOfResources error on the GPU until session 6's fix)."""
+    from rasa_lora.ops import kernels
+
+    for name, cfg in kernels.CONFIGS.items():
+        if "stages" in cfg:
+            assert kernels._fit(name, R, 4)["stages"] <= 2, (name, R)
+            assert kernels._fit(name, R, 2)["stages"] == (cfg["stages"] if R <= 64 else min(cfg["stages"], 2))

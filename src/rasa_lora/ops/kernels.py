@@ -101,12 +101,14 @@ def _fit(name: str, R: int, itemsize: int) -> dict:
     are tuned for R = 64 in bf16)."""
     cfg = CONFIGS[name]
     factor = max(1, R * itemsize // 128)
-    if factor == 1:
+    if factor == 1 and (itemsize <= 2 or cfg.get("stages", 1) <= 2):
         return cfg
     cfg = dict(cfg)
     for key in ("BM", "BN", "BK"):
         if key in cfg:
             cfg[key] = max(16, cfg[key] // factor)
+    # float32 doubles every pipelined tile, the token-sized ones too (whatever R): at most two stages (bwd_up's
+    # four stages of 256 x 64 float32 tiles need 254 KB of shared memory at R = 32, more than an H200 has)
     cfg["stages"] = min(cfg.get("stages", 1), 2)
     return cfg
 
