@@ -7,12 +7,20 @@ A training step of a layer runs these stages (the forward's twice under gradient
 
     forward   pack            the packed A and C from the raw factors (R + N/64 small programs)
               down            u = (keep * x) A^T                                    one read of x
-              up_             y += u C^T                                            one read and write of y
-    backward  pack            A and C again (not saved: see `rasa_linear.py`)
+              up_             y = u C^T (+ c), or y += u C^T                        one write (or read and write) of y
+    backward  pack            A and C again (or the recomputation's: see `rasa_linear.py`)
               bwd_up          gu = g C,  dC = g^T u                                 one read of g
-              bwd_down        dx += keep * (gu A)                                   one read and write of dx
+              bwd_down        dx = keep * (gu A), or dx += ...                      one write (or read and write) of dx
                               dA = gu^T (keep * x)                                  one read of x
                               + extra programs: dB = s dC D, dD = s sum_b(dC * B)
+
+(The layer's default path writes y and dx and has cuBLAS add the base products into them; under gradient
+checkpointing the recomputed forward takes the u its forward kept and runs no `down`: `rasa_linear.py`.)
+`up_` and the dx part of `bwd_down` ("gx") run one tile a program or, the committed choice ("rows"), one block of
+rows a program walking its share of the columns: the thin operand u (gu) is then read once a row block instead of
+once a tile, which at BN = 128 was as many bytes as the tile written (H200, 16384 tokens: `up_` 57 -> 43 us on
+q_proj, 2.3 -> 3.1 TB/s, near the 3.3 TB/s of PyTorch's own write; `benchmarks/RESULTS.md`, session 6); gx's row
+blocks also hand `ga` gu in x's dtype, halving what it re-reads per column block.
 
 `down_and_pack` runs the forward's pack and down as one launch (CONFIGS["down"]["pack"] = "fused": the rows
 then read the raw, often float32, factors) or two ("separate", the H200 sweep's choice: the rows read the
