@@ -30,8 +30,9 @@ the thin products, the mask and the update are fused (`kernels.py`, Triton, on C
 C removes every elementwise pass over the tokens; dL/dD is a reduction over b. Saved for backward: x
 (alive in the caller anyway) and the thin u; never the dropped input or the mask. Under non-reentrant gradient
 checkpointing the forward also keeps u (in x's dtype) past the checkpoint, and the recomputation takes it instead
-of reading x again (`_keep_u`; ~1% more peak memory on the Llama-3.1-8B shape, 20 ms less a 16384-token step). The packed factors are
-rebuilt from the parameters by every forward and again by the backward (one small launch each), so they are
+of reading x again (`_keep_u`; ~1% more peak memory on the Llama-3.1-8B shape, 20 ms less a 16384-token step).
+The packed factors are rebuilt from the parameters by every forward and again by the backward (one small launch
+each), so they are
 never stale (FSDP and DeepSpeed re-gather parameters into reused storage) and never held across a
 checkpointed region; a backward that directly follows its layer's checkpointed recomputation takes that
 recomputation's pack when the factors are the same tensors with unchanged version counters (`_stash_pack`).
