@@ -150,7 +150,7 @@ def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, bus
 
     times, host, collecting = [], [], []
     stats = torch.cuda.memory_stats if device.type == "cuda" else dict
-    before = stats()
+    before = {}
     if GC_FREEZE:
         gc.collect()
         gc.freeze()  # the model and everything alive now is never scanned again by the cyclic collector
@@ -159,6 +159,8 @@ def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, bus
     try:
         for step in range(warmup + steps):
             sync()
+            if step == warmup:  # the allocator's counters from the first timed step on (warm-up allocates)
+                before = stats()
             clock.total = 0.0
             start = time.perf_counter()
             one_step()
@@ -171,8 +173,8 @@ def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, bus
     finally:
         gc.callbacks.remove(clock)
     after = stats()
-    # the caching allocator's calls into the driver during the steps (cudaMalloc / cudaFree; a cudaFree waits for
-    # the GPU) and its retries after a failed allocation: none once warm, else a step may wait
+    # the caching allocator's calls into the driver during the timed steps (cudaMalloc / cudaFree; a cudaFree waits
+    # for the GPU) and its retries after a failed allocation: none once warm, else a step may wait
     ALLOCATOR_EVENTS.update({key: after.get(key, 0) - before.get(key, 0)
                              for key in ("num_device_alloc", "num_device_free", "num_alloc_retries",
                                          "num_sync_all_streams")})
