@@ -1,6 +1,6 @@
 """Host (Python) time the adapter adds to a training step, measured on the CPU with the GPU kernels stubbed out.
 
-    PYTHONPATH=src python benchmarks/host_overhead.py [--profile] [--out FILE.json]
+    PYTHONPATH=src python benchmarks/host_overhead.py [--rounds 20] [--steps 4] [--profile] [--out FILE.json]
 
 At 4096 tokens a step of the Llama-3.1-8B shape on one H200, the host, not the GPU, sets the pace of our
 RaSA step (`benchmarks/RESULTS.md`): the kernels take ~50 ms of GPU time over the frozen base, the step
@@ -8,13 +8,17 @@ RaSA step (`benchmarks/RESULTS.md`): the kernels take ~50 ms of GPU time over th
 gradient checkpointing, training mode, dropout 0.05) runs full training steps on the CPU while every Triton
 kernel launch of the fused path is replaced by a no-op (the tensors are tiny, so what remains is Python,
 autograd and dispatcher time). It prints the step time of the frozen base, PEFT LoRA and our RaSA (fused
-path, Triton backend stubbed) and the host time each adds per adapted projection per step; with --profile, the
-functions that cost the most. Absolute numbers depend on the CPU; compare rows of one run.
+path, Triton backend stubbed; also with checkpointing's recomputation computing u again, `set_keep_u(False)`) and
+the host time each adds per adapted projection per step; with --profile, the functions that cost the most. The
+variants take turns in rounds (`interleaved`), so a slow spell of a shared machine touches them alike. Absolute
+numbers depend on the CPU; compare rows of one run (on the 2-core VM, rows of one run still move by ~+-30 us per
+projection from run to run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import pstats
@@ -51,24 +55,51 @@ def stub_kernels():
     kernels._current_stream = lambda device: 0
 
 
-def step_time(model, ids, steps):
+def stepper(model, ids):
     def step():
         model(input_ids=ids, labels=ids).loss.backward()
         model.zero_grad(set_to_none=True)
 
-    for _ in range(5):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), step
+    return step
+
+
+def interleaved(variants: dict, rounds: int, steps: int) -> dict:
+    """Median seconds a step of each variant, measured in `rounds` rounds of `steps` steps, the variants taking turns
+    within each round (in a rotating order): a slow spell of a shared machine then touches every variant alike,
+    where measuring them one after the other let it land on one (session 6 saw 290-873 us per projection for the
+    same code run after run). variants: name -> (step function, context manager factory or None)."""
+    for step, context in variants.values():
+        with context() if context else contextlib.nullcontext():
+            for _ in range(5):
+                step()
+    per_step = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            step, context = variants[name]
+            with context() if context else contextlib.nullcontext():
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                per_step[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(times) for name, times in per_step.items()}
+
+
+@contextlib.contextmanager
+def u_recomputed():
+    from rasa_lora.ops import set_keep_u
+
+    set_keep_u(False)
+    try:
+        yield
+    finally:
+        set_keep_u(None)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=4, help="steps a variant takes in each round")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -83,23 +114,32 @@ def main():
     stub_kernels()
     set_kernel_backend("triton")
     set_fused_backend(True)
-    model = tiny_llama().to(torch.bfloat16).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    model.config.use_cache = False
-    for p in model.parameters():
-        p.requires_grad_(False)
-    projections = sum(1 for name, _ in model.named_modules() if name.split(".")[-1] in LLAMA_PROJECTIONS)
-    ids = torch.randint(0, model.config.vocab_size, (1, 8))
-    rows = {}
-    rows["frozen"], _ = step_time(model, ids, args.steps)
-    lora = get_peft_model(model, LoraConfig(r=8, lora_dropout=0.05, target_modules=LLAMA_PROJECTIONS))
-    rows["peft-lora r8 d0.05"], _ = step_time(lora, ids, args.steps)
-    model = lora.unload()
-    rasa = get_peft_model(model, rasa_lora.RasaConfig(r=8, rasa_k=1, rasa_dropout=0.05,
-                                                      target_modules=LLAMA_PROJECTIONS))
-    rows["rasa r8k1 d0.05 (kernels stubbed)"], rasa_step = step_time(rasa, ids, args.steps)
-    print(f"{projections} adapted projections, median of {args.steps} steps")
+
+    def base():
+        torch.manual_seed(0)
+        model = tiny_llama().to(torch.bfloat16).train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        model.config.use_cache = False
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    frozen = base()
+    projections = sum(1 for name, _ in frozen.named_modules() if name.split(".")[-1] in LLAMA_PROJECTIONS)
+    ids = torch.randint(0, frozen.config.vocab_size, (1, 8))
+    lora = get_peft_model(base(), LoraConfig(r=8, lora_dropout=0.05, target_modules=LLAMA_PROJECTIONS))
+    rasa = get_peft_model(base(), rasa_lora.RasaConfig(r=8, rasa_k=1, rasa_dropout=0.05,
+                                                       target_modules=LLAMA_PROJECTIONS))
+    rasa_step = stepper(rasa, ids)
+    variants = {
+        "frozen": (stepper(frozen, ids), None),
+        "peft-lora r8 d0.05": (stepper(lora, ids), None),
+        "rasa r8k1 d0.05 (kernels stubbed)": (rasa_step, None),
+        "rasa r8k1 d0.05, u recomputed": (rasa_step, u_recomputed),
+    }
+    rows = interleaved(variants, args.rounds, args.steps)
+    print(f"{projections} adapted projections, median of {args.rounds} rounds of {args.steps} steps, interleaved")
     result = {}
     for name, seconds in rows.items():
         added = (seconds - rows["frozen"]) / projections * 1e6
