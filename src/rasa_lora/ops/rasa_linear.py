@@ -59,7 +59,6 @@ import torch.nn.functional as F
 
 from rasa_lora.ops import dropout as _dropout
 
-_FUSED: bool | None = None
 _KERNELS: str | None = None
 _GENERATORS: dict[torch.device, torch.Generator] = {}
 
@@ -70,25 +69,37 @@ def env_flag(name: str, default: bool) -> bool:
     return default if value is None else value not in ("0", "false", "False", "")
 
 
+class _Switch:
+    """A boolean setting: the value its setter forced, else the environment variable `env` if set, else
+    `default()`; the environment is read once (the getters run on every forward)."""
+
+    __slots__ = ("env", "default", "forced", "from_env")
+
+    def __init__(self, env: str, default) -> None:
+        self.env, self.default = env, default
+        self.forced: bool | None = None
+        self.from_env: bool | None = None
+
+    def __call__(self) -> bool:
+        if self.forced is not None:
+            return self.forced
+        if self.from_env is None:
+            self.from_env = env_flag(self.env, self.default())
+        return self.from_env
+
+
+_FUSED = _Switch("RASA_LORA_FUSED", torch.cuda.is_available)
+_GEMM_ADDS = _Switch("RASA_LORA_GEMM_ADDS", lambda: True)
+_KEEP_U = _Switch("RASA_LORA_KEEP_U", lambda: True)
+
+
 def set_fused_backend(enabled: bool | None) -> None:
     """Force the fused path on or off; `None` restores the default (on with CUDA, or RASA_LORA_FUSED=1/0)."""
-    global _FUSED
-    _FUSED = enabled
+    _FUSED.forced = enabled
 
 
 def fused_backend_enabled() -> bool:
-    if _FUSED is not None:
-        return _FUSED
-    return _fused_default()
-
-
-@functools.cache
-def _fused_default() -> bool:
-    """RASA_LORA_FUSED=1/0 if set, else whether CUDA is available (read once: this runs on every forward)."""
-    return env_flag("RASA_LORA_FUSED", torch.cuda.is_available())
-
-
-_GEMM_ADDS: bool | None = None
+    return _FUSED()
 
 
 def set_base_gemm_adds(enabled: bool | None) -> None:
@@ -96,41 +107,22 @@ def set_base_gemm_adds(enabled: bool | None) -> None:
     y = u C^T + c written first, then y += x W^T; dL/dx = m * (gu A) first, then += g W), instead of the adapter's
     kernels reading and writing the base GEMMs' outputs once more. `None`: the default (RASA_LORA_GEMM_ADDS=1/0,
     else on)."""
-    global _GEMM_ADDS
-    _GEMM_ADDS = enabled
+    _GEMM_ADDS.forced = enabled
 
 
 def base_gemm_adds() -> bool:
-    if _GEMM_ADDS is not None:
-        return _GEMM_ADDS
-    return _gemm_adds_default()
-
-
-@functools.cache
-def _gemm_adds_default() -> bool:
-    return env_flag("RASA_LORA_GEMM_ADDS", True)
-
-
-_KEEP_U: bool | None = None
+    return _GEMM_ADDS()
 
 
 def set_keep_u(enabled: bool | None) -> None:
     """Whether a forward run under (non-reentrant) gradient checkpointing keeps its thin u = (m * x) A^T, in x's
     dtype, for the recomputation to take instead of reading x again (see `_keep_u`). `None`: the default
     (RASA_LORA_KEEP_U=1/0, else on)."""
-    global _KEEP_U
-    _KEEP_U = enabled
+    _KEEP_U.forced = enabled
 
 
 def keep_u() -> bool:
-    if _KEEP_U is not None:
-        return _KEEP_U
-    return _keep_u_default()
-
-
-@functools.cache
-def _keep_u_default() -> bool:
-    return env_flag("RASA_LORA_KEEP_U", True)
+    return _KEEP_U()
 
 
 _TOP_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
@@ -256,8 +248,7 @@ def _stash_pack(factors: tuple, scale: float, dtype, backend: str, A, C) -> None
     the backward pops what it finds, so at most a block's worth is held."""
     if len(_RECOMPUTED_PACKS) >= _MAX_STASHED:  # stashes nobody took (a recomputation without a backward)
         _RECOMPUTED_PACKS.clear()
-    versions = tuple(t._version for t in factors)
-    _RECOMPUTED_PACKS[id(factors[0])] = (factors, versions, scale, dtype, backend, A, C)
+    _RECOMPUTED_PACKS[id(factors[0])] = (factors, _versions(factors), scale, dtype, backend, A, C)
 
 
 def _take_pack(factors: tuple, scale: float, dtype, backend: str):
@@ -267,10 +258,18 @@ def _take_pack(factors: tuple, scale: float, dtype, backend: str):
         return None
     stashed, versions, stashed_scale, stashed_dtype, stashed_backend, A, C = entry
     if (stashed_scale != scale or stashed_dtype != dtype or stashed_backend != backend
-            or any(a is not b for a, b in zip(stashed, factors))
-            or versions != tuple(t._version for t in factors)):
+            or not _unchanged(stashed, versions, factors)):
         return None
     return A, C
+
+
+def _versions(factors: tuple) -> tuple:
+    return tuple(t._version for t in factors)
+
+
+def _unchanged(stashed: tuple, versions: tuple, factors: tuple) -> bool:
+    """Whether `factors` are the very tensors `stashed`, none changed in place since their `versions` were read."""
+    return all(a is b for a, b in zip(stashed, factors)) and versions == _versions(factors)
 
 
 class _Kept:
@@ -310,8 +309,7 @@ def _keep_u(ctx, factors: tuple, seed: int, scale: float, backend: str, rows, u)
         if entry is not None and entry[0] is ref:
             del _KEPT_U[key]
 
-    _KEPT_U[key] = (weakref.ref(kept, forget), factors, tuple(t._version for t in factors), rows.shape[0],
-                    rows.dtype, scale, backend)
+    _KEPT_U[key] = (weakref.ref(kept, forget), factors, _versions(factors), rows.shape[0], rows.dtype, scale, backend)
     return u
 
 
@@ -323,8 +321,7 @@ def _take_u(factors: tuple, seed: int, scale: float, backend: str, rows):
     ref, kept_factors, versions, M, dtype, kept_scale, kept_backend = entry
     kept = ref()
     if (kept is None or kept.u is None or M != rows.shape[0] or dtype != rows.dtype or kept_scale != scale
-            or kept_backend != backend or any(a is not b for a, b in zip(kept_factors, factors))
-            or versions != tuple(t._version for t in factors)):
+            or kept_backend != backend or not _unchanged(kept_factors, versions, factors)):
         return None
     u, kept.u = kept.u, None
     return u
@@ -336,24 +333,15 @@ def _down(ctx, rows, A_p, B_p, D, A_s, B_s, p, seed, backend, scale):
     factors = (A_p, B_p, D, A_s, B_s)
     recomputing = torch._C._current_graph_task_id() != -1  # inside a backward pass: a checkpointed recomputation
     u = _take_u(factors, seed, scale, backend, rows) if recomputing and _KEPT_U else None
-    if u is not None:
-        if backend == "triton":
-            from rasa_lora.ops import kernels
-
-            with _on_device(rows):
-                A, C = kernels.pack(A_p, B_p, D, A_s, B_s, rows.dtype, scale)
-            hashed = (_dropout.seed_hash(seed), _dropout.threshold(p))
-        else:
-            A, C = _pack_torch(A_p, B_p, D, A_s, B_s, rows.dtype, scale, u.shape[1])
-            hashed = None
-        _stash_pack(factors, scale, rows.dtype, backend, A, C)
-        return u, C, hashed
     if backend == "triton":
         from rasa_lora.ops import kernels
 
         hashed = (_dropout.seed_hash(seed), _dropout.threshold(p))
         with _on_device(rows):
-            u, A, C = kernels.down_and_pack(rows, A_p, B_p, D, A_s, B_s, scale, *hashed, p > 0)
+            if u is None:
+                u, A, C = kernels.down_and_pack(rows, A_p, B_p, D, A_s, B_s, scale, *hashed, p > 0)
+            else:
+                A, C = kernels.pack(A_p, B_p, D, A_s, B_s, rows.dtype, scale)
     else:
         from rasa_lora.ops.kernels import packed_width
 
@@ -361,8 +349,9 @@ def _down(ctx, rows, A_p, B_p, D, A_s, B_s, p, seed, backend, scale):
         num_ranks = A_p.shape[0] + A_s.shape[0]
         width = (num_ranks + 7) // 8 * 8 if backend == "cublas" else packed_width(num_ranks)
         A, C = _pack_torch(A_p, B_p, D, A_s, B_s, rows.dtype, scale, width)
-        keep = _keep(rows, p, seed, backend)
-        u = ((rows * keep if keep is not None else rows) @ A.t()).float()
+        if u is None:
+            keep = _keep(rows, p, seed, backend)
+            u = ((rows * keep if keep is not None else rows) @ A.t()).float()
         hashed = None
     if recomputing:
         _stash_pack(factors, scale, rows.dtype, backend, A, C)
