@@ -248,6 +248,7 @@ def _run_variants_at(model, shapes, steps, warmup, device, label, variants, busy
     from peft import LoraConfig, get_peft_model
 
     import rasa_lora
+    from rasa_lora import ops
 
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
@@ -314,22 +315,14 @@ def _run_variants_at(model, shapes, steps, warmup, device, label, variants, busy
         peft_model = get_peft_model(model, config)
         if wanted(key):
             measure(f"rasa r{r}k{k} d{dropout}", peft_model)
-        if key == "rasa8" and wanted("rasa8acc"):
-            from rasa_lora.ops import set_base_gemm_adds
-
-            set_base_gemm_adds(False)
-            try:
-                measure("rasa r8k1 d0.05 (adapter adds)", peft_model)
-            finally:
-                set_base_gemm_adds(None)
-        if key == "rasa8" and wanted("rasa8nokeep"):
-            from rasa_lora.ops import set_keep_u
-
-            set_keep_u(False)
-            try:
-                measure("rasa r8k1 d0.05 (u recomputed)", peft_model)
-            finally:
-                set_keep_u(None)
+        for variant, switch, what in (("rasa8acc", ops.set_base_gemm_adds, "adapter adds"),
+                                      ("rasa8nokeep", ops.set_keep_u, "u recomputed")):
+            if key == "rasa8" and wanted(variant):  # the same model with one of the layer's switches off
+                switch(False)
+                try:
+                    measure(f"rasa r8k1 d0.05 ({what})", peft_model)
+                finally:
+                    switch(None)
         if key == "rasa8" and wanted("merged"):
             peft_model.merge_adapter()
             measure("rasa r8k1 merged (inference)", peft_model, train=False)
