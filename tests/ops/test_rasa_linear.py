@@ -191,6 +191,9 @@ def test_triton_launch_shapes_do_not_change_the_result(backend, device, splits, 
     assert rel_err(out, ref) <= 1e-5
     for name, grad, grad_ref in zip(["x", "A_p", "B_p", "D", "A_s", "B_s"], grads, ref_grads):
         assert rel_err(grad, grad_ref) <= 1e-5, name
+    # the layout asked for is the one that ran: `up_`'s plan starts with its rows flag
+    up_plans = [plan for key, plan in kernels._PLANS.items() if key[0] == "up"]
+    assert up_plans and all(plan[0] == (layout == "rows") for plan in up_plans)
 
 
 @pytest.mark.parametrize(("backend", "device"), [c for c in _cases() if c.values[0] in ("triton", "torch", "cublas")])
