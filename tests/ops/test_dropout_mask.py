@@ -47,6 +47,46 @@ def test_neighbours_and_seeds_are_uncorrelated():
     assert abs((other[1:] * centred[:-1]).mean() / var) < bound
 
 
+def _block_chi2(mask: torch.Tensor, keep: float) -> float:
+    """Chi-square of the 16 keep patterns of the non-overlapping 2 x 2 blocks against independent draws."""
+    m = mask.long()
+    pattern = (m[0::2, 0::2] * 8 + m[0::2, 1::2] * 4 + m[1::2, 0::2] * 2 + m[1::2, 1::2]).flatten()
+    counts = torch.bincount(pattern, minlength=16).double()
+    ones = torch.tensor([bin(k).count("1") for k in range(16)], dtype=torch.float64)
+    expected = counts.sum() * keep**ones * (1 - keep) ** (4 - ones)
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_two_by_two_blocks_are_independent_draws(seed):
+    # blocks aligned with one hash word's two columns (rows i, i+1: two words of the same column pair) and shifted
+    # by one column (two neighbouring words); 15 degrees of freedom, 99.9% quantile 37.7. Combining the row and
+    # column hashes by addition before one multiply gives 148-891 here (`benchmarks/mask_quality.py`)
+    mask = hashmask.keep_mask(1024, 1026, seed, 0.5)
+    keep = 1 - hashmask.effective_p(0.5)
+    assert _block_chi2(mask[:, :1024], keep) < 37.7
+    assert _block_chi2(mask[:, 1:1025], keep) < 37.7
+
+
+def test_the_mask_is_the_documented_hash():
+    # the definition in dropout.py, pinned: a change of hash changes every training run's masks (say so if intended)
+    seed, rows, cols = 3, 4, 16
+    mask = hashmask.keep_mask(rows, cols, seed, 0.5)
+    assert ["".join("1" if kept else "0" for kept in row) for row in mask.tolist()] == [
+        "0100101010001110", "1011100011111111", "1001010100000011", "0011100111110001"]
+    # the same from the formula written out on Python ints
+    def word(i, q):
+        s = hashmask.mix32(seed)
+        v = ((hashmask.mix32(i + s) | 1) * (hashmask.mix32(((q * hashmask.COLUMN) & 0xFFFFFFFF) ^ s) | 1)) & 0xFFFFFFFF
+        return v ^ (v >> 16)
+
+    t = hashmask.threshold(0.5)
+    for i in range(rows):
+        for c in range(cols):
+            half = word(i, c // 2) >> 16 if c % 2 else word(i, c // 2) & 0xFFFF
+            assert bool(mask[i, c]) == (half >= t)
+
+
 def test_threshold_and_edge_probabilities():
     assert hashmask.threshold(0.0) == 0
     assert hashmask.threshold(0.5) == 2**15

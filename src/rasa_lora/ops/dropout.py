@@ -1,9 +1,10 @@
 r"""The adapter's dropout mask: a counter-based hash of (seed, row, column), never stored.
 
 The fused path drops adapter-input elements with probability p. For row i and the pair of columns
-(2q, 2q+1) it draws one 32-bit word
+(2q, 2q+1) it draws one 32-bit word, the product of an (odd) hash of the row and an (odd) hash of the pair,
 
-    h(i, q) = mix(mix(i + mix(seed)) ^ (q * 0x61C88647))
+    v = (mix(i + S) | 1) * (mix((q * 0x61C88647) ^ S) | 1)        (mod 2**32),  S = mix(seed)
+    h(i, q) = v ^ (v >> 16)
 
 and keeps column 2q when the low 16 bits of h are >= t, column 2q+1 when the high 16 bits are, with
 t = round(p * 2**16): so p is used rounded to a multiple of 2**-16 (`effective_p`: 0.05 -> 0.0500031), and the
@@ -11,10 +12,19 @@ kept values are scaled by 1/(1 - effective_p). `mix` is a two-multiply 32-bit in
 C. Wellons' hash-prospector, bias ~0.11; every step is a bijection of 32-bit words). Each keep decision is a
 pure function of (seed, i, column), so the forward pass, gradient checkpointing's recomputed forward and the
 backward pass draw the same mask without saving it, and the Triton kernels (`kernels.py`) draw it inside their
-products, in registers, for about five integer operations an element: Philox (`tl.rand`, torch's dropout)
-costs several times that, a stored mask a pass over memory. On one H200 the first version of the kernels,
-with one hash per element, ran the dropout-carrying passes at 1.5-1.9 TB/s against 3.1-3.5 TB/s for the
-same-sized pass without a mask (`benchmarks/RESULTS.md`).
+products, in registers: the row and pair hashes are computed once per row and per column pair of a tile, so a
+word of two elements costs a multiply, an xorshift and the split into halves, then a comparison each. Philox
+(`tl.rand`, torch's dropout) costs several times that, a stored mask a pass over memory.
+
+Until session 7 the word was the full mix of (row hash ^ q * 0x61C88647), about twice the integer work. The
+cheaper word was chosen by its statistics (`benchmarks/mask_quality.py`, `benchmarks/RESULTS.md`; 2048 x 2048
+masks, 60 seeds at p = 0.5): combining the two hashes by xor before one multiply gave a 2 x 2 block chi-square of
+17.6 on average (15 degrees of freedom; 3.7 standard errors above independent draws), with one seed at 50.0 (~1e-5
+for independent draws), and by addition hundreds; the product of the two odd hashes 15.8 (1.1 standard errors),
+at most 29.1, like the full mix it replaced (14.6).
+Both hashes depend on the seed, so whatever relation the product leaves between two given rows or two given columns
+changes from call to call. Making the hashes odd costs each row and pair one bit: two rows whose hashes differ
+only in the lowest bit share their mask (probability 2**-31 a pair and call).
 
 This is a hash, not Philox; what dropout needs from it is tested in `tests/ops/test_dropout_mask.py`: the keep
 rate, independence of neighbouring rows and columns (also the two halves of one word), and of seeds.
@@ -69,9 +79,11 @@ def keep_mask(rows: int, cols: int, seed: int, p: float, device=None, row_offset
     """The (rows, cols) bool keep-mask of dropout probability p for this seed (True = kept)."""
     r = torch.arange(row_offset, row_offset + rows, device=device, dtype=torch.int64)
     c = torch.arange(cols, device=device, dtype=torch.int64)
-    hr = _mix_tensor((r + mix32(seed)) & MASK32)
-    hc = ((c >> 1) * COLUMN) & MASK32
-    word = _mix_tensor(hr[:, None] ^ hc[None, :])
+    seed_h = mix32(seed)
+    hr = _mix_tensor((r + seed_h) & MASK32) | 1
+    hc = _mix_tensor((((c >> 1) * COLUMN) & MASK32) ^ seed_h) | 1
+    word = (hr[:, None] * hc[None, :]) & MASK32
+    word = word ^ (word >> 16)
     bits = torch.where((c & 1).bool()[None, :], word >> 16, word & 0xFFFF)
     return bits >= threshold(p)
 

@@ -230,21 +230,32 @@ if triton is not None:
 
     @triton.jit
     def _row_hash(rows, seed_h):
-        """The per-row half of the mask's hash (hoisted out of loops over columns)."""
-        return _mix(rows.to(tl.uint32) + seed_h.to(tl.uint32))
+        """The rows' odd hashes (hoisted out of loops over columns)."""
+        return _mix(rows.to(tl.uint32) + seed_h.to(tl.uint32)) | 1
 
     @triton.jit
-    def _keep_h(hr, col0, thr, BK: tl.constexpr):
-        """Keep decisions of the rows hashed `hr` x columns [col0, col0 + BK) (col0 even): one hash per pair of
-        columns."""
+    def _col_hash(col0, seed_h, BK: tl.constexpr):
+        """The odd hashes of the column pairs of columns [col0, col0 + BK) (col0 even)."""
         pairs = (col0 // 2 + tl.arange(0, BK // 2)).to(tl.uint32)
-        v = _mix(hr[:, None] ^ (pairs * 0x61C88647)[None, :])
-        return tl.interleave(v & 0xFFFF, v >> 16) >= thr
+        return _mix((pairs * 0x61C88647) ^ seed_h.to(tl.uint32)) | 1
+
+    @triton.jit
+    def _keep_w(hr, hc):
+        """Keep words of rows hashed `hr` x column pairs hashed `hc`: their product, xorshifted (`dropout.py`),
+        split into the two columns' 16-bit halves (low half: the even column), to compare with the threshold."""
+        v = hr[:, None] * hc[None, :]
+        v = v ^ (v >> 16)
+        return tl.interleave(v & 0xFFFF, v >> 16)
+
+    @triton.jit
+    def _keep_h(hr, col0, seed_h, thr, BK: tl.constexpr):
+        """Keep decisions of the rows hashed `hr` x columns [col0, col0 + BK) (col0 even)."""
+        return _keep_w(hr, _col_hash(col0, seed_h, BK)) >= thr
 
     @triton.jit
     def _keep(rows, col0, seed_h, thr, BK: tl.constexpr):
         """Keep decisions of rows x columns [col0, col0 + BK) (col0 even)."""
-        return _keep_h(_row_hash(rows, seed_h), col0, thr, BK)
+        return _keep_h(_row_hash(rows, seed_h), col0, seed_h, thr, BK)
 
     @triton.jit
     def _store_or_add(pointers, acc, mask, ATOMIC: tl.constexpr):
@@ -310,7 +321,7 @@ if triton is not None:
                 x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
                             other=0.0)
                 if DROPOUT:
-                    x = tl.where(_keep_h(hr, k0, thr, BK), x, 0.0)
+                    x = tl.where(_keep_h(hr, k0, seed_h, thr, BK), x, 0.0)
                 in_k = (rk < K)[None, :]
                 if PACKED:
                     a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=in_k, other=0.0)
@@ -402,7 +413,7 @@ if triton is not None:
             a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
             update = _dot(gu, a, IEEE)
             if DROPOUT:
-                update = tl.where(_keep_h(hr, k0, thr, BK), update, 0.0)
+                update = tl.where(_keep_h(hr, k0, seed_h, thr, BK), update, 0.0)
             inside = (rm < M)[:, None] & (rk < K)[None, :]
             _write_or_add(gx_ptr + rm[:, None] * sgxm + rk[None, :], update, inside, ACCUMULATE)
 
@@ -537,12 +548,14 @@ if triton is not None:
             rr = tl.arange(0, R)
             acc = tl.zeros((R, BK), dtype=tl.float32)
             m_lo = (pid // k_blocks) * m_per_split
+            if DROPOUT:
+                hc = _col_hash(col0, seed_h, BK)  # the program's columns: hashed once
             for m0 in range(m_lo, m_lo + m_per_split, BM):
                 rm = m0 + tl.arange(0, BM)
                 x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
                             other=0.0)
                 if DROPOUT:
-                    x = tl.where(_keep(rm, col0, seed_h, thr, BK), x, 0.0)
+                    x = tl.where(_keep_w(_row_hash(rm, seed_h), hc) >= thr, x, 0.0)
                 gu = tl.load(gu_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0)
                 acc += _dot(tl.trans(gu.to(x.dtype)), x, IEEE)
             _store_ga(gap_ptr, gas_ptr, acc, rr, rk, K, NP, NS, ATOMIC)
