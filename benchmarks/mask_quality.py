@@ -1,6 +1,7 @@
 """Statistics of the dropout mask's hash: the committed one (`rasa_lora.ops.dropout`) against the one it replaced.
 
-    PYTHONPATH=src python benchmarks/mask_quality.py [--size 2048] [--seeds 10] [--first-seed 100] [--ps 0.05,0.1,0.5] [--out FILE.json]
+    PYTHONPATH=src python benchmarks/mask_quality.py [--size 2048] [--seeds 10] [--first-seed 100]
+                                                      [--ps 0.05,0.1,0.5] [--out FILE.json]
 
 Session 7 replaced the per-word hash h(i, q) = mix(hr_i ^ q * 0x61C88647) (two multiplies, three xorshifts a word)
 by the product of an odd row hash and an odd column-pair hash, xorshifted once (`dropout.py`): about half the
@@ -114,9 +115,10 @@ def main():
             keep = [row["keep_z"] for row in rows]
             aligned = [row["block_chi2"]["aligned"] for row in rows]
             shifted = [row["block_chi2"]["shifted"] for row in rows]
+            mean_aligned, mean_shifted = sum(aligned) / len(aligned), sum(shifted) / len(shifted)
             print(f"{name:<12} p={p:<4}  keep z rms {_rms(keep):4.2f}  correlation z rms {_rms(zs):4.2f} "
-                  f"(max |z| {max(map(abs, zs)):4.2f} of {len(zs)})  2x2 chi2 mean {sum(aligned) / len(aligned):5.1f} "
-                  f"aligned, {sum(shifted) / len(shifted):5.1f} shifted (max {max(aligned + shifted):5.1f})", flush=True)
+                  f"(max |z| {max(map(abs, zs)):4.2f} of {len(zs)})  2x2 chi2 mean {mean_aligned:5.1f} "
+                  f"aligned, {mean_shifted:5.1f} shifted (max {max(aligned + shifted):5.1f})", flush=True)
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(result, handle, indent=1)
