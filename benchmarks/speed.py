@@ -192,6 +192,22 @@ def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, bus
                                                  statistics.median(collecting), max(collecting))
 
 
+def host_probe(ops: int = 20000) -> float:
+    """Microseconds per call of a fixed host workload (an in-place add on a tiny CPU tensor: Python, torch's
+    dispatcher and the allocator-free kernel path), median of five rounds: how fast this host runs the kind of
+    work a host-bound step is made of. The GPU machine's host varied from call to call (a RaSA step's host time
+    417-554 ms at 4096 tokens for the same code, sessions 5-7) while a GPU-bound row cannot show it; rows of one
+    run, and runs, can be compared by this."""
+    x = torch.zeros(8)
+    rounds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(ops // 5):
+            x.add_(1.0)
+        rounds.append((time.perf_counter() - start) / (ops // 5) * 1e6)
+    return statistics.median(rounds)
+
+
 GC_FREEZE = False  # --gc-freeze
 ALLOCATOR_EVENTS: dict = {}  # of the last timed_steps call
 
@@ -262,6 +278,7 @@ def _run_variants_at(model, shapes, steps, warmup, device, label, variants, busy
     def measure(name, net, train=True):
         for batch, seq in shapes:
             started = time.time()
+            probe_before = host_probe()
             seconds, peak, (gpu_ms, ours_ms, per_kernel), (fastest, slowest, host, gc_s, gc_max_s) = timed_steps(
                 net, batch, seq, vocab, steps, warmup, device, train=train, busy=busy, host_profile=host_profile)
             row = {"model": label, "variant": name, "batch": batch, "seq": seq, "tokens": batch * seq,
@@ -270,12 +287,14 @@ def _run_variants_at(model, shapes, steps, warmup, device, label, variants, busy
                    "min_ms": fastest * 1e3, "max_ms": slowest * 1e3, "host_ms": host * 1e3,
                    "gc_ms": gc_s * 1e3, "gc_max_ms": gc_max_s * 1e3,  # Python's cyclic GC within a step
                    "unix_start": started, "unix_end": time.time(),  # to match against a clock/power log
-                   "allocator": dict(ALLOCATOR_EVENTS)}
+                   "allocator": dict(ALLOCATOR_EVENTS),
+                   "host_probe_us": [probe_before, host_probe()]}  # this host's speed just before and after
             results.append(row)
             busy_text = f"  GPU busy {gpu_ms:7.1f} ms (our kernels {ours_ms:5.1f})" if gpu_ms is not None else ""
             events = " ".join(f"{k[4:]} {v}" for k, v in ALLOCATOR_EVENTS.items() if v)
             print(f"  {label:<10} {name:<24} {batch}x{seq:<5} {row['step_ms']:9.1f} ms (min {row['min_ms']:.1f}, max "
-                  f"{row['max_ms']:.1f}, host {row['host_ms']:.1f}, GC {row['gc_ms']:.1f}/{row['gc_max_ms']:.1f})  "
+                  f"{row['max_ms']:.1f}, host {row['host_ms']:.1f}, GC {row['gc_ms']:.1f}/{row['gc_max_ms']:.1f}, "
+                  f"probe {row['host_probe_us'][0]:.2f}/{row['host_probe_us'][1]:.2f} us)  "
                   f"{peak:6.2f} GiB{busy_text}{'  allocator: ' + events if events else ''}", flush=True)
             if per_kernel is not None:
                 if name.startswith("frozen"):
