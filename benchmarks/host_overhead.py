@@ -1,6 +1,7 @@
 """Host (Python) time the adapter adds to a training step, measured on the CPU with the GPU kernels stubbed out.
 
     PYTHONPATH=src python benchmarks/host_overhead.py [--rounds 20] [--steps 4] [--profile] [--out FILE.json]
+    PYTHONPATH=src python benchmarks/host_overhead.py --layer     (one layer call alone: steadier, for A/B of edits)
 
 At 4096 tokens a step of the Llama-3.1-8B shape on one H200, the host, not the GPU, sets the pace of our
 RaSA step (`benchmarks/RESULTS.md`): the kernels take ~50 ms of GPU time over the frozen base, the step
@@ -96,13 +97,50 @@ def u_recomputed():
         set_keep_u(None)
 
 
+def layer_call(calls: int = 2000, rounds: int = 7) -> None:
+    """Microseconds of host time for one `rasa_linear` forward and backward (one node, bf16, dropout 0.05, the
+    Triton backend with every launch stubbed, tiny tensors): the layer's own Python and torch calls without a
+    model around them; medians of `rounds` rounds move by ~+-2 us on the 2-core VM, where whole steps move by 30."""
+    from rasa_lora.ops import set_fused_backend, set_kernel_backend
+    from rasa_lora.ops.rasa_linear import rasa_linear
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    stub_kernels()
+    set_kernel_backend("triton")
+    set_fused_backend(True)
+    M, K, N, NP, NS = 8, 64, 64, 7, 32
+    x = torch.randn(M, K, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(N, K, dtype=torch.bfloat16)
+    factors = [torch.randn(*shape, requires_grad=True) for shape in ((NP, K), (N, NP), (NP + NS,), (NS, K), (N, NS))]
+    grad = torch.randn(M, N, dtype=torch.bfloat16)
+
+    def call():
+        rasa_linear(x, weight, None, *factors, 0.05, 1234, last_in_block=False).backward(grad)
+
+    for _ in range(200):
+        call()
+    per_call = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        per_call.append((time.perf_counter() - start) / calls * 1e6)
+    print(f"one rasa_linear forward + backward, kernels stubbed: {statistics.median(per_call):.1f} us "
+          f"(rounds {min(per_call):.1f}-{max(per_call):.1f})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=4, help="steps a variant takes in each round")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--layer", action="store_true",
+                        help="time one rasa_linear forward and backward (bf16, dropout, kernels stubbed) instead")
     args = parser.parse_args()
+    if args.layer:
+        return layer_call()
     from peft import LoraConfig, get_peft_model
 
     import rasa_lora

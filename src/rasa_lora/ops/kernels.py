@@ -622,12 +622,18 @@ def _pack_into(A, C, A_p, B_p, D, A_s, B_s, x, u, scale, plan, M, K, N, NP, NS, 
         plan.R, plan.BM, plan.BK, plan.BK_PACK, plan.BN_PACK, False, plan.splits > 1, plan.ieee, False), 4, 1)
 
 
+def _packed_pair(R: int, K: int, N: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised A (R, K) and C (N, R) in one allocation (they live and die together: one allocator call less
+    on the host a pack). C starts R * K elements in, a multiple of 16 bytes (R >= 16), as the launch cache needs."""
+    pair = torch.empty(R * K + N * R, dtype=dtype, device=device)
+    return pair.as_strided((R, K), (K, 1), 0), pair.as_strided((N, R), (R, 1), R * K)
+
+
 def pack(A_p, B_p, D, A_s, B_s, dtype, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The packed A = [A_p; A_s; 0] (R, K) and C = s [B_p D_p, B_s D_s, 0] (N, R) in `dtype`, in one launch."""
     (NP, K), NS, N = A_p.shape, A_s.shape[0], B_p.shape[0]
     plan = _plan(("down", 1, K, N, NP, NS, dtype), _down_plan)
-    A = torch.empty((plan.R, K), dtype=dtype, device=A_p.device)
-    C = torch.empty((N, plan.R), dtype=dtype, device=A_p.device)
+    A, C = _packed_pair(plan.R, K, N, dtype, A_p.device)
     _pack_into(A, C, A_p, B_p, D, A_s, B_s, A, A, scale, plan, 1, K, N, NP, NS)
     return A, C
 
@@ -640,8 +646,7 @@ def down_and_pack(x, A_p, B_p, D, A_s, B_s, scale: float, seed_h: int, thr: int,
     NP, NS, N = A_p.shape[0], A_s.shape[0], B_p.shape[0]
     plan = _plan(("down", M, K, N, NP, NS, x.dtype), _down_plan)
     R, BM, BK, row_blocks, splits, k_per_split, BK_PACK, BN_PACK, pack_programs, separate, ieee, warps, stages = plan
-    A = torch.empty((R, K), dtype=x.dtype, device=x.device)
-    C = torch.empty((N, R), dtype=x.dtype, device=x.device)
+    A, C = _packed_pair(R, K, N, x.dtype, x.device)
     # u is added into by split reductions: zeroed by the pack launch when there is one, else by torch
     u = (torch.zeros if splits > 1 and not separate else torch.empty)((M, R), dtype=torch.float32, device=x.device)
     if separate:
@@ -739,12 +744,13 @@ def _bwd_down_plan(M, K, N, R, dtype):
 
 
 def bwd_down(x, gu, A, grad_x, gap, gas, gc, B_p, B_s, D, gd, gbp, gbs, scale: float, seed_h: int, thr: int,
-             dropout: bool, accumulate: bool = True) -> None:
+             dropout: bool, accumulate: bool = True, gu16: torch.Tensor | None = None) -> None:
     """grad_x += keep * (gu A) in place (grad_x = keep * (gu A) with accumulate=False); dA = gu^T (keep * x) added
     into gap = dA_p (NP, K) and gas = dA_s (NS, K) (float32, zeroed by the caller); and from the complete
     gc = dL/dC: dB_p into gbp (N, NP), dB_s into gbs (N, NS) (float32, written) and dL/dD added into gd (zeroed).
     Each gradient goes to a tensor of its own size, so the parameters' .grad (which autograd takes over as they
-    are) hold no more memory than the parameters do."""
+    are) hold no more memory than the parameters do. gu16: an (M, R) tensor in x's dtype for the row-block dL/dx
+    kernel to hand gu to `ga` in (allocated here when None; unused for float32)."""
     M, K = x.shape
     R, N = A.shape[0], gc.shape[0]
     NP, NS = B_p.shape[1], B_s.shape[1]
@@ -763,7 +769,10 @@ def bwd_down(x, gu, A, grad_x, gap, gas, gc, B_p, B_s, D, gd, gbp, gbs, scale: f
             _GX(grid, (gu, A, grad_x, M, K, grad_x.stride(0), seed_h, thr, R, BM, BK, dropout, accumulate, ieee),
                 warps, stages)
         else:  # row blocks: they also hand `ga` gu in x's dtype (half the bytes it re-reads per column block)
-            gu16 = gu if ieee else torch.empty((M, R), dtype=x.dtype, device=x.device)
+            if ieee:
+                gu16 = gu
+            elif gu16 is None:
+                gu16 = torch.empty((M, R), dtype=x.dtype, device=x.device)
             _GX_ROWS(grid, (gu, A, grad_x, gu16, M, K, grad_x.stride(0), seed_h, thr, per_split, R, BM, BK, dropout,
                             accumulate, ieee, not ieee), warps, stages)
             gu = gu16

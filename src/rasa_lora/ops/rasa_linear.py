@@ -469,6 +469,45 @@ def _aligned(size: int) -> int:
     return -(-size // 4) * 4
 
 
+def _workspaces(device, M: int, K: int, N: int, NP: int, NS: int, R: int, dtype) -> tuple:
+    """The Triton backward's zeroed float32 gradients and temporaries, views of two allocations: (dA_p (NP, K),
+    dB_p (N, NP), dD (n,)) from one, (gu (M, R), dC (N, R), dA_s (NS, K), dB_s (N, NS), gu in x's dtype (M, R), or
+    None for float32 x) from the other. Every part starts 16-byte aligned, as the launch cache needs (`kernels`)."""
+    plan = _WORKSPACE_PLANS.get((M, K, N, NP, NS, R, dtype))
+    if plan is None:
+        plan = _WORKSPACE_PLANS[(M, K, N, NP, NS, R, dtype)] = _workspace_plan(M, K, N, NP, NS, R, dtype)
+    (size1, own), (size2, temporaries), half = plan
+    first = torch.zeros(size1, dtype=torch.float32, device=device)
+    second = torch.zeros(size2, dtype=torch.float32, device=device)
+    views = [first.as_strided(*spec) for spec in own] + [second.as_strided(*spec) for spec in temporaries]
+    if half is None:
+        return (*views, None)
+    offset, count = half  # float32 elements holding the (M, R) half-precision copy of gu
+    return (*views, second[offset:offset + count].view(dtype).view(M, R))
+
+
+_WORKSPACE_PLANS: dict = {}
+
+
+def _workspace_plan(M, K, N, NP, NS, R, dtype):
+    """(size, [(shape, stride, offset), ...]) of each workspace (see `_workspaces`), offsets 16-byte aligned."""
+
+    def layout(shapes):
+        specs, offset = [], 0
+        for shape in shapes:
+            specs.append((shape, (shape[1], 1) if len(shape) == 2 else (1,), offset))
+            offset += _aligned(shape[0] * (shape[1] if len(shape) == 2 else 1))
+        return offset, specs
+
+    own = layout([(NP, K), (N, NP), (NP + NS,)])
+    size2, temporaries = layout([(M, R), (N, R), (NS, K), (N, NS)])
+    half = None
+    if dtype != torch.float32:
+        count = _aligned(M * R * dtype.itemsize // 4)
+        half, size2 = (size2, count), size2 + count
+    return own, (size2, temporaries), half
+
+
 def _backward(state, rows, u, grad_out, needs_grad_x: bool):
     """(dL/dx, dL/dA_p, dL/dB_p, dL/dD, dL/dA_s, dL/dB_s) of one call, from its saved x and u."""
     weight, (A_p, B_p, D, A_s, B_s), p, seed, scale, backend, gemm_adds, hashed = state
@@ -491,23 +530,16 @@ def _backward(state, rows, u, grad_out, needs_grad_x: bool):
         with _on_device(rows):  # Triton launches on the current device, torch ops on their tensors'
             packed = _take_pack((A_p, B_p, D, A_s, B_s), scale, rows.dtype, backend)
             A, C = packed if packed is not None else kernels.pack(A_p, B_p, D, A_s, B_s, rows.dtype, scale)
-            # Two zeroed float32 workspaces. The layer's own gradients (dA_p, dD, dB_p) in one: autograd keeps
-            # them as the parameters' .grad, views and all, so it holds nothing else. The temporaries gu (M, R)
-            # and dC (N, R) in the other, with the pool's dA_s and dB_s (of which the pool's .grad keeps at most
-            # one layer's workspace: the first to reach it; the others are added into it).
-            # Each part starts 16-byte aligned (a multiple of 4 floats), as the launch cache needs (`kernels`).
-            NS = A_s.shape[0]
-            sizes = [_aligned(num_private * K), _aligned(N * num_private), _aligned(n)]
-            grad_A_p, grad_B_p, grad_D = torch.zeros(sum(sizes), dtype=torch.float32, device=g.device).split(sizes)
-            grad_A_p = grad_A_p[:num_private * K].view(num_private, K)
-            grad_B_p, grad_D = grad_B_p[:N * num_private].view(N, num_private), grad_D[:n]
-            sizes = [M * R, N * R, _aligned(NS * K), _aligned(N * NS)]
-            gu, gc, grad_A_s, grad_B_s = torch.zeros(sum(sizes), dtype=torch.float32, device=g.device).split(sizes)
-            gu, gc = gu.view(M, R), gc.view(N, R)
-            grad_A_s, grad_B_s = grad_A_s[:NS * K].view(NS, K), grad_B_s[:N * NS].view(N, NS)
+            # Two zeroed float32 workspaces (`_workspaces`): the layer's own gradients (dA_p, dB_p, dD) in one,
+            # which autograd keeps as the parameters' .grad, views and all, so it holds nothing else; the
+            # temporaries gu (M, R), dC (N, R) and gu in x's dtype with the pool's dA_s and dB_s in the other (of
+            # which the pool's .grad keeps at most one layer's workspace: the first to reach it; the others are
+            # added into it).
+            grad_A_p, grad_B_p, grad_D, gu, gc, grad_A_s, grad_B_s, gu16 = _workspaces(
+                g.device, M, K, N, num_private, A_s.shape[0], R, rows.dtype)
             kernels.bwd_up(g, C, u, gu, gc)
             kernels.bwd_down(rows, gu, A, grad_x, grad_A_p, grad_A_s, gc, B_p, B_s, D, grad_D, grad_B_p, grad_B_s,
-                             scale, *hashed, p > 0, accumulate=not gemm_adds)
+                             scale, *hashed, p > 0, accumulate=not gemm_adds, gu16=gu16)
         if grad_x is not None and gemm_adds:
             grad_x.addmm_(g, weight)
     else:
