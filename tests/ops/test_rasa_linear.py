@@ -383,3 +383,31 @@ def test_float32_launch_shapes_pipeline_at_most_two_stages(R):
         if "stages" in cfg:
             assert kernels._fit(name, R, 4)["stages"] <= 2, (name, R)
             assert kernels._fit(name, R, 2)["stages"] == (cfg["stages"] if R <= 64 else min(cfg["stages"], 2))
+
+
+def test_shape_keyed_caches_stay_bounded_as_token_counts_vary(monkeypatch):
+    """Launch plans and workspace layouts are cached per shape, token count included: batches of ever new lengths
+    must not grow them without bound (they empty at a cap and refill), and a refilled entry is the same plan."""
+    import sys
+
+    from rasa_lora.ops import kernels
+
+    layer = sys.modules["rasa_lora.ops.rasa_linear"]  # the module (the package exports the function by that name)
+    monkeypatch.setattr(kernels, "MAX_CACHED", 3)
+    kernels.clear_plans()
+    first = kernels._plan(("up", 8, 64, 64, torch.bfloat16), kernels._up_plan)
+    for M in range(16, 16 + 8 * 7, 8):
+        kernels._plan(("up", M, 64, 64, torch.bfloat16), kernels._up_plan)
+        assert len(kernels._PLANS) <= 3
+    assert kernels._plan(("up", 8, 64, 64, torch.bfloat16), kernels._up_plan) == first
+    kernels.clear_plans()
+
+    monkeypatch.setattr(layer, "_MAX_STASHED", 1)  # workspace layouts: at most 8 kept
+    layer._WORKSPACE_PLANS.clear()
+    for M in range(1, 30):
+        views = layer._workspaces("cpu", M, 20, 12, 3, 4, 16, torch.bfloat16)
+        assert len(layer._WORKSPACE_PLANS) <= 8
+        gu16 = views[-1]
+        assert gu16.shape == (M, 16) and gu16.dtype == torch.bfloat16
+        assert all(t.data_ptr() % 16 == 0 for t in views)  # every part 16-byte aligned
+    layer._WORKSPACE_PLANS.clear()

@@ -183,6 +183,8 @@ class _Launcher:
         kernel = self.fn[grid](*args, num_warps=warps, num_stages=stages)
         # cached only when every tensor is 16-byte aligned (what Triton assumes when it compiles for aligned ones)
         if _FAST_LAUNCH and aligned and _cacheable(kernel, device):
+            if len(self.compiled) >= MAX_CACHED:
+                self.compiled.clear()
             self.compiled[key] = _entry(kernel)
 
 
@@ -565,6 +567,9 @@ if triton is not None:
 
 _PLANS: dict = {}
 _PLANS_FOR: dict | None = None
+# Launch plans and cached launches are keyed by shape, token count included, so training on batches of varying
+# length adds entries as it meets new lengths: each cache is emptied when it reaches this many (and refills).
+MAX_CACHED = 4096
 
 
 def clear_plans() -> None:
@@ -580,6 +585,8 @@ def _plan(key: tuple, build):
         _PLANS_FOR = CONFIGS
     plan = _PLANS.get(key)
     if plan is None:
+        if len(_PLANS) >= MAX_CACHED:
+            _PLANS.clear()
         plan = _PLANS[key] = build(*key[1:])
     return plan
 
