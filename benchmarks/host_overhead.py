@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/host_overhead.py [--rounds 20] [--steps 4] [--profile] [--out FILE.json]
     PYTHONPATH=src python benchmarks/host_overhead.py --layer     (one layer call alone: steadier, for A/B of edits)
+    PYTHONPATH=src python benchmarks/host_overhead.py --gc        (Python's cyclic collector per step, gc.freeze())
 
 At 4096 tokens a step of the Llama-3.1-8B shape on one H200, the host, not the GPU, sets the pace of our
 RaSA step (`benchmarks/RESULTS.md`): the kernels take ~50 ms of GPU time over the frozen base, the step
@@ -130,17 +131,98 @@ def layer_call(calls: int = 2000, rounds: int = 7) -> None:
           f"(rounds {min(per_call):.1f}-{max(per_call):.1f})")
 
 
+def collector(out: str | None, steps: int = 40) -> None:
+    """What Python's cyclic collector costs a training step (a 32-layer tiny Llama, bf16, checkpointing, kernels
+    stubbed; frozen base, PEFT LoRA, RaSA), with everything alive before training scanned by its full collections
+    and with it frozen (`gc.freeze()`, as `rasa_lora.train` does). A full collection walks every tracked object
+    in the process (~0.5 M here: torch, transformers and the models); the speed benchmark saw them take ~0.3 s
+    on the GPU machine's host, once in 10-20 steps. Prints mean and median step, the collector's time a step and
+    the full collections counted."""
+    import gc
+
+    from peft import LoraConfig, get_peft_model
+
+    import rasa_lora
+    from rasa_lora.models import LLAMA_PROJECTIONS, tiny_llama
+    from rasa_lora.ops import set_fused_backend, set_kernel_backend
+
+    torch.set_num_threads(1)
+    stub_kernels()
+    set_kernel_backend("triton")
+    set_fused_backend(True)
+
+    def base():
+        model = tiny_llama(num_layers=32, hidden_size=64, intermediate_size=128).to(torch.bfloat16).train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        model.config.use_cache = False
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    models = {"frozen": base(),
+              "peft-lora r8 d0.05": get_peft_model(base(), LoraConfig(r=8, lora_dropout=0.05,
+                                                                      target_modules=LLAMA_PROJECTIONS)),
+              "rasa r8k1 d0.05": get_peft_model(base(), rasa_lora.RasaConfig(r=8, rasa_k=1, rasa_dropout=0.05,
+                                                                             target_modules=LLAMA_PROJECTIONS))}
+    ids = torch.randint(0, 128, (1, 8))
+    clock = {"start": 0.0, "total": 0.0, "full": 0}
+
+    def hook(phase, info):
+        if phase == "start":
+            clock["start"] = time.perf_counter()
+        else:
+            clock["total"] += time.perf_counter() - clock["start"]
+            clock["full"] += info["generation"] == 2
+
+    gc.callbacks.append(hook)
+    result = {}
+    print(f"{len(gc.get_objects())} objects tracked by the collector; {steps} steps a row")
+    try:
+        for name, model in models.items():
+            step = stepper(model, ids)
+            for _ in range(3):
+                step()
+            for frozen in (False, True):
+                gc.collect()
+                if frozen:
+                    gc.freeze()
+                clock.update(total=0.0, full=0)
+                times = []
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    step()
+                    times.append(time.perf_counter() - start)
+                if frozen:
+                    gc.unfreeze()
+                row = {"mean_ms": statistics.mean(times) * 1e3, "median_ms": statistics.median(times) * 1e3,
+                       "gc_ms_per_step": clock["total"] / steps * 1e3, "full_collections": clock["full"]}
+                result[f"{name}{' (gc.freeze)' if frozen else ''}"] = row
+                print(f"{name:<20} {'gc.freeze ' if frozen else 'as is     '} step mean {row['mean_ms']:6.1f} ms, "
+                      f"median {row['median_ms']:6.1f} ms; collector {row['gc_ms_per_step']:5.2f} ms a step, "
+                      f"{row['full_collections']} full collections", flush=True)
+    finally:
+        gc.callbacks.remove(hook)
+    if out:
+        with open(out, "w") as handle:
+            json.dump(result, handle, indent=1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=4, help="steps a variant takes in each round")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--gc", action="store_true",
+                        help="time Python's cyclic collector within training steps, with and without gc.freeze()")
     parser.add_argument("--layer", action="store_true",
                         help="time one rasa_linear forward and backward (bf16, dropout, kernels stubbed) instead")
     args = parser.parse_args()
     if args.layer:
         return layer_call()
+    if args.gc:
+        return collector(args.out)
     from peft import LoraConfig, get_peft_model
 
     import rasa_lora

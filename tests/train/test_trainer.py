@@ -40,6 +40,33 @@ def test_run_leaves_adapter_metrics_summary_and_plot(tiny_model_dir, tmp_path):
     assert saved["best_loss"] == min(row["loss"] for row in rows) and saved["tokens"] == rows[-1]["tokens"]
 
 
+def test_the_collector_skips_the_setup_during_the_loop_only(tiny_model_dir, tmp_path, monkeypatch):
+    """During the training loop the objects alive at its start are frozen out of Python's cyclic collector (its
+    full collections would walk them all); after the loop, and after an error in it, they are back."""
+    import gc
+
+    from rasa_lora.train import trainer
+
+    seen, loop = [], trainer.training_loop
+
+    def watching(run, metrics_path):
+        seen.append(gc.get_freeze_count())
+        loop(run, metrics_path)
+
+    monkeypatch.setattr(trainer, "training_loop", watching)
+    before = gc.get_freeze_count()
+    train(build_config(tiny_overrides(tiny_model_dir, tmp_path / "run", max_steps=1)))
+    assert seen[0] > 10_000 and gc.get_freeze_count() == before
+
+    def failing(run, metrics_path):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(trainer, "training_loop", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(build_config(tiny_overrides(tiny_model_dir, tmp_path / "run2", max_steps=1)))
+    assert gc.get_freeze_count() == before
+
+
 def test_loss_goes_down_on_repeated_data(tiny_model_dir, tmp_path):
     # Full fine-tuning: on a random 32-wide model an adapter's loss moves too little for a robust check.
     values = tiny_overrides(tiny_model_dir, tmp_path / "run", method="fft", max_steps=12, num_examples=4,

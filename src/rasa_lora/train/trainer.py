@@ -24,6 +24,7 @@ so its reported loss includes it once per micro-batch.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import shutil
@@ -272,6 +273,22 @@ def training_loop(run: Run, metrics_path: Path) -> None:
                 raise TrainingInterrupted(signum, state.step, _save(run))
 
 
+@contextlib.contextmanager
+def collector_spares_setup():
+    """Python's cyclic collector skips everything alive when training starts (model, optimizer, data, the
+    libraries), which would otherwise stay in its oldest generation and be walked by every full collection: ~0.5 M
+    objects with torch and transformers loaded. On one H200's host such a collection took ~0.3 s, about once in
+    10-20 training steps of the Llama-3.1-8B shape (`benchmarks/RESULTS.md`, session 7); on the 2-core CPU, frozen,
+    the collector's time a RaSA step went from 7.6 to 2.4 ms (`benchmarks/host_overhead.py --gc`). What training
+    creates is collected as before; the setup objects return to the collector when the loop ends."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Drop rows logged after the checkpoint being resumed (they will be recomputed)."""
     if not path.is_file():
@@ -376,7 +393,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     run.model, run.optimizer, run.scheduler = distributed.prepare_training(
         accelerator, run.model, run.optimizer, run.scheduler, use_reentrant, config.micro_batch_size)
     try:
-        training_loop(run, out / "metrics.jsonl")
+        with collector_spares_setup():
+            training_loop(run, out / "metrics.jsonl")
     except TrainingInterrupted:
         raise
     except BaseException:
