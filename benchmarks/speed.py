@@ -188,6 +188,8 @@ def timed_steps(model, batch, seq, vocab, steps, warmup, device, train=True, bus
         profile.runcall(one_step)
         sync()
         pstats.Stats(profile).sort_stats("tottime").print_stats(host_profile)
+    STEPS.update(step_ms=[t * 1e3 for t in times], host_ms=[t * 1e3 for t in host],
+                 gc_ms=[t * 1e3 for t in collecting])
     return statistics.median(times), peak, gpu, (min(times), max(times), statistics.median(host),
                                                  statistics.median(collecting), max(collecting))
 
@@ -210,6 +212,7 @@ def host_probe(ops: int = 20000) -> float:
 
 GC_FREEZE = False  # --gc-freeze
 ALLOCATOR_EVENTS: dict = {}  # of the last timed_steps call
+STEPS: dict = {}  # the last timed_steps call's timed steps, one by one: step_ms, host_ms, gc_ms
 
 
 class _GcClock:
@@ -288,7 +291,8 @@ def _run_variants_at(model, shapes, steps, warmup, device, label, variants, busy
                    "gc_ms": gc_s * 1e3, "gc_max_ms": gc_max_s * 1e3,  # Python's cyclic GC within a step
                    "unix_start": started, "unix_end": time.time(),  # to match against a clock/power log
                    "allocator": dict(ALLOCATOR_EVENTS),
-                   "host_probe_us": [probe_before, host_probe()]}  # this host's speed just before and after
+                   "host_probe_us": [probe_before, host_probe()],  # this host's speed just before and after
+                   "steps": dict(STEPS)}  # every timed step (is a slow median a slow host minute or a few stalls?)
             results.append(row)
             busy_text = f"  GPU busy {gpu_ms:7.1f} ms (our kernels {ours_ms:5.1f})" if gpu_ms is not None else ""
             events = " ".join(f"{k[4:]} {v}" for k, v in ALLOCATOR_EVENTS.items() if v)
