@@ -57,6 +57,40 @@ def stub_kernels():
     kernels._current_stream = lambda device: 0
 
 
+def stub_triton_path() -> None:
+    """One torch thread, every Triton launch stubbed (`stub_kernels`), the fused path on the Triton backend."""
+    from rasa_lora.ops import set_fused_backend, set_kernel_backend
+
+    torch.set_num_threads(1)
+    stub_kernels()
+    set_kernel_backend("triton")
+    set_fused_backend(True)
+
+
+def training_models(**sizes) -> dict:
+    """The frozen base, PEFT LoRA r8 d0.05 and RaSA r8 k1 d0.05, each on its own `tiny_llama(**sizes)` in bf16,
+    training mode, non-reentrant gradient checkpointing, base weights frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    import rasa_lora
+    from rasa_lora.models import LLAMA_PROJECTIONS, tiny_llama
+
+    def base():
+        model = tiny_llama(**sizes).to(torch.bfloat16).train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        model.config.use_cache = False
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    return {"frozen": base(),
+            "peft-lora r8 d0.05": get_peft_model(base(), LoraConfig(r=8, lora_dropout=0.05,
+                                                                    target_modules=LLAMA_PROJECTIONS)),
+            "rasa r8k1 d0.05": get_peft_model(base(), rasa_lora.RasaConfig(r=8, rasa_k=1, rasa_dropout=0.05,
+                                                                           target_modules=LLAMA_PROJECTIONS))}
+
+
 def stepper(model, ids):
     def step():
         model(input_ids=ids, labels=ids).loss.backward()
@@ -102,14 +136,10 @@ def layer_call(calls: int = 2000, rounds: int = 7) -> None:
     """Microseconds of host time for one `rasa_linear` forward and backward (one node, bf16, dropout 0.05, the
     Triton backend with every launch stubbed, tiny tensors): the layer's own Python and torch calls without a
     model around them; medians of `rounds` rounds move by ~+-2 us on the 2-core VM, where whole steps move by 30."""
-    from rasa_lora.ops import set_fused_backend, set_kernel_backend
     from rasa_lora.ops.rasa_linear import rasa_linear
 
     torch.manual_seed(0)
-    torch.set_num_threads(1)
-    stub_kernels()
-    set_kernel_backend("triton")
-    set_fused_backend(True)
+    stub_triton_path()
     M, K, N, NP, NS = 8, 64, 64, 7, 32
     x = torch.randn(M, K, dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(N, K, dtype=torch.bfloat16)
@@ -140,31 +170,8 @@ def collector(out: str | None, steps: int = 40) -> None:
     the full collections counted."""
     import gc
 
-    from peft import LoraConfig, get_peft_model
-
-    import rasa_lora
-    from rasa_lora.models import LLAMA_PROJECTIONS, tiny_llama
-    from rasa_lora.ops import set_fused_backend, set_kernel_backend
-
-    torch.set_num_threads(1)
-    stub_kernels()
-    set_kernel_backend("triton")
-    set_fused_backend(True)
-
-    def base():
-        model = tiny_llama(num_layers=32, hidden_size=64, intermediate_size=128).to(torch.bfloat16).train()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-        model.config.use_cache = False
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model
-
-    models = {"frozen": base(),
-              "peft-lora r8 d0.05": get_peft_model(base(), LoraConfig(r=8, lora_dropout=0.05,
-                                                                      target_modules=LLAMA_PROJECTIONS)),
-              "rasa r8k1 d0.05": get_peft_model(base(), rasa_lora.RasaConfig(r=8, rasa_k=1, rasa_dropout=0.05,
-                                                                             target_modules=LLAMA_PROJECTIONS))}
+    stub_triton_path()
+    models = training_models(num_layers=32, hidden_size=64, intermediate_size=128)
     ids = torch.randint(0, 128, (1, 8))
     clock = {"start": 0.0, "total": 0.0, "full": 0}
 
@@ -223,34 +230,13 @@ def main():
         return layer_call()
     if args.gc:
         return collector(args.out)
-    from peft import LoraConfig, get_peft_model
-
-    import rasa_lora
-    from rasa_lora.models import LLAMA_PROJECTIONS, tiny_llama
-    from rasa_lora.ops import set_fused_backend, set_kernel_backend
+    from rasa_lora.models import LLAMA_PROJECTIONS
 
     torch.manual_seed(0)
-    torch.set_num_threads(1)
-    stub_kernels()
-    set_kernel_backend("triton")
-    set_fused_backend(True)
-
-    def base():
-        torch.manual_seed(0)
-        model = tiny_llama().to(torch.bfloat16).train()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-        model.config.use_cache = False
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model
-
-    frozen = base()
+    stub_triton_path()
+    frozen, lora, rasa = training_models().values()
     projections = sum(1 for name, _ in frozen.named_modules() if name.split(".")[-1] in LLAMA_PROJECTIONS)
     ids = torch.randint(0, frozen.config.vocab_size, (1, 8))
-    lora = get_peft_model(base(), LoraConfig(r=8, lora_dropout=0.05, target_modules=LLAMA_PROJECTIONS))
-    rasa = get_peft_model(base(), rasa_lora.RasaConfig(r=8, rasa_k=1, rasa_dropout=0.05,
-                                                       target_modules=LLAMA_PROJECTIONS))
     rasa_step = stepper(rasa, ids)
     variants = {
         "frozen": (stepper(frozen, ids), None),
