@@ -35,8 +35,7 @@ def previous_keep_mask(rows: int, cols: int, seed: int, p: float) -> torch.Tenso
     c = torch.arange(cols, dtype=torch.int64)
     hr = dropout._mix_tensor((r + dropout.mix32(seed)) & dropout.MASK32)
     word = dropout._mix_tensor(hr[:, None] ^ (((c >> 1) * dropout.COLUMN) & dropout.MASK32)[None, :])
-    bits = torch.where((c & 1).bool()[None, :], word >> 16, word & 0xFFFF)
-    return bits >= dropout.threshold(p)
+    return dropout.keep_from_words(word, c, p)
 
 
 def xor_multiply_keep_mask(rows: int, cols: int, seed: int, p: float) -> torch.Tensor:
@@ -46,9 +45,7 @@ def xor_multiply_keep_mask(rows: int, cols: int, seed: int, p: float) -> torch.T
     hr = dropout._mix_tensor((r + dropout.mix32(seed)) & dropout.MASK32)
     hc = dropout._mix_tensor(((c >> 1) * dropout.COLUMN) & dropout.MASK32)
     word = ((hr[:, None] ^ hc[None, :]) * dropout.M1) & dropout.MASK32
-    word = word ^ (word >> 16)
-    bits = torch.where((c & 1).bool()[None, :], word >> 16, word & 0xFFFF)
-    return bits >= dropout.threshold(p)
+    return dropout.keep_from_words(word ^ (word >> 16), c, p)
 
 
 def _z_correlation(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -402,11 +402,10 @@ def test_shape_keyed_caches_stay_bounded_as_token_counts_vary(monkeypatch):
     assert kernels._plan(("up", 8, 64, 64, torch.bfloat16), kernels._up_plan) == first
     kernels.clear_plans()
 
-    monkeypatch.setattr(layer, "_MAX_STASHED", 1)  # workspace layouts: at most 8 kept
-    layer._WORKSPACE_PLANS.clear()
+    layer._WORKSPACE_PLANS.clear()  # workspace layouts: the same bound (3 here)
     for M in range(1, 30):
         views = layer._workspaces("cpu", M, 20, 12, 3, 4, 16, torch.bfloat16)
-        assert len(layer._WORKSPACE_PLANS) <= 8
+        assert len(layer._WORKSPACE_PLANS) <= 3
         gu16 = views[-1]
         assert gu16.shape == (M, 16) and gu16.dtype == torch.bfloat16
         assert all(t.data_ptr() % 16 == 0 for t in views)  # every part 16-byte aligned

@@ -83,8 +83,13 @@ def keep_mask(rows: int, cols: int, seed: int, p: float, device=None, row_offset
     hr = _mix_tensor((r + seed_h) & MASK32) | 1
     hc = _mix_tensor((((c >> 1) * COLUMN) & MASK32) ^ seed_h) | 1
     word = (hr[:, None] * hc[None, :]) & MASK32
-    word = word ^ (word >> 16)
-    bits = torch.where((c & 1).bool()[None, :], word >> 16, word & 0xFFFF)
+    return keep_from_words(word ^ (word >> 16), c, p)
+
+
+def keep_from_words(words: torch.Tensor, cols: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep decisions from the (rows, cols) hash words of each element's column pair: column c keeps when the low
+    (even c) or high (odd c) 16 bits of its word are >= the threshold of p."""
+    bits = torch.where((cols & 1).bool()[None, :], words >> 16, words & 0xFFFF)
     return bits >= threshold(p)
 
 

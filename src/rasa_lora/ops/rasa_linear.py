@@ -475,7 +475,9 @@ def _workspaces(device, M: int, K: int, N: int, NP: int, NS: int, R: int, dtype)
     None for float32 x) from the other. Every part starts 16-byte aligned, as the launch cache needs (`kernels`)."""
     plan = _WORKSPACE_PLANS.get((M, K, N, NP, NS, R, dtype))
     if plan is None:
-        if len(_WORKSPACE_PLANS) >= _MAX_STASHED * 8:  # one per token count met: bounded like the kernels' plans
+        from rasa_lora.ops import kernels
+
+        if len(_WORKSPACE_PLANS) >= kernels.MAX_CACHED:  # one per token count met: the kernels' plans' bound
             _WORKSPACE_PLANS.clear()
         plan = _WORKSPACE_PLANS[(M, K, N, NP, NS, R, dtype)] = _workspace_plan(M, K, N, NP, NS, R, dtype)
     (size1, own), (size2, temporaries), half = plan
