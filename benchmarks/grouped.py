@@ -53,6 +53,35 @@ _LOOSE = ["s0", "s1", "s2", "thr"]
 
 if triton is not None:
 
+    @triton.jit
+    def _member_down(x, a_ptr, rr, rk, in_k, K, h, k0, s, thr, BK: tl.constexpr, DROPOUT: tl.constexpr,
+                     IEEE: tl.constexpr):
+        """One member's (keep * x) A^T over the x tile at columns rk (rows hashed h, seed hash s)."""
+        a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=in_k, other=0.0)
+        if DROPOUT:
+            x = tl.where(_keep_h(h, k0, s, thr, BK), x, 0.0)
+        return _dot(x, tl.trans(a), IEEE)
+
+    @triton.jit
+    def _member_gx(gu, a_ptr, rr, rk, in_k, K, h, k0, s, thr, BK: tl.constexpr, DROPOUT: tl.constexpr,
+                   IEEE: tl.constexpr):
+        """One member's keep * (gu A) at columns rk."""
+        part = _dot(gu, tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=in_k, other=0.0), IEEE)
+        if DROPOUT:
+            part = tl.where(_keep_h(h, k0, s, thr, BK), part, 0.0)
+        return part
+
+    @triton.jit
+    def _member_ga(x, gu_ptrs, rows, rm, hc, s, thr, DROPOUT: tl.constexpr, IEEE: tl.constexpr):
+        """One member's gu^T (keep * x) over the x tile of rows rm (its columns hashed hc)."""
+        if DROPOUT:
+            x = tl.where(_keep_w(_row_hash(rm, s), hc) >= thr, x, 0.0)
+        return _dot(tl.trans(tl.load(gu_ptrs, mask=rows, other=0.0)), x, IEEE)
+
+    @triton.jit
+    def _member_gu(gu_ptr, rm, rr, rows, R: tl.constexpr, dtype: tl.constexpr):
+        return tl.load(gu_ptr + rm[:, None] * R + rr[None, :], mask=rows, other=0.0).to(dtype)
+
     @triton.jit(do_not_specialize=_LOOSE)
     def _group_down_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, u0_ptr, u1_ptr, u2_ptr, M, K, sxm, s0, s1, s2, thr,
                            k_per_split, row_blocks, R: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
@@ -65,31 +94,16 @@ if triton is not None:
         acc0 = tl.zeros((BM, R), dtype=tl.float32)
         acc1 = tl.zeros((BM, R), dtype=tl.float32)
         acc2 = tl.zeros((BM, R), dtype=tl.float32)
-        if DROPOUT:
-            h0 = _row_hash(rm, s0)
-            h1 = _row_hash(rm, s1)
-            h2 = _row_hash(rm, s2)
+        h0, h1, h2 = _row_hash(rm, s0), _row_hash(rm, s1), _row_hash(rm, s2)  # per row: hoisted out of the loop
         for k0 in range(k_lo, k_lo + k_per_split, BK):
             rk = k0 + tl.arange(0, BK)
             in_k = (rk < K)[None, :]
             x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & in_k, other=0.0)
-            a = tl.load(a0_ptr + rr[:, None] * K + rk[None, :], mask=in_k, other=0.0)
-            xi = x
-            if DROPOUT:
-                xi = tl.where(_keep_h(h0, k0, s0, thr, BK), x, 0.0)
-            acc0 += _dot(xi, tl.trans(a), IEEE)
+            acc0 += _member_down(x, a0_ptr, rr, rk, in_k, K, h0, k0, s0, thr, BK, DROPOUT, IEEE)
             if G > 1:
-                a = tl.load(a1_ptr + rr[:, None] * K + rk[None, :], mask=in_k, other=0.0)
-                xi = x
-                if DROPOUT:
-                    xi = tl.where(_keep_h(h1, k0, s1, thr, BK), x, 0.0)
-                acc1 += _dot(xi, tl.trans(a), IEEE)
+                acc1 += _member_down(x, a1_ptr, rr, rk, in_k, K, h1, k0, s1, thr, BK, DROPOUT, IEEE)
             if G > 2:
-                a = tl.load(a2_ptr + rr[:, None] * K + rk[None, :], mask=in_k, other=0.0)
-                xi = x
-                if DROPOUT:
-                    xi = tl.where(_keep_h(h2, k0, s2, thr, BK), x, 0.0)
-                acc2 += _dot(xi, tl.trans(a), IEEE)
+                acc2 += _member_down(x, a2_ptr, rr, rk, in_k, K, h2, k0, s2, thr, BK, DROPOUT, IEEE)
         rows = (rm < M)[:, None]
         offsets = rm[:, None] * R + rr[None, :]
         _store_or_add(u0_ptr + offsets, acc0, rows, ATOMIC)
@@ -108,13 +122,13 @@ if triton is not None:
         rr = tl.arange(0, R)
         rows = (rm < M)[:, None]
         dtype = a0_ptr.dtype.element_ty
-        gu0 = tl.load(gu0_ptr + rm[:, None] * R + rr[None, :], mask=rows, other=0.0).to(dtype)
+        gu0 = _member_gu(gu0_ptr, rm, rr, rows, R, dtype)
         gu1 = gu0
         gu2 = gu0
         if G > 1:
-            gu1 = tl.load(gu1_ptr + rm[:, None] * R + rr[None, :], mask=rows, other=0.0).to(dtype)
+            gu1 = _member_gu(gu1_ptr, rm, rr, rows, R, dtype)
         if G > 2:
-            gu2 = tl.load(gu2_ptr + rm[:, None] * R + rr[None, :], mask=rows, other=0.0).to(dtype)
+            gu2 = _member_gu(gu2_ptr, rm, rr, rows, R, dtype)
         if tl.program_id(1) == 0:
             side = g16_ptr + rm[:, None] * (G * R) + rr[None, :]
             tl.store(side, gu0, mask=rows)
@@ -122,27 +136,16 @@ if triton is not None:
                 tl.store(side + R, gu1, mask=rows)
             if G > 2:
                 tl.store(side + 2 * R, gu2, mask=rows)
-        if DROPOUT:
-            h0 = _row_hash(rm, s0)
-            h1 = _row_hash(rm, s1)
-            h2 = _row_hash(rm, s2)
+        h0, h1, h2 = _row_hash(rm, s0), _row_hash(rm, s1), _row_hash(rm, s2)
         k_lo = tl.program_id(1) * k_per_split
         for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BK):
             rk = k0 + tl.arange(0, BK)
             in_k = (rk < K)[None, :]
-            update = _dot(gu0, tl.load(a0_ptr + rr[:, None] * K + rk[None, :], mask=in_k, other=0.0), IEEE)
-            if DROPOUT:
-                update = tl.where(_keep_h(h0, k0, s0, thr, BK), update, 0.0)
+            update = _member_gx(gu0, a0_ptr, rr, rk, in_k, K, h0, k0, s0, thr, BK, DROPOUT, IEEE)
             if G > 1:
-                part = _dot(gu1, tl.load(a1_ptr + rr[:, None] * K + rk[None, :], mask=in_k, other=0.0), IEEE)
-                if DROPOUT:
-                    part = tl.where(_keep_h(h1, k0, s1, thr, BK), part, 0.0)
-                update += part
+                update += _member_gx(gu1, a1_ptr, rr, rk, in_k, K, h1, k0, s1, thr, BK, DROPOUT, IEEE)
             if G > 2:
-                part = _dot(gu2, tl.load(a2_ptr + rr[:, None] * K + rk[None, :], mask=in_k, other=0.0), IEEE)
-                if DROPOUT:
-                    part = tl.where(_keep_h(h2, k0, s2, thr, BK), part, 0.0)
-                update += part
+                update += _member_gx(gu2, a2_ptr, rr, rk, in_k, K, h2, k0, s2, thr, BK, DROPOUT, IEEE)
             _write_or_add(gx_ptr + rm[:, None] * sgxm + rk[None, :], update, rows & in_k, ACCUMULATE)
 
     @triton.jit(do_not_specialize=_LOOSE)
@@ -158,30 +161,19 @@ if triton is not None:
         acc0 = tl.zeros((R, BK), dtype=tl.float32)
         acc1 = tl.zeros((R, BK), dtype=tl.float32)
         acc2 = tl.zeros((R, BK), dtype=tl.float32)
-        if DROPOUT:  # the program's columns: hashed once per member
-            c0 = _col_hash(col0, s0, BK)
-            c1 = _col_hash(col0, s1, BK)
-            c2 = _col_hash(col0, s2, BK)
+        # the program's columns, hashed once per member
+        c0, c1, c2 = _col_hash(col0, s0, BK), _col_hash(col0, s1, BK), _col_hash(col0, s2, BK)
         m_lo = (pid // k_blocks) * m_per_split
         for m0 in range(m_lo, m_lo + m_per_split, BM):
             rm = m0 + tl.arange(0, BM)
             rows = (rm < M)[:, None]
             x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=rows & in_k, other=0.0)
             side = g16_ptr + rm[:, None] * (G * R) + rr[None, :]
-            xi = x
-            if DROPOUT:
-                xi = tl.where(_keep_w(_row_hash(rm, s0), c0) >= thr, x, 0.0)
-            acc0 += _dot(tl.trans(tl.load(side, mask=rows, other=0.0)), xi, IEEE)
+            acc0 += _member_ga(x, side, rows, rm, c0, s0, thr, DROPOUT, IEEE)
             if G > 1:
-                xi = x
-                if DROPOUT:
-                    xi = tl.where(_keep_w(_row_hash(rm, s1), c1) >= thr, x, 0.0)
-                acc1 += _dot(tl.trans(tl.load(side + R, mask=rows, other=0.0)), xi, IEEE)
+                acc1 += _member_ga(x, side + R, rows, rm, c1, s1, thr, DROPOUT, IEEE)
             if G > 2:
-                xi = x
-                if DROPOUT:
-                    xi = tl.where(_keep_w(_row_hash(rm, s2), c2) >= thr, x, 0.0)
-                acc2 += _dot(tl.trans(tl.load(side + 2 * R, mask=rows, other=0.0)), xi, IEEE)
+                acc2 += _member_ga(x, side + 2 * R, rows, rm, c2, s2, thr, DROPOUT, IEEE)
         offsets = rr[:, None] * K + rk[None, :]
         _store_or_add(ga0_ptr + offsets, acc0, in_k, ATOMIC)
         if G > 1:
