@@ -189,6 +189,20 @@ def test_zero3_registration_without_deepspeed_says_how_to_get_it(monkeypatch):
         distributed.register_zero3_external_parameters(build_model(False))
 
 
+def test_zero3_registration_finds_deepspeeds_function_as_the_package_exposes_it(monkeypatch):
+    """Real deepspeed has `deepspeed.zero` as an attribute only: `from deepspeed.zero import ...` raises
+    ModuleNotFoundError (deepspeed 0.19.8). The stand-in is a package without a `deepspeed.zero` module."""
+    calls = []
+    fake = types.ModuleType("deepspeed")
+    fake.__path__ = []  # a package, so that a `deepspeed.zero` submodule import is attempted, and fails
+    fake.zero = SimpleNamespace(register_external_parameter=lambda module, param: calls.append((module, param)))
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    monkeypatch.delitem(sys.modules, "deepspeed.zero", raising=False)
+    model = build_model(False)
+    count = distributed.register_zero3_external_parameters(model)
+    assert count == len(calls) == len(distributed.zero3_external_parameters(model)) > 0
+
+
 def test_zero3_adapter_is_gathered_into_the_one_process_state_dict(monkeypatch):
     model = build_model(False)
     want = {key: value.clone() for key, value in get_peft_model_state_dict(model).items()}

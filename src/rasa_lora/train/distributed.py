@@ -216,11 +216,14 @@ def register_zero3_external_parameters(model: nn.Module, register: Callable[[nn.
     """
     if register is None:
         try:
-            from deepspeed.zero import register_external_parameter as register
+            import deepspeed
         except ImportError as error:
             raise ModuleNotFoundError(
                 "ZeRO-3 needs deepspeed (`pip install deepspeed` on the GPU machine); it is not installed."
             ) from error
+        # `deepspeed.zero` is an attribute of the package, not an importable module (`from deepspeed.zero import`
+        # fails with deepspeed 0.19.8: measured).
+        register = deepspeed.zero.register_external_parameter
     pairs = zero3_external_parameters(model)
     for layer, param in pairs:
         if not isinstance(param, nn.Parameter):
