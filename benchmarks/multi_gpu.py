@@ -7,8 +7,10 @@
     PYTHONPATH=src python3 benchmarks/multi_gpu.py --out /tmp/mg.json --models tiny --engines ddp,fsdp2
 
 For each model the driver runs, each in fresh processes:
-1. `worker` on one GPU, then under `accelerate launch --config_file configs/distributed/<engine>.yaml
-   --num_processes 2` for each engine. The worker does what `rasa-lora train` does through
+1. `worker` on one GPU twice ("single", and "repeat": what one GPU gives twice, the floor of every comparison,
+   since the fused kernels' split reductions add atomically and bf16 rounds their last bits differently from run to
+   run), then under `accelerate launch --config_file configs/distributed/<engine>.yaml --num_processes 2` for each
+   engine. The worker does what `rasa-lora train` does through
    `rasa_lora.train.distributed` (make_accelerator, prepare_training, local_micro_batches, micro_batch_sync,
    loss_divisor, save_adapter): RaSA r=8 k=1 on all seven projections, gradient checkpointing (non-reentrant),
    decoupled LionW, bf16 autocast, a few steps on seeded random token batches, the same global batch in every run
@@ -17,16 +19,18 @@ For each model the driver runs, each in fresh processes:
    the adapter. Dropout is 0 and B starts random (`init_weights=False`) so that runs are comparable and every
    first-step gradient is non-zero.
 2. `load`, on one GPU: the base model with each run's saved adapter (several adapters in one PeftModel); logits
-   of the probe batch against the logits the run itself computed before saving, and against the one-GPU run.
+   of the probe batch against the logits the run itself computed before saving, and against the one-GPU run, with
+   the fused path off (PyTorch's reference path, deterministic: the same adapter gives the same bits) and on.
 3. With `--trainer` (a real model): `rasa-lora train` itself on one GPU and under each engine (built-in
    arithmetic data, dropout 0); per-step losses from metrics.jsonl against the one-GPU run's.
 
-Checks (bf16 autocast everywhere; tolerances are relative):
-- first-steps loss against one GPU: <= 1e-3 for DDP and FSDP2 (only the reduction order differs), <= 1e-2 for
-  ZeRO-3 (DeepSpeed's bf16 mode casts the adapter to bf16 and keeps fp32 master weights);
-- pool gradients at step 1: finite, identical on both ranks, and within 1e-3 (DDP, FSDP2) / 3e-2 (ZeRO-3) of one
-  GPU's;
-- the saved adapter loaded on one GPU gives the run's own logits within 1e-3 (1e-2 for ZeRO-3);
+Checks (bf16 autocast everywhere; relative errors, Frobenius norm; "repeat" shows what one GPU gives twice):
+- each step's loss against one GPU: <= 1e-3 for DDP and FSDP2, <= 1e-2 for ZeRO-3 (DeepSpeed's bf16 mode casts
+  the adapter to bf16 and keeps fp32 master weights);
+- pool gradients at step 1: present, finite, identical on both ranks, and within 2e-2 of one GPU's (bf16: one
+  rounding of a gradient is up to 3.9e-3 of it; the repeat's figure is the floor), 5e-2 for ZeRO-3;
+- the saved adapter loaded on one GPU gives the run's own logits on the reference path within 1e-5 (1e-2 for ZeRO-3,
+  whose run computed with the bf16 copy of the adapter); the fused path's figure is reported beside it;
 - DDP throughput on 2 GPUs >= 1.8x one GPU (median step time, steps after the first two).
 Writes one JSON with every figure and each failed process's error; prints a table last.
 """
@@ -46,12 +50,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-LOSS_TOL = {"ddp": 1e-3, "fsdp2": 1e-3, "zero3": 1e-2}
-GRAD_TOL = {"ddp": 1e-3, "fsdp2": 1e-3, "zero3": 3e-2}
-LOGIT_TOL = {"single": 1e-3, "ddp": 1e-3, "fsdp2": 1e-3, "zero3": 1e-2}
+LOSS_TOL = {"repeat": 1e-3, "ddp": 1e-3, "fsdp2": 1e-3, "zero3": 1e-2}
+GRAD_TOL = {"repeat": 2e-2, "ddp": 2e-2, "fsdp2": 2e-2, "zero3": 5e-2}
+LOGIT_TOL = {"single": 1e-5, "repeat": 1e-5, "ddp": 1e-5, "fsdp2": 1e-5, "zero3": 1e-2}  # reference path
 DDP_SPEEDUP_GOAL = 1.8
 # model key: (global batch rows, micro-batch rows, sequence length, steps)
-SHAPES = {"llama8b": (8, 2, 2048, 6), "tiny": (8, 2, 16, 4), "gguf": (32, 4, 512, 6)}
+SHAPES = {"llama8b": (8, 2, 2048, 6), "tiny": (8, 2, 16, 4), "gguf": (16, 4, 512, 5)}
+ONE_GPU = ("single", "repeat")
+# `rasa-lora train` (real data, lr warmup, Lion): Lion moves every element by +-lr whatever its gradient's size, so
+# elements whose gradient is near 0 take either sign from run to run and runs drift apart faster than under SGD
+TRAINER_LOSS_TOL = 1e-2
 
 
 def _key(model: str) -> str:
@@ -106,6 +114,22 @@ def step_batch(step: int, rows: int, seq: int, vocab: int) -> torch.Tensor:
 
 def probe_batch(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(99))
+
+
+def probe_logits(model, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Logits of the probe batch (eval mode) on the fused path and on the reference path (collective if sharded)."""
+    from rasa_lora.ops.rasa_linear import set_fused_backend
+
+    out = {}
+    model.eval()
+    try:
+        for path, fused in (("fused", None), ("reference", False)):
+            set_fused_backend(fused)
+            with torch.no_grad(), _autocast(device):
+                out[path] = model(input_ids=probe_batch(vocab).to(device)).logits.float().cpu()
+    finally:
+        set_fused_backend(None)
+    return out
 
 
 def _autocast(device: torch.device):
@@ -201,9 +225,7 @@ def worker(args: argparse.Namespace) -> None:
     finite = all(bool(torch.isfinite(g).all()) for g in captured.values() if g is not None)
     missing = sorted(name for name, g in captured.items() if g is None)
     cross = _cross_rank_difference({k: v for k, v in captured.items() if v is not None}, accelerator)
-    model.eval()
-    with torch.no_grad(), _autocast(device):
-        logits = model(input_ids=probe_batch(vocab).to(device)).logits.float().cpu()
+    logits = probe_logits(model, vocab, device)
     distributed.save_adapter(model, accelerator, out / "adapter")
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0], device=device)
     peaks = accelerator.gather(peak).tolist()
@@ -246,14 +268,14 @@ def load_check(args: argparse.Namespace) -> None:
         else:
             model.load_adapter(str(run_dir / "adapter"), adapter_name=name)
         model.set_adapter(name)
-        model.eval()
-        with torch.no_grad(), _autocast(device):
-            logits = model(input_ids=probe_batch(vocab).to(device)).logits.float().cpu()
-        saved = run_dir / "tensors.pt"
-        own = torch.load(saved)["logits"] if saved.exists() else None
-        out[name] = {"logits": logits, "vs_own_run": None if own is None else rel_err(logits, own)}
+        logits = probe_logits(model, vocab, device)
+        again = probe_logits(model, vocab, device)["fused"]
+        own = torch.load(run_dir / "tensors.pt")["logits"]
+        out[name] = {"logits": logits, "vs_own_run": rel_err(logits["reference"], own["reference"]),
+                     "vs_own_run_fused": rel_err(logits["fused"], own["fused"]),
+                     "fused_twice_here": rel_err(again, logits["fused"])}
     for name in out:
-        out[name]["vs_reference"] = rel_err(out[name]["logits"], out[reference]["logits"])
+        out[name]["vs_one_gpu"] = rel_err(out[name]["logits"]["reference"], out[reference]["logits"]["reference"])
     for row in out.values():
         del row["logits"]
     Path(args.result).write_text(json.dumps(out, indent=1))
@@ -294,8 +316,9 @@ def _compare(single: dict, run: dict, engine: str, single_tensors: Path, run_ten
     worst = max(grad_err, key=grad_err.get) if grad_err else None
     out = {"loss_rel_err": loss_err, "loss_ok": max(loss_err) <= LOSS_TOL[engine],
            "pool_grad_rel_err_max": grad_err[worst] if worst else None, "pool_grad_worst": worst,
+           "pool_grad_rel_err": grad_err,
            "pool_grad_ok": bool(grad_err) and grad_err[worst] <= GRAD_TOL[engine]
-           and len(grad_err) == len(ref) and run["pool_grads_finite"],
+           and len(grad_err) == len(ref) and run["pool_grads_finite"] and not run["pool_grads_missing"],
            "pool_grads_equal_across_ranks": run["pool_grad_cross_rank_max_abs_diff"] == 0.0,
            "throughput_vs_one_gpu": single["median_step_s"] / run["median_step_s"]}
     if engine == "ddp":
@@ -314,20 +337,21 @@ def trainer_runs(model: str, engines: list[str], work: Path, env: dict, timeout:
             "--num-examples", "128", "--dropout", "0", "--logging-steps", "1", "--progress-bar", "false",
             "--overwrite", "true"]
     out = {}
-    for engine in [None, *engines]:
-        name = engine or "single"
+    for name in [*ONE_GPU, *engines]:
+        engine = None if name in ONE_GPU else name
         run_dir = work / f"trainer-{name}"
+        child_env = dict(env, CUDA_VISIBLE_DEVICES="0") if engine is None and torch.cuda.is_available() else env
         command = _launch(engine, ["rasa_lora.cli", "train", *keys, "--output-dir", str(run_dir)], module=True)
-        out[name] = _run(command, work / f"trainer-{name}.log", env, timeout)
+        out[name] = _run(command, work / f"trainer-{name}.log", child_env, timeout)
         out[name]["losses"] = _metrics_losses(run_dir)
         out[name]["adapter"] = str(run_dir)
     single = out["single"]["losses"]
-    for engine in engines:
+    for engine in ["repeat", *engines]:
         mine = out[engine]["losses"]
         if single and len(mine) == len(single):
             errs = [abs(a - b) / abs(b) for a, b in zip(mine, single, strict=True)]
             out[engine]["loss_rel_err"] = errs
-            out[engine]["loss_ok"] = max(errs) <= LOSS_TOL[engine]
+            out[engine]["loss_ok"] = max(errs) <= TRAINER_LOSS_TOL
     return out
 
 
@@ -344,8 +368,8 @@ def drive(args: argparse.Namespace) -> dict:
         work.mkdir(parents=True, exist_ok=True)
         print(f"== {label}", flush=True)
         entry = {"processes": {}, "runs": {}, "compare": {}}
-        for engine in [None, *engines]:
-            name = engine or "single"
+        for name in [*ONE_GPU, *engines]:
+            engine = None if name in ONE_GPU else name
             run_dir = work / name
             run_dir.mkdir(exist_ok=True)
             child_env = dict(env, CUDA_VISIBLE_DEVICES="0") if engine is None and torch.cuda.is_available() else env
@@ -357,7 +381,7 @@ def drive(args: argparse.Namespace) -> dict:
             report["models"][label] = entry
             _write(report, args)  # after every process: a call cut short keeps what ran
         if "single" in entry["runs"]:
-            for engine in engines:
+            for engine in ["repeat", *engines]:
                 if engine in entry["runs"]:
                     entry["compare"][engine] = _compare(entry["runs"]["single"], entry["runs"][engine], engine,
                                                         work / "single" / "tensors.pt", work / engine / "tensors.pt")
@@ -391,7 +415,7 @@ def _write(report: dict, args: argparse.Namespace) -> None:
 
 def print_table(report: dict) -> None:
     print(f"\n{report['device']} x{report['gpus']} torch {report['torch']}  (ratios/errors against one GPU)")
-    print(f"{'model':<28}{'run':<8}{'loss err':>10}{'grad err':>10}{'ranks eq':>9}{'logit err':>10}"
+    print(f"{'model':<12}{'run':<8}{'loss err':>10}{'grad err':>10}{'ranks eq':>9}{'logit ref':>10}{'fused':>9}"
           f"{'step s':>8}{'speedup':>9}{'GiB/rank':>9}  ok")
     for label, entry in report["models"].items():
         for name, run in entry["runs"].items():
@@ -400,17 +424,18 @@ def print_table(report: dict) -> None:
             fmt = (lambda v, f: format(v, f) if isinstance(v, float) else "-")  # noqa: E731
             oks = [cmp.get(k) for k in ("loss_ok", "pool_grad_ok", "throughput_ok")] + [load.get("ok")]
             ok = "-" if all(o is None for o in oks) else str(all(o for o in oks if o is not None))
-            print(f"{label:<28}{name:<8}{fmt(max(cmp.get('loss_rel_err', [0.0]) or [0.0]) if cmp else None, '.1e'):>10}"
+            print(f"{label:<12}{name:<8}{fmt(max(cmp.get('loss_rel_err', [0.0]) or [0.0]) if cmp else None, '.1e'):>10}"
                   f"{fmt(cmp.get('pool_grad_rel_err_max'), '.1e'):>10}"
                   f"{str(cmp.get('pool_grads_equal_across_ranks', '-')):>9}{fmt(load.get('vs_own_run'), '.1e'):>10}"
+                  f"{fmt(load.get('vs_own_run_fused'), '.1e'):>9}"
                   f"{run['median_step_s']:>8.3f}{fmt(cmp.get('throughput_vs_one_gpu'), '.2f'):>9}"
                   f"{max(run['peak_gib_per_rank']):>9.1f}  {ok}")
         for name, proc in entry["processes"].items():
             if proc["rc"] != 0:
-                print(f"{label:<28}{name:<8}FAILED rc={proc['rc']}: {proc['log_tail'][-300:]!r}")
+                print(f"{label:<12}{name:<8}FAILED rc={proc['rc']}: {proc['log_tail'][-300:]!r}")
         for name, row in entry.get("trainer", {}).items():
             errs = row.get("loss_rel_err")
-            print(f"{label:<28}train/{name:<6} rc={row['rc']} losses={[round(v, 4) for v in row['losses']]}"
+            print(f"{label:<12}train/{name:<6} rc={row['rc']} losses={[round(v, 4) for v in row['losses']]}"
                   + (f" max rel err {max(errs):.1e}" if errs else ""))
 
 

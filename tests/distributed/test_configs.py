@@ -38,6 +38,36 @@ def test_accelerate_reads_the_config(path):
         assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
 
 
+def _launch_environment(path: Path) -> dict[str, str]:
+    """The ACCELERATE_* variables `accelerate launch --config_file PATH` gives a DeepSpeed job (accelerate's code)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(path), "--num_processes", "2", "train.py"])
+    args, defaults, mixed_precision_from_file = _validate_launch_command(args)
+    fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mixed_precision_from_file else [])
+    args.deepspeed_fields_from_accelerate_config = ",".join(fields)  # as launch_command does
+    _, env = prepare_deepspeed_cmd_env(args)
+    return {key: value for key, value in env.items() if key.startswith("ACCELERATE_")}
+
+
+DEEPSPEED_CONFIGS = [path for path in CONFIGS if "zero" in path.stem]
+
+
+@pytest.mark.parametrize("path", DEEPSPEED_CONFIGS, ids=lambda path: path.name)
+def test_accelerate_accepts_the_deepspeed_config_in_the_launched_process(path, monkeypatch):
+    """accelerate refuses a `deepspeed_config_file` next to settings it would ignore, `mixed_precision` among them
+    (ValueError in every process, seen on 2 H200s); bf16 is therefore set in the DeepSpeed JSON, not "auto"."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    monkeypatch.chdir(REPO)
+    for key, value in _launch_environment(path).items():
+        monkeypatch.setenv(key, value)
+    plugin = DeepSpeedPlugin()
+    assert plugin.zero_stage == (3 if "zero3" in path.stem else 2)
+    assert plugin.deepspeed_config["bf16"]["enabled"] is True
+
+
 def test_multinode_example_spans_machines():
     config = load_config_from_file(str(REPO / "configs" / "distributed" / "multinode-zero3.yaml"))
     assert config.num_machines > 1 and config.num_processes % config.num_machines == 0
