@@ -263,17 +263,20 @@ def load_check(args: argparse.Namespace) -> None:
     reference = args.reference
     model, out = None, {}
     for name, run_dir in runs.items():
+        adapter = run_dir / "adapter" if (run_dir / "adapter").is_dir() else run_dir  # worker / `rasa-lora train`
         if model is None:
-            model = PeftModel.from_pretrained(base, str(run_dir / "adapter"), adapter_name=name)
+            model = PeftModel.from_pretrained(base, str(adapter), adapter_name=name)
         else:
-            model.load_adapter(str(run_dir / "adapter"), adapter_name=name)
+            model.load_adapter(str(adapter), adapter_name=name)
         model.set_adapter(name)
         logits = probe_logits(model, vocab, device)
         again = probe_logits(model, vocab, device)["fused"]
-        own = torch.load(run_dir / "tensors.pt")["logits"]
-        out[name] = {"logits": logits, "vs_own_run": rel_err(logits["reference"], own["reference"]),
-                     "vs_own_run_fused": rel_err(logits["fused"], own["fused"]),
+        out[name] = {"logits": logits, "vs_own_run": None, "vs_own_run_fused": None,
                      "fused_twice_here": rel_err(again, logits["fused"])}
+        if (run_dir / "tensors.pt").exists():  # the logits the run computed itself before saving
+            own = torch.load(run_dir / "tensors.pt")["logits"]
+            out[name].update(vs_own_run=rel_err(logits["reference"], own["reference"]),
+                             vs_own_run_fused=rel_err(logits["fused"], own["fused"]))
     for name in out:
         out[name]["vs_one_gpu"] = rel_err(out[name]["logits"]["reference"], out[reference]["logits"]["reference"])
     for row in out.values():
@@ -331,12 +334,13 @@ def _metrics_losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def trainer_runs(model: str, engines: list[str], work: Path, env: dict, timeout: int) -> dict:
-    """`rasa-lora train` on one GPU and under each engine; per-step losses against one GPU."""
-    keys = ["--base-model", model, "--max-steps", "4", "--global-batch-size", "16", "--micro-batch-size", "4",
-            "--num-examples", "128", "--dropout", "0", "--logging-steps", "1", "--progress-bar", "false",
+def trainer_runs(model: str, engines: list[str], work: Path, env: dict, timeout: int, out: dict, save) -> dict:
+    """`rasa-lora train` on one GPU (twice) and under each engine, into `out` (`save()` after each run); per-step
+    losses against one GPU."""
+    steps, rows, micro = (4, 16, 4) if torch.cuda.is_available() else (2, 4, 1)  # CPU: a dry run
+    keys = ["--base-model", model, "--max-steps", str(steps), "--global-batch-size", str(rows), "--micro-batch-size",
+            str(micro), "--num-examples", "128", "--dropout", "0", "--logging-steps", "1", "--progress-bar", "false",
             "--overwrite", "true"]
-    out = {}
     for name in [*ONE_GPU, *engines]:
         engine = None if name in ONE_GPU else name
         run_dir = work / f"trainer-{name}"
@@ -345,6 +349,7 @@ def trainer_runs(model: str, engines: list[str], work: Path, env: dict, timeout:
         out[name] = _run(command, work / f"trainer-{name}.log", child_env, timeout)
         out[name]["losses"] = _metrics_losses(run_dir)
         out[name]["adapter"] = str(run_dir)
+        save()
     single = out["single"]["losses"]
     for engine in ["repeat", *engines]:
         mine = out[engine]["losses"]
@@ -367,8 +372,8 @@ def drive(args: argparse.Namespace) -> dict:
         work = Path(args.work) / label
         work.mkdir(parents=True, exist_ok=True)
         print(f"== {label}", flush=True)
-        entry = {"processes": {}, "runs": {}, "compare": {}}
-        for name in [*ONE_GPU, *engines]:
+        entry = report["models"][label] = {"processes": {}, "runs": {}, "compare": {}}
+        for name in [*ONE_GPU, *engines] if args.workers else []:
             engine = None if name in ONE_GPU else name
             run_dir = work / name
             run_dir.mkdir(exist_ok=True)
@@ -378,31 +383,41 @@ def drive(args: argparse.Namespace) -> dict:
             entry["processes"][name] = _run(command, work / f"{name}.log", child_env, args.timeout)
             if (run_dir / "result.json").exists():
                 entry["runs"][name] = json.loads((run_dir / "result.json").read_text())
-            report["models"][label] = entry
             _write(report, args)  # after every process: a call cut short keeps what ran
         if "single" in entry["runs"]:
             for engine in ["repeat", *engines]:
                 if engine in entry["runs"]:
                     entry["compare"][engine] = _compare(entry["runs"]["single"], entry["runs"][engine], engine,
                                                         work / "single" / "tensors.pt", work / engine / "tensors.pt")
-        saved = [name for name in entry["runs"] if (work / name / "adapter").exists()]
-        if "single" in saved:
-            result = work / "load.json"
-            runs = ",".join(f"{name}={work / name}" for name in saved)
-            command = _launch(None, ["load", "--model", model, "--runs", runs, "--reference", "single",
-                                     "--result", str(result)])
-            load_env = dict(env, CUDA_VISIBLE_DEVICES="0") if torch.cuda.is_available() else env
-            entry["processes"]["load"] = _run(command, work / "load.log", load_env, args.timeout)
-            if result.exists():
-                loaded = json.loads(result.read_text())
-                for name, row in loaded.items():
-                    row["ok"] = row["vs_own_run"] is not None and row["vs_own_run"] <= LOGIT_TOL[name]
-                entry["load"] = loaded
+        saved = {name: work / name for name in entry["runs"] if (work / name / "adapter").exists()}
+        entry["load"] = _load_step(model, saved, work / "load", entry["processes"], env, args.timeout)
+        _write(report, args)
         if args.trainer:
-            entry["trainer"] = trainer_runs(model, engines, work, env, args.timeout)
-        report["models"][label] = entry
+            trainer = entry["trainer"] = {}
+            trainer_runs(model, engines, work, env, args.timeout, trainer, lambda: _write(report, args))
+            saved = {name: work / f"trainer-{name}" for name, row in trainer.items() if row["rc"] == 0}
+            entry["trainer_load"] = _load_step(model, saved, work / "trainer-load", entry["processes"], env,
+                                               args.timeout)
         _write(report, args)
     return report
+
+
+def _load_step(model: str, saved: dict[str, Path], stem: Path, processes: dict, env: dict, timeout: int) -> dict:
+    """Every saved adapter loaded on one GPU (one process): logits against the run's own and the one-GPU run's."""
+    if "single" not in saved:
+        return {}
+    result = stem.with_suffix(".json")
+    runs = ",".join(f"{name}={path}" for name, path in saved.items())
+    command = _launch(None, ["load", "--model", model, "--runs", runs, "--reference", "single", "--result",
+                             str(result)])
+    load_env = dict(env, CUDA_VISIBLE_DEVICES="0") if torch.cuda.is_available() else env
+    processes[stem.name] = _run(command, stem.with_suffix(".log"), load_env, timeout)
+    if not result.exists():
+        return {}
+    loaded = json.loads(result.read_text())
+    for name, row in loaded.items():
+        row["ok"] = None if row["vs_own_run"] is None else row["vs_own_run"] <= LOGIT_TOL[name]
+    return loaded
 
 
 def _write(report: dict, args: argparse.Namespace) -> None:
@@ -435,8 +450,10 @@ def print_table(report: dict) -> None:
                 print(f"{label:<12}{name:<8}FAILED rc={proc['rc']}: {proc['log_tail'][-300:]!r}")
         for name, row in entry.get("trainer", {}).items():
             errs = row.get("loss_rel_err")
+            logits = entry.get("trainer_load", {}).get(name, {}).get("vs_one_gpu")
             print(f"{label:<12}train/{name:<6} rc={row['rc']} losses={[round(v, 4) for v in row['losses']]}"
-                  + (f" max rel err {max(errs):.1e}" if errs else ""))
+                  + (f" max rel err {max(errs):.1e}" if errs else "")
+                  + (f"; loaded on 1 GPU, logits vs one GPU's adapter {logits:.1e}" if logits is not None else ""))
 
 
 def main() -> None:
@@ -456,6 +473,8 @@ def main() -> None:
     parser.add_argument("--engines", default="ddp,fsdp2,zero3")
     parser.add_argument("--work", default="/tmp/multi_gpu")
     parser.add_argument("--trainer", action="store_true", help="also run `rasa-lora train` under each engine")
+    parser.add_argument("--no-workers", dest="workers", action="store_false",
+                        help="skip the worker runs (with --trainer: only `rasa-lora train`)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per process")
     parser.add_argument("--logs", default="", help="also write every process's log (last 20000 characters) here")
     args = parser.parse_args()
