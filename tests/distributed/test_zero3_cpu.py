@@ -28,7 +28,8 @@ TOLERANCE = 1e-6
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", DS_ACCELERATOR="cpu")
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", DS_ACCELERATOR="cpu",
+                      CUDA_VISIBLE_DEVICES="")  # CPU processes, also on a GPU machine (see worker.py)
     torch.set_num_threads(1)
     out = Path(out_dir)
     try:

@@ -84,8 +84,12 @@ def _fsdp2_layout(accelerator) -> dict:
 
 
 def worker(rank: int, world_size: int, port: int, engine: str, out_dir: str) -> None:
+    # CUDA_VISIBLE_DEVICES="": a CPU job, also on a GPU machine. Otherwise gloo's barrier (accelerate's
+    # wait_for_everyone passes device_ids=[local rank]) picks cuda:<rank>, which fails with fewer GPUs than processes
+    # ("invalid device ordinal": seen on an H200 with one GPU visible). Set before anything in this process asks CUDA.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), **ENGINE_ENV[engine])
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), CUDA_VISIBLE_DEVICES="",
+                      **ENGINE_ENV[engine])
     torch.set_num_threads(1)
     out = Path(out_dir)
     try:
