@@ -310,7 +310,16 @@ def _launch(engine: str | None, args_after: list[str], module: bool = False) -> 
     if engine is None:
         return [sys.executable, *target]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"configs/distributed/{engine}.yaml",
-            "--num_processes", str(args_procs()), *target]
+            "--num_processes", str(args_procs()), "--main_process_port", str(_free_port()), *target]
+
+
+def _free_port() -> int:
+    """A port nobody listens on: two jobs rendezvousing on accelerate's default 29500 would join one group."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def args_procs() -> int:

@@ -43,7 +43,12 @@ def _launch_environment(path: Path) -> dict[str, str]:
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_deepspeed_cmd_env
 
-    args = launch_command_parser().parse_args(["--config_file", str(path), "--num_processes", "2", "train.py"])
+    from tests.distributed.worker import free_port
+
+    # a free port: accelerate refuses a multi-node launch whose port is taken (29500 in the file; a test of another
+    # launch may hold it meanwhile)
+    args = launch_command_parser().parse_args(["--config_file", str(path), "--num_processes", "2",
+                                               "--main_process_port", str(free_port()), "train.py"])
     args, defaults, mixed_precision_from_file = _validate_launch_command(args)
     fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mixed_precision_from_file else [])
     args.deepspeed_fields_from_accelerate_config = ",".join(fields)  # as launch_command does
