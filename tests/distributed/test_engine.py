@@ -229,6 +229,19 @@ def test_zero3_adapter_is_gathered_into_the_one_process_state_dict(monkeypatch):
     assert all(torch.equal(got[key], want[key]) for key in want)
 
 
+def test_parameter_counts_see_through_zero3_partitioning():
+    """The trainer's summary counts parameters after `prepare`: ZeRO-3 leaves each parameter's local data empty
+    and its size in `ds_numel` (as DeepSpeed does), which a plain numel() would count as 0."""
+    from rasa_lora.train.methods import count_parameters
+
+    model = build_model(False)
+    want = count_parameters(model)
+    for index, param in enumerate(model.parameters()):
+        param.ds_id, param.ds_numel = index, param.numel()
+        param.data = param.data.new_empty(0)
+    assert count_parameters(model) == want and want[0] > 0
+
+
 # --- FSDP2 placement, data parallel bookkeeping ----------------------------------------------------------------
 def test_pools_in_the_root_unit_are_well_placed(model):
     units = ["", *[f"base_model.model.model.layers.{i}" for i in range(4)]]

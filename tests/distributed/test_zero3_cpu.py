@@ -51,9 +51,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         grads = {name: safe_get_full_grad(p) for name, p in trainable.items()}
         engine.step()
         params = distributed._gather_zero3(trainable)
+        from rasa_lora.train.methods import count_parameters
+
+        counts = count_parameters(engine.module)
         if rank == 0:
             torch.save({"grads": {k: None if v is None else v.detach().cpu().clone() for k, v in grads.items()},
-                        "params": params, "registered": registered,
+                        "params": params, "registered": registered, "counts": counts,
                         "partitioned": sum(hasattr(p, "ds_id") for p in trainable.values())}, out / "zero3.pt")
     except BaseException:
         (out / f"error-rank{rank}.txt").write_text(traceback.format_exc())
@@ -75,14 +78,17 @@ def zero3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process():
+    from rasa_lora.train.methods import count_parameters
+
     model = build_model(False)
+    counts = count_parameters(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
     batch = global_batch()
     model(input_ids=batch, labels=batch).loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     optimizer.step()
     params = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    return {"grads": grads, "params": params}
+    return {"grads": grads, "params": params, "counts": counts}
 
 
 def test_every_trainable_tensor_is_partitioned_and_the_pools_registered(zero3, one_process):
@@ -107,3 +113,7 @@ def test_gathered_parameters_after_one_step_match_one_process(zero3, one_process
     errors = {name: rel_err(got[name], want[name]) for name in want}
     worst = max(errors, key=errors.get)
     assert errors[worst] <= TOLERANCE, f"{worst}: rel err {errors[worst]:.2e}"
+
+
+def test_parameter_counts_of_the_partitioned_model_are_whole(zero3, one_process):
+    assert zero3["counts"] == one_process["counts"]

@@ -80,14 +80,17 @@ def enable_gradient_checkpointing(model: torch.nn.Module, use_reentrant: bool) -
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared tensors are counted once."""
+    """(trainable, total) parameter counts; shared tensors are counted once. Sharded parameters count whole: a
+    DTensor's numel is its global one, and a ZeRO-3 partitioned parameter (whose local data is empty outside a
+    gather) carries its full count as `ds_numel`."""
     seen, trainable, total = set(), 0, 0
     for param in model.parameters():
         if id(param) in seen:
             continue
         seen.add(id(param))
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
+        count = getattr(param, "ds_numel", None) or param.numel()
+        total += count
+        trainable += count if param.requires_grad else 0
     return trainable, total
 
 
