@@ -67,6 +67,27 @@ def test_the_collector_skips_the_setup_during_the_loop_only(tiny_model_dir, tmp_
     assert gc.get_freeze_count() == before
 
 
+def test_a_step_does_not_read_each_micro_batchs_loss(tiny_model_dir, tmp_path, monkeypatch):
+    """A `.item()` of each micro-batch's loss makes the host wait on a GPU for that micro-batch's backward before it
+    queues the next forward; the step's loss is summed on the device (detached) and read once at the step's end.
+    Counted: scalar reads of tensors that are part of an autograd graph (each micro-batch's loss is one)."""
+    reads = []
+
+    def counting(original):
+        def read(tensor):
+            if tensor.grad_fn is not None:
+                reads.append(tuple(tensor.shape))
+            return original(tensor)
+        return read
+
+    for name in ("item", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+    summary = train(build_config(tiny_overrides(tiny_model_dir, tmp_path / "run", global_batch_size=8,
+                                                micro_batch_size=2)))
+    assert summary["steps"] == 2 and summary["final_loss"] > 0
+    assert reads == []  # before: 4 a step
+
+
 def test_loss_goes_down_on_repeated_data(tiny_model_dir, tmp_path):
     # Full fine-tuning: on a random 32-wide model an adapter's loss moves too little for a robust check.
     values = tiny_overrides(tiny_model_dir, tmp_path / "run", method="fft", max_steps=12, num_examples=4,
