@@ -82,6 +82,15 @@ if triton is not None:
     def _member_gu(gu_ptr, rm, rr, rows, R: tl.constexpr, dtype: tl.constexpr):
         return tl.load(gu_ptr + rm[:, None] * R + rr[None, :], mask=rows, other=0.0).to(dtype)
 
+    @triton.jit
+    def _store_members(p0, p1, p2, offsets, acc0, acc1, acc2, mask, G: tl.constexpr, ATOMIC: tl.constexpr):
+        """Each of the G members' results written (or added) at the same offsets of its own tensor."""
+        _store_or_add(p0 + offsets, acc0, mask, ATOMIC)
+        if G > 1:
+            _store_or_add(p1 + offsets, acc1, mask, ATOMIC)
+        if G > 2:
+            _store_or_add(p2 + offsets, acc2, mask, ATOMIC)
+
     @triton.jit(do_not_specialize=_LOOSE)
     def _group_down_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, u0_ptr, u1_ptr, u2_ptr, M, K, sxm, s0, s1, s2, thr,
                            k_per_split, row_blocks, R: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
@@ -106,11 +115,7 @@ if triton is not None:
                 acc2 += _member_down(x, a2_ptr, rr, rk, in_k, K, h2, k0, s2, thr, BK, DROPOUT, IEEE)
         rows = (rm < M)[:, None]
         offsets = rm[:, None] * R + rr[None, :]
-        _store_or_add(u0_ptr + offsets, acc0, rows, ATOMIC)
-        if G > 1:
-            _store_or_add(u1_ptr + offsets, acc1, rows, ATOMIC)
-        if G > 2:
-            _store_or_add(u2_ptr + offsets, acc2, rows, ATOMIC)
+        _store_members(u0_ptr, u1_ptr, u2_ptr, offsets, acc0, acc1, acc2, rows, G, ATOMIC)
 
     @triton.jit(do_not_specialize=_LOOSE)
     def _group_gx_kernel(gu0_ptr, gu1_ptr, gu2_ptr, a0_ptr, a1_ptr, a2_ptr, gx_ptr, g16_ptr, M, K, sgxm, s0, s1, s2,
@@ -175,11 +180,7 @@ if triton is not None:
             if G > 2:
                 acc2 += _member_ga(x, side + 2 * R, rows, rm, c2, s2, thr, DROPOUT, IEEE)
         offsets = rr[:, None] * K + rk[None, :]
-        _store_or_add(ga0_ptr + offsets, acc0, in_k, ATOMIC)
-        if G > 1:
-            _store_or_add(ga1_ptr + offsets, acc1, in_k, ATOMIC)
-        if G > 2:
-            _store_or_add(ga2_ptr + offsets, acc2, in_k, ATOMIC)
+        _store_members(ga0_ptr, ga1_ptr, ga2_ptr, offsets, acc0, acc1, acc2, in_k, G, ATOMIC)
 
 
 # launch shapes of the group kernels (swept below on the GPU; the first entry is the default)

@@ -315,6 +315,15 @@ def _run(command: list[str], log: Path, env: dict[str, str], timeout: int) -> di
     return {"rc": rc, "wall_s": round(seconds, 1), "log_tail": text[-3000:] if rc != 0 else text[-600:]}
 
 
+def _run_as(name: str, target: list[str], log: Path, env: dict[str, str], timeout: int, module: bool = False) -> dict:
+    """Run `target` (this script's arguments, or a module's with `module`) on one GPU when `name` is one of
+    ONE_GPU, else under engine `name` on every GPU; returns `_run`'s record."""
+    engine = None if name in ONE_GPU else name
+    if engine is None and torch.cuda.is_available():
+        env = dict(env, CUDA_VISIBLE_DEVICES="0")
+    return _run(_launch(engine, target, module), log, env, timeout)
+
+
 def _launch(engine: str | None, args_after: list[str], module: bool = False) -> list[str]:
     target = ["-m", *args_after] if module else [str(Path(__file__).relative_to(ROOT)), *args_after]
     if engine is None:
@@ -336,9 +345,13 @@ def args_procs() -> int:
     return int(os.environ.get("MULTI_GPU_PROCESSES", "2"))
 
 
+def _loss_errors(losses: list[float], reference: list[float]) -> list[float]:
+    """Relative error of each step's loss against the reference run's (over the steps both have)."""
+    return [abs(a - b) / abs(b) for a, b in zip(losses, reference)]
+
+
 def _compare(single: dict, run: dict, engine: str, single_tensors: Path, run_tensors: Path) -> dict:
-    n = min(len(single["losses"]), len(run["losses"]))
-    loss_err = [abs(a - b) / abs(b) for a, b in zip(run["losses"][:n], single["losses"][:n], strict=True)]
+    loss_err = _loss_errors(run["losses"], single["losses"])
     mine, ref = torch.load(run_tensors)["pool_grads"], torch.load(single_tensors)["pool_grads"]
     grad_err = {name: rel_err(mine[name], ref[name]) for name in ref if mine.get(name) is not None}
     worst = max(grad_err, key=grad_err.get) if grad_err else None
@@ -367,11 +380,9 @@ def trainer_runs(model: str, engines: list[str], work: Path, env: dict, timeout:
             str(micro), "--num-examples", "128", "--dropout", "0", "--logging-steps", "1", "--progress-bar", "false",
             "--overwrite", "true"]
     for name in [*ONE_GPU, *engines]:
-        engine = None if name in ONE_GPU else name
         run_dir = work / f"trainer-{name}"
-        child_env = dict(env, CUDA_VISIBLE_DEVICES="0") if engine is None and torch.cuda.is_available() else env
-        command = _launch(engine, ["rasa_lora.cli", "train", *keys, "--output-dir", str(run_dir)], module=True)
-        out[name] = _run(command, work / f"trainer-{name}.log", child_env, timeout)
+        out[name] = _run_as(name, ["rasa_lora.cli", "train", *keys, "--output-dir", str(run_dir)],
+                            work / f"trainer-{name}.log", env, timeout, module=True)
         out[name]["losses"] = _metrics_losses(run_dir)
         out[name]["adapter"] = str(run_dir)
         save()
@@ -379,7 +390,7 @@ def trainer_runs(model: str, engines: list[str], work: Path, env: dict, timeout:
     for engine in ["repeat", *engines]:
         mine = out[engine]["losses"]
         if single and len(mine) == len(single):
-            errs = [abs(a - b) / abs(b) for a, b in zip(mine, single, strict=True)]
+            errs = _loss_errors(mine, single)
             out[engine]["loss_rel_err"] = errs
             out[engine]["loss_ok"] = max(errs) <= TRAINER_LOSS_TOL
     return out
@@ -399,13 +410,11 @@ def drive(args: argparse.Namespace) -> dict:
         print(f"== {label}", flush=True)
         entry = report["models"][label] = {"processes": {}, "runs": {}, "compare": {}}
         for name in [*ONE_GPU, *engines] if args.workers else []:
-            engine = None if name in ONE_GPU else name
             run_dir = work / name
             run_dir.mkdir(exist_ok=True)
-            child_env = dict(env, CUDA_VISIBLE_DEVICES="0") if engine is None and torch.cuda.is_available() else env
-            command = _launch(engine, ["worker", "--model", model, "--run-dir", str(run_dir), "--label",
-                                       f"{label}/{name}"])
-            entry["processes"][name] = _run(command, work / f"{name}.log", child_env, args.timeout)
+            entry["processes"][name] = _run_as(
+                name, ["worker", "--model", model, "--run-dir", str(run_dir), "--label", f"{label}/{name}"],
+                work / f"{name}.log", env, args.timeout)
             if (run_dir / "result.json").exists():
                 entry["runs"][name] = json.loads((run_dir / "result.json").read_text())
             _write(report, args)  # after every process: a call cut short keeps what ran
@@ -437,10 +446,8 @@ def _load_step(model: str, saved: dict[str, Path], stem: Path, processes: dict, 
         return {}
     result = stem.with_suffix(".json")
     runs = ",".join(f"{name}={path}" for name, path in saved.items())
-    command = _launch(None, ["load", "--model", model, "--runs", runs, "--reference", "single", "--result",
-                             str(result)])
-    load_env = dict(env, CUDA_VISIBLE_DEVICES="0") if torch.cuda.is_available() else env
-    processes[stem.name] = _run(command, stem.with_suffix(".log"), load_env, timeout)
+    processes[stem.name] = _run_as("single", ["load", "--model", model, "--runs", runs, "--reference", "single",
+                                              "--result", str(result)], stem.with_suffix(".log"), env, timeout)
     if not result.exists():
         return {}
     loaded = json.loads(result.read_text())

@@ -183,9 +183,7 @@ class _Launcher:
         kernel = self.fn[grid](*args, num_warps=warps, num_stages=stages)
         # cached only when every tensor is 16-byte aligned (what Triton assumes when it compiles for aligned ones)
         if _FAST_LAUNCH and aligned and _cacheable(kernel, device):
-            if len(self.compiled) >= MAX_CACHED:
-                self.compiled.clear()
-            self.compiled[key] = _entry(kernel)
+            remember(self.compiled, key, _entry(kernel))
 
 
 def _entry(kernel) -> tuple:
@@ -572,6 +570,14 @@ _PLANS_FOR: dict | None = None
 MAX_CACHED = 4096
 
 
+def remember(cache: dict, key, value):
+    """cache[key] = value, emptying the cache first when it holds MAX_CACHED entries; returns value."""
+    if len(cache) >= MAX_CACHED:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def clear_plans() -> None:
     """Forget the launch plans derived from CONFIGS (call after editing CONFIGS in place)."""
     _PLANS.clear()
@@ -585,9 +591,7 @@ def _plan(key: tuple, build):
         _PLANS_FOR = CONFIGS
     plan = _PLANS.get(key)
     if plan is None:
-        if len(_PLANS) >= MAX_CACHED:
-            _PLANS.clear()
-        plan = _PLANS[key] = build(*key[1:])
+        plan = remember(_PLANS, key, build(*key[1:]))
     return plan
 
 

@@ -473,13 +473,13 @@ def _workspaces(device, M: int, K: int, N: int, NP: int, NS: int, R: int, dtype)
     """The Triton backward's zeroed float32 gradients and temporaries, views of two allocations: (dA_p (NP, K),
     dB_p (N, NP), dD (n,)) from one, (gu (M, R), dC (N, R), dA_s (NS, K), dB_s (N, NS), gu in x's dtype (M, R), or
     None for float32 x) from the other. Every part starts 16-byte aligned, as the launch cache needs (`kernels`)."""
-    plan = _WORKSPACE_PLANS.get((M, K, N, NP, NS, R, dtype))
+    key = (M, K, N, NP, NS, R, dtype)
+    plan = _WORKSPACE_PLANS.get(key)
     if plan is None:
         from rasa_lora.ops import kernels
 
-        if len(_WORKSPACE_PLANS) >= kernels.MAX_CACHED:  # one per token count met: the kernels' plans' bound
-            _WORKSPACE_PLANS.clear()
-        plan = _WORKSPACE_PLANS[(M, K, N, NP, NS, R, dtype)] = _workspace_plan(M, K, N, NP, NS, R, dtype)
+        # one per token count met: bounded as the kernels' launch plans are
+        plan = kernels.remember(_WORKSPACE_PLANS, key, _workspace_plan(*key))
     (size1, own), (size2, temporaries), half = plan
     first = torch.zeros(size1, dtype=torch.float32, device=device)
     second = torch.zeros(size2, dtype=torch.float32, device=device)
