@@ -91,7 +91,7 @@ def layer_case(M, K, N, seed_h, thr, n=39, dropout=True):
         "down_and_pack": lambda: kernels.down_and_pack(t["x"], *factors, 1.05, seed_h, thr, dropout),
         "up_": lambda: kernels.up_(y, u, C, accumulate=False),
         "pack": lambda: kernels.pack(*factors, DTYPE, 1.05),
-        "bwd_up": lambda: kernels.bwd_up(t["g"], C, u, gu, gc),
+        "bwd_up": lambda: kernels.bwd_up(t["g"], C, u, gu, gc, n),
         "bwd_down": lambda: kernels.bwd_down(t["x"], gu, A, gx, gap, gas, gc, t["B_p"], t["B_s"], t["D"], gd, gbp,
                                              gbs, 1.05, seed_h, thr, dropout, accumulate=False),
     }

@@ -1,9 +1,12 @@
 """Where the adapter's time goes: a torch.profiler trace of one training step, and micro-benchmarks.
 
     PYTHONPATH=src python3 benchmarks/profile_step.py --out $OUT/profile.txt
+    PYTHONPATH=src python3 benchmarks/profile_step.py --out $OUT/p.txt --layers 32 --shape 4x4096 --no-lora --no-thin
 
 Builds a Llama-3.1-8B-wide model with few layers (bf16, CUDA), profiles one step of the frozen base, PEFT
-LoRA r=8 and RaSA r=8 k=1 (dropout 0.05), and times the thin GEMMs the adapter launches at N = 7 and 8.
+LoRA r=8 and RaSA r=8 k=1 (dropout 0.05), and times the thin GEMMs the adapter launches at N = 7 and 8. Last,
+the GPU time of each variant's step by kind of kernel (our Triton kernels, GEMMs, attention, the rest) and what
+each kind adds over the frozen base, with the kernels of "the rest" that add the most.
 """
 
 from __future__ import annotations
@@ -32,8 +35,52 @@ def thin_gemm_times(lines):
             lines.append(f"thin gemm {label:<6} n={n:<3} {1e6 * (time.perf_counter() - start) / 50:8.1f} us")
 
 
-def profile_variant(model, label, lines):
-    ids = torch.randint(0, model.config.vocab_size, (2, 2048), device="cuda")
+OURS = ("_down_pack_kernel", "_up_kernel", "_up_rows_kernel", "_bwd_up_kernel", "_gu_kernel", "_gc_kernel",
+        "_bwd_down_kernel", "_gx_kernel", "_gx_rows_kernel", "_ga_finalize_kernel", "_finalize_kernel")
+
+
+def kind(name: str) -> str:
+    """Our Triton kernels, GEMMs, attention, or the rest (elementwise, reductions, copies, fills)."""
+    lowered = name.lower()
+    if name.startswith(OURS):
+        return "ours"
+    if any(word in lowered for word in ("gemm", "nvjet", "cutlass", "xmma", "cublas")):
+        return "gemm"
+    if any(word in lowered for word in ("flash", "fmha", "attention", "attn")):
+        return "attention"
+    return "rest"
+
+
+def kernel_times(averages) -> dict:
+    """GPU time (ms) of each kernel of a profile, by name (events that ran on the device themselves)."""
+    times = {}
+    for event in averages:
+        device = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0))
+        if device > 0 and not event.key.startswith(("aten::", "cuda", "cu")):
+            times[event.key] = times.get(event.key, 0.0) + device / 1e3
+    return times
+
+
+def breakdown(profiles: dict, lines: list) -> None:
+    """Per variant, GPU ms by kind and the difference to the frozen base; the rest's largest differences."""
+    base = profiles.get("frozen", {})
+    kinds = ("ours", "gemm", "attention", "rest")
+    lines.append("\n===== GPU ms of one step by kind of kernel (difference to the frozen base)")
+    for label, times in profiles.items():
+        by = {k: sum(t for name, t in times.items() if kind(name) == k) for k in kinds}
+        ref = {k: sum(t for name, t in base.items() if kind(name) == k) for k in kinds}
+        cells = "  ".join(f"{k} {by[k]:8.1f} ({by[k] - ref[k]:+7.1f})" for k in kinds)
+        total, ref_total = sum(by.values()), sum(ref.values())
+        lines.append(f"{label:<20} total {total:8.1f} ({total - ref_total:+7.1f})  {cells}")
+        if label != "frozen":
+            diffs = sorted(((t - base.get(name, 0.0), name) for name, t in times.items() if kind(name) == "rest"),
+                           reverse=True)[:8]
+            for diff, name in diffs:
+                lines.append(f"    rest {diff:+7.2f} ms  {name[:100]}")
+
+
+def profile_variant(model, label, lines, shape=(2, 2048), profiles=None):
+    ids = torch.randint(0, model.config.vocab_size, shape, device="cuda")
     optimizer = Lion(model.parameters())
     for _ in range(2):
         model(input_ids=ids, labels=ids).loss.backward()
@@ -48,6 +95,8 @@ def profile_variant(model, label, lines):
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     averages = prof.key_averages()
+    if profiles is not None:
+        profiles[label] = kernel_times(averages)
     busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in averages) / 1e3
     launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
     lines.append(f"\n===== {label}: wall {wall * 1e3:.1f} ms (profiled), GPU kernel time {busy:.1f} ms "
@@ -62,7 +111,10 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--no-lora", action="store_true")
     parser.add_argument("--no-thin", action="store_true")
+    parser.add_argument("--shape", default="2x2048", help="batch x sequence of the profiled step")
     args = parser.parse_args()
+    shape = tuple(int(v) for v in args.shape.split("x"))
+    profiles: dict = {}
     from peft import LoraConfig, get_peft_model
 
     import rasa_lora
@@ -77,15 +129,16 @@ def main():
     model.enable_input_require_grads()
     for p in model.parameters():
         p.requires_grad_(False)
-    profile_variant(model, "frozen", lines)
+    profile_variant(model, "frozen", lines, shape, profiles)
     if not args.no_lora:
         peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                                       target_modules=ALL_PROJ))
-        profile_variant(peft_model, "peft lora r8 d0.05", lines)
+        profile_variant(peft_model, "peft lora r8 d0.05", lines, shape, profiles)
         model = peft_model.unload()
     config = rasa_lora.RasaConfig(r=8, rasa_k=1, rasa_alpha=16, rasa_dropout=0.05, target_modules=ALL_PROJ)
     peft_model = get_peft_model(model, config)
-    profile_variant(peft_model, "rasa r8k1 d0.05", lines)
+    profile_variant(peft_model, "rasa r8k1 d0.05", lines, shape, profiles)
+    breakdown(profiles, lines)
     text = "\n".join(lines)
     open(args.out, "w").write(text)
     print(text)

@@ -418,11 +418,14 @@ if triton is not None:
             _write_or_add(gx_ptr + rm[:, None] * sgxm + rk[None, :], update, inside, ACCUMULATE)
 
     @triton.jit
-    def _bwd_up_kernel(g_ptr, c_ptr, u_ptr, gu_ptr, gc_ptr, M, N, sgm, n_per_split,
+    def _bwd_up_kernel(g_ptr, c_ptr, u_ptr, gu_ptr, gc_ptr, M, N, sgm, n_per_split, RU,
                        R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ATOMIC: tl.constexpr,
                        IEEE: tl.constexpr):
+        """gu (+)= g C over the program's rows and a split of the columns; dC += g^T u tile by tile. Only the
+        first RU of the R packed ranks are stored or added: the others are zero padding (gu and dC come zeroed)."""
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rr = tl.arange(0, R)
+        used = (rr < RU)[None, :]
         u = tl.load(u_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0)
         u = u.to(g_ptr.dtype.element_ty)
         acc = tl.zeros((BM, R), dtype=tl.float32)
@@ -434,9 +437,9 @@ if triton is not None:
             c = tl.load(c_ptr + rn[:, None] * R + rr[None, :], mask=(rn < N)[:, None], other=0.0)
             acc += _dot(g, c, IEEE)
             tl.atomic_add(gc_ptr + rn[:, None] * R + rr[None, :], _dot(tl.trans(g), u, IEEE),
-                          mask=(rn < N)[:, None], sem="relaxed")
+                          mask=(rn < N)[:, None] & used, sem="relaxed")
         pointers = gu_ptr + rm[:, None] * R + rr[None, :]
-        _store_or_add(pointers, acc, (rm < M)[:, None], ATOMIC)
+        _store_or_add(pointers, acc, (rm < M)[:, None] & used, ATOMIC)
 
     @triton.jit(do_not_specialize=_LOOSE)
     def _bwd_down_kernel(x_ptr, gu_ptr, a_ptr, gx_ptr, gap_ptr, gas_ptr, M, K, NP, NS, sxm, sgxm, seed_h, thr,
@@ -465,7 +468,7 @@ if triton is not None:
         _store_ga(gap_ptr, gas_ptr, acc, rr, rk, K, NP, NS, ATOMIC)
 
     @triton.jit
-    def _gu_kernel(g_ptr, c_ptr, gu_ptr, M, N, sgm, n_per_split, R: tl.constexpr, BM: tl.constexpr,
+    def _gu_kernel(g_ptr, c_ptr, gu_ptr, M, N, sgm, n_per_split, RU, R: tl.constexpr, BM: tl.constexpr,
                    BN: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr):
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rr = tl.arange(0, R)
@@ -478,10 +481,10 @@ if triton is not None:
             c = tl.load(c_ptr + rn[:, None] * R + rr[None, :], mask=(rn < N)[:, None], other=0.0)
             acc += _dot(g, c, IEEE)
         pointers = gu_ptr + rm[:, None] * R + rr[None, :]
-        _store_or_add(pointers, acc, (rm < M)[:, None], ATOMIC)
+        _store_or_add(pointers, acc, (rm < M)[:, None] & (rr < RU)[None, :], ATOMIC)
 
     @triton.jit
-    def _gc_kernel(g_ptr, u_ptr, gc_ptr, M, N, sgm, m_per_split, R: tl.constexpr, BM: tl.constexpr,
+    def _gc_kernel(g_ptr, u_ptr, gc_ptr, M, N, sgm, m_per_split, RU, R: tl.constexpr, BM: tl.constexpr,
                    BN: tl.constexpr, IEEE: tl.constexpr):
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rr = tl.arange(0, R)
@@ -493,7 +496,8 @@ if triton is not None:
                         other=0.0)
             u = tl.load(u_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0)
             acc += _dot(tl.trans(g), u.to(g.dtype), IEEE)
-        tl.atomic_add(gc_ptr + rn[:, None] * R + rr[None, :], acc, mask=(rn < N)[:, None], sem="relaxed")
+        tl.atomic_add(gc_ptr + rn[:, None] * R + rr[None, :], acc, mask=(rn < N)[:, None] & (rr < RU)[None, :],
+                      sem="relaxed")
 
     @triton.jit(do_not_specialize=_LOOSE)
     def _gx_kernel(gu_ptr, a_ptr, gx_ptr, M, K, sgxm, seed_h, thr, R: tl.constexpr, BM: tl.constexpr,
@@ -716,18 +720,24 @@ def _bwd_up_plan(M, N, R, dtype):
                       cfg["stages"]), None, ieee)
 
 
-def bwd_up(g: torch.Tensor, C: torch.Tensor, u: torch.Tensor, gu: torch.Tensor, gc: torch.Tensor) -> None:
-    """gu (+)= g C and gc += g^T u (float32; both zeroed by the caller)."""
+def bwd_up(g: torch.Tensor, C: torch.Tensor, u: torch.Tensor, gu: torch.Tensor, gc: torch.Tensor,
+           ranks: int | None = None) -> None:
+    """gu (+)= g C and gc += g^T u (float32; both zeroed by the caller), over the first `ranks` packed ranks
+    rounded up to a multiple of 16 (default all R; the rest of gu and gc is left as it was: zero, as the padded
+    ranks' terms are). The rounding keeps the stores' column mask uniform over 16 columns, so Triton still emits
+    4-wide atomic adds (`atom.global...add.v4.f32`); with `ranks` itself (39 of 64) they were scalar and bwd_up
+    took 1.6-2.1x as long on an H200 (`benchmarks/RESULTS.md`, session 9)."""
     M, N = g.shape
     R = C.shape[1]
+    ranks = R if ranks is None else min(R, -(-ranks // 16) * 16)
     mode, first, second, ieee = _plan(("bwd_up", M, N, R, g.dtype), _bwd_up_plan)
     grid, per_split, BM, BN, atomic, warps, stages = first
     if mode == "split":
-        _GU(grid, (g, C, gu, M, N, g.stride(0), per_split, R, BM, BN, atomic, ieee), warps, stages)
+        _GU(grid, (g, C, gu, M, N, g.stride(0), per_split, ranks, R, BM, BN, atomic, ieee), warps, stages)
         grid, per_split, BM, BN, warps, stages = second
-        _GC(grid, (g, u, gc, M, N, g.stride(0), per_split, R, BM, BN, ieee), warps, stages)
+        _GC(grid, (g, u, gc, M, N, g.stride(0), per_split, ranks, R, BM, BN, ieee), warps, stages)
         return
-    _BWD_UP(grid, (g, C, u, gu, gc, M, N, g.stride(0), per_split, R, BM, BN, atomic, ieee), warps, stages)
+    _BWD_UP(grid, (g, C, u, gu, gc, M, N, g.stride(0), per_split, ranks, R, BM, BN, atomic, ieee), warps, stages)
 
 
 def _bwd_down_plan(M, K, N, R, dtype):

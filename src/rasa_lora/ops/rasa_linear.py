@@ -541,7 +541,7 @@ def _backward(state, rows, u, grad_out, needs_grad_x: bool):
             # added into it).
             grad_A_p, grad_B_p, grad_D, gu, gc, grad_A_s, grad_B_s, gu16 = _workspaces(
                 g.device, M, K, N, num_private, A_s.shape[0], R, rows.dtype)
-            kernels.bwd_up(g, C, u, gu, gc)
+            kernels.bwd_up(g, C, u, gu, gc, n)
             kernels.bwd_down(rows, gu, A, grad_x, grad_A_p, grad_A_s, gc, B_p, B_s, D, grad_D, grad_B_p, grad_B_s,
                              scale, *hashed, p > 0, accumulate=not gemm_adds, gu16=gu16)
         if grad_x is not None and gemm_adds:
