@@ -54,10 +54,11 @@ def kind(name: str) -> str:
 def kernel_times(averages) -> dict:
     """GPU time (ms) of each kernel of a profile, by name (events that ran on the device themselves)."""
     times = {}
-    for event in averages:
+    for event in averages:  # only the device's own events: an op's "self" device time repeats its kernels'
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
         device = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0))
-        if device > 0 and not event.key.startswith(("aten::", "cuda", "cu")):
-            times[event.key] = times.get(event.key, 0.0) + device / 1e3
+        times[event.key] = times.get(event.key, 0.0) + device / 1e3
     return times
 
 
@@ -72,11 +73,14 @@ def breakdown(profiles: dict, lines: list) -> None:
         cells = "  ".join(f"{k} {by[k]:8.1f} ({by[k] - ref[k]:+7.1f})" for k in kinds)
         total, ref_total = sum(by.values()), sum(ref.values())
         lines.append(f"{label:<20} total {total:8.1f} ({total - ref_total:+7.1f})  {cells}")
-        if label != "frozen":
-            diffs = sorted(((t - base.get(name, 0.0), name) for name, t in times.items() if kind(name) == "rest"),
-                           reverse=True)[:8]
+        if label == "frozen":
+            continue
+        for k in ("gemm", "rest"):  # the kernels whose time moved most, both ways
+            names = {name for name in (*times, *base) if kind(name) == k}
+            diffs = sorted(((times.get(name, 0.0) - base.get(name, 0.0), name) for name in names),
+                           key=lambda item: -abs(item[0]))[:6]
             for diff, name in diffs:
-                lines.append(f"    rest {diff:+7.2f} ms  {name[:100]}")
+                lines.append(f"    {k:<4} {diff:+7.2f} ms  {name[:100]}")
 
 
 def profile_variant(model, label, lines, shape=(2, 2048), profiles=None):
