@@ -54,7 +54,10 @@ def _z_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(r * a.numel() ** 0.5)
 
 
-def _block_chi2(mask: torch.Tensor, p: float, shift: int) -> float:
+def block_chi2(mask: torch.Tensor, p: float, shift: int = 0) -> float:
+    """Chi-square (15 degrees of freedom) of the 16 keep patterns of the non-overlapping 2 x 2 blocks of `mask`
+    (from column `shift` on) against independent draws that keep with probability 1 - effective p. Also used by
+    tests/ops/test_dropout_mask.py."""
     m = mask[:, shift:].long()
     rows, cols = m.shape[0] // 2 * 2, m.shape[1] // 2 * 2
     m = m[:rows, :cols]
@@ -87,7 +90,7 @@ def stats(make, size: int, seed: int, p: float) -> dict:
             "next seed": _z_correlation(mask, nxt),
             "next seed, row+1": _z_correlation(mask[1:], nxt[:-1]),
         },
-        "block_chi2": {"aligned": _block_chi2(mask.bool(), p, 0), "shifted": _block_chi2(mask.bool(), p, 1)},
+        "block_chi2": {"aligned": block_chi2(mask.bool(), p, 0), "shifted": block_chi2(mask.bool(), p, 1)},
     }
 
 
