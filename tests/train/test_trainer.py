@@ -207,3 +207,21 @@ def test_resume_refuses_a_changed_recipe_and_a_missing_checkpoint(tiny_model_dir
     assert "learning_rate: saved 0.0005, now 0.001" in capsys.readouterr().err
     assert train_main([*_args({**values, "output_dir": tmp_path / "empty"}), "--resume"]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
+
+
+def test_the_cli_destroys_a_finished_runs_process_group(tiny_model_dir, tmp_path, monkeypatch):
+    """`rasa-lora train` ends a multi-process run's process group itself (a one-process gloo group stands in)."""
+    import torch.distributed as dist
+
+    from rasa_lora.train import cli
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        finished = []
+        monkeypatch.setattr("rasa_lora.train.trainer.train", lambda config: finished.append(config) or {})
+        assert cli.main(_args(tiny_overrides(tiny_model_dir, tmp_path / "run"))) == 0
+        assert finished and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -38,6 +38,20 @@ def _values(argv: list[str]) -> dict:
     return values
 
 
+def _end_process_group() -> None:
+    """Destroy a multi-process run's process group before the interpreter exits, as accelerate's `end_training`
+    does: PyTorch warns when an NCCL group is left to teardown, and gloo's destruction during interpreter teardown
+    deadlocked in `benchmarks/multi_gpu.py`'s CPU workers (a gloo thread waiting for the GIL). Only after every
+    process finished the run (or checkpointed on a signal): never on an error that may have left others waiting."""
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()  # the finished run's DDP wrapper, whose reducer holds the group
+        dist.destroy_process_group()
+
+
 def main(argv: list[str]) -> int:
     from rasa_lora.train.config import build_config, valid_keys
 
@@ -50,11 +64,13 @@ def main(argv: list[str]) -> int:
         config = build_config(_values(argv))
         summary = train(config)
     except TrainingInterrupted as interrupted:
+        _end_process_group()
         print(f"rasa-lora train: {interrupted}; continue with the same command and --resume", file=sys.stderr)
         return interrupted.exit_code
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, ModuleNotFoundError) as error:
         print(f"rasa-lora train: error: {error}", file=sys.stderr)
         return 2
+    _end_process_group()
     if not summary:  # a process other than the main one of a multi-process run: it wrote nothing
         return 0
     out = Path(config.output_dir)
