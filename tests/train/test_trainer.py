@@ -225,3 +225,27 @@ def test_the_cli_destroys_a_finished_runs_process_group(tiny_model_dir, tmp_path
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_micro_batches_reach_the_cpu_device_unchanged():
+    from rasa_lora.train.trainer import to_device
+
+    batch = {"input_ids": torch.arange(6).view(2, 3), "labels": torch.ones(2, 3, dtype=torch.long)}
+    moved = to_device(batch, torch.device("cpu"))
+    assert all(torch.equal(moved[key], batch[key]) for key in batch)
+
+
+@pytest.mark.gpu
+def test_micro_batches_reach_the_gpu_without_waiting_for_queued_work():
+    """The copy is queued behind the GPU's work instead of the host waiting for that work (a plain .to("cuda")
+    would return only after the queued sleep, with the stream idle)."""
+    from rasa_lora.train.trainer import to_device
+
+    batch = {"input_ids": torch.arange(4096).view(4, 1024), "labels": torch.full((4, 1024), -100)}
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time queued on the current stream
+    moved = to_device(batch, torch.device("cuda"))
+    still_busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert still_busy
+    assert all(moved[key].is_cuda and torch.equal(moved[key].cpu(), batch[key]) for key in batch)

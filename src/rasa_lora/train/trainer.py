@@ -175,6 +175,16 @@ def step_micro_batches(run: Run, step: int) -> list[dict[str, torch.Tensor]]:
     return [data.collate([run.examples[i] for i in micro], pad) for micro in plan[index]]
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated micro-batch on `device`. On CUDA the tensors are copied from pinned memory without waiting: a
+    plain `.to("cuda")` synchronizes with the stream, so the host would wait for the previous micro-batch's
+    backward before queueing the next forward (which also undid reading the loss once a step). On SmolLM2 with 4
+    micro-batches a step no difference showed (`benchmarks/RESULTS.md`, session 9: the host sets its pace)."""
+    if device.type != "cuda":
+        return {key: value.to(device) for key, value in batch.items()}
+    return {key: value.pin_memory().to(device, non_blocking=True) for key, value in batch.items()}
+
+
 def train_step(run: Run, step: int, autocast: bool) -> tuple[float, int]:
     """Forward/backward over the step's micro-batches, one optimizer step; returns (mean token loss, tokens)."""
     micro_batches = step_micro_batches(run, step)
@@ -189,7 +199,7 @@ def train_step(run: Run, step: int, autocast: bool) -> tuple[float, int]:
     tokens = 0
     for index, batch in enumerate(local):
         tokens += int(batch["attention_mask"].sum())
-        batch = {key: value.to(run.device) for key, value in batch.items()}
+        batch = to_device(batch, run.device)
         context = torch.autocast(run.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         with distributed.micro_batch_sync(accelerator, run.model, last=index == len(local) - 1):
             with context:
