@@ -1,15 +1,10 @@
 """`benchmarks/floor.py`: the bytes the adapter's token-sized passes move in a decoder layer's training step."""
 
-import importlib.util
-from pathlib import Path
+from tests.benchmark_scripts import load_benchmark
 
 
 def _floor_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "floor.py"
-    spec = importlib.util.spec_from_file_location("floor_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("floor")
 
 
 def test_layer_bytes_count_each_pass_once_per_token():

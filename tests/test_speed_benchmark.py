@@ -4,20 +4,15 @@
 gradient checkpointing (transformers checkpoints only in training mode) and without the adapters' dropout.
 """
 
-import importlib.util
-from pathlib import Path
 
 import torch
 
 from rasa_lora.models import tiny_llama
+from tests.benchmark_scripts import load_benchmark
 
 
 def _speed_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
-    spec = importlib.util.spec_from_file_location("speed_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("speed")
 
 
 def test_training_steps_run_in_training_mode_with_checkpointing():

@@ -1,13 +1,12 @@
 """The hash dropout mask: what dropout needs from it, and the Triton kernels drawing the same bits."""
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from rasa_lora.ops import dropout as hashmask
+from tests.benchmark_scripts import load_benchmark
 
 
 def test_reproducible_seed_dependent_and_row_offset_consistent():
@@ -51,11 +50,7 @@ def test_neighbours_and_seeds_are_uncorrelated():
 
 def _block_chi2(mask: torch.Tensor, p: float, shift: int) -> float:
     """`benchmarks/mask_quality.py`'s 2 x 2 block chi-square (one definition for the test and the benchmark)."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "mask_quality.py"
-    spec = importlib.util.spec_from_file_location("mask_quality", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.block_chi2(mask, p, shift)
+    return load_benchmark("mask_quality").block_chi2(mask, p, shift)
 
 
 @pytest.mark.parametrize("seed", [5, 6])

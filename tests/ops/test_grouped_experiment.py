@@ -1,12 +1,12 @@
 """`benchmarks/grouped.py`: the experimental group kernels (projections sharing an input) give what the library's
 kernels give one member at a time: the same u, dL/dx and dA, with each member's own dropout mask."""
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.benchmark_scripts import load_benchmark
 
 
 def _grouped(monkeypatch, dry: bool):
@@ -15,11 +15,7 @@ def _grouped(monkeypatch, dry: bool):
     if not kernels.available():
         pytest.skip("needs triton")
     monkeypatch.setenv("GROUPED_DRY_RUN", "1" if dry else "0")
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "grouped.py"
-    spec = importlib.util.spec_from_file_location("grouped_experiment", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("grouped")
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU runs Triton kernels only under "
