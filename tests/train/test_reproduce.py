@@ -1,0 +1,110 @@
+"""`rasa-lora reproduce`: a recipe trained, then evaluated, in one resumable command, beside the paper's figures."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from rasa_lora import reproduce
+from rasa_lora.train.config import build_config, read_yaml
+from tests.train.conftest import tiny_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+PAPER = REPO.parent / "shared" / "paper" / "000_5ed23578a0b2cea5.txt"
+MODELS = {"llama": "meta-llama/Llama-3.1-8B", "mistral": "mistralai/Mistral-7B-v0.3"}
+
+
+def _args(values: dict) -> list[str]:
+    return [item for key, value in values.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def test_trains_then_evaluates_and_a_rerun_redoes_nothing(tiny_model_dir, tmp_path, shared_data, monkeypatch):
+    out = tmp_path / "run"
+    argv = [*_args(tiny_overrides(tiny_model_dir, out, max_steps=1)), "--eval-tasks", "gsm8k,arc_challenge",
+            "--eval-limit", "2", "--eval-data", str(shared_data), "--max-new-tokens", "4"]
+    assert reproduce.main(argv) == 0
+    content = json.loads((out / "reproduce.json").read_text())
+    assert [(row["task"], row["metric"]) for row in content["results"]] == [("gsm8k", "accuracy"),
+                                                                            ("arc_challenge", "acc_norm")]
+    assert all(0 <= row["value"] <= 100 and row["items"] == 2 and row["paper_last"] is None
+               for row in content["results"])
+    assert "not comparable with the paper" in (out / "reproduce.md").read_text()
+    for task in ("gsm8k", "arc_challenge"):
+        assert len((out / "eval" / task / "records.jsonl").read_text().splitlines()) == 2
+    # the same command again: training is finished and every item scored, so neither runs again
+    monkeypatch.setattr("rasa_lora.train.cli.main", lambda argv: pytest.fail("trained again"))
+    monkeypatch.setattr("rasa_lora.evaluation.cli.load_model_and_tokenizer",
+                        lambda *a, **k: pytest.fail("loaded a model to score items already scored"))
+    assert reproduce.main(argv) == 0
+    assert json.loads((out / "reproduce.json").read_text()) == content
+
+
+def test_an_interrupted_training_is_resumed(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    (out / "checkpoint-1").mkdir(parents=True)
+    seen = []
+    monkeypatch.setattr("rasa_lora.train.checkpoint.checkpoint_dirs", lambda path: [out / "checkpoint-1"])
+    monkeypatch.setattr("rasa_lora.train.cli.main", lambda argv: seen.append(argv) or 1)
+    argv = [*_args(tiny_overrides(tiny_model_dir, out)), "--eval-tasks", "gsm8k"]
+    assert reproduce.main(argv) == 1  # the training's exit code, and no evaluation after a failed training
+    assert seen and seen[0][-1] == "--resume" and "--eval-tasks" not in seen[0]
+
+
+def test_the_domain_picks_the_benchmarks_and_an_unknown_one_says_how_to_choose(tmp_path, capsys):
+    math = build_config(read_yaml(REPO / "configs/paper/llama3.1-8b-math-rasa-r8.yaml"))
+    code = build_config(read_yaml(REPO / "configs/paper/mistral-7b-code-lora-r16.yaml"))
+    assert reproduce.eval_tasks(math, None) == ["math", "arc_challenge", "hellaswag", "winogrande"]
+    assert reproduce.eval_tasks(code, None) == ["humaneval+", "arc_challenge", "hellaswag", "winogrande"]
+    assert reproduce.main(["--output-dir", str(tmp_path / "x")]) == 2
+    assert "--eval-tasks" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="mbpp"):
+        reproduce.eval_tasks(math, "math,mbpp")
+    recipe = str(REPO / "configs/paper/llama3.1-8b-math-rasa-r8.yaml")
+    for bad in (["--eval-limit", "0"], ["--n-samples", "x"], ["--eval-data", str(tmp_path / "none")]):
+        assert reproduce.main([recipe, "--output-dir", str(tmp_path / "y"), *bad]) == 2
+        assert bad[0] in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def _paper_tables() -> dict[tuple[str, str, str, int], dict[str, float]]:
+    """The LAST columns of the paper's Tables 1 (code) and 2 (math), read from its text."""
+    lines = re.sub(r"</?(i|b)>", "", PAPER.read_text()).splitlines()  # italic / bold marks of best results
+    start1 = next(i for i, line in enumerate(lines) if line.startswith("Table 1:"))
+    start2 = next(i for i, line in enumerate(lines) if line.startswith("Table 2:"))
+    figures: dict = {}
+    for line in lines[start1:start2]:
+        cells = line.split("\t")
+        if not cells[0].isdigit() or len(cells) < 10:
+            continue
+        r, methods = int(cells[0]), cells[1].split()
+        columns = [cell.split() for cell in cells[3:]]  # time, P@1 best, P@1 last, P@10 best, P@10 last, twice
+        for m, method in enumerate(methods):
+            for model, first in (("llama", 0), ("mistral", 5)):
+                figures[(model, "code", method.lower(), r)] = {"pass@1": float(columns[first + 2][m]),
+                                                               "pass@10": float(columns[first + 4][m])}
+    runs = 0  # after VeRA's row (r = 1024), six methods at r = 8, then 16, then 32; the r labels sit mid-group
+    for line in lines[start2:start2 + 40]:
+        cells = [cell.strip() for cell in line.split("\t")]
+        if len(cells) < 8 or not any(cell.endswith("h") for cell in cells):
+            continue
+        if cells[1] == "VeRA":
+            r = 1024
+        else:
+            r, runs = (8, 16, 32)[runs // 6], runs + 1
+        values = [cell for cell in cells[2:] if cell and cell != "_" and not cell.endswith(("M", "h"))]
+        for model, index in (("llama", 1), ("mistral", 3)):  # BEST, LAST, BEST, LAST
+            figures[(model, "math", cells[1].lower(), r)] = {"accuracy": float(values[index])}
+    return figures
+
+
+@pytest.mark.skipif(not PAPER.is_file(), reason="needs the paper's text in ../shared/paper")
+def test_the_papers_figures_are_its_tables_and_cover_every_paper_recipe():
+    tables = _paper_tables()
+    assert len(tables) >= 2 * 7 + 2 * 13  # code: VeRA and 3 x (LoRA, MoRA, RaSA); math: 13 runs a model
+    for key, figures in reproduce.PAPER_LAST.items():
+        assert tables[key] == figures, key
+    for path in sorted((REPO / "configs" / "paper").glob("*.yaml")):
+        config = build_config(read_yaml(path))
+        assert reproduce.paper_figures(config), f"{path.name} has no paper figures"
