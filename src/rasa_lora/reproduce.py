@@ -5,6 +5,9 @@ domain's test set (MATH for a math run, HumanEval+ with 50 samples at temperatur
 forgetting benchmarks (ARC-Challenge, HellaSwag, WinoGrande), each through `rasa-lora eval`, and writes
 `OUTPUT_DIR/reproduce.json` and `reproduce.md`: every headline metric beside the paper's figure for the same run
 where the paper reports one (Tables 1 and 2, "LAST": after the final epoch, which is what a run here ends with).
+With `--every-epoch` the run keeps its adapter after each epoch (`save_epoch_adapters`), every one is evaluated too,
+and the report adds the best epoch ("BEST") and `epochs.png`, the metrics epoch by epoch (forgetting: the paper's
+Fig. 5).
 
 Interrupted at any point, the same command goes on: a finished training (its `summary.json`) is not redone, an
 interrupted one resumes from its newest checkpoint, and each benchmark skips the items it has already scored.
@@ -16,6 +19,7 @@ Options of this command (the others are the recipe's, as for `rasa-lora train`):
   --eval-batch-size N      generation / scoring batch (default 16)
   --n-samples N            code: samples per problem (paper: 50)
   --max-new-tokens N       generation length (default 2048 for math, 512 for code)
+  --every-epoch            keep and evaluate the adapter of every epoch: BEST beside LAST, and epochs.png
 """
 
 from __future__ import annotations
@@ -32,27 +36,36 @@ DOMAIN_TASK = {"math": "math", "code": "humaneval+"}
 HEADLINE = {"math": ("accuracy",), "code": ("pass@1", "pass@10"), "choice": ("acc_norm",), "winogrande": ("acc",)}
 
 _MODELS = {"meta-llama/Llama-3.1-8B": "llama", "mistralai/Mistral-7B-v0.3": "mistral"}
-# The paper's LAST figures (%) for the methods `rasa-lora train` runs: (model, domain, method, r) -> {metric: value}.
-# Table 1 (HumanEval+, PASS@1 and PASS@10) and Table 2 (MATH accuracy); tests/train/test_reproduce.py reads them
-# back from the paper's text.
-PAPER_LAST: dict[tuple[str, str, str, int], dict[str, float]] = {
-    **{("llama", "code", method, r): {"pass@1": p1, "pass@10": p10} for method, r, p1, p10 in (
-        ("vera", 1024, 48.8, 64.2), ("lora", 8, 53.0, 68.5), ("rasa", 8, 56.9, 69.6), ("lora", 16, 53.4, 67.6),
-        ("rasa", 16, 56.4, 68.1), ("lora", 32, 56.9, 69.2), ("rasa", 32, 56.2, 71.4))},
-    **{("mistral", "code", method, r): {"pass@1": p1, "pass@10": p10} for method, r, p1, p10 in (
-        ("vera", 1024, 39.5, 54.4), ("lora", 8, 39.7, 54.8), ("rasa", 8, 49.0, 64.2), ("lora", 16, 40.6, 54.9),
-        ("rasa", 16, 51.3, 63.7), ("lora", 32, 44.4, 57.0), ("rasa", 32, 55.7, 65.7))},
-    **{("llama", "math", method, r): {"accuracy": acc} for method, r, acc in (
-        ("vera", 1024, 25.6), ("lora", 8, 26.7), ("rasa", 8, 29.1), ("lora", 16, 27.1), ("rasa", 16, 29.8),
-        ("lora", 32, 27.2), ("rasa", 32, 29.6), ("olora", 8, 27.8), ("olora", 16, 28.4), ("olora", 32, 28.7),
-        ("adalora", 8, 28.9), ("adalora", 16, 29.4), ("adalora", 32, 29.4))},
-    **{("mistral", "math", method, r): {"accuracy": acc} for method, r, acc in (
-        ("vera", 1024, 19.4), ("lora", 8, 19.2), ("rasa", 8, 23.8), ("lora", 16, 19.5), ("rasa", 16, 25.1),
-        ("lora", 32, 20.4), ("rasa", 32, 25.1), ("olora", 8, 22.5), ("olora", 16, 22.2), ("olora", 32, 23.5),
-        ("adalora", 8, 21.6), ("adalora", 16, 23.2), ("adalora", 32, 23.5))},
+# The paper's figures (%) for the methods `rasa-lora train` runs: (model, domain, method, r) -> {metric: (BEST, LAST)},
+# BEST over the 8 epochs' checkpoints, LAST after the 8th. Table 1 (HumanEval+, PASS@1 and PASS@10) and Table 2
+# (MATH accuracy); tests/train/test_reproduce.py reads them back from the paper's text.
+_CODE = {  # method, r: (PASS@1 best, last), (PASS@10 best, last), for Llama-3.1-8B then Mistral-0.3-7B
+    ("vera", 1024): (((48.8, 48.8), (66.5, 64.2)), ((42.5, 39.5), (57.3, 54.4))),
+    ("lora", 8): (((56.1, 53.0), (71.2, 68.5)), ((42.6, 39.7), (57.7, 54.8))),
+    ("rasa", 8): (((57.9, 56.9), (72.6, 69.6)), ((50.0, 49.0), (66.0, 64.2))),
+    ("lora", 16): (((54.5, 53.4), (68.9, 67.6)), ((46.0, 40.6), (61.2, 54.9))),
+    ("rasa", 16): (((57.3, 56.4), (72.1, 68.1)), ((53.6, 51.3), (68.5, 63.7))),
+    ("lora", 32): (((57.9, 56.9), (69.8, 69.2)), ((50.2, 44.4), (64.4, 57.0))),
+    ("rasa", 32): (((59.5, 56.2), (72.5, 71.4)), ((55.7, 55.7), (70.0, 65.7))),
+}
+_MATH = {  # method, r: (accuracy best, last) for Llama-3.1-8B, then Mistral-0.3-7B
+    ("vera", 1024): ((27.4, 25.6), (19.9, 19.4)),
+    ("lora", 8): ((28.3, 26.7), (20.1, 19.2)), ("olora", 8): ((28.4, 27.8), (22.5, 22.5)),
+    ("adalora", 8): ((30.4, 28.9), (22.5, 21.6)), ("rasa", 8): ((30.3, 29.1), (24.3, 23.8)),
+    ("lora", 16): ((28.8, 27.1), (20.9, 19.5)), ("olora", 16): ((28.6, 28.4), (22.5, 22.2)),
+    ("adalora", 16): ((29.7, 29.4), (23.5, 23.2)), ("rasa", 16): ((31.4, 29.8), (25.9, 25.1)),
+    ("lora", 32): ((28.9, 27.2), (21.8, 20.4)), ("olora", 32): ((29.0, 28.7), (23.8, 23.5)),
+    ("adalora", 32): ((30.2, 29.4), (23.5, 23.5)), ("rasa", 32): ((31.7, 29.6), (26.1, 25.1)),
+}
+PAPER: dict[tuple[str, str, str, int], dict[str, tuple[float, float]]] = {
+    **{(model, "code", method, r): {"pass@1": figures[i][0], "pass@10": figures[i][1]}
+       for (method, r), figures in _CODE.items() for i, model in enumerate(("llama", "mistral"))},
+    **{(model, "math", method, r): {"accuracy": figures[i]}
+       for (method, r), figures in _MATH.items() for i, model in enumerate(("llama", "mistral"))},
 }
 _OWN = {"--eval-tasks": "tasks", "--eval-limit": "limit", "--eval-data": "data_dir", "--eval-batch-size": "batch_size",
-        "--n-samples": "n_samples", "--max-new-tokens": "max_new_tokens"}
+        "--n-samples": "n_samples", "--max-new-tokens": "max_new_tokens", "--every-epoch": "every_epoch"}
+_FLAGS = {"--every-epoch"}  # options without a value
 
 
 def split_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -60,7 +73,9 @@ def split_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     own, rest, i = {}, [], 0
     while i < len(argv):
         flag, value = argv[i].split("=", 1) if argv[i].startswith("--") and "=" in argv[i] else (argv[i], None)
-        if flag in _OWN:
+        if flag in _FLAGS:
+            own[_OWN[flag]] = "true"
+        elif flag in _OWN:
             if value is None:
                 if i + 1 >= len(argv):
                     raise ValueError(f"{flag} needs a value")
@@ -100,11 +115,11 @@ def eval_tasks(config, requested: str | None) -> list[str]:
     return [DOMAIN_TASK[domain], *FORGETTING]
 
 
-def paper_figures(config) -> dict[str, float]:
-    """The paper's LAST figures for this recipe's run ({} when the paper has none for it)."""
+def paper_figures(config) -> dict[str, tuple[float, float]]:
+    """The paper's (BEST, LAST) figures for this recipe's run, by metric ({} when the paper has none for it)."""
     model = _MODELS.get(str(config.base_model))
     domain = DOMAINS.get(config.dataset_format)
-    return PAPER_LAST.get((model, domain, config.method, config.r), {}) if model and domain else {}
+    return PAPER.get((model, domain, config.method, config.r), {}) if model and domain else {}
 
 
 def headline(task: str, summary: dict) -> dict[str, float]:
@@ -116,41 +131,112 @@ def headline(task: str, summary: dict) -> dict[str, float]:
     return {key: summary[key] for key in keys if key in summary}
 
 
-def report(config, results: dict[str, dict]) -> tuple[dict, str]:
-    """reproduce.json's content and reproduce.md's table: each benchmark's headline metrics beside the paper's."""
+def report(config, last: dict[str, dict], epochs: dict[int, dict[str, dict]]) -> tuple[dict, str]:
+    """reproduce.json's content and reproduce.md's table: each benchmark's headline metrics after training (LAST)
+    and, with per-epoch results, the best epoch's (BEST), beside the paper's for the domain's benchmark."""
     paper = paper_figures(config)
-    rows, lines = [], [f"# {config.method} r={config.r} on {config.base_model or 'smollm2'} "
-                       f"({config.dataset or 'arithmetic'})", "",
-                       "| benchmark | metric | this run (%) | paper, LAST (%) | difference (points) |",
-                       "| --- | --- | --- | --- | --- |"]
-    for task, summary in results.items():
+    domain_task = DOMAIN_TASK.get(DOMAINS.get(config.dataset_format))
+    title = f"# {config.method} r={config.r} on {config.base_model or 'smollm2'} ({config.dataset or 'arithmetic'})"
+    header = "| benchmark | metric | LAST (%) | paper LAST (%) |" + (" BEST (%) | best epoch | paper BEST (%) |"
+                                                                   if epochs else "")
+    lines = [title, "", header, "|" + " --- |" * (header.count("|") - 1)]
+    rows = []
+    for task, summary in last.items():
         for metric, value in headline(task, summary).items():
-            ours = 100 * value
-            theirs = paper.get(metric) if task == DOMAIN_TASK.get(DOMAINS.get(config.dataset_format)) else None
-            rows.append({"task": task, "metric": metric, "value": ours, "paper_last": theirs, "items": summary["items"],
-                         "limit": summary.get("limit")})
-            diff = f"{ours - theirs:+.1f}" if theirs is not None else "-"
-            lines.append(f"| {task} ({summary['items']} items) | {metric} | {ours:.1f} | "
-                         f"{theirs if theirs is not None else '-'} | {diff} |")
+            best, last_paper = paper.get(metric, (None, None)) if task == domain_task else (None, None)
+            row = {"task": task, "metric": metric, "last": 100 * value, "paper_last": last_paper,
+                   "items": summary["items"], "limit": summary.get("limit")}
+            cells = f"| {task} ({summary['items']} items) | {metric} | {row['last']:.1f} | {_cell(last_paper)} |"
+            if epochs:
+                per_epoch = {e: 100 * r[task][metric] for e, r in epochs.items() if metric in r.get(task, {})}
+                best_epoch = max(per_epoch, key=lambda e: (per_epoch[e], e))
+                row.update(per_epoch=per_epoch, best=per_epoch[best_epoch], best_epoch=best_epoch, paper_best=best)
+                cells += f" {row['best']:.1f} | {best_epoch} | {_cell(best)} |"
+            rows.append(row)
+            lines.append(cells)
     if any(r["limit"] for r in rows):
         lines += ["", "Limited to the first items of each benchmark (--eval-limit): not comparable with the paper."]
-    return {"method": config.method, "r": config.r, "base_model": config.base_model, "dataset": config.dataset,
-            "results": rows}, "\n".join(lines) + "\n"
+    content = {"method": config.method, "r": config.r, "base_model": config.base_model, "dataset": config.dataset,
+               "results": rows}
+    return content, "\n".join(lines) + "\n"
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def plot_epochs(content: dict, path: Path) -> None:
+    """Each benchmark's headline metric after each epoch (the domain's on the left, forgetting on the right, their
+    mean in bold: the paper's Fig. 5), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    rows = [row for row in content["results"] if row.get("per_epoch")]
+    forgetting = [row for row in rows if row["task"] in FORGETTING]
+    domain = [row for row in rows if row["task"] not in FORGETTING]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+    for ax, group, title in ((axes[0][0], domain, "task"), (axes[0][1], forgetting, "forgetting benchmarks")):
+        for row in group:
+            epochs = sorted(row["per_epoch"])
+            ax.plot(epochs, [row["per_epoch"][e] for e in epochs], marker="o", label=f"{row['task']} {row['metric']}")
+            if row.get("paper_best") is not None:
+                ax.axhline(row["paper_best"], linestyle=":", color="grey", label="paper BEST")
+        if len(group) > 1 and group is forgetting:
+            epochs = sorted(set.intersection(*(set(row["per_epoch"]) for row in group)))
+            mean = [sum(row["per_epoch"][e] for row in group) / len(group) for e in epochs]
+            ax.plot(epochs, mean, linewidth=3, color="black", label="mean")
+        ax.set(xlabel="epoch", ylabel="%", title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if group:
+            ax.legend(fontsize=8)
+    figure.suptitle(f"{content['method']} r={content['r']} on {content['base_model'] or 'smollm2'}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _evaluate(task: str, model: str | None, adapter: str | None, out_dir: Path, own: dict[str, str]) -> dict:
+    """`rasa-lora eval` of one benchmark into out_dir; its summary."""
+    import torch
+
+    from rasa_lora.evaluation.cli import main as eval_main
+
+    argv = [task, "--output-dir", str(out_dir), "--dtype", "bfloat16" if torch.cuda.is_available() else "float32"]
+    argv += ["--model", model] if model else []
+    argv += ["--adapter", adapter] if adapter else []
+    for key, flag in (("limit", "--limit"), ("data_dir", "--data-dir"), ("batch_size", "--batch-size"),
+                      ("n_samples", "--n-samples"), ("max_new_tokens", "--max-new-tokens")):
+        if key in own:
+            argv += [flag, own[key]]
+    if eval_main(argv):
+        raise RuntimeError(f"rasa-lora eval {task} failed (its message is above)")
+    return json.loads((out_dir / "summary.json").read_text())
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    files = [path / "adapter_model.safetensors" for path in (a, b)]
+    return all(f.is_file() for f in files) and files[0].read_bytes() == files[1].read_bytes()
 
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    from rasa_lora.evaluation.cli import main as eval_main
     from rasa_lora.train import checkpoint
     from rasa_lora.train.cli import _values
     from rasa_lora.train.cli import main as train_main
     from rasa_lora.train.config import build_config
+    from rasa_lora.train.trainer import epoch_adapter_dirs
 
     try:
         own, train_argv = split_args(argv)
         check_options(own)
+        every_epoch = own.pop("every_epoch", None) is not None
+        if every_epoch:
+            train_argv = [*train_argv, "--save-epoch-adapters", "true"]
         config = build_config(_values(train_argv))
         tasks = eval_tasks(config, own.get("tasks"))
     except (ValueError, FileNotFoundError) as error:
@@ -159,6 +245,10 @@ def main(argv: list[str]) -> int:
     out = Path(config.output_dir)
     if (out / "summary.json").is_file():
         print(f"rasa-lora reproduce: {out} holds a finished training run; evaluating it", file=sys.stderr)
+        if every_epoch and not epoch_adapter_dirs(out):
+            print(f"rasa-lora reproduce: error: --every-epoch, but {out} kept no adapter per epoch (it was trained "
+                  "without save_epoch_adapters); evaluate without --every-epoch, or train again", file=sys.stderr)
+            return 2
     else:
         resume = checkpoint.checkpoint_dirs(out) if out.is_dir() else []
         code = train_main([*train_argv, "--resume"] if resume and "--resume" not in train_argv else train_argv)
@@ -166,27 +256,26 @@ def main(argv: list[str]) -> int:
             return code
     if int(os.environ.get("RANK", "0")) != 0:  # a multi-process training: the main process evaluates
         return 0
-    import torch
-
     model, adapter = (str(out), None) if config.method == "fft" else (config.base_model, str(out))
-    results = {}
-    for task in tasks:
-        task_argv = [task, "--adapter", adapter] if adapter else [task]
-        task_argv += ["--output-dir", str(out / "eval" / task),
-                      "--dtype", "bfloat16" if torch.cuda.is_available() else "float32"]
-        if model:
-            task_argv += ["--model", model]
-        for key, flag in (("limit", "--limit"), ("data_dir", "--data-dir"), ("batch_size", "--batch-size"),
-                          ("n_samples", "--n-samples"), ("max_new_tokens", "--max-new-tokens")):
-            if key in own:
-                task_argv += [flag, own[key]]
-        code = eval_main(task_argv)
-        if code:
-            return code
-        results[task] = json.loads((out / "eval" / task / "summary.json").read_text())
-    content, table = report(config, results)
+    try:
+        last = {task: _evaluate(task, model, adapter, out / "eval" / task, own) for task in tasks}
+        epochs = {}
+        for folder in epoch_adapter_dirs(out) if every_epoch else []:
+            epoch = int(folder.name.split("-")[1])
+            if _same_weights(folder, out):  # the last epoch's adapter is the final one: scored above
+                epochs[epoch] = last
+                continue
+            epochs[epoch] = {task: _evaluate(task, model, str(folder), out / "eval" / folder.name / task, own)
+                             for task in tasks}
+    except RuntimeError as error:
+        print(f"rasa-lora reproduce: {error}", file=sys.stderr)
+        return 2
+    content, table = report(config, last, epochs)
     (out / "reproduce.json").write_text(json.dumps(content, indent=2) + "\n")
     (out / "reproduce.md").write_text(table)
     print(table)
     print(f"results: {out / 'reproduce.md'}  {out / 'reproduce.json'}  per benchmark: {out / 'eval'}")
+    if epochs:
+        plot_epochs(content, out / "epochs.png")
+        print(f"per-epoch plot: {out / 'epochs.png'}")
     return 0

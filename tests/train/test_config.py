@@ -72,3 +72,9 @@ def test_yaml_exponent_text_becomes_a_float(tmp_path):
 def test_wrong_type_names_the_key():
     with pytest.raises(ValueError, match="r='eight' is not a valid int"):
         build_config({"r": "eight"})
+
+
+@pytest.mark.parametrize("method", ["fft", "olora", "pissa"])
+def test_epoch_adapters_are_refused_where_there_is_no_plain_adapter_to_keep(method):
+    with pytest.raises(ValueError, match="save_epoch_adapters"):
+        build_config({"method": method, "save_epoch_adapters": True})

@@ -29,7 +29,7 @@ def test_trains_then_evaluates_and_a_rerun_redoes_nothing(tiny_model_dir, tmp_pa
     content = json.loads((out / "reproduce.json").read_text())
     assert [(row["task"], row["metric"]) for row in content["results"]] == [("gsm8k", "accuracy"),
                                                                             ("arc_challenge", "acc_norm")]
-    assert all(0 <= row["value"] <= 100 and row["items"] == 2 and row["paper_last"] is None
+    assert all(0 <= row["last"] <= 100 and row["items"] == 2 and row["paper_last"] is None and "best" not in row
                for row in content["results"])
     assert "not comparable with the paper" in (out / "reproduce.md").read_text()
     for task in ("gsm8k", "arc_challenge"):
@@ -69,7 +69,7 @@ def test_the_domain_picks_the_benchmarks_and_an_unknown_one_says_how_to_choose(t
 
 
 def _paper_tables() -> dict[tuple[str, str, str, int], dict[str, float]]:
-    """The LAST columns of the paper's Tables 1 (code) and 2 (math), read from its text."""
+    """The (BEST, LAST) columns of the paper's Tables 1 (code) and 2 (math), read from its text."""
     lines = re.sub(r"</?(i|b)>", "", PAPER.read_text()).splitlines()  # italic / bold marks of best results
     start1 = next(i for i, line in enumerate(lines) if line.startswith("Table 1:"))
     start2 = next(i for i, line in enumerate(lines) if line.startswith("Table 2:"))
@@ -82,8 +82,8 @@ def _paper_tables() -> dict[tuple[str, str, str, int], dict[str, float]]:
         columns = [cell.split() for cell in cells[3:]]  # time, P@1 best, P@1 last, P@10 best, P@10 last, twice
         for m, method in enumerate(methods):
             for model, first in (("llama", 0), ("mistral", 5)):
-                figures[(model, "code", method.lower(), r)] = {"pass@1": float(columns[first + 2][m]),
-                                                               "pass@10": float(columns[first + 4][m])}
+                best_last = [(float(columns[first + k][m]), float(columns[first + k + 1][m])) for k in (1, 3)]
+                figures[(model, "code", method.lower(), r)] = {"pass@1": best_last[0], "pass@10": best_last[1]}
     runs = 0  # after VeRA's row (r = 1024), six methods at r = 8, then 16, then 32; the r labels sit mid-group
     for line in lines[start2:start2 + 40]:
         cells = [cell.strip() for cell in line.split("\t")]
@@ -94,8 +94,9 @@ def _paper_tables() -> dict[tuple[str, str, str, int], dict[str, float]]:
         else:
             r, runs = (8, 16, 32)[runs // 6], runs + 1
         values = [cell for cell in cells[2:] if cell and cell != "_" and not cell.endswith(("M", "h"))]
-        for model, index in (("llama", 1), ("mistral", 3)):  # BEST, LAST, BEST, LAST
-            figures[(model, "math", cells[1].lower(), r)] = {"accuracy": float(values[index])}
+        for model, index in (("llama", 0), ("mistral", 2)):  # BEST, LAST, BEST, LAST
+            figures[(model, "math", cells[1].lower(), r)] = {"accuracy": (float(values[index]),
+                                                                          float(values[index + 1]))}
     return figures
 
 
@@ -103,8 +104,35 @@ def _paper_tables() -> dict[tuple[str, str, str, int], dict[str, float]]:
 def test_the_papers_figures_are_its_tables_and_cover_every_paper_recipe():
     tables = _paper_tables()
     assert len(tables) >= 2 * 7 + 2 * 13  # code: VeRA and 3 x (LoRA, MoRA, RaSA); math: 13 runs a model
-    for key, figures in reproduce.PAPER_LAST.items():
+    for key, figures in reproduce.PAPER.items():
         assert tables[key] == figures, key
     for path in sorted((REPO / "configs" / "paper").glob("*.yaml")):
         config = build_config(read_yaml(path))
         assert reproduce.paper_figures(config), f"{path.name} has no paper figures"
+
+
+def test_every_epoch_scores_each_epochs_adapter_and_plots_them(tiny_model_dir, tmp_path, shared_data):
+    out = tmp_path / "run"
+    values = tiny_overrides(tiny_model_dir, out, num_examples=8, epochs=2)  # 2 steps an epoch, 4 in all
+    del values["max_steps"]
+    argv = [*_args(values), "--every-epoch", "--eval-tasks", "gsm8k,arc_challenge,winogrande", "--eval-limit", "2",
+            "--eval-data", str(shared_data), "--max-new-tokens", "4"]
+    assert reproduce.main(argv) == 0
+    assert [path.name for path in sorted((out / "epochs").iterdir())] == ["epoch-1", "epoch-2"]
+    assert (out / "eval" / "epoch-1" / "gsm8k" / "records.jsonl").is_file()
+    assert not (out / "eval" / "epoch-2").exists()  # the last epoch's adapter is the final one, scored once
+    content = json.loads((out / "reproduce.json").read_text())
+    for row in content["results"]:
+        assert sorted(row["per_epoch"]) == ["1", "2"]  # JSON keys
+        assert row["best"] == max(row["per_epoch"].values()) and row["per_epoch"]["2"] == row["last"]
+    assert "best epoch" in (out / "reproduce.md").read_text()
+    assert (out / "epochs.png").stat().st_size > 10_000
+
+
+def test_every_epoch_on_a_run_trained_without_them_says_so(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    argv = [*_args(tiny_overrides(tiny_model_dir, out)), "--every-epoch", "--eval-tasks", "gsm8k"]
+    assert reproduce.main(argv) == 2
+    assert "save_epoch_adapters" in capsys.readouterr().err

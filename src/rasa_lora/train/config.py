@@ -32,7 +32,8 @@ DATASET_FORMATS = ("auto", "arithmetic", "gsm8k", "math", "metamathqa", "magicod
 ALL_PROJECTIONS = LLAMA_PROJECTIONS
 
 # Keys that only change how a run is operated, not what it computes; they may differ when resuming.
-OPERATIONAL_KEYS = ("resume", "overwrite", "save_steps", "save_total_limit", "logging_steps", "progress_bar")
+OPERATIONAL_KEYS = ("resume", "overwrite", "save_steps", "save_total_limit", "save_epoch_adapters", "logging_steps",
+                    "progress_bar")
 
 
 @dataclass
@@ -111,6 +112,9 @@ class TrainConfig:
     """Write a checkpoint every this many optimizer steps; 0 saves only on interruption."""
     save_total_limit: int = 2
     """Checkpoints kept (the newest ones)."""
+    save_epoch_adapters: bool = False
+    """Also keep the adapter after each whole epoch, in output_dir/epochs/epoch-N (the paper's BEST column and
+    forgetting curves: `rasa-lora reproduce --every-epoch`); not for fft, olora, pissa."""
     resume: bool = False
     """Continue from the newest checkpoint in output_dir."""
     overwrite: bool = False
@@ -180,6 +184,10 @@ class TrainConfig:
                 raise ValueError(f"{key}={getattr(self, key)!r} is unknown; choose one of: {', '.join(allowed)}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite contradict each other; give one of them")
+        if self.save_epoch_adapters and self.method in ("fft", "olora", "pissa"):
+            raise ValueError(f"save_epoch_adapters is not available for {self.method} (fft has no adapter; OLoRA and "
+                             "PiSSA adapters are converted against the initial weights once, at the end): leave it "
+                             "off, or use save_steps checkpoints")
 
     @property
     def gradient_accumulation_steps(self) -> int:

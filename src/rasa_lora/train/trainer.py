@@ -258,6 +258,32 @@ def _save(run: Run) -> Path:
     return path
 
 
+EPOCHS = "epochs"
+
+
+def epoch_adapter_dirs(output_dir: str | Path) -> list[Path]:
+    """The adapters kept after each whole epoch (`save_epoch_adapters`), oldest first."""
+    root = Path(output_dir) / EPOCHS
+    found = [path for path in root.glob("epoch-*")
+             if path.name[6:].isdigit() and (path / "adapter_config.json").is_file()]
+    return sorted(found, key=lambda path: int(path.name[6:]))
+
+
+def save_epoch_adapter(run: Run, epoch: int) -> None:
+    """The adapter as it is after `epoch` whole epochs, into output_dir/epochs/epoch-N (written to a temporary
+    folder first, so an interruption never leaves a partial one where `epoch_adapter_dirs` looks)."""
+    final = Path(run.config.output_dir) / EPOCHS / f"epoch-{epoch}"
+    partial = final.with_name(final.name + ".partial")
+    if run.accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    run.accelerator.wait_for_everyone()
+    distributed.save_adapter(run.model, run.accelerator, partial)
+    if run.accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+    run.accelerator.wait_for_everyone()
+
+
 def training_loop(run: Run, metrics_path: Path) -> None:
     """Steps from `run.state.step` to `run.total_steps`, logging, checkpointing and honouring signals."""
     from tqdm.auto import tqdm
@@ -282,6 +308,8 @@ def training_loop(run: Run, metrics_path: Path) -> None:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             if config.save_steps and state.step % config.save_steps == 0 and state.step < run.total_steps:
                 _save(run)
+            if config.save_epoch_adapters and state.step % run.steps_per_epoch == 0:
+                save_epoch_adapter(run, state.step // run.steps_per_epoch)
             signum = distributed.agreed_signal(stop.signum, run.accelerator)  # all processes stop together
             if signum is not None:
                 raise TrainingInterrupted(signum, state.step, _save(run))
