@@ -136,3 +136,12 @@ def test_every_epoch_on_a_run_trained_without_them_says_so(tiny_model_dir, tmp_p
     argv = [*_args(tiny_overrides(tiny_model_dir, out)), "--every-epoch", "--eval-tasks", "gsm8k"]
     assert reproduce.main(argv) == 2
     assert "save_epoch_adapters" in capsys.readouterr().err
+
+
+def test_a_full_fine_tune_is_evaluated_as_a_model(tiny_model_dir, tmp_path, shared_data):
+    out = tmp_path / "fft"
+    argv = [*_args(tiny_overrides(tiny_model_dir, out, max_steps=1, method="fft")), "--eval-tasks", "arc_challenge",
+            "--eval-limit", "2", "--eval-data", str(shared_data)]
+    assert reproduce.main(argv) == 0
+    summary = json.loads((out / "eval" / "arc_challenge" / "summary.json").read_text())
+    assert summary["model"] == str(out) and summary["adapter"] is None
