@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "compress": ("rasa_lora.analysis.cli", "compress_main", "fit a RaSA adapter to a full fine-tune's weight deltas"),
     "eval": ("rasa_lora.evaluation.cli", "main", "MATH/GSM8K, HumanEval(+) and forgetting benchmarks"),
     "reproduce": ("rasa_lora.reproduce", "main", "a paper run end to end: train a recipe, then its benchmarks"),
+    "compare": ("rasa_lora.reproduce", "compare_main", "reproduced runs side by side with the paper's figures"),
 }
 
 

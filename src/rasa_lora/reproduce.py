@@ -279,3 +279,73 @@ def main(argv: list[str]) -> int:
         plot_epochs(content, out / "epochs.png")
         print(f"per-epoch plot: {out / 'epochs.png'}")
     return 0
+
+
+def compare_main(argv: list[str]) -> int:
+    """`rasa-lora compare RUN_DIR [RUN_DIR ...] [--out FILE]`: the runs' reproduce.json side by side (one row per run
+    and metric, the paper's figures beside them, as its Tables 1-2 put them) in FILE.md (default compare.md), and
+    FILE.png: each run's domain metric against the paper's, bars by run."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(compare_main.__doc__)
+        return 0 if argv else 2
+    out = Path("compare")
+    if "--out" in argv:
+        at = argv.index("--out")
+        if at + 1 >= len(argv):
+            print("rasa-lora compare: --out needs a file name", file=sys.stderr)
+            return 2
+        out, argv = Path(argv[at + 1]).with_suffix(""), argv[:at] + argv[at + 2:]
+    runs, missing = [], [path for path in argv if not (Path(path) / "reproduce.json").is_file()]
+    if missing:
+        print(f"rasa-lora compare: no reproduce.json in {', '.join(missing)} (run `rasa-lora reproduce` there first)",
+              file=sys.stderr)
+        return 2
+    for path in argv:
+        content = json.loads((Path(path) / "reproduce.json").read_text())
+        if not all("last" in row for row in content.get("results", [])):
+            print(f"rasa-lora compare: {path}/reproduce.json is in an older format; run the same `rasa-lora "
+                  "reproduce` again there (it only rewrites the report)", file=sys.stderr)
+            return 2
+        runs.append((Path(path).name, content))
+    lines = ["| run | method | r | benchmark | metric | LAST (%) | paper LAST | BEST (%) | paper BEST |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, content in runs:
+        for row in content["results"]:
+            lines.append(f"| {name} | {content['method']} | {content['r']} | {row['task']} | {row['metric']} | "
+                         f"{row['last']:.1f} | {_cell(row.get('paper_last'))} | {_cell(row.get('best'))} | "
+                         f"{_cell(row.get('paper_best'))} |")
+    if any(row.get("limit") for _, content in runs for row in content["results"]):
+        lines += ["", "Some runs were evaluated on the first items only (--eval-limit): not comparable with the paper."]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _plot_compare(runs, out.with_suffix(".png"))
+    print(f"table: {out.with_suffix('.md')}  plot: {out.with_suffix('.png')}")
+    return 0
+
+
+def _plot_compare(runs: list[tuple[str, dict]], path: Path) -> None:
+    """Bars of each run's first domain metric (the first result row with a paper figure, else its first row), the
+    paper's LAST beside it where it has one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picked = []
+    for name, content in runs:
+        rows = content["results"]
+        row = next((r for r in rows if r.get("paper_last") is not None), rows[0] if rows else None)
+        if row is not None:
+            picked.append((name, row))
+    figure, ax = plt.subplots(figsize=(max(6, 1.2 * len(picked) + 2), 4))
+    xs = range(len(picked))
+    ax.bar([x - 0.2 for x in xs], [row["last"] for _, row in picked], width=0.4, label="this run (LAST)")
+    paper = [(x, row["paper_last"]) for x, (_, row) in zip(xs, picked) if row.get("paper_last") is not None]
+    if paper:
+        ax.bar([x + 0.2 for x, _ in paper], [value for _, value in paper], width=0.4, label="paper (LAST)")
+    ax.set_xticks(list(xs), [f"{name}\n{row['task']} {row['metric']}" for name, row in picked], fontsize=8)
+    ax.set_ylabel("%")
+    ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -145,3 +145,25 @@ def test_a_full_fine_tune_is_evaluated_as_a_model(tiny_model_dir, tmp_path, shar
     assert reproduce.main(argv) == 0
     summary = json.loads((out / "eval" / "arc_challenge" / "summary.json").read_text())
     assert summary["model"] == str(out) and summary["adapter"] is None
+
+
+def test_compare_puts_runs_beside_the_papers_figures(tmp_path, capsys):
+    runs = {"rasa-r8": {"method": "rasa", "r": 8, "base_model": "meta-llama/Llama-3.1-8B", "dataset": "m",
+                        "results": [{"task": "math", "metric": "accuracy", "last": 28.0, "paper_last": 29.1,
+                                     "best": 30.0, "paper_best": 30.3, "items": 5000, "limit": None},
+                                    {"task": "winogrande", "metric": "acc", "last": 70.2, "paper_last": None,
+                                     "items": 1267, "limit": None}]},
+            "lora-r8": {"method": "lora", "r": 8, "base_model": None, "dataset": None,
+                        "results": [{"task": "gsm8k", "metric": "accuracy", "last": 12.5, "paper_last": None,
+                                     "items": 3, "limit": 3}]}}
+    for name, content in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "reproduce.json").write_text(json.dumps(content))
+    out = tmp_path / "table.md"
+    assert reproduce.compare_main([str(tmp_path / "rasa-r8"), str(tmp_path / "lora-r8"), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| rasa-r8 | rasa | 8 | math | accuracy | 28.0 | 29.1 | 30.0 | 30.3 |" in text
+    assert "| lora-r8 | lora | 8 | gsm8k | accuracy | 12.5 | - | - | - |" in text and "not comparable" in text
+    assert out.with_suffix(".png").stat().st_size > 5_000
+    assert reproduce.compare_main([str(tmp_path / "nothing-here")]) == 2
+    assert "rasa-lora reproduce" in capsys.readouterr().err
