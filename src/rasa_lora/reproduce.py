@@ -260,8 +260,7 @@ def main(argv: list[str]) -> int:
     try:
         last = {task: _evaluate(task, model, adapter, out / "eval" / task, own) for task in tasks}
         epochs = {}
-        for folder in epoch_adapter_dirs(out) if every_epoch else []:
-            epoch = int(folder.name.split("-")[1])
+        for epoch, folder in epoch_adapter_dirs(out) if every_epoch else []:
             if _same_weights(folder, out):  # the last epoch's adapter is the final one: scored above
                 epochs[epoch] = last
                 continue
@@ -285,22 +284,19 @@ def compare_main(argv: list[str]) -> int:
     """`rasa-lora compare RUN_DIR [RUN_DIR ...] [--out FILE]`: the runs' reproduce.json side by side (one row per run
     and metric, the paper's figures beside them, as its Tables 1-2 put them) in FILE.md (default compare.md), and
     FILE.png: each run's domain metric against the paper's, bars by run."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print(compare_main.__doc__)
-        return 0 if argv else 2
-    out = Path("compare")
-    if "--out" in argv:
-        at = argv.index("--out")
-        if at + 1 >= len(argv):
-            print("rasa-lora compare: --out needs a file name", file=sys.stderr)
-            return 2
-        out, argv = Path(argv[at + 1]).with_suffix(""), argv[:at] + argv[at + 2:]
-    runs, missing = [], [path for path in argv if not (Path(path) / "reproduce.json").is_file()]
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="rasa-lora compare", description=compare_main.__doc__)
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of `rasa-lora reproduce`")
+    parser.add_argument("--out", default="compare", help="FILE: writes FILE.md and FILE.png (default compare)")
+    args = parser.parse_args(argv)
+    out, dirs = Path(args.out).with_suffix(""), args.runs
+    runs, missing = [], [path for path in dirs if not (Path(path) / "reproduce.json").is_file()]
     if missing:
         print(f"rasa-lora compare: no reproduce.json in {', '.join(missing)} (run `rasa-lora reproduce` there first)",
               file=sys.stderr)
         return 2
-    for path in argv:
+    for path in dirs:
         content = json.loads((Path(path) / "reproduce.json").read_text())
         if not all("last" in row for row in content.get("results", [])):
             print(f"rasa-lora compare: {path}/reproduce.json is in an older format; run the same `rasa-lora "

@@ -28,6 +28,8 @@ UNSUPPORTED_METHODS = {
     "mora": "MoRA is not in PEFT and not implemented here yet",
     "prilora": "PriLoRA is not in PEFT and not implemented here yet",
 }
+# OLoRA and PiSSA move the base weights; their final adapter is converted against the initial one
+CONVERTED_ON_SAVE = ("olora", "pissa")
 DATASET_FORMATS = ("auto", "arithmetic", "gsm8k", "math", "metamathqa", "magicoder", "alpaca", "completion")
 ALL_PROJECTIONS = LLAMA_PROJECTIONS
 
@@ -184,7 +186,7 @@ class TrainConfig:
                 raise ValueError(f"{key}={getattr(self, key)!r} is unknown; choose one of: {', '.join(allowed)}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite contradict each other; give one of them")
-        if self.save_epoch_adapters and self.method in ("fft", "olora", "pissa"):
+        if self.save_epoch_adapters and (self.method == "fft" or self.method in CONVERTED_ON_SAVE):
             raise ValueError(f"save_epoch_adapters is not available for {self.method} (fft has no adapter; OLoRA and "
                              "PiSSA adapters are converted against the initial weights once, at the end): leave it "
                              "off, or use save_steps checkpoints")

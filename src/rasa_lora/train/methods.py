@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from rasa_lora.train.config import UNSUPPORTED_METHODS
+from rasa_lora.train.config import CONVERTED_ON_SAVE, UNSUPPORTED_METHODS
 
 
 def peft_config_for(config: Any, total_steps: int) -> Any:
@@ -56,7 +56,7 @@ def peft_config_for(config: Any, total_steps: int) -> Any:
 
 def initial_adapter_needed(method: str) -> bool:
     """OLoRA and PiSSA move the base weights; their final adapter is converted against the initial one."""
-    return method in ("olora", "pissa")
+    return method in CONVERTED_ON_SAVE
 
 
 def apply_method(model: torch.nn.Module, config: Any, total_steps: int) -> torch.nn.Module:

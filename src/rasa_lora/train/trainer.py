@@ -261,12 +261,12 @@ def _save(run: Run) -> Path:
 EPOCHS = "epochs"
 
 
-def epoch_adapter_dirs(output_dir: str | Path) -> list[Path]:
-    """The adapters kept after each whole epoch (`save_epoch_adapters`), oldest first."""
+def epoch_adapter_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(epoch, folder) of the adapters kept after each whole epoch (`save_epoch_adapters`), oldest first."""
     root = Path(output_dir) / EPOCHS
-    found = [path for path in root.glob("epoch-*")
+    found = [(int(path.name[6:]), path) for path in root.glob("epoch-*")
              if path.name[6:].isdigit() and (path / "adapter_config.json").is_file()]
-    return sorted(found, key=lambda path: int(path.name[6:]))
+    return sorted(found)
 
 
 def save_epoch_adapter(run: Run, epoch: int) -> None:
