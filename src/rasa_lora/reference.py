@@ -26,8 +26,8 @@ def dense_delta(A_private: torch.Tensor, B_private: torch.Tensor, D: torch.Tenso
 
 def layer_delta(layer, adapter_name: str = "default") -> torch.Tensor:
     """dW_i of a `RasaLayer` from its parameters, in the (out, in) layout, float64."""
-    A_s, B_s = layer.shared_factors(adapter_name)
-    factors = (layer.rasa_A[adapter_name], layer.rasa_B[adapter_name], layer.rasa_D[adapter_name], A_s, B_s)
+    f = layer.factors(adapter_name)
+    factors = (f["A_p"], f["B_p"], f["D"], f["A_s"], f["B_s"])
     return dense_delta(*(t.detach().double() for t in factors))
 
 
@@ -39,8 +39,8 @@ def dense_forward(layer, x: torch.Tensor, adapter_name: str = "default",
     """
     base = layer.get_base_layer()
     weight = base.weight.t() if layer.fan_in_fan_out else base.weight
-    A_s, B_s = layer.shared_factors(adapter_name)
-    delta = dense_delta(layer.rasa_A[adapter_name], layer.rasa_B[adapter_name], layer.rasa_D[adapter_name], A_s, B_s)
+    f = layer.factors(adapter_name)
+    delta = dense_delta(f["A_p"], f["B_p"], f["D"], f["A_s"], f["B_s"])
     dropped = x if keep_mask is None else x * keep_mask / (1.0 - dropout_p)
     bias = None if base.bias is None else base.bias.to(x.dtype)
     return nn.functional.linear(x, weight.to(x.dtype), bias) + dropped @ delta.t().to(x.dtype)

@@ -23,8 +23,11 @@ class RasaConfig(PeftConfig):
     group (all modules with the same path once the layer index is removed, e.g. every `mlp.down_proj`);
     every layer then uses r - k + L*k ranks, weighted by its own trainable diagonal D_i.
 
-    Field names follow the authors' code (`r`, `rasa_k`, `rasa_alpha`, `rasa_dropout`, ...), so their
-    configs work unchanged.
+    Field names follow the authors' code (`r`, `rasa_k`, `rasa_alpha`, `rasa_dropout`, ...). Three defaults differ
+    from their fork's: `r` (8 here, 256 there), `rasa_k` (max(r // 8, 1) here, 1 there) and `target_modules=None`
+    (every linear layer of the blocks here; PEFT's LoRA list for the architecture there, q_proj and v_proj on
+    Llama). A config file written by their fork (it has no `init_weights` key) is read with their defaults, and
+    their checkpoints load converted (`rasa_lora.adapter.authors`), so their saved adapters work unchanged.
     """
 
     r: int = field(default=8, metadata={"help": "Rank of each layer's update before sharing (LoRA's r)."})
@@ -56,6 +59,13 @@ class RasaConfig(PeftConfig):
     layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer list (e.g. 'layers', 'h'), used with layers_to_transform."}
     )
+    default_targets: Literal["all-linear", "lora"] = field(
+        default="all-linear",
+        metadata={
+            "help": "What target_modules=None adapts: 'all-linear' (this package's default) or 'lora' (PEFT's LoRA "
+            "modules for the architecture, q_proj and v_proj on Llama: the authors' fork's default)."
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={
@@ -83,8 +93,19 @@ class RasaConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, list):
                 setattr(self, name, set(value))
+        if self.default_targets not in ("all-linear", "lora"):
+            raise ValueError(f"default_targets={self.default_targets!r}; choose 'all-linear' or 'lora'.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only applies together with layers_to_transform; set both or neither.")
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """Called by `from_pretrained` on the saved config: a config file of the authors' fork is read with their
+        defaults (see the class docstring)."""
+        from rasa_lora.adapter.authors import check_authors_config, is_authors_config
+
+        kwargs = super().check_kwargs(**kwargs)
+        return check_authors_config(kwargs) if is_authors_config(kwargs) else kwargs
 
     @property
     def num_private_ranks(self) -> int:

@@ -79,8 +79,12 @@ class RasaLayer(BaseTunerLayer):
         self.rasa_dropout[adapter_name] = dropout
         weight = self.get_base_layer().weight
         factory = {"device": weight.device, "dtype": torch.float32}
-        self.rasa_A[adapter_name] = nn.Parameter(torch.empty(num_private, self.in_features, **factory))
-        self.rasa_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, num_private, **factory))
+        for container in (self.rasa_A, self.rasa_B):
+            if adapter_name in container:
+                del container[adapter_name]
+        if num_private:  # k = r leaves no private rank: no zero-element parameters are registered (or saved)
+            self.rasa_A[adapter_name] = nn.Parameter(torch.empty(num_private, self.in_features, **factory))
+            self.rasa_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, num_private, **factory))
         self.rasa_D[adapter_name] = nn.Parameter(torch.empty(num_private + num_layers * k, **factory))
         self.reset_rasa_parameters(adapter_name, config.init_weights)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -90,11 +94,12 @@ class RasaLayer(BaseTunerLayer):
         r, k, alpha = self.r[adapter_name], self.rasa_k[adapter_name], self.rasa_alpha[adapter_name]
         num_private, num_shared = r - k, self.rasa_num_layers[adapter_name] * k
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.rasa_A[adapter_name], a=math.sqrt(5))
-            if init_weights:
-                nn.init.zeros_(self.rasa_B[adapter_name])
-            else:
-                nn.init.normal_(self.rasa_B[adapter_name], std=0.02)
+            if num_private:
+                nn.init.kaiming_uniform_(self.rasa_A[adapter_name], a=math.sqrt(5))
+                if init_weights:
+                    nn.init.zeros_(self.rasa_B[adapter_name])
+                else:
+                    nn.init.normal_(self.rasa_B[adapter_name], std=0.02)
             D = self.rasa_D[adapter_name]
             if num_private:
                 D[:num_private] = alpha / (2 * num_private)
@@ -102,14 +107,40 @@ class RasaLayer(BaseTunerLayer):
                 D[num_private:] = alpha / (2 * num_shared)
 
     # --- the pool --------------------------------------------------------------------------------------
+    def _empty(self, adapter_name: str, rows: int, cols: int) -> torch.Tensor:
+        """A zero-element factor (no rank of that kind), on D's device and dtype; never a registered parameter."""
+        D = self.rasa_D[adapter_name]
+        return D.new_zeros(rows, cols)
+
+    def private_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A~_i, B~_i); empty (0 ranks) tensors when k = r, where no private factor is registered."""
+        A_p = self.rasa_A._parameters.get(adapter_name)
+        if A_p is None:
+            return self._empty(adapter_name, 0, self.in_features), self._empty(adapter_name, self.out_features, 0)
+        return A_p, self.rasa_B[adapter_name]
+
+    def has_pool(self, adapter_name: str) -> bool:
+        """Whether the adapter shares ranks here (k > 0); with k = 0 the tuner registers no pool."""
+        return self.rasa_k[adapter_name] > 0
+
     def shared_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_S, B_S) of this layer's group for the adapter."""
+        """(A_S, B_S) of this layer's group for the adapter; empty (0 ranks) tensors when k = 0."""
+        if not self.rasa_k[adapter_name]:
+            return self._empty(adapter_name, 0, self.in_features), self._empty(adapter_name, self.out_features, 0)
         return self._rasa_pools.get(adapter_name, self.rasa_group[adapter_name])
 
     def factors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """All five factors of eq. 5 (`A_p`, `B_p`, `D`, `A_s`, `B_s`), zero-element ones included."""
+        A_p, B_p = self.private_factors(adapter_name)
         A_s, B_s = self.shared_factors(adapter_name)
-        return {"A_p": self.rasa_A[adapter_name], "B_p": self.rasa_B[adapter_name], "D": self.rasa_D[adapter_name],
-                "A_s": A_s, "B_s": B_s}
+        return {"A_p": A_p, "B_p": B_p, "D": self.rasa_D[adapter_name], "A_s": A_s, "B_s": B_s}
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """The registered parameters this layer uses for the adapter: its own and its group's pool (if any)."""
+        params = [c[adapter_name] for c in (self.rasa_A, self.rasa_B, self.rasa_D) if adapter_name in c]
+        if self.has_pool(adapter_name):
+            params.extend(self.shared_factors(adapter_name))
+        return params
 
     # --- merging -----------------------------------------------------------------------------------------
     @staticmethod
@@ -129,6 +160,8 @@ class RasaLayer(BaseTunerLayer):
         return transpose(delta, self.fan_in_fan_out).to(weight.dtype)
 
     def _pool_fingerprint(self, adapter_name: str) -> tuple:
+        if not self.has_pool(adapter_name):
+            return ()
         A_s, B_s = self.shared_factors(adapter_name)
         return (A_s._version, A_s.data_ptr(), B_s._version, B_s.data_ptr())
 
@@ -139,7 +172,7 @@ class RasaLayer(BaseTunerLayer):
             return
         base = self.get_base_layer()
         for name in adapter_names:
-            if name not in self.rasa_A:
+            if name not in self.rasa_D:
                 continue
             snapshot = {key: value.detach().clone() for key, value in self.factors(name).items()}
             delta = transpose(self._delta_from(snapshot), self.fan_in_fan_out)
@@ -167,7 +200,7 @@ class RasaLayer(BaseTunerLayer):
 
     def check_pool_unchanged_while_merged(self) -> None:
         for name in self.merged_adapters:
-            if name in self.rasa_A and self._pool_fingerprint(name) != self._merge_records[name]["pool"]:
+            if name in self.rasa_D and self._pool_fingerprint(name) != self._merge_records[name]["pool"]:
                 raise RuntimeError(
                     f"The shared pool of adapter {name!r}, group {self.rasa_group[name]!r}, changed while this layer "
                     "was merged, so the merged weight holds a stale update. Call `unmerge_adapter()` (it restores the "
@@ -201,8 +234,8 @@ class Linear(nn.Module, RasaLayer):
                 return None
             active = active[0]
         modules = self._modules
-        A_p = modules["rasa_A"]._parameters.get(active)
-        if A_p is None or not fused_backend_enabled() or type(base) not in _fusable_types():
+        D = modules["rasa_D"]._parameters.get(active)
+        if D is None or not fused_backend_enabled() or type(base) not in _fusable_types():
             return None
         weight, bias = base.weight, base.bias
         if weight.requires_grad or (bias is not None and bias.requires_grad) or not x.dtype.is_floating_point:
@@ -211,11 +244,14 @@ class Linear(nn.Module, RasaLayer):
             weight = weight.t()
         dropout = modules["rasa_dropout"]._modules[active]
         p = dropout.p if (self.training and isinstance(dropout, nn.Dropout)) else 0.0
+        A_p = modules["rasa_A"]._parameters.get(active)
+        B_p = modules["rasa_B"]._parameters.get(active) if A_p is not None else None
+        if A_p is None:
+            A_p, B_p = self.private_factors(active)
         A_s, B_s = self.shared_factors(active)
         if A_s.device != x.device:
             A_s, B_s = A_s.to(x.device), B_s.to(x.device)
-        args = (weight, bias, A_p, modules["rasa_B"]._parameters[active], modules["rasa_D"]._parameters[active],
-                A_s, B_s)
+        args = (weight, bias, A_p, B_p, D, A_s, B_s)
         device_type = x.device.type
         if not torch.is_autocast_enabled(device_type):  # the common case, without a context manager's cost
             return rasa_linear(x, *args, dropout_p=p, last_in_block=self.last_in_block)
@@ -240,9 +276,10 @@ class Linear(nn.Module, RasaLayer):
         """Plain PyTorch eq. 5 (computed in the adapter's dtype, as PEFT's LoRA does)."""
         result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
-            if name not in self.rasa_A:
+            if name not in self.rasa_D:
                 continue
-            A_p, B_p, D = self.rasa_A[name], self.rasa_B[name], self.rasa_D[name]
+            A_p, B_p = self.private_factors(name)
+            D = self.rasa_D[name]
             A_s, B_s = self.shared_factors(name)
             num_private = A_p.shape[0]
             dropped = self.rasa_dropout[name](self._cast_input_dtype(x, A_p.dtype))

@@ -109,8 +109,34 @@ class RasaModel(BaseTuner):
     # --- configuration and planning ----------------------------------------------------------------------
     def _prepare_adapter_config(self, peft_config: RasaConfig, model_config: dict) -> RasaConfig:
         if peft_config.target_modules is None:
-            peft_config.target_modules = "all-linear"
+            if getattr(peft_config, "default_targets", "all-linear") == "lora":
+                from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as LORA_TARGETS
+
+                model_type = model_config.get("model_type")
+                if model_type not in LORA_TARGETS:
+                    raise ValueError(
+                        f"target_modules is unset and default_targets='lora', but PEFT has no LoRA target list for "
+                        f"model type {model_type!r}; set target_modules (e.g. ['q_proj', 'v_proj'])."
+                    )
+                peft_config.target_modules = set(LORA_TARGETS[model_type])
+            else:
+                peft_config.target_modules = "all-linear"
         return peft_config
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Checkpoint keys -> model keys (PEFT's mapping), after converting a checkpoint of the authors' fork and
+        dropping zero-element RaSA tensors (older rasa-lora saved them for k = 0 and k = r; none are registered)."""
+        from rasa_lora.adapter import authors
+
+        if authors.is_authors_state_dict(state_dict):
+            groups = {module.rasa_group[adapter_name] for module in model.modules()
+                      if isinstance(module, RasaLayer) and adapter_name in module.rasa_group}
+            state_dict = authors.convert_state_dict(state_dict, sorted(groups))
+        else:
+            state_dict = {key: value for key, value in state_dict.items()
+                          if not (cls.prefix in key and hasattr(value, "numel") and value.numel() == 0)}
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def _plan_groups(self, model: nn.Module, config: RasaConfig) -> dict[str, list[str]]:
         """Map each group to its targeted module paths (model order); validate types and shapes."""
@@ -142,6 +168,11 @@ class RasaModel(BaseTuner):
         self._rasa_plan[adapter_name] = {
             key: (group, len(keys)) for group, keys in plan.items() for key in keys
         }
+        # Adding an adapter must not change the trainability of the pools already there (PEFT restores that of the
+        # model's parameters, which do not include the tuner's pools).
+        existing = [(param, param.requires_grad) for name in self.rasa_shared_A if name != adapter_name
+                    for container in (self.rasa_shared_A[name], self.rasa_shared_B[name])
+                    for param in container.values()]
         self._create_pools(model, adapter_name, config, plan)
         try:
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
@@ -149,7 +180,9 @@ class RasaModel(BaseTuner):
         except Exception:
             self._drop_pools(adapter_name)
             raise
-        self._set_pool_requires_grad()
+        for param, requires_grad in existing:
+            param.requires_grad_(requires_grad)
+        self._sync_pool_requires_grad([adapter_name])
         mark_last_in_block(model)
 
     def _create_pools(self, model: nn.Module, adapter_name: str, config: RasaConfig, plan: dict) -> None:
@@ -160,6 +193,8 @@ class RasaModel(BaseTuner):
             in_features, out_features = _in_out(base)
             device = base.weight.device
             width = len(keys) * config.rasa_k
+            if not width:  # k = 0: no pool (no zero-element parameters registered or saved)
+                continue
             A = torch.empty(width, in_features, dtype=torch.float32, device=device)
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
             B = torch.zeros(out_features, width, dtype=torch.float32, device=device)
@@ -193,29 +228,52 @@ class RasaModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     # --- trainability, deletion, dtype ------------------------------------------------------------------
-    def _set_pool_requires_grad(self) -> None:
-        trainable = {
-            name for name in self.active_adapters
-            if name in self.peft_config and not self.peft_config[name].inference_mode
-        }
+    def _sync_pool_requires_grad(self, adapter_names=None) -> None:
+        """Make each pool as trainable as the layers that use it: a pool requires grad exactly when a parameter of
+        that adapter on one of its group's layers does. PEFT sets `requires_grad` layer by layer (`set_adapter`,
+        `set_requires_grad`, `load_adapter(..., is_trainable=...)`, `disable_adapter()`, ...) and never sees the pools,
+        so every such entry point of the tuner ends here. `adapter_names` limits it to those adapters."""
+        names = None if adapter_names is None else (
+            {adapter_names} if isinstance(adapter_names, str) else set(adapter_names))
+        if "rasa_shared_A" not in self._modules:
+            return
+        trainable: dict[tuple[str, str], bool] = {}
+        for module in self.model.modules():
+            if not isinstance(module, RasaLayer):
+                continue
+            for name in module.rasa_D:
+                if names is not None and name not in names:
+                    continue
+                key = (name, pool_key(module.rasa_group[name]))
+                own = any(c[name].requires_grad for c in (module.rasa_A, module.rasa_B, module.rasa_D) if name in c)
+                trainable[key] = trainable.get(key, False) or own
         for name, params in self.rasa_shared_A.items():
-            for param in list(params.values()) + list(self.rasa_shared_B[name].values()):
-                param.requires_grad_(name in trainable)
+            if names is not None and name not in names:
+                continue
+            for container in (params, self.rasa_shared_B[name]):
+                for key, param in container.items():
+                    param.requires_grad_(trainable.get((name, key), False))
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
-        self._set_pool_requires_grad()
+        self._sync_pool_requires_grad()
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        for name, params in self.rasa_shared_A.items():
-            for param in list(params.values()) + list(self.rasa_shared_B[name].values()):
-                param.requires_grad_(name in names and not inference_mode)
+        self._sync_pool_requires_grad()
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        self._sync_pool_requires_grad(adapter_names)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        self._sync_pool_requires_grad()
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._drop_pools(adapter_name)
+        self._sync_pool_requires_grad()
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
@@ -234,11 +292,13 @@ class RasaModel(BaseTuner):
             if isinstance(module, RasaLayer) and adapter_name in module.rasa_A:
                 dtype = module.get_base_layer().weight.dtype
                 for container in (module.rasa_A, module.rasa_B, module.rasa_D):
+                    if adapter_name not in container:
+                        continue
                     param = container[adapter_name]
                     container[adapter_name] = nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
                 for container in (self.rasa_shared_A[adapter_name], self.rasa_shared_B[adapter_name]):
                     key = pool_key(module.rasa_group[adapter_name])
-                    if container[key].dtype != dtype:
+                    if key in container and container[key].dtype != dtype:
                         container[key] = nn.Parameter(container[key].detach().to(dtype),
                                                       requires_grad=container[key].requires_grad)
 

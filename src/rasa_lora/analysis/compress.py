@@ -59,7 +59,6 @@ def build_adapter(base_model, fitted: Sequence[FittedGroup], r: int, k: int, ada
     from peft import get_peft_model
 
     from rasa_lora import RasaConfig
-    from rasa_lora.adapter.model import pool_key
 
     targets = [module for group in fitted for module in group.modules]
     config = RasaConfig(r=r, rasa_k=k, rasa_alpha=alpha, target_modules=targets)
@@ -70,12 +69,14 @@ def build_adapter(base_model, fitted: Sequence[FittedGroup], r: int, k: int, ada
             adapter_D = group.factors.adapter_D()
             for i, module_name in enumerate(group.modules):
                 layer = tuner.model.get_submodule(module_name)
-                _copy(layer.rasa_A[adapter_name], group.factors.private_A[i], module_name)
-                _copy(layer.rasa_B[adapter_name], group.factors.private_B[i], module_name)
+                A_p, B_p = layer.private_factors(adapter_name)  # zero-element (not registered) when k = r
+                _copy(A_p, group.factors.private_A[i], module_name)
+                _copy(B_p, group.factors.private_B[i], module_name)
                 _copy(layer.rasa_D[adapter_name], adapter_D[i], module_name)
-            key = pool_key(tuner.model.get_submodule(group.modules[0]).rasa_group[adapter_name])
-            _copy(tuner.rasa_shared_A[adapter_name][key], group.factors.shared_A, group.name)
-            _copy(tuner.rasa_shared_B[adapter_name][key], group.factors.shared_B, group.name)
+            first = tuner.model.get_submodule(group.modules[0])
+            A_s, B_s = first.shared_factors(adapter_name)  # zero-element (no pool) when k = 0
+            _copy(A_s, group.factors.shared_A, group.name)
+            _copy(B_s, group.factors.shared_B, group.name)
     return model
 
 

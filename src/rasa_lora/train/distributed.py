@@ -182,8 +182,9 @@ def pool_users(model: nn.Module) -> list[tuple[str, nn.Module, nn.Parameter]]:
     users = []
     for path, layer in rasa_layers(model).items():
         for adapter in layer.rasa_group:
-            for pool in layer.shared_factors(adapter):
-                users.append((path, layer, pool))
+            if layer.has_pool(adapter):  # k = 0 has no pool
+                for pool in layer.shared_factors(adapter):
+                    users.append((path, layer, pool))
     return users
 
 
@@ -201,9 +202,7 @@ def zero3_external_parameters(model: nn.Module) -> list[tuple[nn.Module, nn.Para
         base = layer.get_base_layer()
         pairs.extend((layer, p) for p in (base.weight, getattr(base, "bias", None)) if p is not None)
         for adapter in layer.rasa_group:
-            for container in (layer.rasa_A, layer.rasa_B, layer.rasa_D):
-                pairs.append((layer, container[adapter]))
-            pairs.extend((layer, pool) for pool in layer.shared_factors(adapter))
+            pairs.extend((layer, param) for param in layer.adapter_parameters(adapter))
     return pairs
 
 
