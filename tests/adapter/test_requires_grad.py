@@ -7,7 +7,7 @@ k = 0 or k = r registered zero-element trainable parameters. These tests do not 
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 import rasa_lora
