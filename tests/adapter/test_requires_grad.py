@@ -7,7 +7,7 @@ k = 0 or k = r registered zero-element trainable parameters. These tests do not 
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import rasa_lora
@@ -108,6 +108,14 @@ def test_no_zero_element_parameters_for_k_0_or_k_r(tmp_path, r, k):
     assert rel_err(loaded(ids).logits, expected) <= 1e-6
     merged = model.merge_and_unload()
     assert rel_err(merged(ids).logits, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_k_0_and_k_r_keep_the_base_dtype_when_asked(k):
+    config = rasa_lora.RasaConfig(r=4, rasa_k=k, target_modules=ALL_PROJ)
+    model = get_peft_model(tiny_llama().to(torch.bfloat16), config, autocast_adapter_dtype=False)
+    model.add_adapter("other", config, autocast_adapter_dtype=False)
+    assert {p.dtype for n, p in model.named_parameters() if ".rasa_" in n} == {torch.bfloat16}
 
 
 def test_zero_element_tensors_of_older_checkpoints_are_ignored(tmp_path, recwarn):

@@ -289,7 +289,7 @@ class RasaModel(BaseTuner):
     def _cast_to_base_dtype(self, adapter_name: str) -> None:
         """Keep the adapter in the base model's dtype (what `autocast_adapter_dtype=False` asks for)."""
         for module in self.model.modules():
-            if isinstance(module, RasaLayer) and adapter_name in module.rasa_A:
+            if isinstance(module, RasaLayer) and adapter_name in module.rasa_D:
                 dtype = module.get_base_layer().weight.dtype
                 for container in (module.rasa_A, module.rasa_B, module.rasa_D):
                     if adapter_name not in container:
