@@ -92,11 +92,9 @@ RASA_TEST_CASES = [
     ("RaSA r4 k2", "RasaStack", RasaConfig, {"target_modules": BOTH, "r": 4, "rasa_k": 2}),
     ("RaSA k0", "RasaStack", RasaConfig, {"target_modules": BOTH, "r": 4, "rasa_k": 0}),
     ("RaSA k=r", "RasaStack", RasaConfig, {"target_modules": BOTH, "r": 4, "rasa_k": 4}),
-    ("RaSA default k", "RasaStack", RasaConfig, {"target_modules": BOTH, "r": 16}),
     ("RaSA dropout", "RasaStack", RasaConfig,
      {"target_modules": BOTH, "r": 8, "rasa_k": 1, "rasa_dropout": 0.1}),
     ("RaSA output layer too", "RasaStack", RasaConfig, {"target_modules": [*BOTH, "head"], "r": 4, "rasa_k": 1}),
-    ("RaSA regex", "RasaStack", RasaConfig, {"target_modules": r"layers\.\d+\.lin0", "r": 4, "rasa_k": 1}),
     ("RaSA layers_to_transform", "RasaStack", RasaConfig,
      {"target_modules": BOTH, "r": 4, "rasa_k": 1, "layers_to_transform": [0, 2], "layers_pattern": "layers"}),
     ("RaSA modules_to_save", "RasaStack", RasaConfig,
@@ -156,8 +154,57 @@ class TestRasaMultipleActiveAdapters(upstream.TestMultipleActiveAdapters):
         return RasaStack()
 
 
+def _rasa_params(adapter: str, layers: list[str], pools: list[str]) -> list[str]:
+    names = [f"base_model.model.layers.{i}.{lin}.rasa_{m}.{adapter}" for i, lin in layers for m in "ABD"]
+    return names + [f"base_model.rasa_shared_{m}.{adapter}.layers-*-{lin}" for lin in pools for m in "AB"]
+
+
 class TestRasaRequiresGrad(upstream.TestRequiresGrad):
+    """PEFT's generic requires-grad tests, plus RaSA's versions of its per-method ones (`..._same_targets`,
+    `..._different_targets`, written for VeRA, LoRA, ... there) with the pools among the expected parameters."""
+
     locals().update(_rasa_only(upstream.TestRequiresGrad))
+
+    @pytest.mark.parametrize("k", [1, 0])
+    def test_requires_grad_rasa_different_targets(self, k):
+        model = upstream.get_peft_model(RasaStack(), RasaConfig(target_modules=["lin0"], r=4, rasa_k=k))
+        model.add_adapter("adapter1", RasaConfig(target_modules=["lin1"], r=4, rasa_k=k))
+        pools = ["lin0"] if k else []
+        default = _rasa_params("default", [(i, "lin0") for i in range(3)], pools)
+        other = _rasa_params("adapter1", [(i, "lin1") for i in range(3)], ["lin1"] if k else [])
+        self.check_requires_grad(model, *default)
+        model.set_adapter("default")
+        self.check_requires_grad(model, *default)
+        model.set_adapter("adapter1")
+        self.check_requires_grad(model, *other)
+        with model.disable_adapter():
+            self.check_requires_grad(model)
+        self.check_requires_grad(model, *other)
+        model.set_requires_grad("adapter1", requires_grad=False)
+        self.check_requires_grad(model)
+        model.set_requires_grad(["default", "adapter1"])
+        self.check_requires_grad(model, *default, *other)
+
+    def test_requires_grad_rasa_same_targets(self):
+        model = upstream.get_peft_model(RasaStack(), RasaConfig(target_modules=BOTH, r=8, rasa_k=1))
+        model.add_adapter("adapter1", RasaConfig(target_modules=BOTH, r=4, rasa_k=2))
+        layers = [(i, lin) for i in range(3) for lin in BOTH]
+        default, other = _rasa_params("default", layers, BOTH), _rasa_params("adapter1", layers, BOTH)
+        self.check_requires_grad(model, *default)
+        model.set_adapter("adapter1")
+        self.check_requires_grad(model, *other)
+        with model.disable_adapter():
+            self.check_requires_grad(model)
+        self.check_requires_grad(model, *other)
+        model.delete_adapter("adapter1")
+        model.set_adapter("default")
+        self.check_requires_grad(model, *default)
+
+    def test_requires_grad_rasa_k_r_has_no_private_factors(self):
+        model = upstream.get_peft_model(RasaStack(), RasaConfig(target_modules=["lin0"], r=2, rasa_k=2))
+        expected = [f"base_model.model.layers.{i}.lin0.rasa_D.default" for i in range(3)]
+        self.check_requires_grad(model, *expected, "base_model.rasa_shared_A.default.layers-*-lin0",
+                                 "base_model.rasa_shared_B.default.layers-*-lin0")
 
 
 class TestRasaFsdpStateDict(upstream.TestPeftFsdpStateDict):
