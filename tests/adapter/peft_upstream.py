@@ -60,14 +60,19 @@ def fetch_tests(version: str | None = None, timeout: float = 240.0) -> Path:
         with tarfile.open(archives[0]) as archive:
             members = [m for m in archive.getmembers() if m.name.startswith(prefix) and m.isfile()
                        and "/" not in m.name[len(prefix):]]
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12 / 3.11.4
             for member in members:
                 member.name = member.name[len(prefix):]
-                archive.extract(member, staged, filter="data")
+                archive.extract(member, staged, **safe)
         if not all((staged / name).is_file() for name in NEEDED):
             raise RuntimeError(f"peft-{version}.tar.gz has no tests/{'/'.join(NEEDED)}")
         if target.exists():
-            shutil.rmtree(target)
-        os.replace(staged, target)
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(staged, target)
+        except OSError:  # another process put a copy there meanwhile
+            if not all((target / name).is_file() for name in NEEDED):
+                raise
     return target
 
 

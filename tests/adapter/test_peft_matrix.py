@@ -3,8 +3,8 @@
 PEFT's test classes are subclassed here; the lists of cases their tests are parametrized with (`TEST_CASES`,
 `MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES`, `ALL_PEFT_CONFIG_CLASSES`) are replaced, in the imported module, by RaSA's
 cases below, so every generic test runs on RaSA and on nothing else. Tests of PEFT's that are written for one
-other method (LoRA's, VeRA's, ...) are not collected. Cases that do not apply to a method with shared pools are
-skipped with the reason (`NOT_APPLICABLE`, also listed in `docs/peft_test_matrix.md`).
+other method (LoRA's, VeRA's, ...) are not collected (set to None in the subclasses). What runs, what does not and
+why, and the counts: `docs/peft_test_matrix.md`.
 
 The toy models have at least two layers of one shape per group, so the pools are real (L >= 2).
 """
@@ -114,10 +114,6 @@ RASA_MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = [
      {"target_modules": ["lin1"], "r": 4, "rasa_k": 2, "rasa_alpha": 32, "init_weights": False}),
 ]
 
-# (test name, case name or None for all): reason. Applied as skips; the same list is in docs/peft_test_matrix.md.
-NOT_APPLICABLE: dict[tuple[str, str | None], str] = {}
-
-
 def _replace_in_place(name: str, values: list) -> None:
     """Swap a parametrization list's contents in PEFT's module: the `parametrize` marks hold the list object."""
     getattr(upstream, name)[:] = values
@@ -212,13 +208,3 @@ class TestRasaFsdpStateDict(upstream.TestPeftFsdpStateDict):
 
     transformers_class = RasaMockTransformerWrapper
     locals().update(_rasa_only(upstream.TestPeftFsdpStateDict))
-
-
-@pytest.fixture(autouse=True)
-def _not_applicable(request):
-    callspec = getattr(request.node, "callspec", None)
-    case = callspec.params.get("test_name") if callspec else None
-    name = request.node.originalname
-    reason = NOT_APPLICABLE.get((name, case)) or NOT_APPLICABLE.get((name, None))
-    if reason:
-        pytest.skip(f"not applicable to RaSA: {reason}")
