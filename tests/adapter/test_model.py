@@ -257,3 +257,14 @@ def test_only_the_last_adapted_projection_of_each_block_runs_as_two_autograd_nod
     layer.last_in_block = True
     mark_last_in_block(model)  # idempotent: recomputed from the module order
     assert not layer.last_in_block
+
+
+def test_mixed_adapter_batches_are_refused_not_ignored():
+    model = rasa_model(r=4, k=1)
+    model.add_adapter("other", rasa_lora.RasaConfig(r=4, rasa_k=1, target_modules=["q_proj"]))
+    x = tokens()
+    with pytest.raises(ValueError, match="mixed adapter batches"):
+        model(x, adapter_names=["default", "other"])
+    with pytest.raises(ValueError, match="mixed adapter batches"):
+        model.generate(input_ids=x, adapter_names=["default", "other"], max_new_tokens=2)
+    assert model(x).logits.shape[0] == 2

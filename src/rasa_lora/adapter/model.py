@@ -14,6 +14,7 @@ is merged raises, and so does loading tensors of the wrong shape, before anythin
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections import OrderedDict
@@ -301,6 +302,16 @@ class RasaModel(BaseTuner):
                     if key in container and container[key].dtype != dtype:
                         container[key] = nn.Parameter(container[key].detach().to(dtype),
                                                       requires_grad=container[key].requires_grad)
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """PEFT drops `adapter_names=` silently for methods without per-sample routing; refuse it instead."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "RaSA does not support mixed adapter batches (adapter_names=...): every sample would use the active "
+                "adapter. Run one batch per adapter after `model.set_adapter(name)`."
+            )
+        yield
 
     # --- merging guards ----------------------------------------------------------------------------------
     def merged_layers(self, adapter_name: str | None = None) -> list[str]:
