@@ -1,5 +1,7 @@
 """Fetching PEFT's test suite: a clear reason when the package index cannot be reached, and a cache that is used."""
 
+import sys
+
 import pytest
 
 from . import peft_upstream
@@ -33,3 +35,15 @@ def test_a_complete_cache_is_used_without_the_index(tmp_path, monkeypatch):
         (folder / name).write_text("")
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     assert peft_upstream.fetch_tests("9.9.9") == folder
+
+
+def test_a_missing_dependency_of_peft_tests_skips_with_its_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(peft_upstream, "fetch_tests", lambda *a, **k: tmp_path)
+    monkeypatch.setitem(sys.modules, peft_upstream.PACKAGE, sys.modules.get(peft_upstream.PACKAGE))
+
+    def missing(name):
+        raise ModuleNotFoundError("No module named 'datasets'", name="datasets")
+
+    monkeypatch.setattr(peft_upstream.importlib, "import_module", missing)
+    with pytest.raises(pytest.skip.Exception, match="needs 'datasets'.*pip install datasets"):
+        peft_upstream.import_upstream("another_module_never_imported")
