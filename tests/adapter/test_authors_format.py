@@ -143,3 +143,17 @@ def test_authors_pool_for_an_untargeted_module_is_refused(tmp_path):
     to_authors_format(model, tmp_path / "ours", tmp_path / "theirs", target_modules=["q_proj"])
     with pytest.raises(ValueError, match="self_attn__v_proj"):
         PeftModel.from_pretrained(tiny_llama(num_layers=3), tmp_path / "theirs")
+
+
+def test_authors_checkpoint_loads_as_a_second_adapter(tmp_path):
+    model = trained(r=8, k=1)
+    model.save_pretrained(tmp_path / "ours")
+    to_authors_format(model, tmp_path / "ours", tmp_path / "theirs")
+    other = trained(r=4, k=2)
+    other.load_adapter(tmp_path / "theirs", adapter_name="authors")
+    other.set_adapter("authors")
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(other(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
+        merged = other.merge_and_unload(adapter_names=["authors"])
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
