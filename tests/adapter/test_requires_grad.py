@@ -140,3 +140,31 @@ def test_pools_train_and_freeze_with_an_optimizer_built_from_trainable_parameter
     model.set_requires_grad("default", requires_grad=True)
     params = [p for p in model.parameters() if p.requires_grad]
     assert any(p is q for q in pools(model) for p in params)
+
+
+@pytest.mark.parametrize("r, k", [(4, 0), (4, 4)])
+def test_fused_path_with_k_0_or_k_r_matches_the_reference_and_trains(r, k, monkeypatch):
+    import rasa_lora.adapter.layer as layer_module
+    from rasa_lora.ops import set_fused_backend
+
+    calls = []
+    fused = layer_module.rasa_linear
+    monkeypatch.setattr(layer_module, "rasa_linear", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+
+    model = rasa_model(r=r, k=k, num_layers=3)
+    layer = rasa_layers(model)["base_model.model.model.layers.1.mlp.down_proj"]
+    x = torch.randn(2, 5, layer.in_features)
+    expected = dense_forward(layer, x)
+    expected.sum().backward()
+    reference = {id(p): p.grad.clone() for p in layer.adapter_parameters("default")}
+    model.zero_grad()
+    set_fused_backend(True)  # the CPU runs the fused path's torch backend
+    try:
+        got = layer(x)
+        got.sum().backward()
+    finally:
+        set_fused_backend(None)
+    assert calls  # the fused path ran (no fallback to the reference)
+    assert rel_err(got, expected) <= 1e-5
+    for param in layer.adapter_parameters("default"):
+        assert rel_err(param.grad, reference[id(param)]) <= 1e-5
