@@ -259,12 +259,39 @@ def test_only_the_last_adapted_projection_of_each_block_runs_as_two_autograd_nod
     assert not layer.last_in_block
 
 
-def test_mixed_adapter_batches_are_refused_not_ignored():
+def test_mixed_adapter_batches_route_each_sample_to_its_adapter():
+    model = rasa_model(r=4, k=1).eval()
+    model.add_adapter("other", rasa_lora.RasaConfig(r=8, rasa_k=2, target_modules=["q_proj", "down_proj"]))
+    randomize(model, seed=5)
+    x = tokens(batch=5)
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(x).logits
+        outputs = {"__base__": base}
+        for name in ("default", "other"):
+            model.set_adapter(name)
+            outputs[name] = model(x).logits
+        names = ["other", "__base__", "default", "other", "default"]
+        mixed = model(x, adapter_names=names).logits
+    for j, name in enumerate(names):
+        assert rel_err(mixed[j], outputs[name][j]) <= 1e-6, (j, name)
+    assert not torch.allclose(outputs["default"], outputs["other"])
+    # generate (greedy, and beam search, which repeats each name per beam)
+    for beams in (1, 2):
+        kwargs = dict(max_new_tokens=3, do_sample=False, num_beams=beams, pad_token_id=0)
+        mixed = model.generate(input_ids=x, adapter_names=names, **kwargs)
+        for name in ("default", "other"):
+            model.set_adapter(name)
+            single = model.generate(input_ids=x, **kwargs)
+            rows = [j for j, n in enumerate(names) if n == name]
+            assert torch.equal(mixed[rows], single[rows]), (beams, name)
+
+
+def test_mixed_adapter_batches_are_refused_in_training_and_for_unknown_names():
     model = rasa_model(r=4, k=1)
-    model.add_adapter("other", rasa_lora.RasaConfig(r=4, rasa_k=1, target_modules=["q_proj"]))
-    x = tokens()
-    with pytest.raises(ValueError, match="mixed adapter batches"):
-        model(x, adapter_names=["default", "other"])
-    with pytest.raises(ValueError, match="mixed adapter batches"):
-        model.generate(input_ids=x, adapter_names=["default", "other"], max_new_tokens=2)
-    assert model(x).logits.shape[0] == 2
+    with pytest.raises(ValueError, match="training mode"):
+        model.train()(tokens(), adapter_names=["default", "default"])
+    with pytest.raises(ValueError, match="non-existing adapter.*typo"):
+        model.eval()(tokens(), adapter_names=["default", "typo"])
+    with pytest.raises(ValueError, match="should be the same as the number of inputs"):
+        model.eval()(tokens(), adapter_names=["default"])

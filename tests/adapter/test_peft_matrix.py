@@ -119,11 +119,20 @@ def _replace_in_place(name: str, values: list) -> None:
     getattr(upstream, name)[:] = values
 
 
+# (name, config of adapter 0, config of adapter 1) on PEFT's MLP, for mixed adapter batches (`adapter_names=`)
+RASA_MIXED_ADAPTER_TEST_CASES = [
+    ("RaSA mixed adapter", RasaConfig(target_modules=["lin0"], r=4, rasa_k=1, init_weights=False),
+     RasaConfig(target_modules=["lin0"], r=8, rasa_k=2, init_weights=False)),
+    ("RaSA mixed adapter k0 and k=r", RasaConfig(target_modules=["lin0", "lin1"], r=4, rasa_k=0, init_weights=False),
+     RasaConfig(target_modules=["lin0", "lin1"], r=4, rasa_k=4, init_weights=False)),
+]
+
 _replace_in_place("TEST_CASES", RASA_TEST_CASES)
+_replace_in_place("MIXED_ADAPTER_TEST_CASES", RASA_MIXED_ADAPTER_TEST_CASES)
 _replace_in_place("MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES", RASA_MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES)
 _replace_in_place("ALL_PEFT_CONFIG_CLASSES", [RasaConfig])
 _GENERIC = {id(upstream.TEST_CASES), id(upstream.MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES),
-            id(upstream.ALL_PEFT_CONFIG_CLASSES)}
+            id(upstream.ALL_PEFT_CONFIG_CLASSES), id(upstream.MIXED_ADAPTER_TEST_CASES)}
 
 
 def _rasa_only(cls: type) -> dict:
@@ -201,6 +210,10 @@ class TestRasaRequiresGrad(upstream.TestRequiresGrad):
         expected = [f"base_model.model.layers.{i}.lin0.rasa_D.default" for i in range(3)]
         self.check_requires_grad(model, *expected, "base_model.rasa_shared_A.default.layers-*-lin0",
                                  "base_model.rasa_shared_B.default.layers-*-lin0")
+
+
+class TestRasaMixedAdapterBatches(upstream.TestMixedAdapterBatches):
+    locals().update(_rasa_only(upstream.TestMixedAdapterBatches))
 
 
 class TestRasaFsdpStateDict(upstream.TestPeftFsdpStateDict):

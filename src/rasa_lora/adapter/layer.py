@@ -260,10 +260,13 @@ class Linear(nn.Module, RasaLayer):
             return rasa_linear(x, *args, dropout_p=p, last_in_block=self.last_in_block)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         if self.merged_adapters:
             self.check_pool_unchanged_while_merged()
             return self.base_layer(x, *args, **kwargs)
@@ -276,16 +279,34 @@ class Linear(nn.Module, RasaLayer):
         """Plain PyTorch eq. 5 (computed in the adapter's dtype, as PEFT's LoRA does)."""
         result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
-            if name not in self.rasa_D:
+            if name in self.rasa_D:
+                result = result + self._update(x, name).to(result.dtype)
+        return result
+
+    def _update(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """dropout(x) dW_i^T of adapter `name`, in the adapter's dtype."""
+        A_p, B_p = self.private_factors(name)
+        D = self.rasa_D[name]
+        A_s, B_s = self.shared_factors(name)
+        num_private = A_p.shape[0]
+        dropped = self.rasa_dropout[name](self._cast_input_dtype(x, A_p.dtype))
+        update = ((dropped @ A_p.t()) * D[:num_private]) @ B_p.t()
+        return update + ((dropped @ A_s.to(x.device).t()) * D[num_private:]) @ B_s.to(x.device).t()
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args, **kwargs) -> torch.Tensor:
+        """Sample j uses adapter `adapter_names[j]` ("__base__": none), as PEFT's LoRA does with `adapter_names`."""
+        if len(adapter_names) != len(x):
+            raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{len(adapter_names)} and {len(x)} respectively (one name, or '__base__', per sample).")
+        if self.merged_adapters:  # PEFT's wording (its tests match it)
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
+        result = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(adapter_names):
+            if name == "__base__" or name not in self.rasa_D:
                 continue
-            A_p, B_p = self.private_factors(name)
-            D = self.rasa_D[name]
-            A_s, B_s = self.shared_factors(name)
-            num_private = A_p.shape[0]
-            dropped = self.rasa_dropout[name](self._cast_input_dtype(x, A_p.dtype))
-            update = ((dropped @ A_p.t()) * D[:num_private]) @ B_p.t()
-            update = update + ((dropped @ A_s.to(x.device).t()) * D[num_private:]) @ B_s.to(x.device).t()
-            result = result + update.to(result.dtype)
+            rows = [j for j, item in enumerate(adapter_names) if item == name]
+            result[rows] = result[rows] + self._update(x[rows], name).to(result.dtype)
         return result
 
     def __repr__(self) -> str:

@@ -15,12 +15,14 @@ is merged raises, and so does loading tensors of the wrong shape, before anythin
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 from collections import OrderedDict
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from rasa_lora.adapter.config import RasaConfig
@@ -305,13 +307,31 @@ class RasaModel(BaseTuner):
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
-        """PEFT drops `adapter_names=` silently for methods without per-sample routing; refuse it instead."""
-        if kwargs.get("adapter_names") is not None:
-            raise ValueError(
-                "RaSA does not support mixed adapter batches (adapter_names=...): every sample would use the active "
-                "adapter. Run one batch per adapter after `model.set_adapter(name)`."
-            )
-        yield
+        """Mixed adapter batches (`model(..., adapter_names=[...])`, one adapter name or "__base__" per sample), as
+        PEFT's LoRA offers them: the names reach every RaSA layer (and `modules_to_save` wrapper) through a
+        pre-forward hook. Inference only; with beam search each name is repeated `num_beams` times."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call `model.eval()`.")
+        known = {name for m in self.model.modules() if isinstance(m, RasaLayer) for name in m.rasa_D}
+        unknown = {name for name in adapter_names if name != "__base__"} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}; "
+                             f"the adapters are {sorted(known)} (or '__base__' for the base model).")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
+        handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in self.model.modules()
+                   if isinstance(module, (RasaLayer, AuxiliaryTrainingWrapper))]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # --- merging guards ----------------------------------------------------------------------------------
     def merged_layers(self, adapter_name: str | None = None) -> list[str]:
@@ -326,6 +346,11 @@ class RasaModel(BaseTuner):
         _check_incoming_state(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+
+def _adapter_names_pre_forward_hook(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
 
 
 def _check_incoming_state(tuner: RasaModel, state_dict: dict, prefix: str) -> None:
