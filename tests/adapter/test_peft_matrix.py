@@ -212,8 +212,33 @@ class TestRasaRequiresGrad(upstream.TestRequiresGrad):
                                  "base_model.rasa_shared_B.default.layers-*-lin0")
 
 
+def _rasa(**kwargs) -> RasaConfig:
+    return RasaConfig(r=4, rasa_k=1, init_weights=False, **kwargs)
+
+
 class TestRasaMixedAdapterBatches(upstream.TestMixedAdapterBatches):
+    """PEFT's generic mixed-batch tests, and the bodies of its tests parametrized inline with LoRA / RoAd / GLoRA
+    configs, called with RaSA configs (their code runs unchanged, from PEFT's module)."""
+
     locals().update(_rasa_only(upstream.TestMixedAdapterBatches))
+    _peft = upstream.TestMixedAdapterBatches
+
+    def test_mixed_adapter_batches_rasa_different_target_layers(self):
+        self._peft.test_mixed_adapter_batches_different_target_layers(
+            self, "RaSA", _rasa(target_modules=["lin0"]), _rasa(target_modules=["lin1"]))
+
+    def test_mixed_adapter_batches_rasa_partly_overlapping_target_layers(self):
+        self._peft.test_mixed_adapter_batches_partly_overlapping_target_layers(
+            self, "RaSA", _rasa(target_modules=["lin0"]), _rasa(target_modules=["lin0", "lin1"]))
+
+    def test_mixed_adapter_batches_rasa_multiple_modules_to_save(self):
+        self._peft.test_mixed_adapter_batches_multiple_modules_to_save(
+            self, "RaSA", _rasa(target_modules=["lin0"], modules_to_save=["lin1"]),
+            _rasa(target_modules=["lin0"], modules_to_save=["lin1"]))
+
+    def test_mixed_adapter_batches_rasa_wrong_adapter_name_raises(self):
+        config = _rasa(target_modules=["lin0"])
+        self._peft.test_mixed_adapter_batches_lora_wrong_adapter_name_raises(self, "RaSA", config)
 
 
 class TestRasaFsdpStateDict(upstream.TestPeftFsdpStateDict):
