@@ -15,6 +15,9 @@ with input size a and output size b, r ranks per layer of which k go to the shar
 Initialisation (eq. 6): Kaiming-uniform A~_i and A_S, zero B~_i and B_S, and D_i equal to alpha/(2(r-k))
 on the private ranks and alpha/(2Lk) on the shared ones. There is no further alpha/r factor.
 
+With k = r there is no private rank and with k = 0 no pool: the empty factors are not registered (nor saved), and
+`factors()` / `private_factors()` / `shared_factors()` give them as zero-element tensors.
+
 The pool lives on the tuner (a registered parameter there, saved once); this layer keeps an unregistered
 reference to the tuner's containers and looks the tensors up on every call, so FSDP and `.to()` see one
 parameter. Merging adds dW_i to the base weight and records the exact factors it used, so unmerging
