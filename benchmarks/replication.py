@@ -38,21 +38,30 @@ ROOT = Path("runs/replication")
 MC_TASKS = ("arc_challenge", "winogrande", "hellaswag")
 MC_LIMIT = {"hellaswag": 1000}  # the first 1,000 of HellaSwag's 10,042 validation items
 # Method-specific keys beside the recipe's: the paper's VeRA learning rate; full fine-tuning keeps no epoch
-# adapters (the trainer refuses them) and takes an AdamW-scale rate divided for Lion (not screened).
-METHOD_KEYS = {"vera": {"learning_rate": 5e-3}, "fft": {"learning_rate": 1e-5, "save_epoch_adapters": False}}
-NAME = re.compile(r"^(?P<method>lora|rasa|vera|fft)(?:-r(?P<r>\d+))?(?:-k(?P<k>\d+))?-s(?P<seed>\d+)$")
+# adapters (the trainer refuses them), takes a small rate for Lion (not screened) and float32 weights (bf16 weights
+# would round away most of Lion's lr-sized steps).
+METHOD_KEYS = {"vera": {"learning_rate": 5e-3},
+               "fft": {"learning_rate": 1e-5, "save_epoch_adapters": False, "model_dtype": "float32"}}
+# METHOD[-rR][-kK][-aALPHA][-lrLR]-sSEED: the recipe's keys a run changes (screened variants carry -k, -a, -lr).
+NAME = re.compile(r"^(?P<method>lora|rasa|vera|fft)(?:-r(?P<r>\d+))?(?:-k(?P<k>\d+))?(?:-a(?P<alpha>[\d.]+))?"
+                  r"(?:-lr(?P<lr>[\d.]+e-\d+))?-s(?P<seed>\d+)$")
 
 
 def parse_run(name: str) -> dict:
     match = NAME.match(name)
     if match is None:
-        raise ValueError(f"run name {name!r} is not METHOD-rR[-kK]-sSEED (e.g. rasa-r8-s0) or fft-sSEED")
+        raise ValueError(f"run name {name!r} is not METHOD[-rR][-kK][-aALPHA][-lrLR]-sSEED (e.g. rasa-r8-s0, "
+                         "rasa-r8-a16-s0, rasa-r8-lr1e-3-s0, fft-s0)")
     keys = {"method": match["method"], "seed": int(match["seed"])}
+    keys.update(METHOD_KEYS.get(keys["method"], {}))
     if match["r"]:
         keys["r"] = int(match["r"])
     if match["k"]:
         keys["rasa_k"] = int(match["k"])
-    keys.update(METHOD_KEYS.get(keys["method"], {}))
+    if match["alpha"]:
+        keys["alpha"] = float(match["alpha"])
+    if match["lr"]:
+        keys["learning_rate"] = float(match["lr"])
     return keys
 
 
