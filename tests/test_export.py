@@ -235,3 +235,54 @@ def test_cli_refuses_bad_input(exported, tmp_path, capsys):
     assert main([str(rasa_dir), str(tmp_path / "c"), "--pad-to", "4"]) == 2
     assert "below the adapter's rank R=11" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def _adapter_with_modules_to_save(root: Path):
+    base = tiny_llama()
+    base.save_pretrained(root / "base")
+    model = get_peft_model(base, rasa_lora.RasaConfig(r=4, rasa_k=1, target_modules=["q_proj", "v_proj"],
+                                                      modules_to_save=["lm_head"]))
+    randomize(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(0.5)  # the trained copy differs from the base's lm_head
+    return model.eval()
+
+
+def test_modules_to_save_are_carried_into_the_export(tmp_path):
+    from peft import PeftModel
+
+    model = _adapter_with_modules_to_save(tmp_path)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "rasa")
+    export_lora(tmp_path / "rasa", tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["lm_head"]
+    lora = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "lora")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lora(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_save_as_lora_round_trip(tmp_path):
+    """PEFT's `save_as_lora` on a RaSA model, reloaded by PEFT: exact at rank R = 4 - 1 + 4 = 7."""
+    from peft import PeftModel, save_as_lora
+
+    model = _adapter_with_modules_to_save(tmp_path)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    save_as_lora(tmp_path / "svd", model, rank=7)
+    lora = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "svd")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lora(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_command_table_runs_export_lora(exported, tmp_path):
+    from rasa_lora.cli import main as cli_main
+
+    rasa_dir = Path(exported["gpt2-conv1d-r8-k1-L3"]["lora"]).parent / "rasa"
+    assert cli_main(["export-lora", str(rasa_dir), str(tmp_path / "out"), "--dtype", "float16"]) == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

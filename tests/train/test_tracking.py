@@ -55,3 +55,14 @@ def test_missing_tracker_package_names_the_fix(monkeypatch, tiny_model_dir, tmp_
     with pytest.raises(ModuleNotFoundError, match="`pip install wandb`"):
         train(build_config(tiny_overrides(tiny_model_dir, out, report_to="wandb")))
     assert not out.exists()  # refused before anything was written
+
+
+def test_accelerator_receives_the_tracker():
+    from types import SimpleNamespace
+
+    def kwargs(name):
+        return tracking.accelerator_kwargs(SimpleNamespace(report_to=name, output_dir="runs/x"))
+
+    assert kwargs("none") == {}
+    assert kwargs("tensorboard") == {"log_with": "tensorboard", "project_dir": "runs/x/tensorboard"}
+    assert kwargs("trackio") == {"log_with": "trackio"} and kwargs("wandb") == {"log_with": "wandb"}

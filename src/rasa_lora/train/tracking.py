@@ -35,7 +35,9 @@ def accelerator_kwargs(config: Any) -> dict[str, Any]:
     """Keyword arguments of `accelerate.Accelerator` for the recipe's tracker ({} for none)."""
     if config.report_to == "none":
         return {}
-    return {"log_with": config.report_to, "project_dir": str(Path(config.output_dir) / TENSORBOARD_DIR)}
+    if config.report_to == "tensorboard":
+        return {"log_with": "tensorboard", "project_dir": str(Path(config.output_dir) / TENSORBOARD_DIR)}
+    return {"log_with": config.report_to}
 
 
 def hyperparameters(config: Any) -> dict[str, Any]:
