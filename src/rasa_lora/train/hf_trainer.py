@@ -24,6 +24,8 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from transformers import TrainerCallback
+
 from rasa_lora.train.data import PROMPT
 from rasa_lora.train.optim import DecoupledLionW
 
@@ -95,13 +97,7 @@ def check_trainer_args(args: Any) -> None:
         )
 
 
-def _callback_base() -> type:
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class RasaTrainerCallback(_callback_base()):
+class RasaTrainerCallback(TrainerCallback):
     """Checks the Trainer's arguments when it is built (`check_trainer_args`) and, under ZeRO-3, registers each RaSA
     layer's pools with DeepSpeed before the model is wrapped."""
 
