@@ -63,7 +63,6 @@ def base_dir(tokenizer, tmp_path_factory):
     return directory
 
 
-@pytest.mark.slow
 def test_sft_trainer_trains_saves_and_reloads_rasa(base_dir, tokenizer, tmp_path):
     pytest.importorskip("trl", reason="the TRL path needs `pip install 'rasa-lora[trl]'`")
     from peft import PeftModel
