@@ -72,7 +72,7 @@ def test_lora_card_loads_without_rasa_lora_and_names_the_vllm_rank(lora_dir):
     assert "rasa_lora" not in code_blocks(card)
     assert "base_model: org/base" in card and "Rank 11" in card
     assert "vllm serve org/base --enable-lora --max-lora-rank 16 --lora-modules rasa=me/tiny-rasa-lora" in card
-    assert "--pad-to vllm" in card  # 11 is not a rank vLLM accepts
+    assert "--pad-to vllm" in card and "at least the adapter's rank (11)" in card  # 11 is not a vLLM rank
 
 
 def test_the_embedded_base_is_named_by_its_hub_name():

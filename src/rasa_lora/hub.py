@@ -128,8 +128,9 @@ def lora_model_card(lora_dir: str | Path, repo_id: str, rasa_repo_id: str | None
              "", "Serving with vLLM (multi-LoRA):", "", "```bash",
              f"vllm serve {base} --enable-lora --max-lora-rank {served_rank} --lora-modules rasa={repo_id}", "```", ""]
     if served_rank != rank:
-        lines += [f"vLLM accepts only the ranks {', '.join(map(str, VLLM_RANKS))} as `--max-lora-rank`; export with "
-                  "`--pad-to vllm` to pad the adapter itself (zero ranks, still exact).", ""]
+        lines += [f"`--max-lora-rank` takes one of {', '.join(map(str, VLLM_RANKS))} and must be at least the "
+                  f"adapter's rank ({rank}). For servers or tools that want the adapter's own rank to be one of these, "
+                  "export with `--pad-to vllm` (zero ranks, still exact).", ""]
     return "\n".join(lines)
 
 
