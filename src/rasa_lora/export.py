@@ -8,13 +8,14 @@ R = r - k + L*k with scaling 1:
     lora_B = [B~_i  B_S] diag(D_i)      (b, R)        lora_alpha = r_lora, so alpha / r = 1
 
 Nothing is approximated (no SVD): only `B * D` is rounded once. OUT holds `adapter_model.safetensors` and
-`adapter_config.json` with `peft_type: LORA`, which plain PEFT (`PeftModel.from_pretrained`), transformers'
-`model.load_adapter` and LoRA servers (vLLM, SGLang, TGI, LoRAX) read with no `import rasa_lora`.
+`adapter_config.json` with `peft_type: LORA`: plain PEFT (`PeftModel.from_pretrained`) and transformers'
+`model.load_adapter` load it with no `import rasa_lora` (tested), and it is the layout LoRA servers (vLLM, SGLang,
+TGI, LoRAX) read (not run with them here).
 
 Choices: the export reads only ADAPTER's files (no base model is loaded). `target_modules` lists the adapted
 modules by their full paths, so the LoRA adapts exactly the modules the RaSA adapter did. Every module gets one
 rank (the largest R of its groups, or more with `--pad-to`): extra ranks are zero rows of lora_A and zero columns
-of lora_B, so the update is unchanged; servers that accept only some ranks (vLLM: `VLLM_RANKS`) get `--pad-to vllm`.
+of lora_B, so the update is unchanged; `--pad-to vllm` rounds up to a rank vLLM's `--max-lora-rank` takes.
 `--dtype` writes the factors in the serving dtype (rounding the factors, not the product).
 
 The cost: a served LoRA runs R ranks per layer instead of r (39 instead of 8 on a 32-layer model at r=8, k=1),
