@@ -125,3 +125,27 @@ def test_other_engines_pass():
     for plugin in (None, SimpleNamespace(zero_stage=2)):
         check_trainer_args(SimpleNamespace(deepspeed_plugin=plugin, gradient_checkpointing=True))
     assert hf_trainer.zero3_enabled(SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+
+
+def test_transformers_trainer_trains_rasa_with_lionw(base_dir, tokenizer, tmp_path):
+    """Recipe 1 of docs/tools.md: get_peft_model + transformers' Trainer, rasa-lora train's tokenized examples."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    import rasa_lora
+    from rasa_lora.train import data
+
+    examples = data.tokenize_all([data.to_example(record, "alpaca", "generated")
+                                  for record in arithmetic_problems(64, seed=0)], tokenizer, 256)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           rasa_lora.RasaConfig(r=8, rasa_alpha=32, target_modules="all-linear"))
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=16, per_device_train_batch_size=8, logging_steps=1,
+                             learning_rate=5e-3, lr_scheduler_type="constant", report_to="none", save_strategy="no",
+                             use_cpu=True, seed=0, gradient_checkpointing=True, remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=examples,
+                      data_collator=lambda items: data.collate(items, tokenizer.pad_token_id),
+                      optimizer_cls_and_kwargs=paper_optimizer(lr=5e-3), callbacks=[RasaTrainerCallback()])
+    trainer.train()
+    assert isinstance(getattr(trainer.optimizer, "optimizer", trainer.optimizer), DecoupledLionW)
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
