@@ -35,7 +35,7 @@ ALL_PROJECTIONS = LLAMA_PROJECTIONS
 
 # Keys that only change how a run is operated, not what it computes; they may differ when resuming.
 OPERATIONAL_KEYS = ("resume", "overwrite", "save_steps", "save_total_limit", "save_epoch_adapters", "logging_steps",
-                    "progress_bar", "eval_steps", "eval_batch_size")
+                    "progress_bar", "eval_steps", "eval_batch_size", "report_to")
 
 
 @dataclass
@@ -133,6 +133,9 @@ class TrainConfig:
     """Delete an existing output_dir and start afresh."""
     progress_bar: bool = True
     """Show a tqdm bar with loss, lr and tokens/s."""
+    report_to: str = "none"
+    """Also log metrics.jsonl's rows to a tracker: "tensorboard" (event files in output_dir/tensorboard), "trackio",
+    "wandb" or "none" (through accelerate's trackers; `rasa_lora.train.tracking`)."""
 
     def __post_init__(self) -> None:
         self._check_method()
@@ -196,7 +199,8 @@ class TrainConfig:
     def _check_choices(self) -> None:
         choices = {"optimizer": ("lionw", "adamw"), "lr_scheduler": ("cosine", "constant"),
                    "bf16": ("auto", "true", "false"),
-                   "model_dtype": ("auto", "float32", "bfloat16"), "dataset_format": DATASET_FORMATS}
+                   "model_dtype": ("auto", "float32", "bfloat16"), "dataset_format": DATASET_FORMATS,
+                   "report_to": ("none", "tensorboard", "trackio", "wandb")}
         self.bf16 = str(self.bf16).lower()
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

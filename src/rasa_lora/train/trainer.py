@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from rasa_lora.train import checkpoint, data, distributed, methods, optim
+from rasa_lora.train import checkpoint, data, distributed, methods, optim, tracking
 from rasa_lora.train.config import OPERATIONAL_KEYS, TrainConfig
 
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -360,6 +360,7 @@ def training_loop(run: Run, metrics_path: Path) -> None:
                                                     or state.step == run.total_steps):
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
+                tracking.log(run.accelerator, config, row)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             if evaluation_due(run, state.step):
@@ -483,7 +484,8 @@ def start_or_resume(run: Run) -> None:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run the recipe end to end; returns the summary. Raises TrainingInterrupted after a signal's checkpoint."""
     wall_start = time.perf_counter()
-    accelerator = distributed.make_accelerator()
+    tracking.check_available(config.report_to)
+    accelerator = distributed.make_accelerator(**tracking.accelerator_kwargs(config))
     check_output_dir(config)
     accelerator.wait_for_everyone()  # every process checked before the main one creates the directory
     engine = distributed.detect_engine(accelerator)
@@ -502,6 +504,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     start_or_resume(run)
     run.model, run.optimizer, run.scheduler = distributed.prepare_training(
         accelerator, run.model, run.optimizer, run.scheduler, use_reentrant, config.micro_batch_size)
+    tracking.start(accelerator, config)
     try:
         with collector_spares_setup():
             training_loop(run, out / "metrics.jsonl")
@@ -511,6 +514,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if created and not checkpoint.checkpoint_dirs(out):
             shutil.rmtree(out, ignore_errors=True)  # nothing resumable: leave no partial run behind
         raise
+    finally:
+        tracking.finish(accelerator, config)
     save_final(run)
     trainable, total = methods.count_parameters(run.model)
     if not accelerator.is_main_process:
