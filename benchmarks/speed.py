@@ -389,7 +389,7 @@ def main():
     parser.add_argument("--shapes", default="8x512,2x2048,4x4096", help="batch x sequence list for the 8B shape")
     parser.add_argument("--no-llama", action="store_true", help="skip the Llama-3.1-8B shape (measure SmolLM2 only)")
     parser.add_argument("--kernel-configs", default=None,
-                        help="JSON of Triton launch shapes (from benchmarks/kernels.py --configs-out) to apply")
+                        help="JSON of Triton launch shapes (from benchmarks/kernel_timing.py --configs-out) to apply")
     parser.add_argument("--busy", action="store_true",
                         help="also profile one extra step per row (CUDA kernels only) for the GPU's busy time")
     parser.add_argument("--gc-freeze", action="store_true",

@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "params": ("rasa_lora.params", "main", "trainable-parameter table of LoRA and RaSA for an architecture"),
     "train": ("rasa_lora.train.cli", "main", "supervised fine-tuning with RaSA, its baselines or full fine-tuning"),
     "merge": ("rasa_lora.merge", "main", "merge an adapter into its base model and save a plain transformers model"),
+    "export-lora": ("rasa_lora.export", "main", "write a RaSA adapter as an exactly equal PEFT LoRA adapter (serving)"),
+    "push": ("rasa_lora.hub", "main", "upload an adapter (and its exported LoRA) to the Hugging Face Hub with a card"),
     "analyze": ("rasa_lora.analysis.cli", "analyze_main", "reconstruction-error analysis (paper Sec. 3, App. A)"),
     "compress": ("rasa_lora.analysis.cli", "compress_main", "fit a RaSA adapter to a full fine-tune's weight deltas"),
     "eval": ("rasa_lora.evaluation.cli", "main", "MATH/GSM8K, HumanEval(+) and forgetting benchmarks"),

@@ -47,6 +47,8 @@ def test_config_opens_with_its_command_and_dry_runs_one_step(path, tiny_model_di
         dataset = tmp_path / "data.jsonl"
         dataset.write_text("".join(json.dumps(ROWS[recipe["dataset_format"]]) + "\n" for _ in range(4)))
         overrides["dataset"] = str(dataset)
+        if recipe.get("val_set_size"):
+            overrides["val_set_size"] = 1  # of the 4 rows
     else:
         overrides["num_examples"] = 8
     config = load_config(path, overrides)

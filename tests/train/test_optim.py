@@ -49,3 +49,25 @@ def test_scheduler_uses_ten_percent_warmup():
         optimizer.step()
         scheduler.step()
     assert lrs.index(max(lrs)) == 5 and lrs[5] == 1.0
+
+
+def test_lionw_matches_lion_pytorch_decoupled_mode_step_for_step():
+    """An outside oracle: lion-pytorch's `Lion(decoupled_weight_decay=True)` decays by `1 - lr * wd / initial_lr`,
+    MosaicML's semantics; 30 steps with a warmup-cosine schedule and weight decay give the same parameters."""
+    lion_pytorch = pytest.importorskip("lion_pytorch", reason="optional oracle: pip install --no-deps lion-pytorch")
+    config = SimpleNamespace(warmup_ratio=0.1, lr_scheduler="cosine")
+    start = torch.randn(2, 17, 13, generator=torch.Generator().manual_seed(0))
+    params = [torch.nn.Parameter(start[0].clone()), torch.nn.Parameter(start[0].clone())]
+    ours = DecoupledLionW([params[0]], lr=3e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    theirs = lion_pytorch.Lion([params[1]], lr=3e-2, betas=(0.9, 0.95), weight_decay=0.1,
+                               decoupled_weight_decay=True)
+    schedulers = [build_scheduler(optimizer, 30, config) for optimizer in (ours, theirs)]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        grad = torch.randn(17, 13, generator=generator)
+        for param, optimizer, scheduler in zip(params, (ours, theirs), schedulers):
+            param.grad = grad.clone()
+            optimizer.step()
+            scheduler.step()
+    assert not torch.allclose(params[0], start[0], atol=0.1)  # the steps moved the parameters
+    torch.testing.assert_close(params[0], params[1], atol=1e-6, rtol=1e-6)

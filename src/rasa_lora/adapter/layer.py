@@ -162,6 +162,11 @@ class RasaLayer(BaseTunerLayer):
         delta = self._delta_from(self.factors(adapter_name)).to(weight.device)
         return transpose(delta, self.fan_in_fan_out).to(weight.dtype)
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """RaSA is additive (W + dW_i), so PEFT's `convert_to_lora` / `save_as_lora` accept it: they factor dW_i by
+        SVD, exact at rank >= r-k+L*k, an approximation below. `rasa-lora export-lora` gives the exact factors."""
+        return True
+
     def _pool_fingerprint(self, adapter_name: str) -> tuple:
         if not self.has_pool(adapter_name):
             return ()

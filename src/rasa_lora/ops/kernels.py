@@ -33,7 +33,7 @@ Host time matters as much as GPU time: Triton's own launch path costs ~15-25 us 
 H200's host, which made the step host-bound at 4096 tokens (`benchmarks/RESULTS.md`, session 2). `_Launcher`
 keeps each compiled kernel after its first launch and calls its C launcher directly; the launch plans (tiles,
 grids, splits) are derived from CONFIGS once per shape (`_plan`; `clear_plans()` after editing CONFIGS). The
-launch shapes (`CONFIGS`) were chosen by `benchmarks/kernels.py --sweep` on one H200; the kernels are correct
+launch shapes (`CONFIGS`) were chosen by `benchmarks/kernel_timing.py --sweep` on one H200; the kernels are correct
 for any of them (tested with small and split shapes).
 """
 
@@ -80,8 +80,8 @@ def packed_width(n: int) -> int:
     return width
 
 
-# Launch shapes per kernel; `benchmarks/kernels.py` sweeps alternatives (it edits this dict in place).
-CONFIGS = {  # winners of `benchmarks/kernels.py --sweep` on one H200 (2026-11-29), R = 64, bf16
+# Launch shapes per kernel; `benchmarks/kernel_timing.py` sweeps alternatives (it edits this dict in place).
+CONFIGS = {  # winners of `benchmarks/kernel_timing.py --sweep` on one H200 (2026-11-29), R = 64, bf16
     "down": {"BM": 64, "BK": 64, "splits": 0, "warps": 4, "stages": 3, "programs": 528, "pack": "separate"},
     # up and gx: a row block a program (session 6, `--only-wide` at 16384 tokens: up_ 57 -> 43 us on q_proj);
     # bwd_up and ga: session 6's sweep over 4096 and 16384 tokens (run C)

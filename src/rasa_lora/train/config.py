@@ -35,7 +35,7 @@ ALL_PROJECTIONS = LLAMA_PROJECTIONS
 
 # Keys that only change how a run is operated, not what it computes; they may differ when resuming.
 OPERATIONAL_KEYS = ("resume", "overwrite", "save_steps", "save_total_limit", "save_epoch_adapters", "logging_steps",
-                    "progress_bar")
+                    "progress_bar", "eval_steps", "eval_batch_size", "report_to")
 
 
 @dataclass
@@ -52,6 +52,16 @@ class TrainConfig:
     """Split to read when `dataset` is a hub name."""
     dataset_fraction: float = 1.0
     """Fraction of the examples kept, a seeded random subset (the paper's 25% / 50% runs)."""
+    val_set_size: float = 0.0
+    """Held-out part of the training data for the held-out loss: a fraction below 1 or a count from 1 on; drawn
+    with a fixed seed, the same for every `seed`, and never trained on. 0: none (unless eval_dataset is given)."""
+    eval_dataset: str | None = None
+    """Held-out set for the held-out loss instead of val_set_size: a file or hub name (its `test` split), read in
+    dataset_format."""
+    eval_steps: int = 0
+    """Held-out loss every this many optimizer steps; 0: before training, after each epoch and at the end."""
+    eval_batch_size: int | None = None
+    """Examples per forward pass of the held-out loss; None takes micro_batch_size."""
     num_examples: int = 2000
     """Size of the built-in arithmetic training set (ignored for other datasets)."""
     arithmetic_steps: int = 2
@@ -123,6 +133,9 @@ class TrainConfig:
     """Delete an existing output_dir and start afresh."""
     progress_bar: bool = True
     """Show a tqdm bar with loss, lr and tokens/s."""
+    report_to: str = "none"
+    """Also log metrics.jsonl's rows to a tracker: "tensorboard" (event files in output_dir/tensorboard), "trackio",
+    "wandb" or "none" (through accelerate's trackers; `rasa_lora.train.tracking`)."""
 
     def __post_init__(self) -> None:
         self._check_method()
@@ -172,6 +185,13 @@ class TrainConfig:
             raise ValueError(f"arithmetic_max_value={self.arithmetic_max_value} must be at least 2")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas={self.betas} must be two numbers in [0, 1), e.g. 0.9,0.95")
+        if self.val_set_size < 0 or (self.val_set_size > 1 and self.val_set_size != int(self.val_set_size)):
+            raise ValueError(f"val_set_size={self.val_set_size} must be a fraction in [0, 1) or a whole count")
+        if self.val_set_size and self.eval_dataset:
+            raise ValueError("val_set_size and eval_dataset both name a held-out set; give one of them")
+        if self.eval_steps < 0 or (self.eval_batch_size is not None and self.eval_batch_size <= 0):
+            raise ValueError(f"eval_steps={self.eval_steps} must be >= 0 and eval_batch_size={self.eval_batch_size} "
+                             "positive (or unset)")
         if self.save_steps < 0 or self.save_total_limit < 1:
             raise ValueError(f"save_steps={self.save_steps} must be >= 0 and "
                              f"save_total_limit={self.save_total_limit} >= 1")
@@ -179,7 +199,8 @@ class TrainConfig:
     def _check_choices(self) -> None:
         choices = {"optimizer": ("lionw", "adamw"), "lr_scheduler": ("cosine", "constant"),
                    "bf16": ("auto", "true", "false"),
-                   "model_dtype": ("auto", "float32", "bfloat16"), "dataset_format": DATASET_FORMATS}
+                   "model_dtype": ("auto", "float32", "bfloat16"), "dataset_format": DATASET_FORMATS,
+                   "report_to": ("none", "tensorboard", "trackio", "wandb")}
         self.bf16 = str(self.bf16).lower()
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

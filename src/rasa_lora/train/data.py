@@ -216,22 +216,53 @@ def subsample(items: list, fraction: float, seed: int) -> list:
     return [items[index] for index in keep]
 
 
-def load_examples(config: Any) -> list[Example]:
-    """The prompt/response pairs a config asks for (before tokenization)."""
+VAL_SEED = 0  # the held-out split is the same for every run seed, so runs of a study share it
+
+
+def _read_examples(source: str, dataset_format: str, split: str) -> list[Example]:
+    records = read_records(source, split)
+    if not records:
+        raise ValueError(f"dataset {source!r} holds no records; give a file with at least one example")
+    if dataset_format == "auto":
+        dataset_format = detect_format(records[0][1], records[0][0])
+    return [to_example(row, dataset_format, where) for where, row in records]
+
+
+def held_out_count(val_set_size: float, total: int) -> int:
+    """Examples `val_set_size` holds out of `total`: a fraction below 1, a count from 1 on (axolotl's convention)."""
+    if val_set_size <= 0:
+        return 0
+    count = math.ceil(val_set_size * total) if val_set_size < 1 else int(val_set_size)
+    if count >= total:
+        raise ValueError(f"val_set_size={val_set_size} leaves no training example out of {total}; hold out fewer")
+    return count
+
+
+def load_splits(config: Any) -> tuple[list[Example], list[Example]]:
+    """(training examples, held-out examples) a config asks for, before tokenization.
+
+    The held-out set is `eval_dataset` when given (its `test` split for a hub name), else `val_set_size` examples
+    drawn from the training data with a fixed seed (VAL_SEED) before `dataset_fraction` subsamples the rest."""
     if config.dataset is None or config.dataset_format == "arithmetic":
         problems = arithmetic_problems(config.num_examples, config.seed, config.arithmetic_steps,
                                        config.arithmetic_max_value)
-        records = [(f"arithmetic problem {index}", row) for index, row in enumerate(problems)]
-        dataset_format = "alpaca"
+        examples = [to_example(row, "alpaca", f"arithmetic problem {index}") for index, row in enumerate(problems)]
     else:
-        records = read_records(config.dataset, config.dataset_split)
-        if not records:
-            raise ValueError(f"dataset {config.dataset!r} holds no records; give a file with at least one example")
-        dataset_format = config.dataset_format
-        if dataset_format == "auto":
-            dataset_format = detect_format(records[0][1], records[0][0])
-    examples = [to_example(row, dataset_format, where) for where, row in records]
-    return subsample(examples, config.dataset_fraction, config.seed)
+        examples = _read_examples(config.dataset, config.dataset_format, config.dataset_split)
+    held_out: list[Example] = []
+    eval_dataset = getattr(config, "eval_dataset", None)
+    if eval_dataset:
+        held_out = _read_examples(eval_dataset, config.dataset_format, "test")
+    elif (count := held_out_count(getattr(config, "val_set_size", 0), len(examples))):
+        chosen = set(random.Random(VAL_SEED).sample(range(len(examples)), count))
+        held_out = [example for index, example in enumerate(examples) if index in chosen]
+        examples = [example for index, example in enumerate(examples) if index not in chosen]
+    return subsample(examples, config.dataset_fraction, config.seed), held_out
+
+
+def load_examples(config: Any) -> list[Example]:
+    """The training prompt/response pairs a config asks for (before tokenization)."""
+    return load_splits(config)[0]
 
 
 def tokenize(example: Example, tokenizer: Any, cutoff_len: int) -> dict[str, list[int]] | None:

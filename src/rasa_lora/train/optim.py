@@ -2,9 +2,11 @@
 
 Why LionW is written here: the authors trained with MosaicML's `DecoupledLionW` (composer / llm-foundry), whose
 weight decay is `p *= 1 - wd * lr / initial_lr`: it follows the schedule but is not multiplied by the learning rate
-itself. The maintained alternatives differ: `lion-pytorch` and `pytorch_optimizer.Lion` decay by `1 - lr * wd`
-(a ~2000x weaker decay at lr 5e-4), and composer brings a whole training framework as a dependency. The update
-is ten lines, so it lives here with the MosaicML semantics:
+itself. Maintained Lions have these semantics when asked: `lion-pytorch`'s `Lion(decoupled_weight_decay=True)` and
+torch-optimi's `Lion(decouple_lr=True)` (their default, `1 - lr * wd`, is a ~2000x weaker decay at lr 5e-4), and
+`tests/train/test_optim.py` checks this class against lion-pytorch's decoupled mode step for step. It stays here
+because the update is ten lines, while a dependency would be one more package on every machine (composer would
+bring a whole training framework):
 
     u = sign(b1 * m + (1 - b1) * g)        # the step direction (b1 = betas[0])
     p = p * (1 - wd * lr / lr_0) - lr * u  # decoupled decay relative to the initial lr, then the step

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from rasa_lora.train import checkpoint, data, distributed, methods, optim
+from rasa_lora.train import checkpoint, data, distributed, methods, optim, tracking
 from rasa_lora.train.config import OPERATIONAL_KEYS, TrainConfig
 
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -60,6 +60,8 @@ class LoopState:
     elapsed_s: float = 0.0
     best_loss: float = math.inf
     last_loss: float = math.nan
+    eval_loss: float = math.nan
+    best_eval_loss: float = math.inf
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Run:
     examples: list[dict[str, list[int]]]
     total_steps: int
     steps_per_epoch: int
+    eval_examples: list[dict[str, list[int]]] = field(default_factory=list)
     model: Any = None
     optimizer: Any = None
     scheduler: Any = None
@@ -134,10 +137,12 @@ def plan_steps(config: TrainConfig, num_examples: int) -> tuple[int, int]:
 def prepare_run(config: TrainConfig) -> Run:
     """Tokenizer and tokenized data: everything that can fail on bad input before a model is loaded."""
     tokenizer = load_tokenizer(config)
-    examples = data.tokenize_all(data.load_examples(config), tokenizer, config.cutoff_len)
+    train_examples, held_out = data.load_splits(config)
+    examples = data.tokenize_all(train_examples, tokenizer, config.cutoff_len)
+    eval_examples = data.tokenize_all(held_out, tokenizer, config.cutoff_len) if held_out else []
     steps_per_epoch, total_steps = plan_steps(config, len(examples))
     return Run(config=config, tokenizer=tokenizer, examples=examples, total_steps=total_steps,
-               steps_per_epoch=steps_per_epoch)
+               steps_per_epoch=steps_per_epoch, eval_examples=eval_examples)
 
 
 def build_model(config: TrainConfig, total_steps: int, device: torch.device,
@@ -216,6 +221,55 @@ def train_step(run: Run, step: int, autocast: bool) -> tuple[float, int]:
     return float(totals[0]) / accelerator.num_processes, int(totals[1])
 
 
+def held_out_loss(run: Run, autocast: bool) -> tuple[float, int]:
+    """(mean token loss, response tokens) over the held-out examples, dropout off, no gradient.
+
+    Batches of `eval_batch_size` examples in length order (the same batches at every evaluation). Every process
+    computes the whole set: sharded engines (FSDP, ZeRO-3) need every process in every forward."""
+    config = run.config
+    order = sorted(range(len(run.eval_examples)), key=lambda i: len(run.eval_examples[i]["input_ids"]))
+    size = config.eval_batch_size or config.micro_batch_size
+    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+    total = torch.zeros((), dtype=torch.float64, device=run.device)
+    tokens = 0
+    run.model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), size):
+                batch = data.collate([run.eval_examples[i] for i in order[start:start + size]], pad)
+                tokens += int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
+                batch = to_device(batch, run.device)
+                context = (torch.autocast(run.device.type, dtype=torch.bfloat16) if autocast
+                           else contextlib.nullcontext())
+                with context:  # num_items_in_batch=1: the loss is the batch's summed token loss
+                    total += run.model(**batch, num_items_in_batch=1).loss.double()
+    finally:
+        run.model.train()
+    return float(total) / max(tokens, 1), tokens
+
+
+def evaluation_due(run: Run, step: int) -> bool:
+    """Whether the held-out loss is computed after optimizer step `step` (0: before training)."""
+    if not run.eval_examples:
+        return False
+    if step == 0 or step == run.total_steps:
+        return True
+    every = run.config.eval_steps
+    return step % every == 0 if every else step % run.steps_per_epoch == 0
+
+
+def log_evaluation(run: Run, metrics: Any, autocast: bool) -> None:
+    """Compute the held-out loss now and write its metrics row (rows with `eval_loss` and no `loss`)."""
+    loss, tokens = held_out_loss(run, autocast)
+    state = run.state
+    state.eval_loss, state.best_eval_loss = loss, min(state.best_eval_loss, loss)
+    if run.accelerator.is_main_process:
+        row = {"step": state.step, "epoch": round(state.step / run.steps_per_epoch, 4), "eval_loss": loss,
+               "eval_tokens": tokens, "eval_examples": len(run.eval_examples)}
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+
+
 class _StopFlag:
     """Records SIGINT/SIGTERM instead of dying mid-step; restores the previous handlers on exit."""
 
@@ -292,6 +346,8 @@ def training_loop(run: Run, metrics_path: Path) -> None:
     bar = tqdm(total=run.total_steps, initial=run.state.step, desc=f"train {config.method}",
                disable=not (config.progress_bar and run.accelerator.is_main_process), dynamic_ncols=True)
     with _StopFlag() as stop, bar, metrics_path.open("a") as metrics:
+        if run.state.step == 0 and evaluation_due(run, 0):
+            log_evaluation(run, metrics, autocast)
         while run.state.step < run.total_steps:
             started = time.perf_counter()
             loss, tokens = train_step(run, run.state.step, autocast)
@@ -304,8 +360,11 @@ def training_loop(run: Run, metrics_path: Path) -> None:
                                                     or state.step == run.total_steps):
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
+                tracking.log(run.accelerator, config, row)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if evaluation_due(run, state.step):
+                log_evaluation(run, metrics, autocast)
             if config.save_steps and state.step % config.save_steps == 0 and state.step < run.total_steps:
                 _save(run)
             if config.save_epoch_adapters and state.step % run.steps_per_epoch == 0:
@@ -346,9 +405,16 @@ def plot_loss(metrics_path: Path, image_path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train_rows = [row for row in rows if "loss" in row]
+    eval_rows = [row for row in rows if "eval_loss" in row]
     figure, axis = plt.subplots(figsize=(6, 4))
-    axis.plot([row["step"] for row in rows], [row["loss"] for row in rows], marker="." if len(rows) < 50 else None)
-    axis.set(xlabel="optimizer step", ylabel="training loss (response tokens)", title=title)
+    axis.plot([row["step"] for row in train_rows], [row["loss"] for row in train_rows],
+              marker="." if len(train_rows) < 50 else None, label="training")
+    if eval_rows:
+        axis.plot([row["step"] for row in eval_rows], [row["eval_loss"] for row in eval_rows], marker="o",
+                  label=f"held-out ({eval_rows[-1]['eval_examples']} examples)")
+        axis.legend()
+    axis.set(xlabel="optimizer step", ylabel="loss (response tokens)", title=title)
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(image_path, dpi=100)
@@ -384,6 +450,9 @@ def write_summary(run: Run, trainable: int, total: int, wall_s: float) -> dict[s
         "train_time_s": round(state.elapsed_s, 3), "wall_time_s": round(wall_s, 3),
         "final_loss": state.last_loss, "best_loss": state.best_loss, "device": str(run.device),
     }
+    if run.eval_examples:
+        summary.update(eval_examples=len(run.eval_examples), final_eval_loss=state.eval_loss,
+                       best_eval_loss=state.best_eval_loss)
     Path(config.output_dir, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -415,7 +484,8 @@ def start_or_resume(run: Run) -> None:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run the recipe end to end; returns the summary. Raises TrainingInterrupted after a signal's checkpoint."""
     wall_start = time.perf_counter()
-    accelerator = distributed.make_accelerator()
+    tracking.check_available(config.report_to)
+    accelerator = distributed.make_accelerator(**tracking.accelerator_kwargs(config))
     check_output_dir(config)
     accelerator.wait_for_everyone()  # every process checked before the main one creates the directory
     engine = distributed.detect_engine(accelerator)
@@ -434,6 +504,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     start_or_resume(run)
     run.model, run.optimizer, run.scheduler = distributed.prepare_training(
         accelerator, run.model, run.optimizer, run.scheduler, use_reentrant, config.micro_batch_size)
+    tracking.start(accelerator, config)
     try:
         with collector_spares_setup():
             training_loop(run, out / "metrics.jsonl")
@@ -443,6 +514,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if created and not checkpoint.checkpoint_dirs(out):
             shutil.rmtree(out, ignore_errors=True)  # nothing resumable: leave no partial run behind
         raise
+    finally:
+        tracking.finish(accelerator, config)
     save_final(run)
     trainable, total = methods.count_parameters(run.model)
     if not accelerator.is_main_process:

@@ -1,7 +1,7 @@
 """Per-kernel times of the fused RaSA layer on the Llama-3.1-8B projection shapes, and a launch-shape sweep.
 
 Run on the GPU machine:
-    PYTHONPATH=src python3 benchmarks/kernels.py --out $OUT/kernels.json [--sweep] [--tokens 4096,16384]
+    PYTHONPATH=src python3 benchmarks/kernel_timing.py --out $OUT/kernels.json [--sweep] [--tokens 4096,16384]
 
 For each projection shape (M tokens, K in, N out; r=8 k=1 over 32 layers, so R=64 packed ranks) it times,
 with `triton.testing.do_bench` (L2 flushed between runs, median), every stage of one training step of the
@@ -24,7 +24,7 @@ import time
 import torch
 
 # A dry run of this script's logic on the CPU, under Triton's interpreter (tiny shapes, float32, two options per
-# kernel): TRITON_INTERPRET=1 KERNELS_DRY_RUN=1 python benchmarks/kernels.py --sweep --out /tmp/k.json --tokens 64
+# kernel): TRITON_INTERPRET=1 KERNELS_DRY_RUN=1 python benchmarks/kernel_timing.py --sweep --out /tmp/k.json --tokens 64
 DRY = os.environ.get("KERNELS_DRY_RUN") == "1"
 DEVICE = "cpu" if DRY else "cuda"
 DTYPE = torch.float32 if DRY else torch.bfloat16
