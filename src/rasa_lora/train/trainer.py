@@ -440,9 +440,9 @@ def cpu_warning(config: TrainConfig, total_steps: int, device: torch.device) -> 
     passes = total_steps * config.global_batch_size
     if device.type != "cpu" or passes <= CPU_WARN_EXAMPLES:
         return None
-    return (f"rasa-lora train: warning: on a CPU this run is {total_steps:,} optimizer steps of {config.global_batch_size}"
-            f" examples ({passes:,} forward/backward passes of up to {config.cutoff_len} tokens): hours (the paper's "
-            f"recipe took ~150 s a step on 2 cores). A quick trial: {QUICK_RECIPE}")
+    return (f"rasa-lora train: warning: on a CPU this run is {total_steps:,} optimizer steps of "
+            f"{config.global_batch_size} examples ({passes:,} forward/backward passes of up to {config.cutoff_len} "
+            f"tokens): hours (the paper's recipe took ~150 s a step on 2 cores). A quick trial: {QUICK_RECIPE}")
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
