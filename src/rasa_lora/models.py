@@ -100,20 +100,23 @@ def _offline() -> bool:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the Hub's endpoint opens within `timeout` seconds (DNS included)."""
-    import socket
+    """Whether the Hub's endpoint answers an HTTP HEAD (any status) within `timeout` seconds, DNS included. A bare
+    TCP connect is not enough: some sandboxes accept every connection and never answer."""
     import threading
-    from urllib.parse import urlparse
+    import urllib.error
+    import urllib.request
 
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     result: list[bool] = []
 
     def probe() -> None:
         try:
-            socket.create_connection((host, port), timeout=timeout).close()
+            urllib.request.urlopen(urllib.request.Request(endpoint + "/api/models", method="HEAD"),
+                                   timeout=timeout).close()
             result.append(True)
-        except OSError:
+        except urllib.error.HTTPError:  # it answered: reachable
+            result.append(True)
+        except Exception:  # URLError, timeouts, resets, a proxy's garbage
             result.append(False)
 
     thread = threading.Thread(target=probe, daemon=True)  # getaddrinfo ignores socket timeouts

@@ -52,7 +52,12 @@ def load_config(architecture: str):
         if close:
             raise ModelNotFoundError(f"unknown architecture {architecture!r}; did you mean {' or '.join(close)}? "
                                      f"Built-in: {', '.join(BUILTIN)}, smollm2; or a checkpoint folder or hub name")
-    source, gguf_file = resolve_model(architecture)
+    try:
+        source, gguf_file = resolve_model(architecture)
+    except FileNotFoundError as error:
+        if isinstance(error, ModelNotFoundError):
+            raise
+        raise ModelNotFoundError(f"{error} Built-in names: {', '.join(BUILTIN)}, smollm2.") from None
     try:
         return AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
     except OSError as error:

@@ -110,8 +110,13 @@ def _read_records(path: Path) -> dict[str, dict]:
 
 def _append(path: Path, records: list[dict]) -> None:
     """Append a batch's records in one write (an interruption leaves at most a torn last line, which is skipped)."""
+    torn = False
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
     with path.open("a") as f:
-        f.write("".join(json.dumps(record) + "\n" for record in records))
+        f.write(("\n" if torn else "") + "".join(json.dumps(record) + "\n" for record in records))
         f.flush()
 
 
