@@ -51,7 +51,8 @@ def test_import_rasa_lora_still_registers_rasa_whatever_the_order():
     check = ("from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING\nfrom peft.utils import PeftType\n"
              "assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType('RASA')].__name__ == 'RasaConfig'\n")
     for order in ("import sys, rasa_lora\nassert 'torch' not in sys.modules\n", "import peft, rasa_lora\n"):
-        result = _python(order + check + "import rasa_lora\nprint(rasa_lora.RasaConfig(r=8).peft_type)")
+        result = _python(order + check + "import rasa_lora\nassert rasa_lora.models.DEFAULT_MODEL == 'smollm2'\n"
+                                         "print(rasa_lora.RasaConfig(r=8).peft_type)")
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip().endswith("RASA")
 

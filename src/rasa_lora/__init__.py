@@ -20,11 +20,18 @@ __version__ = "0.1.0"
 __all__ = ["RasaConfig", "RasaLayer", "RasaModel", "__version__"]
 
 
+_SUBMODULES = ("adapter", "analysis", "evaluation", "models", "ops", "params", "reference", "train")
+
+
 def __getattr__(name: str):
     if name in ("RasaConfig", "RasaLayer", "RasaModel"):
         from rasa_lora import adapter
 
         return getattr(adapter, name)
+    if name in _SUBMODULES:  # `rasa_lora.models.load_model(...)` without importing the submodule first
+        import importlib
+
+        return importlib.import_module(f"rasa_lora.{name}")
     raise AttributeError(f"module 'rasa_lora' has no attribute {name!r}")
 
 

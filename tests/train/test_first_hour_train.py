@@ -100,3 +100,16 @@ def test_a_second_ctrl_c_stops_without_waiting(tiny_model_dir, tmp_path):
     err = process.stderr.read()
     assert code == 130, err
     assert "Traceback" not in err and "interrupted" in err
+
+
+def test_building_a_model_raises_no_future_warning(tiny_model_dir):
+    import warnings
+
+    from rasa_lora.train import methods
+
+    config = build_config(tiny_overrides(tiny_model_dir, "unused", gradient_checkpointing=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = trainer.build_model(config, total_steps=2, device=torch.device("cpu"))
+        methods.enable_gradient_checkpointing(model, use_reentrant=True)
+    assert any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())

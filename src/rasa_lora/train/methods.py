@@ -65,9 +65,14 @@ def apply_method(model: torch.nn.Module, config: Any, total_steps: int) -> torch
     if config.method == "fft":
         model.requires_grad_(True)
         return model
+    import warnings
+
     import peft
 
-    return peft.get_peft_model(model, peft_config_for(config, total_steps))
+    with warnings.catch_warnings():
+        # PEFT (0.21.x) asks transformers' deprecated `is_gradient_checkpointing`: a FutureWarning users cannot act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(model, peft_config_for(config, total_steps))
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module, use_reentrant: bool) -> None:
