@@ -18,12 +18,13 @@ The accuracy passes show a bar per batch; the merge check works in a temporary f
 
 from __future__ import annotations
 
-import argparse
 import re
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from rasa_lora.errors import ArgumentParser
 
 DEMO_RECIPE: dict[str, Any] = {
     "method": "rasa", "r": 8, "alpha": 32, "dropout": 0.05, "learning_rate": 5e-4,
@@ -123,7 +124,7 @@ def run(output_dir: Path, eval_count: int, steps: int) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="rasa-lora demo", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="rasa-lora demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="runs/demo", help="where the adapter and plots go (replaced)")
     parser.add_argument("--eval-problems", type=int, default=40, help="held-out problems to score")
     parser.add_argument("--steps", type=int, default=DEMO_RECIPE["max_steps"], help="optimizer steps")

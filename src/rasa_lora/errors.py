@@ -7,6 +7,17 @@ caller would expect (`FileNotFoundError`, `ValueError`), so library users can ca
 
 from __future__ import annotations
 
+import argparse
+from typing import NoReturn
+
 
 class UserError(Exception):
     """A mistake in the user's input or set-up (a name, a path, a file, a missing network)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line (`PROG: error: MESSAGE; PROG --help lists the arguments`) instead
+    of the usage block followed by the error; exit code 2 as argparse's."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; `{self.prog} --help` lists the arguments\n")

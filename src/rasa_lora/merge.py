@@ -14,11 +14,12 @@ must have been saved converted (`rasa-lora train` does this).
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from rasa_lora.errors import ArgumentParser
 
 DEFAULT_BASE = "smollm2"
 
@@ -59,7 +60,7 @@ def merge(base: str, adapter: str | Path, out: str | Path, dtype: str = "float32
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="rasa-lora merge", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="rasa-lora merge", description=__doc__.splitlines()[0])
     parser.add_argument("base", help='base model: "smollm2", a directory, a .gguf file or a hub name')
     parser.add_argument("adapter", help="PEFT adapter directory (e.g. the output_dir of rasa-lora train)")
     parser.add_argument("out", help="directory for the merged model")

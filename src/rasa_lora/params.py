@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from rasa_lora.errors import ArgumentParser
 from rasa_lora.models import LLAMA_PROJECTIONS as ALL_PROJ
 
 # Shapes of the architectures of the paper, so no config needs to be fetched.
@@ -116,7 +117,7 @@ def human(count: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rasa-lora params", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="rasa-lora params", description=__doc__.splitlines()[0])
     parser.add_argument("architecture", nargs="?", default="llama-3.1-8b",
                         help=f"built-in name ({', '.join(BUILTIN)}), smollm2 (the embedded model), a local checkpoint "
                              "or config dir, or a hub name")

@@ -29,6 +29,8 @@ import os
 import sys
 from pathlib import Path
 
+from rasa_lora.errors import ArgumentParser
+
 FORGETTING = ("arc_challenge", "hellaswag", "winogrande")
 DOMAINS = {"metamathqa": "math", "magicoder": "code"}  # dataset_format -> domain
 DOMAIN_TASK = {"math": "math", "code": "humaneval+"}
@@ -284,9 +286,7 @@ def compare_main(argv: list[str]) -> int:
     """`rasa-lora compare RUN_DIR [RUN_DIR ...] [--out FILE]`: the runs' reproduce.json side by side (one row per run
     and metric, the paper's figures beside them, as its Tables 1-2 put them) in FILE.md (default compare.md), and
     FILE.png: each run's domain metric against the paper's, bars by run."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="rasa-lora compare", description=compare_main.__doc__)
+    parser = ArgumentParser(prog="rasa-lora compare", description=compare_main.__doc__)
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of `rasa-lora reproduce`")
     parser.add_argument("--out", default="compare", help="FILE: writes FILE.md and FILE.png (default compare)")
     args = parser.parse_args(argv)

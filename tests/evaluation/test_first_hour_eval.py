@@ -153,3 +153,32 @@ def test_no_local_data_says_where_data_come_from(hub, tmp_path, capsys, monkeypa
     assert "--data-dir" in err and "gsm8k/test.jsonl" in err and "Hugging Face Hub" in err
     assert ("ConnectionError" in err) == (hub == "fails")
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_the_terminal_gives_one_message_and_no_traceback(tmp_path, shared_data):
+    """The terminal sends SIGINT to the whole process group: the checker processes too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import rasa_lora
+
+    out = tmp_path / "out"
+    source = str(os.path.dirname(os.path.dirname(rasa_lora.__file__)))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rasa_lora", "eval", "math500", "--gold", "--batch-size", "2", "--workers", "2",
+         "--data-dir", str(shared_data), "--output-dir", str(out)],
+        env={**os.environ, "PYTHONPATH": source, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and not (out / "records.jsonl").is_file():
+        time.sleep(0.05)
+    assert process.poll() is None, process.stderr.read()
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    err = process.stderr.read()
+    assert "Traceback" not in err and err.count("interrupted (Ctrl-C)") == 1, err
+    assert "scored records are kept in" in err

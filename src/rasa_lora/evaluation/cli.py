@@ -26,13 +26,14 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-from rasa_lora.errors import UserError
+from rasa_lora.errors import ArgumentParser, UserError
 from rasa_lora.evaluation.tasks import TASKS, task_spec
 
 # Default generation limits by task, then by kind. GSM8K solutions are a few sentences (the longest gold solution
@@ -41,7 +42,7 @@ _MAX_NEW_TOKENS = {"gsm8k": 512, "math": 2048, "math500": 2048, "code": 512}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rasa-lora eval", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="rasa-lora eval", description=__doc__.split("\n\n")[0])
     p.add_argument("task", help=f"one of: {', '.join(TASKS)}")
     p.add_argument("--model", default=None, help="base model: path, .gguf, hub name; default the embedded SmolLM2")
     p.add_argument("--adapter", default=None, help="PEFT adapter directory (RaSA, LoRA, ...) for --model")
@@ -261,7 +262,9 @@ def _run_math(args, items: list[dict], records_path: Path) -> dict:
     generator = _generator(args)
     bar = _progress(len(items), len(items) - len(todo), f"{args.task}", unit="item")
     rate = _TokenRate(bar)
-    with ProcessPoolExecutor(max_workers=args.workers or os.cpu_count() or 1) as pool:
+    # the checker processes ignore Ctrl-C (the terminal sends it to them too): this process reports it, once
+    with ProcessPoolExecutor(max_workers=args.workers or os.cpu_count() or 1, initializer=signal.signal,
+                             initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         for chunk in _chunks(todo, max(args.batch_size, 1) * 4):
             prompts = [math_prompt(item["question"]) for item in chunk]
             if args.gold:
