@@ -137,3 +137,14 @@ def test_user_error_and_ctrl_c_are_one_line(capsys, monkeypatch):
     assert capsys.readouterr().err.strip() == "rasa-lora fails: error: the thing is wrong; do this instead"
     assert cli.main(["stop"]) == 130
     assert capsys.readouterr().err.strip() == "rasa-lora stop: interrupted (Ctrl-C)"
+
+
+def test_registration_survives_a_lookup_that_is_not_an_import():
+    # transformers asks `importlib.util.find_spec("peft")` before anything imports PEFT (is_peft_available)
+    code = ("import importlib.util, rasa_lora\nassert importlib.util.find_spec('peft') is not None\n"
+            "import transformers.utils\ntransformers.utils.is_peft_available()\n"
+            "from peft import PeftModel\nfrom peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING\n"
+            "from peft.utils import PeftType\nprint(PEFT_TYPE_TO_CONFIG_MAPPING[PeftType('RASA')].__name__)")
+    result = _python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "RasaConfig"

@@ -40,24 +40,30 @@ def _register() -> None:
 
 
 class _RegisterAfterPeft(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when `peft` is about to be imported it lets the other finders find it, and wraps the
-    loader so that RaSA is registered right after PEFT's own `__init__` has run."""
+    """Finds nothing itself: when `peft` is looked up it lets the other finders find it, and wraps the loader of
+    what they found so that RaSA is registered right after PEFT's own `__init__` has run. A lookup is not always an
+    import (transformers' `is_peft_available` only calls `find_spec`), so the hook stays until PEFT has loaded."""
+
+    _busy = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != "peft":
+        if name != "peft" or self._busy:
             return None
-        _remove_hook()  # the lookup below must not come back here
-        spec = importlib.util.find_spec(name)
+        self._busy = True  # the lookup below must not come back here
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._busy = False
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        loader = spec.loader
-        original = loader.exec_module
+        original = spec.loader.exec_module
 
         def exec_module(module):
             original(module)
+            _remove_hook()
             _register()
 
-        loader.exec_module = exec_module
+        spec.loader.exec_module = exec_module
         return spec
 
 

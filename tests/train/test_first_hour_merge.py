@@ -53,3 +53,17 @@ def test_every_command_names_the_truncated_file_in_one_line(command, truncated_a
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(truncated_adapter / "adapter_model.safetensors") in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_fresh_process_merges_a_rasa_adapter(tiny_model_dir, trained_adapter, tmp_path):  # noqa: F811
+    # `import rasa_lora` is lazy: RaSA must still be registered when transformers, then PEFT, load in a new process
+    import subprocess
+    import sys
+
+    from tests.train.test_trainer import _subprocess_env
+
+    result = subprocess.run([sys.executable, "-m", "rasa_lora", "merge", str(tiny_model_dir), str(trained_adapter),
+                             str(tmp_path / "merged")], capture_output=True, text=True, env=_subprocess_env(),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "merged" / "config.json").is_file()

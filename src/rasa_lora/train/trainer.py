@@ -436,13 +436,13 @@ QUICK_RECIPE = ("rasa-lora train --global-batch-size 8 --micro-batch-size 8 --ma
 
 def cpu_warning(config: TrainConfig, total_steps: int, device: torch.device) -> str | None:
     """The warning for a long run on a CPU (None otherwise): its size, and the quick recipe (what `rasa-lora demo`
-    trains, ~2 min on 2 idle cores)."""
+    trains; times on a 2-core CPU in docs/first-hour.md)."""
     passes = total_steps * config.global_batch_size
     if device.type != "cpu" or passes <= CPU_WARN_EXAMPLES:
         return None
     return (f"rasa-lora train: warning: on a CPU this run is {total_steps:,} optimizer steps of "
             f"{config.global_batch_size} examples ({passes:,} forward/backward passes of up to {config.cutoff_len} "
-            f"tokens): hours (the paper's recipe took ~150 s a step on 2 cores). A quick trial: {QUICK_RECIPE}")
+            f"tokens): hours (docs/first-hour.md has measured times). A quick trial: {QUICK_RECIPE}")
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
