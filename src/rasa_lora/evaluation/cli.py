@@ -157,13 +157,13 @@ def main(argv: list[str] | None = None) -> int:
 def _load_items(args: argparse.Namespace, spec) -> list[dict]:
     """The task's items; a failed Hub fallback (no local data) becomes one line saying where data come from."""
     from rasa_lora.evaluation.tasks import default_data_dir, load_task
-    from rasa_lora.models import _offline, hub_reachable
+    from rasa_lora.models import hub_offline, hub_reachable
 
     if args.data_dir is not None or not spec.local_file or default_data_dir() is not None:
         return load_task(args.task, args.data_dir, args.limit)
     fix = (f"pass --data-dir FOLDER, a folder holding {spec.local_file} (the layout of docs/first-hour.md, "
            "\"Benchmark data\"), or connect to the Hugging Face Hub (needs `pip install datasets`)")
-    if _offline() or not hub_reachable():
+    if hub_offline() or not hub_reachable():
         raise UserError(f"no local benchmark data for {args.task!r} (no ../shared/data beside the working directory "
                         f"or the repository) and the Hugging Face Hub cannot be reached: {fix}")
     try:

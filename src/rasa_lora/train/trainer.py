@@ -12,11 +12,10 @@ Choices:
 - Nothing is written before the tokenizer, data and model have loaded, so bad input leaves no directory behind;
   a run that fails before its first checkpoint removes the directory it created.
 - SIGINT/SIGTERM set a flag (and say so at once); the loop finishes the current step, writes a checkpoint and exits
-  with 130/143. A second Ctrl-C stops at once, without a checkpoint.
+  with 130/143; a second Ctrl-C stops at once, without a checkpoint. `resume: true` restores the newest checkpoint;
+  on the CPU with a fixed seed the result is bitwise identical to an uninterrupted run (tested).
 - The progress bar moves once per micro-batch (a paper-recipe step on a CPU is minutes long); on a CPU, a run of
-  more than CPU_WARN_EXAMPLES examples' passes is announced with the quick recipe before anything loads.
-  `resume: true` restores the newest checkpoint; on the CPU with a fixed seed the result is bitwise identical to
-  an uninterrupted run (tested).
+  more than CPU_WARN_EXAMPLES examples' passes is announced with the quick recipe before the model loads.
 - Many processes: `accelerate launch --config_file configs/distributed/<ddp|fsdp2|zero2|zero3>.yaml -m rasa_lora.cli
   train ...`; each process takes its share of a step's micro-batches, and `train/distributed.py` does what each
   engine needs (docs/distributed.md). The main process writes the directory, metrics, checkpoints and adapter.
@@ -442,7 +441,7 @@ def cpu_warning(config: TrainConfig, total_steps: int, device: torch.device) -> 
         return None
     return (f"rasa-lora train: warning: on a CPU this run is {total_steps:,} optimizer steps of "
             f"{config.global_batch_size} examples ({passes:,} forward/backward passes of up to {config.cutoff_len} "
-            f"tokens): hours (docs/first-hour.md has measured times). A quick trial: {QUICK_RECIPE}")
+            f"tokens), slow on a CPU (measured times: docs/first-hour.md). A quick trial: {QUICK_RECIPE}")
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
