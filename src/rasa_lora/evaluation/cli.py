@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("task", help=f"one of: {', '.join(TASKS)}")
     p.add_argument("--model", default=None, help="base model: path, .gguf, hub name; default the embedded SmolLM2")
     p.add_argument("--adapter", default=None, help="PEFT adapter directory (RaSA, LoRA, ...) for --model")
-    p.add_argument("--data-dir", default=None, help="folder in the layout of shared/data (default ../shared/data)")
+    p.add_argument("--data-dir", default=None,
+                   help="benchmark files, e.g. DIR/gsm8k/test.jsonl (layout: README, 'Benchmark data'); default "
+                        "../shared/data when it exists, else the Hugging Face Hub (needs `datasets` and a network)")
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
