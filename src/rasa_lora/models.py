@@ -190,6 +190,22 @@ def set_portable_name(model: Any, name_or_path: str | os.PathLike | None) -> Any
     return model
 
 
+def adapter_save_options(model: Any, adapter_name: str = "default") -> dict[str, Any]:
+    """Keyword arguments for `PeftModel.save_pretrained` of an adapter on the embedded model.
+
+    Its base is recorded as "smollm2", which is not a folder, so PEFT's `save_embedding_layers="auto"` would ask the
+    Hub whether "smollm2" has a config.json (a network call on every save, and two warnings without a network) to
+    learn whether the vocabulary was resized. Nothing here resizes it, so the answer is known: embedding layers are
+    saved when the adapter targets them. Other bases keep PEFT's own choice."""
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    if config is None or getattr(config, "base_model_name_or_path", None) != DEFAULT_MODEL:
+        return {}
+    targets = getattr(config, "target_modules", None) or []
+    if isinstance(targets, str):
+        return {}
+    return {"save_embedding_layers": any(name in targets for name in ("embed_tokens", "lm_head"))}
+
+
 def owner_default_permissions(path: Path) -> None:
     """Give a folder made by `tempfile.mkdtemp` (0700) the permissions of any new folder (0777 less the umask)."""
     umask = os.umask(0)

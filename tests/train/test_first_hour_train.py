@@ -113,3 +113,25 @@ def test_building_a_model_raises_no_future_warning(tiny_model_dir):
         model = trainer.build_model(config, total_steps=2, device=torch.device("cpu"))
         methods.enable_gradient_checkpointing(model, use_reentrant=True)
     assert any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
+def test_an_adapter_trained_on_the_embedded_model_names_it_portably(tmp_path, monkeypatch):
+    import json
+    import warnings
+
+    import peft.utils.save_and_load as save_and_load
+
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("PEFT asked the Hub about the base model while saving")
+
+    monkeypatch.setattr(save_and_load, "check_file_exists_on_hf_hub", no_lookup)
+    out = tmp_path / "run"
+    config = build_config({"output_dir": str(out), "global_batch_size": 1, "num_examples": 8, "max_steps": 1,
+                           "cutoff_len": 64, "gradient_checkpointing": False, "progress_bar": False,
+                           "target_modules": ["q_proj"]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config)
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "smollm2"  # was the cache path of the machine that trained it
+    assert not [w for w in caught if "smollm2" in str(w.message)]
