@@ -77,9 +77,12 @@ def apply_method(model: torch.nn.Module, config: Any, total_steps: int) -> torch
 
 def enable_gradient_checkpointing(model: torch.nn.Module, use_reentrant: bool) -> None:
     """Checkpoint each decoder layer; the reentrant form needs inputs that require grad to reach the adapters."""
+    import inspect
+
     kwargs = {"use_reentrant": use_reentrant}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x: the older name warns
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    enable = getattr(model, "activation_checkpointing_enable", None)  # newer transformers: the older name warns
+    if enable is not None and "activation_checkpointing_kwargs" in inspect.signature(enable).parameters:
+        enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if use_reentrant and hasattr(model, "enable_input_require_grads"):
