@@ -95,12 +95,12 @@ def apply_threads(threads: int | None) -> None:
         sys.modules["torch"].set_num_threads(threads)
 
 
-def _configure_threads(name: str, requested: int | None) -> None:
+def _configure_threads(name: str, requested: int | None, quiet: bool = False) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     cores = os.cpu_count() or 1
     threads, why = choose_threads(requested, dict(os.environ), cores, load, gpu=_has_gpu())
     apply_threads(threads)
-    if threads is not None and name in COMPUTING and why.startswith("machine busy"):
+    if threads is not None and name in COMPUTING and why.startswith("machine busy") and not quiet:
         print(f"rasa-lora {name}: {why}: torch uses {threads} thread{'s' if threads > 1 else ''} "
               f"(override with --threads N)", file=sys.stderr)
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rasa-lora: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
-        _configure_threads(name, threads)
+        _configure_threads(name, threads, quiet=bool({"-h", "--help"} & set(rest)))
     except ValueError as error:
         print(f"rasa-lora: error: {error}", file=sys.stderr)
         return 2
