@@ -26,5 +26,7 @@ def test_table_prints_rounded_values(capsys):
 
 
 def test_unknown_architecture_is_a_clear_error():
-    with pytest.raises(SystemExit, match="built-in name"):
+    from rasa_lora.models import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="Built-in names"):
         load_config("/no/such/dir")

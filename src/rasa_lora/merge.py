@@ -14,29 +14,34 @@ must have been saved converted (`rasa-lora train` does this).
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from rasa_lora.errors import ArgumentParser
 
 DEFAULT_BASE = "smollm2"
 
 
 def merge(base: str, adapter: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Merge `adapter` into `base` and save to `out`; returns `out`."""
-    from peft import PeftModel
-
-    import rasa_lora  # noqa: F401  (registers RaSA with PEFT)
-    from rasa_lora.models import load_model, load_tokenizer
+    from rasa_lora.models import (
+        check_adapter_files,
+        load_adapter,
+        load_model,
+        load_tokenizer,
+        owner_default_permissions,
+    )
 
     adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{str(adapter)!r} holds no adapter_config.json; give a PEFT adapter directory "
                                 "(a full fine-tune needs no merge)")
+    check_adapter_files(adapter)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{str(out)!r} exists; pass --overwrite or choose another OUT")
-    model = PeftModel.from_pretrained(load_model(base, dtype=dtype), str(adapter))
+    model = load_adapter(load_model(base, dtype=dtype), adapter)
     merged = model.merge_and_unload()
     has_tokenizer = any((adapter / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = load_tokenizer(str(adapter) if has_tokenizer else base)
@@ -47,6 +52,7 @@ def merge(base: str, adapter: str | Path, out: str | Path, dtype: str = "float32
         tokenizer.save_pretrained(staging)
         if out.exists():
             shutil.rmtree(out)
+        owner_default_permissions(staging)  # mkdtemp makes it 0700; the merged model is an ordinary folder
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -54,7 +60,7 @@ def merge(base: str, adapter: str | Path, out: str | Path, dtype: str = "float32
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="rasa-lora merge", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="rasa-lora merge", description=__doc__.splitlines()[0])
     parser.add_argument("base", help='base model: "smollm2", a directory, a .gguf file or a hub name')
     parser.add_argument("adapter", help="PEFT adapter directory (e.g. the output_dir of rasa-lora train)")
     parser.add_argument("out", help="directory for the merged model")

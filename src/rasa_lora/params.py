@@ -8,10 +8,13 @@ seven projections this reproduces the parameter column of the paper's Tables 1-2
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
+from rasa_lora.errors import ArgumentParser
 from rasa_lora.models import LLAMA_PROJECTIONS as ALL_PROJ
 
 # Shapes of the architectures of the paper, so no config needs to be fetched.
@@ -33,19 +36,35 @@ class ParamRow:
 
 
 def load_config(architecture: str):
-    """A transformers config for a built-in name, a local path or a hub name."""
+    """A transformers config for a built-in name, the embedded model's alias ("smollm2"), a local path or a hub
+    name (refused at once, with what would work, when the Hub cannot be reached)."""
     from transformers import AutoConfig, LlamaConfig, MistralConfig
+
+    from rasa_lora.models import ModelNotFoundError, is_embedded, resolve_model
 
     if architecture.lower() in BUILTIN:
         fields = dict(BUILTIN[architecture.lower()])
         config_cls = {"llama": LlamaConfig, "mistral": MistralConfig}[fields.pop("model_type")]
         return config_cls(**fields)
+    if not is_embedded(architecture) and not Path(architecture).expanduser().exists() \
+            and "/" not in architecture and not architecture.endswith(".gguf"):
+        # not a path nor a hub id with an owner: most likely a typo of a built-in name
+        close = difflib.get_close_matches(architecture.lower(), [*BUILTIN, "smollm2"], n=2, cutoff=0.6)
+        if close:
+            raise ModelNotFoundError(f"unknown architecture {architecture!r}; did you mean {' or '.join(close)}? "
+                                     f"Built-in: {', '.join(BUILTIN)}, smollm2; or a checkpoint folder or hub name")
     try:
-        return AutoConfig.from_pretrained(architecture)
+        source, gguf_file = resolve_model(architecture)
+    except FileNotFoundError as error:
+        if isinstance(error, ModelNotFoundError):
+            raise
+        raise ModelNotFoundError(f"{error} Built-in names: {', '.join(BUILTIN)}, smollm2.") from None
+    try:
+        return AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
     except OSError as error:
-        raise SystemExit(
-            f"rasa-lora params: cannot read a config for {architecture!r} ({error}). Use a built-in name "
-            f"({', '.join(BUILTIN)}), a local checkpoint directory, or a hub name with a network."
+        raise ModelNotFoundError(
+            f"cannot read a config for {architecture!r} ({str(error).splitlines()[0][:200]}). Use a built-in name "
+            f"({', '.join(BUILTIN)}), smollm2, a local checkpoint directory, or a hub name with a network."
         ) from None
 
 
@@ -75,19 +94,43 @@ def count_trainable(model_config, method: str, r: int, k: int | None, target_mod
     return ParamRow(method=method, r=r, k=k, trainable=trainable, effective_rank=ranks)
 
 
+def _int_list(text: str) -> list[int]:
+    """`8,16,32` (as `rasa-lora train` writes lists) or one number; each at least 1."""
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part.isdigit() or int(part) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: ranks are whole numbers of at least 1, e.g. 8,16,32")
+        values.append(int(part))
+    return values
+
+
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _flatten(groups: list[list]) -> list:
+    return [value for group in groups for value in group]
+
+
 def human(count: int) -> str:
     return f"{count / 1e6:.1f}M"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rasa-lora params", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="rasa-lora params", description=__doc__.splitlines()[0])
     parser.add_argument("architecture", nargs="?", default="llama-3.1-8b",
-                        help=f"built-in name ({', '.join(BUILTIN)}), a local checkpoint or config dir, or a hub name")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32])
+                        help=f"built-in name ({', '.join(BUILTIN)}), smollm2 (the embedded model), a local checkpoint "
+                             "or config dir, or a hub name")
+    parser.add_argument("--ranks", type=_int_list, nargs="+", default=[[8, 16, 32]],
+                        help="ranks, comma-separated as in rasa-lora train (8,16,32); spaces also work")
     parser.add_argument("--rasa-k", type=int, default=None, help="shared ranks per layer (default: max(r/8, 1))")
-    parser.add_argument("--target-modules", nargs="+", default=ALL_PROJ)
+    parser.add_argument("--target-modules", type=_name_list, nargs="+", default=[ALL_PROJ],
+                        help="module names, comma-separated as in rasa-lora train (q_proj,v_proj); spaces also work")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
+    args.ranks, args.target_modules = _flatten(args.ranks), _flatten(args.target_modules)
+    if args.rasa_k is not None and not 0 <= args.rasa_k <= min(args.ranks):
+        parser.error(f"--rasa-k {args.rasa_k} must be between 0 and the smallest rank ({min(args.ranks)})")
 
     model_config = load_config(args.architecture)
     rows = [count_trainable(model_config, method, r, args.rasa_k, args.target_modules)

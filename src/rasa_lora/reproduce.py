@@ -29,6 +29,8 @@ import os
 import sys
 from pathlib import Path
 
+from rasa_lora.errors import ArgumentParser
+
 FORGETTING = ("arc_challenge", "hellaswag", "winogrande")
 DOMAINS = {"metamathqa": "math", "magicoder": "code"}  # dataset_format -> domain
 DOMAIN_TASK = {"math": "math", "code": "humaneval+"}
@@ -284,9 +286,7 @@ def compare_main(argv: list[str]) -> int:
     """`rasa-lora compare RUN_DIR [RUN_DIR ...] [--out FILE]`: the runs' reproduce.json side by side (one row per run
     and metric, the paper's figures beside them, as its Tables 1-2 put them) in FILE.md (default compare.md), and
     FILE.png: each run's domain metric against the paper's, bars by run."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="rasa-lora compare", description=compare_main.__doc__)
+    parser = ArgumentParser(prog="rasa-lora compare", description=compare_main.__doc__)
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of `rasa-lora reproduce`")
     parser.add_argument("--out", default="compare", help="FILE: writes FILE.md and FILE.png (default compare)")
     args = parser.parse_args(argv)
@@ -335,12 +335,19 @@ def _plot_compare(runs: list[tuple[str, dict]], path: Path) -> None:
             picked.append((name, row))
     figure, ax = plt.subplots(figsize=(max(6, 1.2 * len(picked) + 2), 4))
     xs = range(len(picked))
-    ax.bar([x - 0.2 for x in xs], [row["last"] for _, row in picked], width=0.4, label="this run (LAST)")
+    ours = ax.bar([x - 0.2 for x in xs], [row["last"] for _, row in picked], width=0.4, label="this run (LAST)")
+    ax.bar_label(ours, fmt="%.1f", fontsize=8)  # a zero shows as "0.0", not as an empty plot
     paper = [(x, row["paper_last"]) for x, (_, row) in zip(xs, picked) if row.get("paper_last") is not None]
     if paper:
-        ax.bar([x + 0.2 for x, _ in paper], [value for _, value in paper], width=0.4, label="paper (LAST)")
+        theirs = ax.bar([x + 0.2 for x, _ in paper], [value for _, value in paper], width=0.4, label="paper (LAST)")
+        ax.bar_label(theirs, fmt="%.1f", fontsize=8)
+    values = [row["last"] for _, row in picked] + [value for _, value in paper]
+    ax.set_ylim(0, max([*values, 1.0]) * 1.15)
+    if values and not any(values):
+        ax.text(0.5, 0.5, "every value is 0", transform=ax.transAxes, ha="center", va="center", color="gray")
     ax.set_xticks(list(xs), [f"{name}\n{row['task']} {row['metric']}" for name, row in picked], fontsize=8)
     ax.set_ylabel("%")
+    ax.set_title("domain metric by run: this run's LAST beside the paper's")
     ax.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)

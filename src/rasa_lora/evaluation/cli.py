@@ -7,6 +7,14 @@ solutions), which checks the checkers; for math it also writes `disagreements.md
 
 Output: `DIR/records.jsonl` (one record per item, or per (task, sample) for code) and `DIR/summary.json`.
 A rerun with the same DIR skips items already in records.jsonl and recomputes the summary from all of them.
+Records are appended a whole batch at a time and the summary is written atomically; a run that fails or is
+interrupted before scoring anything removes the folder it created, and Ctrl-C says what was kept.
+
+Data: `--data-dir` (default `../shared/data` beside the working directory or the repository) in the layout of
+`docs/first-hour.md` ("Benchmark data"); without one, the Hugging Face Hub's copies (needs `datasets` and a network).
+
+Generation stops at EOS, at the task's stop strings and, for math, at the end of the line that gives "The answer
+is ..."; default token limits: gsm8k 512, math/math500 2048 (the paper's), code 512.
 """
 
 from __future__ import annotations
@@ -16,22 +24,31 @@ import datetime
 import json
 import os
 import platform
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
+from rasa_lora.errors import ArgumentParser, UserError
 from rasa_lora.evaluation.tasks import TASKS, task_spec
 
-_MAX_NEW_TOKENS = {"math": 2048, "code": 512}
+# Default generation limits by task, then by kind. GSM8K solutions are a few sentences (the longest gold solution
+# has ~400 tokens with its calculator notes); MATH keeps the paper's 2048.
+_MAX_NEW_TOKENS = {"gsm8k": 512, "math": 2048, "math500": 2048, "code": 512}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rasa-lora eval", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="rasa-lora eval", description=__doc__.split("\n\n")[0])
     p.add_argument("task", help=f"one of: {', '.join(TASKS)}")
     p.add_argument("--model", default=None, help="base model: path, .gguf, hub name; default the embedded SmolLM2")
     p.add_argument("--adapter", default=None, help="PEFT adapter directory (RaSA, LoRA, ...) for --model")
-    p.add_argument("--data-dir", default=None, help="folder in the layout of shared/data (default ../shared/data)")
+    p.add_argument("--data-dir", default=None,
+                   help="benchmark files, e.g. DIR/gsm8k/test.jsonl (layout: README, 'Benchmark data'); default "
+                        "../shared/data when it exists, else the Hugging Face Hub (needs `datasets` and a network)")
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -39,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gold", action="store_true", help="score the reference answers/solutions (checks the checkers)")
     p.add_argument("--n-samples", type=int, default=50, help="code: samples per task (paper: 50)")
     p.add_argument("--temperature", type=float, default=None, help="default 0 for math, 0.2 for code")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default 2048 (math) / 512 (code)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generation limit; default gsm8k 512, math/math500 2048 (the paper's), code 512. Math "
+                        "generations also stop at EOS and after the line giving \"The answer is ...\"")
     p.add_argument("--workers", type=int, default=None, help="sandbox / checker processes (default: CPU count)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -57,22 +76,19 @@ def load_model_and_tokenizer(model_name: str | None, adapter: str | None, dtype:
     """Base model (+ adapter) on `device`. An adapter that does not fit the base raises AdapterMismatchError."""
     import torch
 
-    from rasa_lora.models import load_model, load_tokenizer
+    from rasa_lora.models import check_adapter_files, load_model, load_tokenizer
+    from rasa_lora.models import load_adapter as load_peft_adapter
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if adapter is not None:
+        check_adapter_files(adapter)  # before the base model loads: a bad adapter folder fails at once
     model = load_model(model_name, dtype=dtype).to(device)
     if adapter is None:
         return model.eval(), load_tokenizer(model_name)
     config_file = Path(adapter) / "adapter_config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"--adapter {adapter!r} holds no adapter_config.json; give a PEFT adapter directory.")
-    from peft import PeftModel
-
-    import rasa_lora  # noqa: F401  (registers RaSA with PEFT before loading)
-
     trained_on = json.loads(config_file.read_text()).get("base_model_name_or_path")
     try:
-        model = PeftModel.from_pretrained(model, adapter)
+        model = load_peft_adapter(model, adapter)
     except (RuntimeError, ValueError, KeyError) as error:
         raise AdapterMismatchError(
             f"Adapter {adapter!r} does not fit base model {model_name or 'smollm2'!r} (it was trained on "
@@ -87,15 +103,30 @@ def _read_records(path: Path) -> dict[str, dict]:
         with path.open() as f:
             for line in f:
                 if line.strip():
-                    record = json.loads(line)
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # the torn last line of an interrupted run: redone
+                        continue
                     records[record["id"]] = record
     return records
 
 
 def _append(path: Path, records: list[dict]) -> None:
+    """Append a batch's records in one write (an interruption leaves at most a torn last line, which is skipped)."""
+    torn = False
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
     with path.open("a") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+        f.write(("\n" if torn else "") + "".join(json.dumps(record) + "\n" for record in records))
+        f.flush()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    staging = path.with_name(f".{path.name}.partial")
+    staging.write_text(text)
+    os.replace(staging, path)
 
 
 def _commit() -> str | None:
@@ -107,45 +138,97 @@ def _commit() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.command = "rasa-lora eval " + shlex.join(argv)
+    out_dir = Path(args.output_dir or Path("runs") / "eval" / args.task)
     try:
-        return _run(args)
-    except (FileNotFoundError, KeyError, ValueError, ImportError) as error:
+        return _run(args, out_dir)
+    except (FileNotFoundError, KeyError, ValueError, ImportError, UserError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"rasa-lora eval: {message}", file=sys.stderr)
+        print(f"rasa-lora eval: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        kept = len(_read_records(out_dir / "records.jsonl"))
+        where = (f"{kept} scored records are kept in {out_dir / 'records.jsonl'}; the same command continues from "
+                 "there" if kept else "nothing was scored and nothing is left behind")
+        print(f"\nrasa-lora eval: interrupted (Ctrl-C); {where}", file=sys.stderr)
+        return 130
 
 
-def _run(args: argparse.Namespace) -> int:
-    from rasa_lora.evaluation.tasks import load_task
+def _load_items(args: argparse.Namespace, spec) -> list[dict]:
+    """The task's items; a failed Hub fallback (no local data) becomes one line saying where data come from."""
+    from rasa_lora.evaluation.tasks import default_data_dir, load_task
+    from rasa_lora.models import hub_offline, hub_reachable
 
+    if args.data_dir is not None or not spec.local_file or default_data_dir() is not None:
+        return load_task(args.task, args.data_dir, args.limit)
+    fix = (f"pass --data-dir FOLDER, a folder holding {spec.local_file} (the layout of docs/first-hour.md, "
+           "\"Benchmark data\"), or connect to the Hugging Face Hub (needs `pip install datasets`)")
+    if hub_offline() or not hub_reachable():
+        raise UserError(f"no local benchmark data for {args.task!r} (no ../shared/data beside the working directory "
+                        f"or the repository) and the Hugging Face Hub cannot be reached: {fix}")
+    try:
+        return load_task(args.task, args.data_dir, args.limit)
+    except Exception as error:  # datasets' ConnectionError, HfHubHTTPError, ...: all end the same way
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise UserError(f"no local benchmark data for {args.task!r}, and loading it from the Hugging Face Hub failed "
+                        f"({type(error).__name__}: {first}): {fix}") from None
+
+
+def _run(args: argparse.Namespace, out_dir: Path) -> int:
     spec = task_spec(args.task)
     if args.gold and spec.kind == "choice":
         raise ValueError(f"--gold applies to math and code tasks, not to {args.task!r} (it has no generations).")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit={args.limit} must be at least 1.")
+    if args.adapter is not None and not (args.gold or args.completions):
+        from rasa_lora.models import check_adapter_files
+
+        check_adapter_files(args.adapter)
     commit = _commit()  # at the start: the code that ran, even if the tree moves on during a long run
-    items = load_task(args.task, args.data_dir, args.limit)
-    out_dir = Path(args.output_dir or Path("runs") / "eval" / args.task)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    items = _load_items(args, spec)
     records_path = out_dir / "records.jsonl"
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
     runner = {"math": _run_math, "code": _run_code, "choice": _run_choice}[spec.kind]
-    metrics = runner(args, items, records_path)
+    try:
+        metrics = runner(args, items, records_path)
+    except BaseException:
+        if created and not _read_records(records_path):
+            shutil.rmtree(out_dir, ignore_errors=True)  # nothing scored: leave no empty folder behind
+        raise
     model_name = None if args.gold or args.completions else args.model or "smollm2 (embedded SmolLM2-135M-Instruct)"
     summary = {"task": args.task, "model": model_name, "completions": args.completions,
                "adapter": args.adapter, "gold": args.gold, "limit": args.limit, "items": len(items), **metrics,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "commit": commit, "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
-               "command": "rasa-lora eval " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else [])}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+               "command": args.command}
+    _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "disagreements"}, indent=2))
     return 0
 
 
-def _progress(total: int, done: int, desc: str):
+def _progress(total: int, done: int, desc: str, unit: str = "it"):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=done, desc=desc, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, initial=done, desc=desc, file=sys.stderr, dynamic_ncols=True, unit=unit)
+
+
+class _TokenRate:
+    """Shows generated tokens and tokens/s in a bar's postfix while a batch generates (the bar itself counts items,
+    which move only when a batch ends); refreshed at most twice a second."""
+
+    def __init__(self, bar) -> None:
+        self.bar, self.tokens, self.started, self.shown = bar, 0, time.perf_counter(), 0.0
+
+    def __call__(self, count: int) -> None:
+        self.tokens += count
+        now = time.perf_counter()
+        if now - self.shown >= 0.5:
+            self.shown = now
+            rate = self.tokens / max(now - self.started, 1e-9)
+            self.bar.set_postfix_str(f"{self.tokens:,} tokens generated, {rate:.1f} tok/s", refresh=True)
 
 
 def _chunks(sequence: list, size: int):
@@ -176,9 +259,14 @@ def _run_math(args, items: list[dict], records_path: Path) -> dict:
     done = _read_records(records_path)
     todo = [item for item in items if item["id"] not in done]
     external = _read_generations(Path(args.completions), todo) if args.completions else None
+    from rasa_lora.evaluation.generation import ANSWER_LINE
+
     generator = _generator(args)
-    bar = _progress(len(items), len(items) - len(todo), f"{args.task}")
-    with ProcessPoolExecutor(max_workers=args.workers or os.cpu_count() or 1) as pool:
+    bar = _progress(len(items), len(items) - len(todo), f"{args.task}", unit="item")
+    rate = _TokenRate(bar)
+    # the checker processes ignore Ctrl-C (the terminal sends it to them too): this process reports it, once
+    with ProcessPoolExecutor(max_workers=args.workers or os.cpu_count() or 1, initializer=signal.signal,
+                             initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         for chunk in _chunks(todo, max(args.batch_size, 1) * 4):
             prompts = [math_prompt(item["question"]) for item in chunk]
             if args.gold:
@@ -186,16 +274,22 @@ def _run_math(args, items: list[dict], records_path: Path) -> dict:
             elif external is not None:
                 generations = [external[item["id"]] for item in chunk]
             else:
-                generations = [g[0] for g in generator(prompts, args.max_new_tokens or _MAX_NEW_TOKENS["math"],
-                                                       args.temperature or 0.0, 1, stop=["### Instruction"])]
+                generations = [g[0] for g in generator(prompts, _max_new_tokens(args), args.temperature or 0.0, 1,
+                                                       stop=["### Instruction"], answer_stop=ANSWER_LINE,
+                                                       progress=bar.update, on_tokens=rate)]
             answers = [extract_answer(g) for g in generations]
             verdicts = judge_many([(item["answer"], a) for item, a in zip(chunk, answers)], pool=pool)
             _append(records_path, [{"id": item["id"], "prompt": p, "generation": g, "extracted": a,
                                     "gold": item["answer"], "verdicts": v}
                                    for item, p, g, a, v in zip(chunk, prompts, generations, answers, verdicts)])
-            bar.update(len(chunk))
+            if args.gold or external is not None:
+                bar.update(len(chunk))
     bar.close()
     return _math_summary(args, items, _read_records(records_path), records_path.parent)
+
+
+def _max_new_tokens(args) -> int:
+    return args.max_new_tokens or _MAX_NEW_TOKENS.get(args.task) or _MAX_NEW_TOKENS[task_spec(args.task).kind]
 
 
 def _read_generations(path: Path, items: list[dict]) -> dict[str, str]:
@@ -231,7 +325,7 @@ def _math_summary(args, items: list[dict], records: dict[str, dict], out_dir: Pa
     lines += ["", "| id | gold | extracted | math-verify | minerva |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['id']} | `{r['gold']}` | `{r['extracted']}` | {r['verdicts']['math_verify']} | "
               f"{r['verdicts']['minerva']} |" for r in differ]
-    (out_dir / "disagreements.md").write_text("\n".join(lines) + "\n")
+    _write_atomic(out_dir / "disagreements.md", "\n".join(lines) + "\n")
     return summary
 
 
@@ -298,8 +392,7 @@ def _completions(args, chunk, generator, n, stop, code_prompt) -> list[tuple[str
     items = list(dict.fromkeys(item["id"] for item, _ in chunk))
     by_id = {item["id"]: item for item, _ in chunk}
     temperature = 0.2 if args.temperature is None else args.temperature
-    generated = generator([code_prompt(by_id[i]["prompt"]) for i in items],
-                          args.max_new_tokens or _MAX_NEW_TOKENS["code"], temperature, n)
+    generated = generator([code_prompt(by_id[i]["prompt"]) for i in items], _max_new_tokens(args), temperature, n)
     samples = {i: g for i, g in zip(items, generated)}
     return [(samples[item["id"]][s], truncate_completion(samples[item["id"]][s], stop)) for item, s in chunk]
 

@@ -4,6 +4,12 @@
 Greedy when `temperature == 0` (math, as the paper), sampling otherwise (code: 50 samples at T = 0.2).
 Prompts are sorted by length so a batch pads little; results come back in input order.
 
+Stopping: a sequence ends at the tokenizer's EOS (and the model's generation-config EOS ids), at a stop string, or
+(`answer_stop`, a regular expression) as soon as its text matches it: the math tasks pass `ANSWER_LINE`, so a
+generation ends with the line that gives "The answer is ..." instead of running on to the token limit repeating
+itself. `progress(items)` is called after each batch and `on_tokens(count)` after each decoding step with the
+number of sequences still running (the tokens just generated), for a live rate.
+
 The vLLM backend is chosen automatically only when vLLM is importable, CUDA is present and the model is a plain
 (merged) checkpoint directory without an adapter; otherwise transformers runs. vLLM is not installed on the
 CPU machine the tests run on, so that path is not covered by tests.
@@ -11,12 +17,61 @@ CPU machine the tests run on, so that path is not covered by tests.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
+# The end of the line that states the final answer ("The answer is: 18", "The answer is 18."): the end of a
+# math generation in the format of the paper's training data (MetaMathQA) and of GSM8K's answers.
+ANSWER_LINE = r"[Tt]he (?:final )?answer is\b:?[ \t]*[^\s:][^\n]*\n"
 
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+
+def cut_at_stop(text: str, stop: Sequence[str], answer_stop: str | None = None) -> str:
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
-    return text[:cut]
+    text = text[:cut]
+    if answer_stop:
+        match = re.search(answer_stop, text)
+        if match:
+            text = text[:match.end()].rstrip("\n")
+    return text
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS and those of the model's generation config (chat models end turns with another token)."""
+    ids = {tokenizer.eos_token_id}
+    config_ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(config_ids if isinstance(config_ids, (list, tuple)) else [config_ids])
+    return sorted(i for i in ids if i is not None)
+
+
+def _stopping_criteria(tokenizer, prompt_length: int, eos_ids: list[int], answer_stop: str | None,
+                       on_tokens: Callable[[int], None] | None):
+    """transformers StoppingCriteria: a row is done when the text it generated matches `answer_stop`; also counts
+    the tokens generated per step for `on_tokens`. Only the last 64 tokens of a row are decoded each step."""
+    import torch
+    from transformers import StoppingCriteria
+
+    pattern = re.compile(answer_stop) if answer_stop else None
+
+    class AnswerStop(StoppingCriteria):
+        def __init__(self) -> None:
+            self.done: torch.Tensor | None = None
+
+        def __call__(self, input_ids, scores, **kwargs):
+            rows = input_ids.shape[0]
+            if self.done is None:
+                self.done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+            running = int((~self.done).sum())
+            self.done |= torch.isin(input_ids[:, -1], torch.tensor(eos_ids, device=input_ids.device))
+            if pattern is not None:
+                tail = input_ids[:, max(prompt_length, input_ids.shape[1] - 64):]
+                for row, text in enumerate(tokenizer.batch_decode(tail, skip_special_tokens=True)):
+                    if not self.done[row] and pattern.search(text):
+                        self.done[row] = True
+            if on_tokens is not None:
+                on_tokens(running)
+            return self.done.clone()
+
+    return AnswerStop()
 
 
 def vllm_available() -> bool:
@@ -31,8 +86,10 @@ def vllm_available() -> bool:
 
 def generate_transformers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
                           n: int = 1, batch_size: int = 8, stop: Sequence[str] = (), seed: int = 0,
-                          progress: Callable[[int], None] | None = None) -> list[list[str]]:
+                          progress: Callable[[int], None] | None = None, answer_stop: str | None = None,
+                          on_tokens: Callable[[int], None] | None = None) -> list[list[str]]:
     import torch
+    from transformers import StoppingCriteriaList
 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -44,16 +101,19 @@ def generate_transformers(model, tokenizer, prompts: Sequence[str], max_new_toke
     sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {
         "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     per_batch = max(1, batch_size // n) if n <= batch_size else 1
+    eos_ids = _eos_ids(model, tokenizer)
     for start in range(0, len(order), per_batch):
         chunk = order[start:start + per_batch]
         encoded = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(device)
         with torch.no_grad():
             stopping = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
+            criteria = _stopping_criteria(tokenizer, encoded["input_ids"].shape[1], eos_ids, answer_stop, on_tokens)
             generated = model.generate(**encoded, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                       pad_token_id=tokenizer.pad_token_id, **sampling, **stopping)
+                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
+                                       stopping_criteria=StoppingCriteriaList([criteria]), **sampling, **stopping)
         texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
         for j, index in enumerate(chunk):
-            outputs[index] = [cut_at_stop(t, stop) for t in texts[j * n:(j + 1) * n]]
+            outputs[index] = [cut_at_stop(t, stop, answer_stop) for t in texts[j * n:(j + 1) * n]]
         if progress is not None:
             progress(len(chunk))
     return outputs
@@ -63,7 +123,8 @@ _VLLM_ENGINES: dict[tuple[str, str, int], object] = {}
 
 
 def generate_vllm(model_path: str, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
-                  n: int = 1, stop: Sequence[str] = (), seed: int = 0, dtype: str = "bfloat16") -> list[list[str]]:
+                  n: int = 1, stop: Sequence[str] = (), seed: int = 0, dtype: str = "bfloat16",
+                  answer_stop: str | None = None) -> list[list[str]]:
     from vllm import LLM, SamplingParams
 
     key = (model_path, dtype, seed)
@@ -71,7 +132,8 @@ def generate_vllm(model_path: str, prompts: Sequence[str], max_new_tokens: int, 
         _VLLM_ENGINES[key] = LLM(model=model_path, dtype=dtype, seed=seed)
     llm = _VLLM_ENGINES[key]
     params = SamplingParams(n=n, temperature=temperature, top_p=1.0, max_tokens=max_new_tokens, stop=list(stop))
-    return [[cut_at_stop(o.text, stop) for o in result.outputs] for result in llm.generate(list(prompts), params)]
+    return [[cut_at_stop(o.text, stop, answer_stop) for o in result.outputs]
+            for result in llm.generate(list(prompts), params)]
 
 
 class Generator:
@@ -89,12 +151,17 @@ class Generator:
         self.loaded = None
 
     def __call__(self, prompts: Sequence[str], max_new_tokens: int, temperature: float, n: int,
-                 stop: Sequence[str] = ()) -> list[list[str]]:
+                 stop: Sequence[str] = (), answer_stop: str | None = None,
+                 progress: Callable[[int], None] | None = None,
+                 on_tokens: Callable[[int], None] | None = None) -> list[list[str]]:
         if self.backend == "vllm":
-            return generate_vllm(self.model_path, prompts, max_new_tokens, temperature, n, stop, self.seed,
-                                 "bfloat16" if self.dtype == "float32" else self.dtype)
+            outputs = generate_vllm(self.model_path, prompts, max_new_tokens, temperature, n, stop, self.seed,
+                                    "bfloat16" if self.dtype == "float32" else self.dtype, answer_stop)
+            if progress is not None:
+                progress(len(prompts))
+            return outputs
         if self.loaded is None:
             self.loaded = self.load()
         model, tokenizer = self.loaded
         return generate_transformers(model, tokenizer, prompts, max_new_tokens, temperature, n, self.batch_size,
-                                     stop, self.seed)
+                                     stop, self.seed, progress, answer_stop, on_tokens)

@@ -15,9 +15,12 @@ from pathlib import Path
 USAGE = """usage: rasa-lora train [CONFIG.yaml] [--key value ...]
 
 Fine-tune with RaSA (default), lora, vera, adalora, olora, dora, pissa or fft. Defaults are the paper's recipe;
-with no argument it trains RaSA r=8 on the embedded SmolLM2-135M-Instruct with built-in arithmetic problems.
+with no argument it trains RaSA r=8 on the embedded SmolLM2-135M-Instruct with built-in arithmetic problems
+(global batch 192: hours on a CPU). The micro-batch, unless given, is the largest divisor of the global batch
+up to 3.
 Examples:
-  rasa-lora train --max-steps 5 --output-dir runs/try
+  rasa-lora train --global-batch-size 8 --micro-batch-size 8 --max-steps 20 --num-examples 160 \
+      --gradient-checkpointing false --output-dir runs/try      # a quick CPU trial (the demo's recipe)
   rasa-lora train configs/demo.yaml --method lora --output-dir runs/lora
   rasa-lora train configs/demo.yaml --output-dir runs/lora --resume
 keys (see docs/training.md):

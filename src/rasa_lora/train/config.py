@@ -33,6 +33,9 @@ CONVERTED_ON_SAVE = ("olora", "pissa")
 DATASET_FORMATS = ("auto", "arithmetic", "gsm8k", "math", "metamathqa", "magicoder", "alpaca", "completion")
 ALL_PROJECTIONS = LLAMA_PROJECTIONS
 
+# The paper's micro-batch; the default one is the largest divisor of global_batch_size not above it.
+DEFAULT_MICRO_BATCH = 3
+
 # Keys that only change how a run is operated, not what it computes; they may differ when resuming.
 OPERATIONAL_KEYS = ("resume", "overwrite", "save_steps", "save_total_limit", "save_epoch_adapters", "logging_steps",
                     "progress_bar", "eval_steps", "eval_batch_size", "report_to")
@@ -96,8 +99,9 @@ class TrainConfig:
     """Fraction of the optimizer steps spent in linear warmup."""
     global_batch_size: int = 192
     """Examples per optimizer step, reached by gradient accumulation."""
-    micro_batch_size: int = 3
-    """Examples per forward pass; must divide global_batch_size."""
+    micro_batch_size: int | None = None
+    """Examples per forward pass; must divide global_batch_size. Unset: the largest divisor of global_batch_size
+    not above 3 (the paper's micro-batch), e.g. 3 for 192, 2 for 8."""
     epochs: float = 8.0
     """Passes over the data (fractions allowed); ignored when max_steps is set."""
     max_steps: int | None = None
@@ -138,6 +142,8 @@ class TrainConfig:
     "wandb" or "none" (through accelerate's trackers; `rasa_lora.train.tracking`)."""
 
     def __post_init__(self) -> None:
+        if self.micro_batch_size is None and isinstance(self.global_batch_size, int) and self.global_batch_size > 0:
+            self.micro_batch_size = default_micro_batch(self.global_batch_size)
         self._check_method()
         self._check_numbers()
         self._check_choices()
@@ -223,6 +229,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def default_micro_batch(global_batch_size: int) -> int:
+    """The largest divisor of `global_batch_size` not above DEFAULT_MICRO_BATCH."""
+    return max(d for d in range(1, min(DEFAULT_MICRO_BATCH, global_batch_size) + 1) if global_batch_size % d == 0)
 
 
 def valid_keys() -> list[str]:

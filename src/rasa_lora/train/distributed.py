@@ -60,6 +60,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rasa_lora.models import adapter_save_options
+
 
 class Engine(str, enum.Enum):
     """How the model is distributed; `zero2` stands for DeepSpeed ZeRO stages 0, 1 and 2."""
@@ -497,6 +499,8 @@ def save_adapter(model: nn.Module, accelerator: Any, output_dir: str | Path, ada
     engine = detect_engine(accelerator)
     unwrapped = _unwrap(model, accelerator)
     save_kwargs.setdefault("selected_adapters", [adapter_name])
+    for key, value in adapter_save_options(unwrapped, adapter_name).items():  # no Hub lookup for "smollm2"
+        save_kwargs.setdefault(key, value)
     if engine in (Engine.SINGLE, Engine.DDP):
         if accelerator.is_main_process:
             unwrapped.save_pretrained(str(output_dir), **save_kwargs)

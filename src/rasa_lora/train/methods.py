@@ -65,14 +65,26 @@ def apply_method(model: torch.nn.Module, config: Any, total_steps: int) -> torch
     if config.method == "fft":
         model.requires_grad_(True)
         return model
+    import warnings
+
     import peft
 
-    return peft.get_peft_model(model, peft_config_for(config, total_steps))
+    with warnings.catch_warnings():
+        # PEFT (0.21.x) asks transformers' deprecated `is_gradient_checkpointing`: a FutureWarning users cannot act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(model, peft_config_for(config, total_steps))
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module, use_reentrant: bool) -> None:
     """Checkpoint each decoder layer; the reentrant form needs inputs that require grad to reach the adapters."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    import inspect
+
+    kwargs = {"use_reentrant": use_reentrant}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # newer transformers: the older name warns
+    if enable is not None and "activation_checkpointing_kwargs" in inspect.signature(enable).parameters:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if use_reentrant and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if hasattr(model, "config"):

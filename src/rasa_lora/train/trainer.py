@@ -11,9 +11,11 @@ Choices:
 - bf16 autocast on CUDA devices that support it (`bf16: auto`); the CPU runs float32 (bit-reproducible).
 - Nothing is written before the tokenizer, data and model have loaded, so bad input leaves no directory behind;
   a run that fails before its first checkpoint removes the directory it created.
-- SIGINT/SIGTERM set a flag; the loop finishes the current step, writes a checkpoint and exits with 130/143.
-  `resume: true` restores the newest checkpoint; on the CPU with a fixed seed the result is bitwise identical to
-  an uninterrupted run (tested).
+- SIGINT/SIGTERM set a flag (and say so at once); the loop finishes the current step, writes a checkpoint and exits
+  with 130/143; a second Ctrl-C stops at once, without a checkpoint. `resume: true` restores the newest checkpoint;
+  on the CPU with a fixed seed the result is bitwise identical to an uninterrupted run (tested).
+- The progress bar moves once per micro-batch (a paper-recipe step on a CPU is minutes long); on a CPU, a run of
+  more than CPU_WARN_EXAMPLES examples' passes is announced with the quick recipe before the model loads.
 - Many processes: `accelerate launch --config_file configs/distributed/<ddp|fsdp2|zero2|zero3>.yaml -m rasa_lora.cli
   train ...`; each process takes its share of a step's micro-batches, and `train/distributed.py` does what each
   engine needs (docs/distributed.md). The main process writes the directory, metrics, checkpoints and adapter.
@@ -190,8 +192,9 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {key: value.pin_memory().to(device, non_blocking=True) for key, value in batch.items()}
 
 
-def train_step(run: Run, step: int, autocast: bool) -> tuple[float, int]:
-    """Forward/backward over the step's micro-batches, one optimizer step; returns (mean token loss, tokens)."""
+def train_step(run: Run, step: int, autocast: bool, on_micro_batch: Any = None) -> tuple[float, int]:
+    """Forward/backward over the step's micro-batches, one optimizer step; returns (mean token loss, tokens).
+    `on_micro_batch()`, when given, is called after each micro-batch's backward (the progress bar)."""
     micro_batches = step_micro_batches(run, step)
     num_items = sum(int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for batch in micro_batches)
     accelerator = run.accelerator
@@ -211,6 +214,8 @@ def train_step(run: Run, step: int, autocast: bool) -> tuple[float, int]:
                 loss = run.model(**batch, num_items_in_batch=divisor).loss
             accelerator.backward(loss)
         total_loss += loss.detach().double()
+        if on_micro_batch is not None:
+            on_micro_batch()
     if run.config.max_grad_norm > 0:
         accelerator.clip_grad_norm_(run.model.parameters(), run.config.max_grad_norm)
     run.optimizer.step()
@@ -268,13 +273,16 @@ def log_evaluation(run: Run, metrics: Any, autocast: bool) -> None:
                "eval_tokens": tokens, "eval_examples": len(run.eval_examples)}
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
+        tracking.log(run.accelerator, run.config, row)
 
 
 class _StopFlag:
-    """Records SIGINT/SIGTERM instead of dying mid-step; restores the previous handlers on exit."""
+    """Records SIGINT/SIGTERM instead of dying mid-step, and says so at once (`announce`); a second SIGINT raises
+    KeyboardInterrupt (stop now, no checkpoint). Restores the previous handlers on exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.signum: int | None = None
+        self.announce = announce
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
@@ -284,7 +292,12 @@ class _StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.signum = signum
+        if self.announce:
+            print(f"\nrasa-lora train: {signal.Signals(signum).name} received: finishing this step, then writing a "
+                  "checkpoint (Ctrl-C again stops at once, without one)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():
@@ -343,14 +356,18 @@ def training_loop(run: Run, metrics_path: Path) -> None:
     from tqdm.auto import tqdm
 
     config, autocast = run.config, use_bf16(run.config, run.device)
-    bar = tqdm(total=run.total_steps, initial=run.state.step, desc=f"train {config.method}",
-               disable=not (config.progress_bar and run.accelerator.is_main_process), dynamic_ncols=True)
-    with _StopFlag() as stop, bar, metrics_path.open("a") as metrics:
+    per_step = math.ceil(config.gradient_accumulation_steps / run.accelerator.num_processes)
+    main = run.accelerator.is_main_process
+    bar = tqdm(total=run.total_steps * per_step, initial=run.state.step * per_step, unit="micro-batch",
+               desc=f"train {config.method} step {run.state.step + 1}/{run.total_steps}",
+               disable=not (config.progress_bar and main), dynamic_ncols=True)
+    with _StopFlag(announce=main) as stop, bar, metrics_path.open("a") as metrics:
         if run.state.step == 0 and evaluation_due(run, 0):
             log_evaluation(run, metrics, autocast)
         while run.state.step < run.total_steps:
             started = time.perf_counter()
-            loss, tokens = train_step(run, run.state.step, autocast)
+            bar.set_description(f"train {config.method} step {run.state.step + 1}/{run.total_steps}", refresh=False)
+            loss, tokens = train_step(run, run.state.step, autocast, on_micro_batch=lambda: bar.update(1))
             seconds = time.perf_counter() - started
             state = run.state
             state.step, state.tokens, state.elapsed_s = state.step + 1, state.tokens + tokens, state.elapsed_s + seconds
@@ -361,7 +378,6 @@ def training_loop(run: Run, metrics_path: Path) -> None:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 tracking.log(run.accelerator, config, row)
-            bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             if evaluation_due(run, state.step):
                 log_evaluation(run, metrics, autocast)
@@ -481,6 +497,23 @@ def start_or_resume(run: Run) -> None:
     run.accelerator.wait_for_everyone()
 
 
+# On a CPU, runs that pass more examples than this through the model are announced with the quick recipe.
+CPU_WARN_EXAMPLES = 500  # the quick trial passes 160
+QUICK_RECIPE = ("rasa-lora train --global-batch-size 8 --micro-batch-size 8 --max-steps 20 --num-examples 160 "
+                "--gradient-checkpointing false --output-dir runs/try")
+
+
+def cpu_warning(config: TrainConfig, total_steps: int, device: torch.device) -> str | None:
+    """The warning for a long run on a CPU (None otherwise): its size, and the quick recipe (what `rasa-lora demo`
+    trains; times on a 2-core CPU in docs/first-hour.md)."""
+    passes = total_steps * config.global_batch_size
+    if device.type != "cpu" or passes <= CPU_WARN_EXAMPLES:
+        return None
+    return (f"rasa-lora train: warning: on a CPU this run is {total_steps:,} optimizer steps of "
+            f"{config.global_batch_size} examples ({passes:,} forward/backward passes of up to {config.cutoff_len} "
+            f"tokens), slow on a CPU (measured times: docs/first-hour.md). A quick trial: {QUICK_RECIPE}")
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run the recipe end to end; returns the summary. Raises TrainingInterrupted after a signal's checkpoint."""
     wall_start = time.perf_counter()
@@ -493,13 +526,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     distributed.check_supported(engine, config)
     run = prepare_run(config)
     run.accelerator, run.device = accelerator, accelerator.device
+    warning = cpu_warning(config, run.total_steps, run.device)
+    if warning and accelerator.is_main_process:
+        print(warning, file=sys.stderr, flush=True)
     run.model = build_model(config, run.total_steps, run.device, use_reentrant)
     run.optimizer = build_optimizer(run.model, config)
     run.scheduler = build_scheduler(run.optimizer, run.total_steps, config)
-    if run.device.type == "cpu" and config.global_batch_size >= 64:
-        print(f"note: global_batch_size={config.global_batch_size} (the paper's recipe) means that many "
-              "forward/backward passes per step on this CPU; --global-batch-size 8 is quicker for a trial",
-              file=sys.stderr)
     out, created = Path(config.output_dir), not Path(config.output_dir).exists() or config.overwrite
     start_or_resume(run)
     run.model, run.optimizer, run.scheduler = distributed.prepare_training(
