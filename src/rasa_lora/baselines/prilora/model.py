@@ -1,0 +1,68 @@
+"""`PriloraModel`: the PEFT tuner that gives each targeted layer its rank and runs the pruning (`update_and_prune`,
+called by the trainer after each optimizer step, as AdaLoRA's `update_and_allocate`)."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from rasa_lora.baselines.common import DeltaTuner
+from rasa_lora.baselines.prilora.config import PriloraConfig, layer_rank
+from rasa_lora.baselines.prilora.layer import Linear, PriloraLayer
+
+_LAYER_INDEX = re.compile(r"\.(\d+)(?=\.|$)")
+
+
+def plan_ranks(module_paths: list[str], config: PriloraConfig) -> dict[str, int]:
+    """Rank of each targeted module: by the position of its layer index among the targeted layers' indices
+    (modules outside numbered layers get r)."""
+    index_of = {path: int(m.group(1)) for path in module_paths if (m := _LAYER_INDEX.search(path))}
+    layers = sorted(set(index_of.values()))
+    position = {layer: i for i, layer in enumerate(layers)}
+    return {path: layer_rank(position[index_of[path]], len(layers), config.r_start, config.r_end)
+            if path in index_of else config.r for path in module_paths}
+
+
+class PriloraModel(DeltaTuner):
+    """Creates PriLoRA adapters on a model; use it through `peft.get_peft_model(model, PriloraConfig(...))`."""
+
+    prefix: str = "prilora_"
+    tuner_layer_cls = PriloraLayer
+    layer_cls = Linear
+
+    def _pre_injection_hook(self, model: nn.Module, config: PriloraConfig, adapter_name: str) -> None:
+        if config.rank_pattern:
+            return  # loaded from a saved adapter: keep its ranks
+        from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+        config = _maybe_include_all_linear_layers(self._prepare_adapter_config(config, {}), model)
+        paths = [key for key, _ in model.named_modules()
+                 if key and self._check_target_module_exists(config, key)
+                 and type(self._check_target_module_exists(config, key)).__name__ != "_ExcludedModule"]
+        config.rank_pattern = plan_ranks(paths, config)
+
+    def layer_kwargs(self, config: PriloraConfig, adapter_name: str, current_key: str) -> dict:
+        return {"rank": config.rank_pattern.get(current_key, config.r)}
+
+    def update_and_prune(self, step: int, adapter_name: str | None = None) -> int:
+        """After optimizer step `step` (1-based): update the importance statistics and, every `prune_interval`
+        steps, prune. Returns the number of entries of A set to zero."""
+        names = [adapter_name] if adapter_name else list(self.active_adapters)
+        pruned = 0
+        for module in self.model.modules():
+            if not isinstance(module, PriloraLayer):
+                continue
+            for name in names:
+                if name not in module.prilora_A:
+                    continue
+                config = self.peft_config[name]
+                module.update_importance(name, config.importance_beta)
+                if config.prune_interval and step % config.prune_interval == 0:
+                    pruned += module.prune(name, config.prune_ratio)
+        return pruned
+
+    def extra_numel(self, adapter_name: str = "default") -> int:
+        """Size of the importance statistics kept for the adapter (the paper's "# Extra Param.")."""
+        return sum(m.extra_numel(adapter_name) for m in self.model.modules()
+                   if isinstance(m, PriloraLayer) and adapter_name in m.prilora_A)
