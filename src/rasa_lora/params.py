@@ -1,8 +1,10 @@
-"""`rasa-lora params`: trainable parameters of LoRA and RaSA for an architecture, without its weights.
+"""`rasa-lora params`: trainable parameters of LoRA, RaSA, MoRA and PriLoRA for an architecture, without its weights.
 
-The model is built on the meta device (no memory, no download of weights) and both methods are applied
+The model is built on the meta device (no memory, no download of weights) and each method is applied
 through PEFT, so the counts are those of the real modules. For Llama-3.1-8B and Mistral-7B-v0.3 with all
-seven projections this reproduces the parameter column of the paper's Tables 1-2.
+seven projections this reproduces the parameter column of the paper's Tables 1-2 (MoRA: with `--mora-type 1`-`4`;
+the rotation the authors ran, type 6, needs an even r^ and has 0.25% / 0.06% fewer at r = 16 / 32, see
+docs/baselines.md), and PriLoRA's extra column is the size of its importance statistics.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import sys
 from dataclasses import dataclass
 
 from rasa_lora.models import LLAMA_PROJECTIONS as ALL_PROJ
+
+METHODS = ("lora", "rasa", "mora", "prilora")
 
 # Shapes of the architectures of the paper, so no config needs to be fetched.
 BUILTIN = {
@@ -30,6 +34,8 @@ class ParamRow:
     k: int | None
     trainable: int
     effective_rank: dict[str, int]
+    extra: int | None = None
+    """Memory a method keeps beside its trainable parameters to train them (PriLoRA's importance statistics)."""
 
 
 def load_config(architecture: str):
@@ -49,8 +55,8 @@ def load_config(architecture: str):
         ) from None
 
 
-def count_trainable(model_config, method: str, r: int, k: int | None, target_modules) -> ParamRow:
-    """Build the model on the meta device, apply LoRA or RaSA, and count its trainable parameters."""
+def count_trainable(model_config, method: str, r: int, k: int | None, target_modules, mora_type: int = 6) -> ParamRow:
+    """Build the model on the meta device, apply the method, and count its trainable parameters."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -62,6 +68,10 @@ def count_trainable(model_config, method: str, r: int, k: int | None, target_mod
         base = AutoModelForCausalLM.from_config(model_config)
     if method == "lora":
         peft_config = LoraConfig(r=r, lora_alpha=32, target_modules=target_modules)
+    elif method == "mora":
+        peft_config = rasa_lora.MoraConfig(r=r, mora_type=mora_type, target_modules=target_modules)
+    elif method == "prilora":
+        peft_config = rasa_lora.PriloraConfig(r=r, target_modules=target_modules)
     else:
         peft_config = rasa_lora.RasaConfig(r=r, rasa_k=k, target_modules=target_modules)
     model = get_peft_model(base, peft_config)
@@ -72,7 +82,24 @@ def count_trainable(model_config, method: str, r: int, k: int | None, target_mod
             if isinstance(module, RasaLayer):
                 ranks[module.rasa_group["default"]] = module.rasa_D["default"].numel()
         k = peft_config.rasa_k
+    if method == "mora":
+        ranks = {m.mora_rank["default"]: m.mora_rank["default"] for m in model.modules() if hasattr(m, "mora_rank")}
+    if method == "prilora":
+        ranks = {m.r["default"]: m.r["default"] for m in model.modules() if hasattr(m, "prilora_A")}
+        return ParamRow(method=method, r=r, k=None, trainable=trainable, effective_rank=ranks,
+                        extra=model.base_model.extra_numel())
     return ParamRow(method=method, r=r, k=k, trainable=trainable, effective_rank=ranks)
+
+
+def _rank_text(row: ParamRow) -> str:
+    ranks = sorted(set(row.effective_rank.values()))
+    if row.method == "rasa":
+        return f"r-k+Lk = {', '.join(map(str, ranks))}"
+    if row.method == "mora":
+        return f"r^ = {', '.join(map(str, ranks))}"
+    if row.method == "prilora":
+        return f"r_i = {ranks[0]} .. {ranks[-1]} (growing with depth)"
+    return f"r = {row.r}"
 
 
 def human(count: int) -> str:
@@ -85,23 +112,24 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"built-in name ({', '.join(BUILTIN)}), a local checkpoint or config dir, or a hub name")
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--rasa-k", type=int, default=None, help="shared ranks per layer (default: max(r/8, 1))")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--mora-type", type=int, default=6, choices=[1, 2, 3, 4, 6],
+                        help="MoRA's compression (6, rotation, needs an even r^; 1-4 keep the paper's r^)")
     parser.add_argument("--target-modules", nargs="+", default=ALL_PROJ)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
 
     model_config = load_config(args.architecture)
-    rows = [count_trainable(model_config, method, r, args.rasa_k, args.target_modules)
-            for r in args.ranks for method in ("lora", "rasa")]
+    rows = [count_trainable(model_config, method, r, args.rasa_k, args.target_modules, args.mora_type)
+            for r in args.ranks for method in args.methods]
     if args.json:
         print(json.dumps([row.__dict__ for row in rows], indent=2))
         return 0
     print(f"Trainable parameters on {args.architecture} ({', '.join(args.target_modules)})")
-    print(f"{'method':<6} {'r':>3} {'k':>3} {'trainable':>12} {'rounded':>8}  effective rank per layer")
+    print(f"{'method':<7} {'r':>3} {'k':>3} {'trainable':>12} {'rounded':>8} {'extra':>7}  rank per layer")
     for row in rows:
-        ranks = sorted(set(row.effective_rank.values()))
-        rank_text = f"r-k+Lk = {', '.join(map(str, ranks))}" if ranks else f"r = {row.r}"
-        k_text = "-" if row.method == "lora" else str(row.k)
-        print(f"{row.method:<6} {row.r:>3} {k_text:>3} {row.trainable:>12,} {human(row.trainable):>8}  {rank_text}")
+        print(f"{row.method:<7} {row.r:>3} {'-' if row.k is None else row.k:>3} {row.trainable:>12,} "
+              f"{human(row.trainable):>8} {'-' if row.extra is None else human(row.extra):>7}  {_rank_text(row)}")
     return 0
 
 
