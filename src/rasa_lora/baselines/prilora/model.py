@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
 from rasa_lora.baselines.common import DeltaTuner
@@ -49,6 +50,7 @@ class PriloraModel(DeltaTuner):
         """After optimizer step `step` (1-based): update the importance statistics and, every `prune_interval`
         steps, prune. Returns the number of entries of A set to zero."""
         names = [adapter_name] if adapter_name else list(self.active_adapters)
+        self._sum_statistics_over_processes(names)
         pruned = 0
         for module in self.model.modules():
             if not isinstance(module, PriloraLayer):
@@ -61,6 +63,21 @@ class PriloraModel(DeltaTuner):
                 if config.prune_interval and step % config.prune_interval == 0:
                     pruned += module.prune(name, config.prune_ratio)
         return pruned
+
+    def _sum_statistics_over_processes(self, names: list[str]) -> None:
+        """Under data parallelism each process saw its own inputs: sum them (one all-reduce) so that every process
+        prunes the same entries and the replicas of A stay equal."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        totals = [m.input_sq_norm[name] for m in self.model.modules() if isinstance(m, PriloraLayer)
+                  for name in names if name in m.input_sq_norm]
+        if totals:
+            flat = torch.cat(totals)
+            dist.all_reduce(flat)
+            for total, summed in zip(totals, flat.split([t.numel() for t in totals])):
+                total.copy_(summed)
 
     def extra_numel(self, adapter_name: str = "default") -> int:
         """Size of the importance statistics kept for the adapter (the paper's "# Extra Param.")."""
