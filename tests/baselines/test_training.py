@@ -10,6 +10,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from rasa_lora.merge import main as merge_main
 from rasa_lora.train.config import build_config
 from rasa_lora.train.trainer import train
 from tests.train.conftest import tiny_overrides
@@ -33,9 +34,16 @@ def test_a_short_run_trains_saves_and_reloads(tiny_model_dir, tmp_path, method):
         for key, value in weights.items():
             if key.endswith("prilora_A"):
                 assert ((value == 0).sum(dim=1) >= value.shape[1] // 2).all(), key
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
-    reloaded = {k: v for k, v in model.state_dict().items() if f".{method}_" in k}
-    assert len(reloaded) == len(weights)
+    # `rasa-lora merge` folds it into a plain model that gives the adapter's logits
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out).eval()
+    assert merge_main([str(tiny_model_dir), str(out), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    tokens = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = adapter(tokens).logits, merged(tokens).logits
+        untouched = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(tokens).logits
+    assert not torch.allclose(expected, untouched, atol=1e-4)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_mora_type_is_checked_before_anything_is_written(tiny_model_dir, tmp_path):
