@@ -57,6 +57,20 @@ def test_merge_adds_exactly_the_reference_update_and_unmerge_restores(mora_type,
     torch.testing.assert_close(layer.base_layer.weight, weight, rtol=0, atol=1e-6)
 
 
+def test_conv1d_layers_merge_in_their_transposed_layout():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = Conv1D(nf=20, nx=48)  # weight (in, out), as GPT-2 stores it
+    layer = Linear(base, "default", MoraConfig(r=2, mora_type=6, fan_in_fan_out=True, init_weights=False))
+    x = torch.randn(3, 48)
+    delta = mora_delta(layer.mora_M["default"], 48, 20, 6)
+    torch.testing.assert_close(layer(x), base(x) + (x.double() @ delta.t()).float(), rtol=1e-5, atol=1e-5)
+    weight = base.weight.detach().clone()
+    layer.merge()
+    torch.testing.assert_close(base.weight.double(), weight.double() + delta.t(), rtol=1e-6, atol=1e-6)
+
+
 def test_the_update_is_high_rank_where_lora_of_the_same_budget_is_not():
     # MoRA's point (its paper's Fig. 1): r^ = 16 here against LoRA's r = 2
     layer = _layer(64, 64, 6, r=2)

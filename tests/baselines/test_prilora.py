@@ -137,6 +137,8 @@ def test_several_adapters_and_extra_statistics_per_adapter():
     assert not torch.allclose(model(x).logits, first)
     model.delete_adapter("other")
     assert not any(".other" in name for name, _ in model.named_parameters())
+    assert not any("other" in m.prilora_importance or "other" in m.input_sq_norm
+                   for m in model.modules() if isinstance(m, PriloraLayer))
 
 
 @pytest.mark.parametrize("bad, message", [({"prune_ratio": 1.0}, "prune_ratio=1.0"),

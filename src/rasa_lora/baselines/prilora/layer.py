@@ -22,7 +22,8 @@ from rasa_lora.baselines.common import DeltaLayer
 
 class PriloraLayer(DeltaLayer):
     adapter_layer_names = ("prilora_A", "prilora_B")
-    other_param_names = ("r", "prilora_alpha", "scaling", "prilora_dropout")
+    other_param_names = ("r", "prilora_alpha", "scaling", "prilora_dropout", "input_sq_norm", "prilora_importance",
+                         "importance_steps")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self._init_delta_layer(base_layer)
@@ -34,6 +35,7 @@ class PriloraLayer(DeltaLayer):
         self.prilora_B = nn.ParameterDict({})
         self.input_sq_norm: dict[str, torch.Tensor] = {}  # (a,), summed over this step's tokens
         self.prilora_importance: dict[str, torch.Tensor] = {}  # EMA of |A| * ||X_col||, shape of A
+        self.importance_steps: dict[str, int] = {}  # optimizer steps folded into the EMA
         self.kwargs = kwargs
 
     def update_layer(self, adapter_name: str, config, rank: int) -> None:
@@ -51,7 +53,7 @@ class PriloraLayer(DeltaLayer):
         self.prilora_B[adapter_name] = nn.Parameter(B)
         self.prilora_importance[adapter_name] = torch.zeros(rank, self.in_features, device=device)
         self.input_sq_norm[adapter_name] = torch.zeros(self.in_features, device=device)
-        self._steps_seen = {**getattr(self, "_steps_seen", {}), adapter_name: 0}
+        self.importance_steps[adapter_name] = 0
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def delta_weight_float(self, name: str) -> torch.Tensor:
@@ -78,10 +80,10 @@ class PriloraLayer(DeltaLayer):
         """Fold this step's input statistics into the importance EMA (the first step starts it), then reset them."""
         A = self.prilora_A[name]
         step = A.detach().float().abs() * self.input_sq_norm[name].to(A.device).sqrt()
-        seen = self._steps_seen[name]
+        seen = self.importance_steps[name]
         average = self.prilora_importance[name].to(A.device)
         self.prilora_importance[name] = step if seen == 0 else beta * average + (1 - beta) * step
-        self._steps_seen[name] = seen + 1
+        self.importance_steps[name] = seen + 1
         self.input_sq_norm[name].zero_()
 
     @torch.no_grad()
@@ -90,7 +92,7 @@ class PriloraLayer(DeltaLayer):
         how many entries were pruned."""
         A = self.prilora_A[name]
         count = int(ratio * A.shape[1])
-        if count == 0 or self._steps_seen[name] == 0:
+        if count == 0 or self.importance_steps[name] == 0:
             return 0
         lowest = self.prilora_importance[name].to(A.device).topk(count, dim=1, largest=False).indices
         A.scatter_(1, lowest, 0.0)
