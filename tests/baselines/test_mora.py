@@ -143,3 +143,4 @@ def test_import_registers_the_method():
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     assert PEFT_TYPE_TO_CONFIG_MAPPING[MoraConfig().peft_type] is rasa_lora.MoraConfig
+

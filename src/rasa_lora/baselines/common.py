@@ -40,6 +40,13 @@ class DeltaLayer(BaseTunerLayer):
         self._merged_deltas: dict[str, torch.Tensor] = {}
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
 
+    def adapter_factory(self) -> dict:
+        """Device and dtype of new adapter tensors: the base weight's (PEFT then casts them to float32 unless
+        `autocast_adapter_dtype=False`, which keeps them in the base model's dtype)."""
+        weight = self.get_base_layer().weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        return {"device": weight.device, "dtype": dtype}
+
     def has_adapter(self, name: str) -> bool:
         return name in getattr(self, self.adapter_layer_names[0])
 

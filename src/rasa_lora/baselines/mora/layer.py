@@ -75,8 +75,7 @@ class MoraLayer(DeltaLayer):
         self.mora_rank[adapter_name] = side
         self.mora_type[adapter_name] = config.mora_type
         self.mora_dropout[adapter_name] = nn.Dropout(config.mora_dropout) if config.mora_dropout else nn.Identity()
-        weight = self.get_base_layer().weight
-        matrix = torch.zeros(side, side, device=weight.device, dtype=torch.float32)
+        matrix = torch.zeros(side, side, **self.adapter_factory())
         if not config.init_weights:
             nn.init.normal_(matrix, std=0.02)
         self.mora_M[adapter_name] = nn.Parameter(matrix)

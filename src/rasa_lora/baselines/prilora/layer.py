@@ -43,9 +43,10 @@ class PriloraLayer(DeltaLayer):
         self.prilora_alpha[adapter_name] = config.lora_alpha
         self.scaling[adapter_name] = config.lora_alpha / rank
         self.prilora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
-        device = self.get_base_layer().weight.device
-        A = torch.empty(rank, self.in_features, device=device, dtype=torch.float32)
-        B = torch.zeros(self.out_features, rank, device=device, dtype=torch.float32)
+        factory = self.adapter_factory()
+        device = factory["device"]
+        A = torch.empty(rank, self.in_features, **factory)
+        B = torch.zeros(self.out_features, rank, **factory)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         if not config.init_weights:
             nn.init.normal_(B, std=0.02)
