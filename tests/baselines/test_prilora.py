@@ -129,6 +129,8 @@ def test_save_load_is_bitwise_keeps_the_ranks_and_merges(tmp_path):
 def test_several_adapters_and_extra_statistics_per_adapter():
     model = _model()
     model.add_adapter("other", PriloraConfig(r=8, target_modules=["q_proj"]))
+    # an added adapter gets its own ramp too (PeftModel.add_adapter skips the tuner's pre-injection hook)
+    assert [m.r["other"] for m in model.modules() if isinstance(m, PriloraLayer) and "other" in m.r] == [6, 8, 10, 12]
     assert model.base_model.extra_numel("other") == sum(
         m.prilora_A["other"].numel() for m in model.modules() if isinstance(m, PriloraLayer) and "other" in m.r)
     x = torch.randint(0, 128, (2, 7))

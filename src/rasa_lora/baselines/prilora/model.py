@@ -32,16 +32,21 @@ class PriloraModel(DeltaTuner):
     tuner_layer_cls = PriloraLayer
     layer_cls = Linear
 
-    def _pre_injection_hook(self, model: nn.Module, config: PriloraConfig, adapter_name: str) -> None:
-        if config.rank_pattern:
-            return  # loaded from a saved adapter: keep its ranks
-        from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        """Plan the ranks (here, not in `_pre_injection_hook`: `PeftModel.add_adapter` skips that hook), then
+        inject. A config loaded from a saved adapter keeps its ranks."""
+        config = self.peft_config[adapter_name]
+        if not config.rank_pattern:
+            from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 
-        config = _maybe_include_all_linear_layers(self._prepare_adapter_config(config, {}), model)
-        paths = [key for key, _ in model.named_modules()
-                 if key and self._check_target_module_exists(config, key)
-                 and type(self._check_target_module_exists(config, key)).__name__ != "_ExcludedModule"]
-        config.rank_pattern = plan_ranks(paths, config)
+            planned = _maybe_include_all_linear_layers(self._prepare_adapter_config(config, {}), model)
+            paths = []
+            for key, _ in model.named_modules():
+                found = self._check_target_module_exists(planned, key) if key else False
+                if found and type(found).__name__ != "_ExcludedModule":
+                    paths.append(key)
+            config.rank_pattern = plan_ranks(paths, config)
+        super().inject_adapter(model, adapter_name, **kwargs)
 
     def layer_kwargs(self, config: PriloraConfig, adapter_name: str, current_key: str) -> dict:
         return {"rank": config.rank_pattern.get(current_key, config.r)}
