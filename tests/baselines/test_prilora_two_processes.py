@@ -59,3 +59,13 @@ def test_two_processes_prune_like_one_process_on_the_whole_batch(tmp_path):
     assert first.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.equal(first[name] == 0, value == 0) and torch.equal(second[name] == 0, value == 0), name
+
+
+@pytest.mark.parametrize("engine", ["fsdp1", "fsdp2", "zero2", "zero3"])
+def test_sharded_engines_are_refused_before_anything_loads(engine):
+    from rasa_lora.train.config import build_config
+    from rasa_lora.train.distributed import Engine, check_supported
+
+    with pytest.raises(NotImplementedError, match="method=prilora is not supported .* use configs/distributed/ddp"):
+        check_supported(Engine(engine), build_config({"method": "prilora"}))
+    check_supported(Engine.DDP, build_config({"method": "prilora"}))
