@@ -148,3 +148,28 @@ def test_several_adapters_and_extra_statistics_per_adapter():
 def test_bad_settings_say_what_is_allowed(bad, message):
     with pytest.raises(ValueError, match=message):
         PriloraConfig(**bad)
+
+
+def test_training_checkpoints_keep_the_statistics(tmp_path):
+    from rasa_lora.train.checkpoint import load_checkpoint, save_checkpoint
+
+    def build():
+        model = _model().train()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    model, optimizer, scheduler = build()
+    for step in (1, 2):
+        model(torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(step)))
+        model.base_model.update_and_prune(step)
+    model(torch.randint(0, 128, (2, 7)))  # statistics of a step not yet folded in
+    path = save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {"step": 2}, keep=1)
+    fresh, optimizer, scheduler = build()
+    load_checkpoint(path, fresh, optimizer, scheduler)
+    saved, restored = model.base_model.statistics_state(), fresh.base_model.statistics_state()
+    assert saved.keys() == restored.keys() and len(saved) == 28
+    for path, adapters in saved.items():
+        importance, sq_norm, steps = adapters["default"]
+        assert steps == 2 and sq_norm.abs().sum() > 0
+        back = restored[path]["default"]
+        assert torch.equal(back[0], importance) and torch.equal(back[1], sq_norm) and back[2] == steps

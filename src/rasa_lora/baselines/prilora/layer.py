@@ -7,7 +7,8 @@ of its input to an accumulator (a,); at each optimizer step the tuner turns it i
 I = |A| * ||X_col||_2 (one value per entry of A, as Wanda scores weights) and keeps its exponential moving average
 (`prilora_importance`, the shape of A: the method's extra memory); every `prune_interval` steps the entries of each
 row of A with the lowest averaged importance are set to zero (they may grow back: pruning acts on the current
-weights, again and again). The statistics are buffers, not parameters: not trained, not saved with the adapter.
+weights, again and again). The statistics are buffers, not parameters: not trained, not saved with the adapter
+(training checkpoints keep them, `PriloraModel.statistics_state`).
 """
 
 from __future__ import annotations

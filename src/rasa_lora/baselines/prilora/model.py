@@ -84,6 +84,27 @@ class PriloraModel(DeltaTuner):
             for total, summed in zip(totals, flat.split([t.numel() for t in totals])):
                 total.copy_(summed)
 
+    def statistics_state(self) -> dict[str, dict]:
+        """The pruning statistics of every layer and adapter (training checkpoints keep them: a resumed run prunes
+        as an uninterrupted one would)."""
+        state = {}
+        for path, module in self.model.named_modules():
+            if isinstance(module, PriloraLayer):
+                state[path] = {name: (module.prilora_importance[name].detach().cpu().clone(),
+                                      module.input_sq_norm[name].detach().cpu().clone(),
+                                      module.importance_steps[name]) for name in module.prilora_importance}
+        return state
+
+    def load_statistics_state(self, state: dict[str, dict]) -> None:
+        modules = dict(self.model.named_modules())
+        for path, adapters in state.items():
+            module = modules[path]
+            for name, (importance, sq_norm, steps) in adapters.items():
+                device = module.prilora_A[name].device
+                module.prilora_importance[name] = importance.to(device)
+                module.input_sq_norm[name] = sq_norm.to(device)
+                module.importance_steps[name] = steps
+
     def extra_numel(self, adapter_name: str = "default") -> int:
         """Size of the importance statistics kept for the adapter (the paper's "# Extra Param.")."""
         return sum(m.extra_numel(adapter_name) for m in self.model.modules()
