@@ -144,3 +144,8 @@ def test_import_registers_the_method():
 
     assert PEFT_TYPE_TO_CONFIG_MAPPING[MoraConfig().peft_type] is rasa_lora.MoraConfig
 
+
+
+def test_a_layer_too_small_for_a_square_matrix_says_what_to_do():
+    with pytest.raises(ValueError, match="side 0 on a \\(1 -> 1\\) layer at r=1; use a larger r"):
+        Linear(torch.nn.Linear(1, 1), "default", MoraConfig(r=1))

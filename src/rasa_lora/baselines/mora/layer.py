@@ -71,6 +71,9 @@ class MoraLayer(DeltaLayer):
 
     def update_layer(self, adapter_name: str, config) -> None:
         side = mora_rank(self.in_features, self.out_features, config.r, config.mora_type)
+        if side < 2:
+            raise ValueError(f"MoRA's square matrix would have side {side} on a ({self.in_features} -> "
+                             f"{self.out_features}) layer at r={config.r}; use a larger r or leave this layer out.")
         self.r[adapter_name] = config.r
         self.mora_rank[adapter_name] = side
         self.mora_type[adapter_name] = config.mora_type
