@@ -1,7 +1,8 @@
 """rasa-lora: RaSA (Rank-Sharing Low-Rank Adaptation, ICLR 2025) as a PEFT method.
 
 `import rasa_lora` registers the method with PEFT, so `peft.get_peft_model(model, rasa_lora.RasaConfig(...))`,
-`PeftModel.from_pretrained` and `AutoPeftModelForCausalLM` work as for LoRA. Training, evaluation and the
+`PeftModel.from_pretrained` and `AutoPeftModelForCausalLM` work as for LoRA; it registers the paper's two baselines
+that PEFT lacks, MoRA and PriLoRA, the same way (`rasa_lora.baselines`). Training, evaluation and the
 analysis live in sub-packages that are imported only when used.
 
 The import itself is light (no torch, no PEFT): `rasa-lora --help` must answer at once. If PEFT is already
@@ -17,10 +18,10 @@ import importlib.util
 import sys
 
 __version__ = "0.1.0"
-__all__ = ["RasaConfig", "RasaLayer", "RasaModel", "__version__"]
+__all__ = ["MoraConfig", "PriloraConfig", "RasaConfig", "RasaLayer", "RasaModel", "__version__"]
 
 
-_SUBMODULES = ("adapter", "analysis", "evaluation", "models", "ops", "params", "reference", "train")
+_SUBMODULES = ("adapter", "analysis", "baselines", "evaluation", "models", "ops", "params", "reference", "train")
 
 
 def __getattr__(name: str):
@@ -28,6 +29,10 @@ def __getattr__(name: str):
         from rasa_lora import adapter
 
         return getattr(adapter, name)
+    if name in ("MoraConfig", "PriloraConfig"):
+        from rasa_lora import baselines
+
+        return getattr(baselines, name)
     if name in _SUBMODULES:  # `rasa_lora.models.load_model(...)` without importing the submodule first
         import importlib
 
@@ -37,6 +42,7 @@ def __getattr__(name: str):
 
 def _register() -> None:
     import rasa_lora.adapter  # noqa: F401  (registers RaSA with PEFT on import)
+    import rasa_lora.baselines  # noqa: F401  (and MoRA, PriLoRA)
 
 
 class _RegisterAfterPeft(importlib.abc.MetaPathFinder):

@@ -1,8 +1,10 @@
-"""`rasa-lora params`: trainable parameters of LoRA and RaSA for an architecture, without its weights.
+"""`rasa-lora params`: trainable parameters of LoRA, RaSA, MoRA and PriLoRA for an architecture, without its weights.
 
-The model is built on the meta device (no memory, no download of weights) and both methods are applied
+The model is built on the meta device (no memory, no download of weights) and each method is applied
 through PEFT, so the counts are those of the real modules. For Llama-3.1-8B and Mistral-7B-v0.3 with all
-seven projections this reproduces the parameter column of the paper's Tables 1-2.
+seven projections this reproduces the parameter column of the paper's Tables 1-2 (MoRA: with `--mora-type 1`-`4`;
+the rotation the authors ran, type 6, needs an even r^ and has 0.25% / 0.06% fewer at r = 16 / 32, see
+docs/baselines.md), and PriLoRA's extra column is the size of its importance statistics.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 
 from rasa_lora.errors import ArgumentParser
 from rasa_lora.models import LLAMA_PROJECTIONS as ALL_PROJ
+
+METHODS = ("lora", "rasa", "mora", "prilora")
 
 # Shapes of the architectures of the paper, so no config needs to be fetched.
 BUILTIN = {
@@ -33,6 +37,8 @@ class ParamRow:
     k: int | None
     trainable: int
     effective_rank: dict[str, int]
+    extra: int | None = None
+    """Memory a method keeps beside its trainable parameters to train them (PriLoRA's importance statistics)."""
 
 
 def load_config(architecture: str):
@@ -68,8 +74,8 @@ def load_config(architecture: str):
         ) from None
 
 
-def count_trainable(model_config, method: str, r: int, k: int | None, target_modules) -> ParamRow:
-    """Build the model on the meta device, apply LoRA or RaSA, and count its trainable parameters."""
+def count_trainable(model_config, method: str, r: int, k: int | None, target_modules, mora_type: int = 6) -> ParamRow:
+    """Build the model on the meta device, apply the method, and count its trainable parameters."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -81,6 +87,10 @@ def count_trainable(model_config, method: str, r: int, k: int | None, target_mod
         base = AutoModelForCausalLM.from_config(model_config)
     if method == "lora":
         peft_config = LoraConfig(r=r, lora_alpha=32, target_modules=target_modules)
+    elif method == "mora":
+        peft_config = rasa_lora.MoraConfig(r=r, mora_type=mora_type, target_modules=target_modules)
+    elif method == "prilora":
+        peft_config = rasa_lora.PriloraConfig(r=r, target_modules=target_modules)
     else:
         peft_config = rasa_lora.RasaConfig(r=r, rasa_k=k, target_modules=target_modules)
     model = get_peft_model(base, peft_config)
@@ -91,6 +101,12 @@ def count_trainable(model_config, method: str, r: int, k: int | None, target_mod
             if isinstance(module, RasaLayer):
                 ranks[module.rasa_group["default"]] = module.rasa_D["default"].numel()
         k = peft_config.rasa_k
+    if method == "mora":
+        ranks = {m.mora_rank["default"]: m.mora_rank["default"] for m in model.modules() if hasattr(m, "mora_rank")}
+    if method == "prilora":
+        ranks = {m.r["default"]: m.r["default"] for m in model.modules() if hasattr(m, "prilora_A")}
+        return ParamRow(method=method, r=r, k=None, trainable=trainable, effective_rank=ranks,
+                        extra=model.base_model.extra_numel())
     return ParamRow(method=method, r=r, k=k, trainable=trainable, effective_rank=ranks)
 
 
@@ -112,6 +128,17 @@ def _flatten(groups: list[list]) -> list:
     return [value for group in groups for value in group]
 
 
+def _rank_text(row: ParamRow) -> str:
+    ranks = sorted(set(row.effective_rank.values()))
+    if row.method == "rasa":
+        return f"r-k+Lk = {', '.join(map(str, ranks))}"
+    if row.method == "mora":
+        return f"r^ = {', '.join(map(str, ranks))}"
+    if row.method == "prilora":
+        return f"r_i = {ranks[0]} .. {ranks[-1]} (growing with depth)"
+    return f"r = {row.r}"
+
+
 def human(count: int) -> str:
     return f"{count / 1e6:.1f}M"
 
@@ -124,27 +151,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=_int_list, nargs="+", default=[[8, 16, 32]],
                         help="ranks, comma-separated as in rasa-lora train (8,16,32); spaces also work")
     parser.add_argument("--rasa-k", type=int, default=None, help="shared ranks per layer (default: max(r/8, 1))")
+    parser.add_argument("--methods", type=_name_list, nargs="+", default=[list(METHODS)],
+                        help=f"comma-separated, of {', '.join(METHODS)} (default all)")
+    parser.add_argument("--mora-type", type=int, default=6, choices=[1, 2, 3, 4, 6],
+                        help="MoRA's compression (6, rotation, needs an even r^; 1-4 keep the paper's r^)")
     parser.add_argument("--target-modules", type=_name_list, nargs="+", default=[ALL_PROJ],
                         help="module names, comma-separated as in rasa-lora train (q_proj,v_proj); spaces also work")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     args.ranks, args.target_modules = _flatten(args.ranks), _flatten(args.target_modules)
+    args.methods = _flatten(args.methods)
+    unknown = [method for method in args.methods if method not in METHODS]
+    if unknown:
+        parser.error(f"--methods {','.join(unknown)}: choose from {','.join(METHODS)}")
     if args.rasa_k is not None and not 0 <= args.rasa_k <= min(args.ranks):
         parser.error(f"--rasa-k {args.rasa_k} must be between 0 and the smallest rank ({min(args.ranks)})")
 
     model_config = load_config(args.architecture)
-    rows = [count_trainable(model_config, method, r, args.rasa_k, args.target_modules)
-            for r in args.ranks for method in ("lora", "rasa")]
+    rows = [count_trainable(model_config, method, r, args.rasa_k, args.target_modules, args.mora_type)
+            for r in args.ranks for method in args.methods]
     if args.json:
         print(json.dumps([row.__dict__ for row in rows], indent=2))
         return 0
     print(f"Trainable parameters on {args.architecture} ({', '.join(args.target_modules)})")
-    print(f"{'method':<6} {'r':>3} {'k':>3} {'trainable':>12} {'rounded':>8}  effective rank per layer")
+    print(f"{'method':<7} {'r':>3} {'k':>3} {'trainable':>12} {'rounded':>8} {'extra':>7}  rank per layer")
     for row in rows:
-        ranks = sorted(set(row.effective_rank.values()))
-        rank_text = f"r-k+Lk = {', '.join(map(str, ranks))}" if ranks else f"r = {row.r}"
-        k_text = "-" if row.method == "lora" else str(row.k)
-        print(f"{row.method:<6} {row.r:>3} {k_text:>3} {row.trainable:>12,} {human(row.trainable):>8}  {rank_text}")
+        print(f"{row.method:<7} {row.r:>3} {'-' if row.k is None else row.k:>3} {row.trainable:>12,} "
+              f"{human(row.trainable):>8} {'-' if row.extra is None else human(row.extra):>7}  {_rank_text(row)}")
     return 0
 
 

@@ -145,12 +145,12 @@ def test_bad_input_is_a_clear_error_and_leaves_no_output_dir(tiny_model_dir, tmp
                         "empty": ""}.get(case, '{"query": "q", "response": "r"}\n'))
     out = tmp_path / "run"
     values = tiny_overrides(tiny_model_dir, out, dataset=str(dataset), max_steps=1)
-    extra = {"method": ["--method", "mora"], "key": ["--learning-rat", "1"],
+    extra = {"method": ["--method", "lorra"], "key": ["--learning-rat", "1"],
              "model": ["--base-model", str(tmp_path / "no-such-model")]}.get(case, [])
     assert train_main([*_args(values), *extra]) == 2
     expected = {"malformed": "data.jsonl line 2: malformed JSON",
                 "missing_field": "data.jsonl line 2: field(s) response", "empty": "holds no records",
-                "method": "not yet supported", "key": "valid keys:", "model": "does not exist"}[case]
+                "method": "is unknown; choose one of", "key": "valid keys:", "model": "does not exist"}[case]
     assert expected in capsys.readouterr().err
     assert not out.exists()
 

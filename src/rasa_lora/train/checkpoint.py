@@ -3,8 +3,8 @@
 A checkpoint is `OUTPUT_DIR/checkpoints/step-NNNNNN/state.pt` holding everything the next step depends on: the
 trainable parameters (adapter weights, RaSA's shared pools, or the whole model for fft), the optimizer and
 scheduler state, the RNG states (Python, torch CPU, CUDA), the loop counters, and method state that lives outside
-parameters (AdaLoRA's importance scores). The data position needs no file: the batch order is a function of
-(seed, epoch) and the step number.
+parameters (AdaLoRA's importance scores, PriLoRA's pruning statistics). The data position needs no file: the batch
+order is a function of (seed, epoch) and the step number.
 
 Atomicity: the files are written into `checkpoints/.tmp-step-NNNNNN` and the directory is renamed into place, so a
 kill during the write leaves either the old set of checkpoints or the new one, never a half-written newest one.
@@ -48,14 +48,19 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 
 def _method_state(model: torch.nn.Module) -> dict[str, Any]:
-    """State kept outside parameters: AdaLoRA's rank allocator (importance moving averages)."""
-    allocator = getattr(getattr(model, "base_model", None), "rankallocator", None)
+    """State kept outside parameters: AdaLoRA's rank allocator (importance moving averages), PriLoRA's statistics."""
+    tuner = getattr(model, "base_model", None)
+    if hasattr(tuner, "statistics_state"):
+        return {"prilora": tuner.statistics_state()}
+    allocator = getattr(tuner, "rankallocator", None)
     if allocator is None:
         return {}
     return {"adalora": {key: dict(getattr(allocator, key)) for key in ("ipt", "exp_avg_ipt", "exp_avg_unc")}}
 
 
 def _restore_method_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
+    if "prilora" in state:
+        model.base_model.load_statistics_state(state["prilora"])
     if "adalora" in state:
         allocator = model.base_model.rankallocator
         for key, value in state["adalora"].items():

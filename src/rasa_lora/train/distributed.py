@@ -145,7 +145,8 @@ def check_supported(engine: Engine, config: Any) -> None:
 
     Training checkpoints (`save_steps`, `resume`) store each trainable tensor and the optimizer state as one
     process holds them; under FSDP and DeepSpeed those are sharded, so only one process and DDP may use them.
-    OLoRA and PiSSA convert their adapter against the whole model at saving time: one process and DDP only.
+    OLoRA and PiSSA convert their adapter against the whole model at saving time, and PriLoRA prunes its whole A in
+    place: one process and DDP only.
     """
     sharded = engine in (Engine.FSDP1, Engine.FSDP2, Engine.ZERO2, Engine.ZERO3)
     if sharded and (getattr(config, "resume", False) or getattr(config, "save_steps", 0)):
@@ -157,6 +158,11 @@ def check_supported(engine: Engine, config: Any) -> None:
         raise NotImplementedError(
             "method=fft with FSDP2 on CPUs is not supported (saving the whole sharded model goes through accelerate, "
             "which does not shard CPUs); use configs/distributed/ddp.yaml."
+        )
+    if sharded and getattr(config, "method", None) == "prilora":
+        raise NotImplementedError(
+            f"method=prilora is not supported with {engine.value} yet (its pruning edits A in place on each process; "
+            "sharded engines hold A, or its master copy, in shards); use configs/distributed/ddp.yaml."
         )
     if sharded and getattr(config, "method", None) in ("olora", "pissa"):
         raise NotImplementedError(

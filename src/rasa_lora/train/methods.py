@@ -9,6 +9,8 @@
 | dora    | `LoraConfig(use_dora=True)`                                       | alpha / r               |
 | vera    | `peft.VeraConfig(r, vera_dropout)` (shared frozen random A, B)    | - / dropout             |
 | adalora | `peft.AdaLoraConfig(init_r=ceil(1.5 r), target_r=r, total_step)` | alpha / dropout         |
+| mora    | `rasa_lora.MoraConfig(r, mora_type, mora_dropout)` (r^ x r^ matrix) | - / dropout             |
+| prilora | `rasa_lora.PriloraConfig(r, lora_alpha, lora_dropout, prune_*)`   | alpha / r_i / dropout   |
 | fft     | every parameter trainable, no adapter                             | - / -                   |
 
 Choices: the baselines are PEFT's own implementations, never re-written here. AdaLoRA's initial rank keeps
@@ -16,7 +18,8 @@ PEFT's default ratio (init_r 12 for target_r 8) and its budget schedule needs `t
 built knowing the number of optimizer steps; the trainer calls `update_and_allocate` after each step. OLoRA and
 PiSSA rewrite the base weights at init; `initial_adapter_needed` tells the trainer to keep the initial adapter so
 the final one can be converted (PEFT's `path_initial_model_for_weight_conversion`) into a plain LoRA adapter that
-applies to the untouched base model. Limits: MoRA and PriLoRA are not in PEFT and raise "not yet supported".
+applies to the untouched base model. MoRA and PriLoRA are not in PEFT: they are this package's
+(`rasa_lora.baselines`); PriLoRA's pruning runs after each optimizer step (`after_optimizer_step`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,15 @@ def peft_config_for(config: Any, total_steps: int) -> Any:
 
         return rasa_lora.RasaConfig(**common, rasa_k=config.shared_ranks, rasa_alpha=config.alpha,
                                     rasa_dropout=config.dropout, task_type="CAUSAL_LM")
+    if config.method in ("mora", "prilora"):
+        import rasa_lora
+
+        if config.method == "mora":
+            return rasa_lora.MoraConfig(**common, mora_type=config.mora_type, mora_dropout=config.dropout,
+                                        task_type="CAUSAL_LM")
+        return rasa_lora.PriloraConfig(**common, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                                       prune_ratio=config.prilora_prune_ratio,
+                                       prune_interval=config.prilora_prune_interval, task_type="CAUSAL_LM")
     if config.method == "vera":
         return peft.VeraConfig(**common, vera_dropout=config.dropout, task_type="CAUSAL_LM")
     if config.method == "adalora":
@@ -112,6 +124,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def after_optimizer_step(model: torch.nn.Module, config: Any, step: int) -> None:
-    """Per-step hooks of methods that have one (AdaLoRA's rank budget)."""
+    """Per-step hooks of methods that have one (AdaLoRA's rank budget, PriLoRA's statistics and pruning)."""
     if config.method == "adalora":
         model.base_model.update_and_allocate(step)
+    elif config.method == "prilora":
+        model.base_model.update_and_prune(step)
