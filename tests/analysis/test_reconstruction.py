@@ -111,7 +111,7 @@ def test_eq5_form_with_adapter_D_equals_eq11_form(group64):
 
 def test_all_ranks_shared_runs_and_guards_singular_grams():
     M = correlated_group(num_layers=8, b=12, a=40)  # L*k = 64 > b = 12: B_S^T B_S is singular
-    result = fit_rasa(M, 8, 8, 5, variant="exact")
+    result = fit_rasa(M, 8, 8, 5, init="random", variant="exact")  # the data start's pool avoids the singularity
     assert result.gram_fallbacks > 0
     assert torch.isfinite(result.factors.reconstruct()).all()
     curve = torch.tensor([result.initial_error] + result.error_curve)
