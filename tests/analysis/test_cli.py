@@ -23,7 +23,7 @@ def test_analyze_synthetic_writes_json_and_figures(tmp_path):
     assert report["files"] == ["analysis.json", "convergence.png", "k_sweep.png"]
     # issue 29: the start, the criterion's outcome and every start's result, per group and per sweep point
     assert group["rasa_start"] in ("stacked", "theorem") and group["iterations"] == 3
-    assert group["converged"] is False and group["tol"] == 1e-4
+    assert group["converged"] is False and group["tol"] == 1e-5 and group["window"] == 5
     assert [s["init"] for s in group["starts"]] == ["stacked", "theorem"]
     assert group["rasa_final_error"] == min(s["final_error"] for s in group["starts"])
     assert set(group["k_sweep_fits"]) == {"1", "2"}

@@ -22,6 +22,7 @@ from rasa_lora.analysis.reconstruction import (
     DEFAULT_INIT,
     DEFAULT_MAX_ITERS,
     DEFAULT_TOL,
+    DEFAULT_WINDOW,
     FitResult,
     fit_rasa,
     lora_solution,
@@ -45,7 +46,8 @@ class AnalysisConfig:
     sweep_iters: int | None = None  # default: iters
     seed: int = 0
     svd_tol: float = 3e-5
-    tol: float = DEFAULT_TOL  # convergence criterion: relative decrease per iteration
+    tol: float = DEFAULT_TOL  # convergence criterion: mean relative decrease per iteration over `window` ones
+    window: int = DEFAULT_WINDOW
     restarts: int = 1
 
     def __post_init__(self) -> None:
@@ -83,7 +85,7 @@ def analyze_group(group: Group, config: AnalysisConfig, bar=None) -> dict:
     dtype = getattr(torch, config.dtype)
     M = group.deltas.to(device=config.torch_device(), dtype=dtype)
     fit_args = dict(init=config.init, variant=config.variant, dtype=dtype, seed=config.seed, tol=config.tol,
-                    restarts=config.restarts)
+                    window=config.window, restarts=config.restarts)
     if config.variant == "fast":
         fit_args["svd_tol"] = config.svd_tol
     lora = lora_solution(M, config.r, config.variant, seed=config.seed)
@@ -125,6 +127,7 @@ def _record(group: Group, config: AnalysisConfig, main: FitResult, lora, sweep: 
         "lora_error": main.lora_error, "lora_relative_error": main.lora_error / total,
         "lora_solver_estimate": lora.tol_reached,
         "rasa_start": main.init, "iterations": main.iterations, "converged": main.converged, "tol": config.tol,
+        "window": config.window,
         "rasa_initial_error": main.initial_error, "rasa_error_curve": main.error_curve,
         "rasa_relative_error_curve": [e / total for e in main.error_curve],
         "rasa_final_error": main.final_error, "rasa_relative_error": main.final_error / total,

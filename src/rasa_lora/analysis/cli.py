@@ -7,8 +7,10 @@
     rasa-lora compress BASE TUNED --r 8 --rasa-k 1 --out ADAPTER
 
 Each fit starts from the data ("auto": the shared pool from the stacked deltas' singular vectors, and Theorem
-3.1's construction; the better is kept) and runs until an iteration lowers the error by less than --tol
-(relative) or --iters iterations ran; --restarts N adds N-1 random starts and reports the spread.
+3.1's construction; the better is kept) and runs until the error falls by less than --tol (relative) per
+iteration on average over the last 5 iterations, or --iters iterations ran; --restarts N adds N-1 random
+starts and reports the spread.
+
 BASE/TUNED: a checkpoint directory, a hub name, a .gguf file, or "smollm2" (the embedded SmolLM2-135M).
 """
 
@@ -60,15 +62,15 @@ def _analyze_parser() -> argparse.ArgumentParser:
 
 def _fit_arguments(parser: argparse.ArgumentParser) -> None:
     """--rasa-k (and its deprecated alias --k), --iters, --tol, --init, --restarts: shared by analyze and compress."""
-    from rasa_lora.analysis.reconstruction import DEFAULT_INIT, DEFAULT_MAX_ITERS, DEFAULT_TOL, INITS
+    from rasa_lora.analysis.reconstruction import DEFAULT_INIT, DEFAULT_MAX_ITERS, DEFAULT_TOL, DEFAULT_WINDOW, INITS
 
     parser.add_argument("--rasa-k", type=int, help="shared ranks per layer (k; default 1)")
     parser.add_argument("--k", type=int, dest="old_k", help=argparse.SUPPRESS)  # deprecated spelling of --rasa-k
     parser.add_argument("--iters", type=int, default=DEFAULT_MAX_ITERS,
                         help=f"most coordinate-descent iterations per start (default {DEFAULT_MAX_ITERS})")
     parser.add_argument("--tol", type=float, default=DEFAULT_TOL,
-                        help=f"stop once an iteration lowers the error by less than this fraction (default "
-                             f"{DEFAULT_TOL:g}; 0 runs every iteration)")
+                        help=f"stop once the error falls by less than this fraction per iteration, on average over "
+                             f"the last {DEFAULT_WINDOW} (default {DEFAULT_TOL:g}; 0 runs every iteration)")
     parser.add_argument("--init", choices=("auto",) + INITS, default=DEFAULT_INIT,
                         help="start: auto (stacked and theorem, the better kept), stacked, theorem, random")
     parser.add_argument("--restarts", type=int, default=1,

@@ -56,7 +56,8 @@ from torch import Tensor
 
 INITS = ("stacked", "theorem", "random")
 DEFAULT_INIT = "auto"
-DEFAULT_TOL = 1e-4  # stop when an iteration lowers the error by less than this fraction
+DEFAULT_TOL = 1e-5  # stop when the error falls by less than this fraction per iteration, on average over
+DEFAULT_WINDOW = 5  # the last DEFAULT_WINDOW iterations
 DEFAULT_MAX_ITERS = 200
 VARIANTS = ("fast", "exact")
 
@@ -563,7 +564,7 @@ def start_plan(init: str = DEFAULT_INIT, restarts: int = 1, seed: int = 0, k: in
 def fit_rasa(M: Tensor | Sequence[Tensor], r: int, k: int, iters: int = DEFAULT_MAX_ITERS, init: str = DEFAULT_INIT,
              variant: str = "fast", dtype: torch.dtype | None = None, seed: int = 0,
              lora: LoraSolution | None = None, oversample: int = 8, power_iters: int = 4, svd_tol: float = 3e-5,
-             tol: float = DEFAULT_TOL, restarts: int = 1,
+             tol: float = DEFAULT_TOL, window: int = DEFAULT_WINDOW, restarts: int = 1,
              progress: Callable[[int, float], None] | None = None) -> FitResult:
     """Fit RaSA (rank r, k shared ranks per layer) to a group M (L, b, a) by coordinate descent (App. A).
 
@@ -572,8 +573,9 @@ def fit_rasa(M: Tensor | Sequence[Tensor], r: int, k: int, iters: int = DEFAULT_
         iters: the most coordinate-descent iterations per start; `error_curve` gets one value after each.
         init: ``"auto"`` (default: ``"stacked"`` and ``"theorem"``, the better kept), ``"stacked"``,
             ``"theorem"`` or ``"random"`` (see the module docstring).
-        tol: stop a start once an iteration lowers the error by less than `tol` (relative to the error before
-            it); 0 runs all `iters`. `FitResult.converged` says whether it stopped so.
+        tol, window: stop a start once the error fell by less than window * tol (relative) over the last
+            `window` iterations, i.e. by less than `tol` per iteration on average; 0 runs all `iters`.
+            `FitResult.converged` says whether it stopped so (False: the limit `iters` stopped it).
         restarts: N >= 1; N - 1 ``"random"`` starts (seeds seed + 1, ...) are added; the best is kept and
             `FitResult.starts` lists every start's outcome.
         variant: ``"fast"`` (batched, truncated SVD) or ``"exact"`` (full SVD per layer, the reference).
@@ -587,6 +589,8 @@ def fit_rasa(M: Tensor | Sequence[Tensor], r: int, k: int, iters: int = DEFAULT_
         raise ValueError(f"iters={iters} is negative; choose iters >= 0.")
     if not tol >= 0:
         raise ValueError(f"tol={tol} is invalid; choose tol >= 0 (0 runs every iteration).")
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window={window} is invalid; choose an integer >= 1.")
     M = check_group(M, r, k)
     dtype = dtype or (torch.float64 if variant == "exact" or M.dtype == torch.float64 else torch.float32)
     M = M.to(dtype)
@@ -598,7 +602,7 @@ def fit_rasa(M: Tensor | Sequence[Tensor], r: int, k: int, iters: int = DEFAULT_
     outcomes = []
     for start_init, start_seed in plan:
         result = _fit_one(M, r, k, iters, start_init, variant, start_seed, lora, oversample, power_iters, svd_tol,
-                          tol, progress)
+                          tol, window, progress)
         outcomes.append({"init": start_init, "seed": start_seed, "final_error": result.final_error,
                          "iterations": result.iterations, "converged": result.converged,
                          "initial_error": result.initial_error, "error_curve": result.error_curve})
@@ -610,9 +614,9 @@ def fit_rasa(M: Tensor | Sequence[Tensor], r: int, k: int, iters: int = DEFAULT_
 
 
 def _fit_one(M: Tensor, r: int, k: int, iters: int, init: str, variant: str, seed: int, lora: LoraSolution,
-             oversample: int, power_iters: int, svd_tol: float, tol: float,
+             oversample: int, power_iters: int, svd_tol: float, tol: float, window: int,
              progress: Callable[[int, float], None] | None) -> FitResult:
-    """Coordinate descent from one start, until the relative decrease falls below `tol` or `iters` ran."""
+    """Coordinate descent from one start, until the criterion (`tol`, `window`) is met or `iters` ran."""
     if init == "theorem":
         start = theorem_factors(lora, k)
     elif init == "stacked":
@@ -626,13 +630,15 @@ def _fit_one(M: Tensor, r: int, k: int, iters: int, init: str, variant: str, see
     result = FitResult(start, lora.error, float(lora.energy.sum()), initial, init=init, seed=seed)
 
     def record(t: int, error: float) -> bool:
-        """Append the error; True when the criterion is met."""
-        previous = result.error_curve[-1] if result.error_curve else result.initial_error
+        """Append the error; True when the criterion is met: over the last `window` iterations the error fell by
+        less than window * tol of its value before them (a mean relative decrease below `tol`)."""
         result.error_curve.append(error)
         result.iterations = t + 1
         if progress:
             progress(t, error)
-        result.converged = tol > 0 and previous - error < tol * previous
+        if tol > 0 and t + 1 >= window:
+            before = result.error_curve[t - window] if t >= window else result.initial_error
+            result.converged = before - error < window * tol * before
         return result.converged
 
     if variant == "exact":
