@@ -331,9 +331,10 @@ def _top_eigvecs(gram: Tensor, n: int) -> Tensor:
 
 
 def stacked_pool(M: Tensor, n: int, variant: str = "exact", seed: int = 0, tol: float = 1e-6,
-                 rounds: int = 20) -> tuple[Tensor, Tensor]:
-    """(B_S (b, n), A_S (n, a)): the n leading left singular vectors of [M_1 ... M_L] (b, L*a) and the n
-    leading right singular vectors of [M_1; ...; M_L] (L*b, a), i.e. of sum_i M_i M_i^T and sum_i M_i^T M_i.
+                 rounds: int = 20) -> tuple[Tensor, Tensor, int]:
+    """(B_S (b, n), A_S (n, a), passes): the n leading left singular vectors of [M_1 ... M_L] (b, L*a) and the n
+    leading right singular vectors of [M_1; ...; M_L] (L*b, a), i.e. of sum_i M_i M_i^T and sum_i M_i^T M_i;
+    `passes` counts the products of the whole stack with a thin matrix (0 for "exact").
 
     ``"exact"``: eigen-decompositions of the two Gram matrices (b x b, a x a) in float64. ``"fast"``: a block
     subspace iteration on each stacked matrix (`_block_svd`, products of M with thin matrices only). Where n
@@ -341,6 +342,7 @@ def stacked_pool(M: Tensor, n: int, variant: str = "exact", seed: int = 0, tol: 
     """
     L, b, a = M.shape
     nb, na = min(n, b), min(n, a)
+    passes = 0
     if variant == "exact":
         left = _top_eigvecs(sum(m @ m.T for m in M.double()), nb)
         right = _top_eigvecs(sum(m.T @ m for m in M.double()), na)
@@ -352,31 +354,33 @@ def stacked_pool(M: Tensor, n: int, variant: str = "exact", seed: int = 0, tol: 
         side = (lambda X: (M @ X.reshape(L, a, -1)).sum(0, keepdim=True),
                 lambda Y: (Y[0].mT @ M).mT.reshape(1, L * a, -1))
         start = side[0](_randn((1, L * a, width_b), M, gen))
-        left = _block_svd(*side, start, M.new_zeros(1, b, 0), nb, energy, tol, rounds)[0][0]
+        U, _, _, _, used = _block_svd(*side, start, M.new_zeros(1, b, 0), nb, energy, tol, rounds)
+        left, passes = U[0], passes + 1 + used
         # [M_1; ...; M_L]: apply x (1, a, w) -> stack_i M_i x; its transpose y (1, L b, w) -> sum_i M_i^T y_i
         stack = (lambda X: (M @ X[0]).reshape(1, L * b, -1),
                  lambda Y: (M.mT @ Y.reshape(L, b, -1)).sum(0, keepdim=True))
         start = stack[0](_randn((1, a, width_a), M, gen))
-        right = _block_svd(*stack, start, M.new_zeros(1, L * b, 0), na, energy, tol, rounds)[2][0]
+        _, _, V, _, used = _block_svd(*stack, start, M.new_zeros(1, L * b, 0), na, energy, tol, rounds)
+        right, passes = V[0], passes + 1 + used
     gen = _generator(torch.device("cpu"), seed)
 
     def pad(basis: Tensor, dim: int) -> Tensor:
         extra = torch.randn((dim, n - basis.shape[1]), generator=gen, dtype=torch.float64)
         return torch.cat([basis.to(M), (extra / extra.norm(dim=0).clamp_min(1e-300)).to(M)], 1)
 
-    return pad(left, b), pad(right, a).T
+    return pad(left, b), pad(right, a).T, passes
 
 
-def stacked_factors(M: Tensor, r: int, k: int, variant: str = "exact", seed: int = 0) -> RasaFactors:
+def stacked_factors(M: Tensor, r: int, k: int, variant: str = "exact", seed: int = 0) -> tuple[RasaFactors, int]:
     """The ``"stacked"`` start: the shared pool from the data (`stacked_pool`), d_i = diag(B_S^T M_i A_S^T)
     (eq. 26 with no private part: B_S, A_S have orthonormal columns / rows), private factors zero (the first
-    iteration's eq. 18-19 computes them)."""
+    iteration's eq. 18-19 computes them). Returns (factors, passes over M, `stacked_pool`'s and one for d_i)."""
     L, b, a = M.shape
-    shared_B, shared_A = stacked_pool(M, L * k, variant, seed)
+    shared_B, shared_A, passes = stacked_pool(M, L * k, variant, seed)
     diag_rhs = ((shared_B.T @ M) * shared_A).sum(2)  # (L, Lk): diag(B_S^T M_i A_S^T)
     shared_D, _ = _shared_D_update(diag_rhs, shared_B, shared_A)
     zeros = M.new_zeros
-    return RasaFactors(zeros(L, b, r - k), zeros(L, r - k, a), shared_B, shared_A, shared_D)
+    return RasaFactors(zeros(L, b, r - k), zeros(L, r - k, a), shared_B, shared_A, shared_D), passes + 1
 
 
 def rasa_error(M: Tensor, factors: RasaFactors, chunk: int = 8) -> float:
@@ -617,10 +621,11 @@ def _fit_one(M: Tensor, r: int, k: int, iters: int, init: str, variant: str, see
              oversample: int, power_iters: int, svd_tol: float, tol: float, window: int,
              progress: Callable[[int, float], None] | None) -> FitResult:
     """Coordinate descent from one start, until the criterion (`tol`, `window`) is met or `iters` ran."""
+    start_passes = 0
     if init == "theorem":
         start = theorem_factors(lora, k)
     elif init == "stacked":
-        start = stacked_factors(M, r, k, variant, seed)
+        start, start_passes = stacked_factors(M, r, k, variant, seed)
     else:
         start = random_factors(M, r, k, seed)
     # the start's error: all of ||M||^2 for "random"; e_lora for "theorem" (eq. 16; exact for Ritz triplets too)
@@ -660,7 +665,7 @@ def _fit_one(M: Tensor, r: int, k: int, iters: int, init: str, variant: str, see
             if record(t, descent.error()):
                 break
         result.factors, result.gram_fallbacks = descent.factors(), descent.fallbacks
-        result.svd_estimate, result.passes = descent.svd_estimate, descent.passes
+        result.svd_estimate, result.passes = descent.svd_estimate, descent.passes + start_passes
     result.final_error = rasa_error(M, result.factors) if result.iterations else result.initial_error
     return result
 
