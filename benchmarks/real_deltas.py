@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from rasa_lora.analysis.analyze import AnalysisConfig, run_analysis
-from rasa_lora.analysis.reconstruction import DEFAULT_INIT, DEFAULT_MAX_ITERS, DEFAULT_TOL, INITS
 from rasa_lora.analysis.cli import _k_list, _print_table
+from rasa_lora.analysis.reconstruction import DEFAULT_INIT, DEFAULT_MAX_ITERS, DEFAULT_TOL, INITS
 from rasa_lora.analysis.sources import Group, group_names
 
 
