@@ -29,10 +29,15 @@ What is here
     exact one. Stated accuracy: a private step stops refining when sum_j ||R_i v_j - s_j u_j||^2, an estimate
     of the energy its subspace misses, is below `svd_tol` (default 3e-5) times the layer's error, or after
     `power_iters` extra rounds; `FitResult.svd_estimate` reports that ratio for the last step.
-- Initialisations (`init=`): ``"random"`` (default; as the adapter starts: A_S Gaussian with std 1/sqrt(a),
-  B_S = 0, d_i = 1, no private part; the first iteration's error is then e_lora at rank r-k at best) and
-  ``"theorem"`` (eq. 12-15, so the curve starts at e_lora and, descent being monotone, never ends above it).
-  The paper does not say which it used; its Figure 2 curves start above e_lora, as ``"random"`` does.
+- Starts (`init=`): ``"stacked"`` (from the data: B_S and A_S the leading L*k singular vectors of the deltas
+  side by side [M_1 ... M_L] and on top of each other [M_1; ...; M_L], d_i by eq. 26, private parts from the
+  first iteration; `stacked_factors`), ``"theorem"`` (eq. 12-15, so the curve starts at e_lora and, descent
+  being monotone, never ends above it), ``"random"`` (as the adapter starts: A_S Gaussian with std 1/sqrt(a),
+  B_S = 0, d_i = 1, no private part) and ``"auto"`` (the default: "stacked" and "theorem", the lower final
+  error kept). The paper does not say which it used; its Figure 2 curves start above e_lora, as "random" does.
+- Stopping (`tol`, `window`, `iters`): each start runs until its error fell by less than window * tol
+  (relative) over the last `window` iterations, or `iters` iterations ran; `FitResult.converged` says which.
+  `restarts` = N adds N - 1 "random" starts; `FitResult.starts` lists every start's outcome, the best is kept.
 - Numerics: every Gram system is solved (Cholesky), never inverted; a singular or badly conditioned Gram
   matrix (a dead shared rank, L*k > min(a, b)) falls back to the eigen-decomposition pseudo-inverse, which
   still gives a minimiser, and is counted in `FitResult.gram_fallbacks`. After every iteration each shared
