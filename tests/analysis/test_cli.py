@@ -22,9 +22,9 @@ def test_analyze_synthetic_writes_json_and_figures(tmp_path):
     assert (tmp_path / "k_sweep.png").stat().st_size > 1000
     assert report["files"] == ["analysis.json", "convergence.png", "k_sweep.png"]
     # issue 29: the start, the criterion's outcome and every start's result, per group and per sweep point
-    assert group["rasa_start"] in ("stacked", "theorem") and group["iterations"] == 3
+    assert group["rasa_start"] in ("stacked", "theorem", "random") and group["iterations"] == 3
     assert group["converged"] is False and group["tol"] == 1e-5 and group["window"] == 5
-    assert [s["init"] for s in group["starts"]] == ["stacked", "theorem"]
+    assert [s["init"] for s in group["starts"]] == ["stacked", "theorem", "random"]
     assert group["rasa_final_error"] == min(s["final_error"] for s in group["starts"])
     assert set(group["k_sweep_fits"]) == {"1", "2"}
     assert group["k_sweep_fits"]["2"]["iterations"] == 3
@@ -91,9 +91,9 @@ def test_analyze_refuses_bad_restarts_and_tolerance(tmp_path, capsys):
 
 def test_analyze_of_checkpoints_has_a_progress_bar_with_a_total(pair, tmp_path, capsys):
     """Issue 28: the bar had no total for checkpoint sources (a generator of groups); now it counts iterations
-    against the limit (7 groups x 2 starts x 2 iterations) and ends full."""
+    against the limit (7 groups x 3 starts x 2 iterations) and ends full."""
     base, tuned = pair
     code = analyze_main([str(base), str(tuned), "--iters", "2", "--k-sweep", "none", "--out", str(tmp_path)])
     assert code == 0
     err = capsys.readouterr().err
-    assert "28/28 [" in err
+    assert "42/42 [" in err

@@ -6,10 +6,10 @@
     rasa-lora analyze --synthetic llama3-8b --out OUT # seeded layer-correlated matrices of real shapes
     rasa-lora compress BASE TUNED --r 8 --rasa-k 1 --out ADAPTER
 
-Each fit starts from the data ("auto": the shared pool from the stacked deltas' singular vectors, and Theorem
-3.1's construction; the better is kept) and runs until the error falls by less than --tol (relative) per
-iteration on average over the last 5 iterations, or --iters iterations ran; --restarts N adds N-1 random
-starts and reports the spread.
+Each fit runs three starts ("auto": the shared pool from the stacked deltas' singular vectors, Theorem 3.1's
+construction, and a seeded random one; the best is kept), each until the error falls by less than --tol
+(relative) per iteration on average over the last 5 iterations, or --iters iterations ran; --restarts N adds
+N-1 random starts and reports the spread.
 
 BASE/TUNED: a checkpoint directory, a hub name, a .gguf file, or "smollm2" (the embedded SmolLM2-135M).
 """
@@ -72,7 +72,7 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"stop once the error falls by less than this fraction per iteration, on average over "
                              f"the last {DEFAULT_WINDOW} (default {DEFAULT_TOL:g}; 0 runs every iteration)")
     parser.add_argument("--init", choices=("auto",) + INITS, default=DEFAULT_INIT,
-                        help="start: auto (stacked and theorem, the better kept), stacked, theorem, random")
+                        help="start: auto (stacked, theorem and random, the best kept), stacked, theorem, random")
     parser.add_argument("--restarts", type=int, default=1,
                         help="N: add N-1 random starts, keep the best, report the spread (default 1)")
 

@@ -1,8 +1,8 @@
 """Compress a full fine-tune into a RaSA adapter: fit RaSA factors to dW = W_tuned - W_base, save a PEFT adapter.
 
 For every group the factors come from `fit_rasa` with the analysis' start and convergence criterion (default
-``"auto"``: the data start and Theorem 3.1's construction, the better kept, so the fit is never worse than
-LoRA's best at the same rank; each start runs until an iteration gains less than `tol`, relative). The
+``"auto"``: the data start, Theorem 3.1's construction and a random start, the best kept, so never worse than
+LoRA's best at the same rank; each start runs until the error falls by less than `tol` per iteration). The
 adapter is built with `peft.get_peft_model(base, RasaConfig(r, rasa_k, target_modules=<the fitted modules>))`
 and the fitted factors are copied into the parameters of DEVELOPERS.md's contract:
 

@@ -33,8 +33,8 @@ What is here
   side by side [M_1 ... M_L] and on top of each other [M_1; ...; M_L], d_i by eq. 26, private parts from the
   first iteration; `stacked_factors`), ``"theorem"`` (eq. 12-15, so the curve starts at e_lora and, descent
   being monotone, never ends above it), ``"random"`` (as the adapter starts: A_S Gaussian with std 1/sqrt(a),
-  B_S = 0, d_i = 1, no private part) and ``"auto"`` (the default: "stacked" and "theorem", the lower final
-  error kept). The paper does not say which it used; its Figure 2 curves start above e_lora, as "random" does.
+  B_S = 0, d_i = 1, no private part) and ``"auto"`` (the default: all three, the lowest final error kept).
+  The paper does not say which it used; its Figure 2 curves start above e_lora, as "random" does.
 - Stopping (`tol`, `window`, `iters`): each start runs until its error fell by less than window * tol
   (relative) over the last `window` iterations, or `iters` iterations ran; `FitResult.converged` says which.
   `restarts` = N adds N - 1 "random" starts; `FitResult.starts` lists every start's outcome, the best is kept.
@@ -558,15 +558,15 @@ class _FastDescent:
 
 
 def start_plan(init: str = DEFAULT_INIT, restarts: int = 1, seed: int = 0, k: int = 1) -> list[tuple[str, int]]:
-    """The (start, seed) pairs `fit_rasa` runs: ``"auto"`` is ``"stacked"`` then ``"theorem"`` (one start when
-    k = 0, where they coincide), any other init itself; ``restarts`` = N adds N - 1 ``"random"`` starts with
-    seeds seed + 1 ... seed + N - 1."""
+    """The (start, seed) pairs `fit_rasa` runs: ``"auto"`` is ``"stacked"``, ``"theorem"`` and ``"random"`` (one
+    start when k = 0, where all coincide with LoRA's optimum), any other init itself; ``restarts`` = N adds
+    N - 1 ``"random"`` starts with seeds seed + 1 ... seed + N - 1."""
     if init not in INITS + ("auto",):
         raise ValueError(f"init={init!r} is unknown; choose one of {('auto',) + INITS}.")
     if not isinstance(restarts, int) or restarts < 1:
         raise ValueError(f"restarts={restarts} is invalid; choose an integer >= 1 (1 = no restart).")
-    plan = ([("stacked", seed), ("theorem", seed)] if k > 0 else [("theorem", seed)]) if init == "auto" \
-        else [(init, seed)]
+    plan = ([("stacked", seed), ("theorem", seed), ("random", seed)] if k > 0 else [("theorem", seed)]) \
+        if init == "auto" else [(init, seed)]
     return plan + [("random", seed + j) for j in range(1, restarts)]
 
 
@@ -580,8 +580,8 @@ def fit_rasa(M: Tensor | Sequence[Tensor], r: int, k: int, iters: int = DEFAULT_
     Args:
         M: the group's matrices, (L, b, a) or a list of L (b, a) tensors; the work runs on M's device.
         iters: the most coordinate-descent iterations per start; `error_curve` gets one value after each.
-        init: ``"auto"`` (default: ``"stacked"`` and ``"theorem"``, the better kept), ``"stacked"``,
-            ``"theorem"`` or ``"random"`` (see the module docstring).
+        init: ``"auto"`` (default: ``"stacked"``, ``"theorem"`` and ``"random"``, the best kept),
+            ``"stacked"``, ``"theorem"`` or ``"random"`` (see the module docstring).
         tol, window: stop a start once the error fell by less than window * tol (relative) over the last
             `window` iterations, i.e. by less than `tol` per iteration on average; 0 runs all `iters`.
             `FitResult.converged` says whether it stopped so (False: the limit `iters` stopped it).
