@@ -142,5 +142,7 @@ def compress(base: str, tuned: str, out_dir: str | Path, r: int = 8, k: int = 1,
         "lora_relative_error": sum(g.lora_error for g in fitted) / sum(g.total_energy for g in fitted),
         "rasa_relative_error": sum(g.rasa_error for g in fitted) / sum(g.total_energy for g in fitted),
     }
-    (Path(out_dir) / "compress.json").write_text(json.dumps(summary, indent=1))
+    partial = Path(out_dir) / ".compress.partial.json"
+    partial.write_text(json.dumps(summary, indent=1))
+    partial.replace(Path(out_dir) / "compress.json")
     return summary
