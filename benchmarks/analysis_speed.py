@@ -10,9 +10,13 @@ LoRA's optimum (randomized) and the 20 iterations, with the final direct error c
 generated on the device and not timed.
 
 The exact variant (full SVD of every residual) is far too slow to run in full: it is timed on the first
-`--exact-layers` layers of each group for `--exact-iters` iterations, and its full cost is extrapolated
-linearly (its time is L SVDs of a b x a matrix per iteration, plus L SVDs for LoRA's optimum):
-    exact_full = lora_svd_time * L / L_sub + iteration_time * (L / L_sub) * (iters / exact_iters).
+`--exact-layers` layers of each group for `--exact-iters` iterations per start, and its full cost is
+extrapolated linearly (its time is L SVDs of a b x a matrix per iteration, plus L SVDs for LoRA's optimum):
+    exact_full = lora_svd_time * L / L_sub + iteration_time * (L / L_sub) * (iterations the fast run made)
+               + exact start time (the "stacked" start's Gram eigen-decompositions, measured on the sub-run
+                 and not scaled: an underestimate, so the speed-up is a lower bound on that part).
+`--init` picks the start (default "random", the workload recorded in RESULTS.md; "auto" is the analysis'
+default, two starts); `--tol` the convergence criterion (default 0: exactly `--iters` iterations per start).
 Both the measured sub-run and the extrapolation are printed and written to the JSON.
 """
 
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from rasa_lora.analysis.reconstruction import fit_rasa, lora_solution
+from rasa_lora.analysis.reconstruction import INITS, fit_rasa, lora_solution, stacked_factors
 from rasa_lora.analysis.sources import PRESETS, synthetic_groups
 
 
@@ -54,21 +58,29 @@ def _warm_up(device: torch.device) -> None:
 def bench_group(M: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict:
     L = M.shape[0]
     lora, fast_lora_s = _timed(device, lora_solution, M, args.r, "fast", seed=args.seed)
-    fast, fast_fit_s = _timed(device, fit_rasa, M, args.r, args.k, args.iters, init="random", variant="fast",
-                              lora=lora, seed=args.seed)
+    fast, fast_fit_s = _timed(device, fit_rasa, M, args.r, args.k, args.iters, init=args.init, variant="fast",
+                              lora=lora, seed=args.seed, tol=args.tol)
+    fast_iterations = sum(start["iterations"] for start in fast.starts)
     sub = M[: args.exact_layers]
     exact_lora, exact_lora_s = _timed(device, lora_solution, sub, args.r, "exact")
-    exact, exact_fit_s = _timed(device, fit_rasa, sub, args.r, args.k, args.exact_iters, init="random",
-                                variant="exact", dtype=M.dtype, lora=exact_lora, seed=args.seed)
+    exact, exact_fit_s = _timed(device, fit_rasa, sub, args.r, args.k, args.exact_iters, init=args.init,
+                                variant="exact", dtype=M.dtype, lora=exact_lora, seed=args.seed, tol=0)
+    exact_start_s = 0.0
+    if any(start["init"] == "stacked" for start in exact.starts):
+        _, exact_start_s = _timed(device, stacked_factors, sub.double(), args.r, args.k, "exact")
+    per_iteration = max(exact_fit_s - exact_start_s, 0.0) / (args.exact_iters * len(exact.starts))
     scale = L / sub.shape[0]
-    exact_full_s = exact_lora_s * scale + exact_fit_s * scale * args.iters / args.exact_iters
+    exact_full_s = exact_lora_s * scale + per_iteration * scale * fast_iterations + exact_start_s
     fast_s = fast_lora_s + fast_fit_s
     return {
         "shape": list(M.shape), "fast_s": fast_s, "fast_lora_s": fast_lora_s, "fast_fit_s": fast_fit_s,
-        "fast_passes_over_M": fast.passes, "lora_relative_error": fast.lora_error / fast.total_energy,
+        "fast_passes_over_M": fast.passes, "fast_iterations": fast_iterations, "fast_start": fast.init,
+        "fast_starts": [{key: start[key] for key in ("init", "iterations", "converged", "final_error")}
+                        for start in fast.starts],
+        "lora_relative_error": fast.lora_error / fast.total_energy,
         "rasa_relative_error": fast.final_error / fast.total_energy, "svd_estimate": fast.svd_estimate,
         "exact_measured": {"layers": sub.shape[0], "iters": args.exact_iters, "lora_svd_s": exact_lora_s,
-                           "fit_s": exact_fit_s},
+                           "fit_s": exact_fit_s, "start_s": exact_start_s},
         "exact_extrapolated_s": exact_full_s, "speedup": exact_full_s / fast_s,
         "exact_sub_vs_fast_lora_error": exact_lora.error / lora_solution(sub, args.r, "fast").error,
     }
@@ -84,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exact-layers", type=int, default=2)
     parser.add_argument("--exact-iters", type=int, default=1)
     parser.add_argument("--groups", help="comma-separated group suffixes (default: all 7)")
+    parser.add_argument("--init", choices=("auto",) + INITS, default="random")
+    parser.add_argument("--tol", type=float, default=0.0, help="convergence criterion (0: every iteration)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -108,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     exact_total = sum(row["exact_extrapolated_s"] for row in results.values())
     report = {
         "preset": preset, "num_layers": num_layers, "r": args.r, "k": args.k, "iters": args.iters,
+        "init": args.init, "tol": args.tol,
         "dtype": "float32", "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "exact_note": "exact variant timed on a subset and extrapolated linearly "

@@ -13,7 +13,10 @@ cosine decay, gradient clipping at 1.0, loss on the answer tokens only. Prompt: 
 the GSM8K answer (with its worked solution) as the target. Batches are drawn with a seeded generator.
 
 Analysis: dW_i = W_tuned - W_base for the seven projection groups of the 30 layers; `rasa-lora analyze`'s
-pipeline (fast variant on the device, r = 8, k = 1, 20 iterations, "random" start, k sweep 0..8).
+pipeline with its defaults (fast variant on the device, r = 8, k = 1, "auto" start, convergence criterion
+tol 1e-5 over 5 iterations, at most 200 iterations per start, k sweep 0..8); the run recorded in RESULTS.md
+(session 3) used the earlier settings `--init random --iters 20 --tol 0`. `--save-deltas FILE` keeps the
+deltas ({group: (modules, (L, b, a) tensor)}, torch.save) for later analyses.
 Writes OUT/analysis.json, OUT/convergence.png, OUT/k_sweep.png and OUT/train_log.json.
 """
 
@@ -30,6 +33,7 @@ import torch
 
 from rasa_lora.analysis.analyze import AnalysisConfig, run_analysis
 from rasa_lora.analysis.cli import _k_list, _print_table
+from rasa_lora.analysis.reconstruction import DEFAULT_INIT, DEFAULT_MAX_ITERS, DEFAULT_TOL, INITS
 from rasa_lora.analysis.sources import Group, group_names
 
 
@@ -117,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--k", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=DEFAULT_MAX_ITERS)
+    parser.add_argument("--tol", type=float, default=DEFAULT_TOL)
     parser.add_argument("--k-sweep", default="all")
-    parser.add_argument("--init", choices=["random", "theorem"], default="random")
+    parser.add_argument("--init", choices=("auto",) + INITS, default=DEFAULT_INIT)
+    parser.add_argument("--save-deltas", help="also torch.save the deltas to this file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -136,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     train_s = time.perf_counter() - started
     groups = delta_groups(base_state, model)
     del model
+    if args.save_deltas:
+        torch.save({g.name: (g.modules, g.deltas) for g in groups}, args.save_deltas)
     config = AnalysisConfig(r=args.r, k=args.k, iters=args.iters, init=args.init, device=args.device,
-                            sweep=_k_list(args.k_sweep), seed=args.seed)
+                            sweep=_k_list(args.k_sweep), seed=args.seed, tol=args.tol)
     source = {"fine_tune": "SmolLM2-135M-Instruct, full fine-tune on GSM8K train", "steps": args.steps,
               "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "train_s": train_s}
     report = run_analysis(groups, config, args.out, source, len(groups))

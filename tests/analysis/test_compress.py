@@ -53,3 +53,43 @@ def test_loaded_adapter_delta_matches_reported_error(compressed):
         error += float((groups[name].deltas[i] - delta).double().square().sum())
         total += float(groups[name].deltas[i].double().square().sum())
     assert error / total == pytest.approx(summary["groups"][name]["rasa_relative_error"], rel=1e-4)
+
+
+def test_compress_uses_the_analysis_start_and_criterion(pair, tmp_path):
+    """Issue 29: `compress` fits each group exactly as `analyze` does (same default start and criterion)."""
+    import json
+
+    from rasa_lora.analysis.cli import analyze_main
+    from rasa_lora.analysis.reconstruction import DEFAULT_TOL
+
+    base, tuned = pair
+    summary = compress(str(base), str(tuned), tmp_path / "adapter", r=8, k=1, iters=25,
+                       targets=["k_proj", "up_proj"])
+    assert analyze_main([str(base), str(tuned), "--targets", "k_proj,up_proj", "--iters", "25", "--k-sweep", "none",
+                         "--out", str(tmp_path / "analysis")]) == 0
+    analysis = json.loads((tmp_path / "analysis" / "analysis.json").read_text())["groups"]
+    assert summary["init"] == "auto" and summary["tol"] == DEFAULT_TOL
+    assert set(summary["groups"]) == set(analysis)
+    for name, group in summary["groups"].items():
+        assert group["rasa_start"] == analysis[name]["rasa_start"]
+        assert group["iterations"] == analysis[name]["iterations"] and group["converged"] == analysis[name]["converged"]
+        assert group["rasa_relative_error"] == pytest.approx(analysis[name]["rasa_relative_error"], rel=1e-6)
+        assert group["rasa_relative_error"] < group["lora_relative_error"]
+
+
+def test_compress_command_takes_the_fit_options_and_prints_the_start(pair, tmp_path, capsys):
+    from rasa_lora.analysis.cli import compress_main
+
+    base, tuned = pair
+    code = compress_main([str(base), str(tuned), "--rasa-k", "1", "--targets", "k_proj", "--iters", "3",
+                          "--tol", "0", "--init", "stacked", "--restarts", "2", "--out", str(tmp_path / "a")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "model.layers.*.self_attn.k_proj" in out and "3*" in out  # 3 iterations, limit reached
+    import json
+
+    summary = json.loads((tmp_path / "a" / "compress.json").read_text())
+    assert summary["init"] == "stacked" and summary["restarts"] == 2 and summary["tol"] == 0
+    assert summary["groups"]["model.layers.*.self_attn.k_proj"]["rasa_start"] in ("stacked", "random")
+    assert compress_main([str(base), str(tuned), "--restarts", "0", "--out", str(tmp_path / "b")]) == 2
+    assert "restarts=0" in capsys.readouterr().err

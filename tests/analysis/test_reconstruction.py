@@ -50,9 +50,9 @@ def test_descent_from_theorem_never_ends_above_lora(group64, variant):
 
 
 @pytest.mark.parametrize("variant", ["exact", "fast"])
-@pytest.mark.parametrize("init", ["random", "theorem"])
+@pytest.mark.parametrize("init", ["random", "theorem", "stacked"])
 def test_descent_never_increases_the_error(group64, variant, init):
-    result = fit_rasa(group64, R, K, 15, init=init, variant=variant, dtype=torch.float64)
+    result = fit_rasa(group64, R, K, 15, init=init, variant=variant, dtype=torch.float64, tol=0)
     curve = torch.tensor([result.initial_error] + result.error_curve, dtype=torch.float64)
     assert float(curve.diff().max()) <= 1e-9 * result.total_energy
 
@@ -72,11 +72,11 @@ def test_rasa_ends_below_lora_on_layer_correlated_matrices(variant):
     assert result.final_error < result.lora_error
 
 
-@pytest.mark.parametrize("init", ["random", "theorem"])
+@pytest.mark.parametrize("init", ["random", "theorem", "stacked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fast_final_error_matches_exact(group64, init, dtype):
-    exact = fit_rasa(group64, R, K, 20, init=init, variant="exact")
-    fast = fit_rasa(group64, R, K, 20, init=init, variant="fast", dtype=dtype)
+    exact = fit_rasa(group64, R, K, 20, init=init, variant="exact", tol=0)
+    fast = fit_rasa(group64, R, K, 20, init=init, variant="fast", dtype=dtype, tol=0)
     assert fast.final_error == pytest.approx(exact.final_error, rel=1e-3)
 
 
@@ -111,7 +111,7 @@ def test_eq5_form_with_adapter_D_equals_eq11_form(group64):
 
 def test_all_ranks_shared_runs_and_guards_singular_grams():
     M = correlated_group(num_layers=8, b=12, a=40)  # L*k = 64 > b = 12: B_S^T B_S is singular
-    result = fit_rasa(M, 8, 8, 5, variant="exact")
+    result = fit_rasa(M, 8, 8, 5, init="random", variant="exact")  # the data start's pool avoids the singularity
     assert result.gram_fallbacks > 0
     assert torch.isfinite(result.factors.reconstruct()).all()
     curve = torch.tensor([result.initial_error] + result.error_curve)

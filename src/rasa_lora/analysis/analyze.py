@@ -2,8 +2,10 @@
 
 One group at a time (so only one group's deltas sit on the device): LoRA's optimum once, RaSA's coordinate
 descent at (r, k) with the curve, then the k sweep reusing LoRA's solution (k = 0 is e_lora itself; the
-requested k reuses the main fit when the sweep runs as many iterations). A tqdm bar counts coordinate-descent
-iterations over all groups and sweep points.
+requested k reuses the main fit when the sweep has the same iteration limit). Every fit runs each start of
+`start_plan` until the convergence criterion (`tol`) or the iteration limit. A tqdm bar counts iterations
+against the limit over all groups, sweep points and starts (a start that converges early advances the bar by
+the iterations it did not need), so its total is an upper bound known from the start.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from pathlib import Path
 
 import torch
 
-from rasa_lora.analysis.reconstruction import fit_rasa, lora_solution
+from rasa_lora.analysis.reconstruction import (
+    DEFAULT_INIT,
+    DEFAULT_MAX_ITERS,
+    DEFAULT_TOL,
+    DEFAULT_WINDOW,
+    FitResult,
+    fit_rasa,
+    lora_solution,
+    start_plan,
+)
 from rasa_lora.analysis.sources import Group
 
 
@@ -26,8 +37,8 @@ class AnalysisConfig:
 
     r: int = 8
     k: int = 1
-    iters: int = 20
-    init: str = "random"
+    iters: int = DEFAULT_MAX_ITERS  # the most iterations per start
+    init: str = DEFAULT_INIT
     variant: str = "fast"
     dtype: str = "float32"
     device: str = "auto"
@@ -35,8 +46,16 @@ class AnalysisConfig:
     sweep_iters: int | None = None  # default: iters
     seed: int = 0
     svd_tol: float = 3e-5
+    tol: float = DEFAULT_TOL  # convergence criterion: mean relative decrease per iteration over `window` ones
+    window: int = DEFAULT_WINDOW
+    restarts: int = 1
 
     def __post_init__(self) -> None:
+        start_plan(self.init, self.restarts)  # refuses an unknown init or restarts < 1
+        if self.iters < 0 or (self.sweep_iters is not None and self.sweep_iters < 0):
+            raise ValueError(f"iters={self.iters}, sweep_iters={self.sweep_iters}: choose limits >= 0.")
+        if not self.tol >= 0:
+            raise ValueError(f"tol={self.tol} is invalid; choose tol >= 0 (0 runs every iteration).")
         if not 0 <= self.k <= self.r:
             raise ValueError(f"k={self.k} is invalid for r={self.r}; choose 0 <= k <= r.")
         bad = [k for k in (self.sweep or []) if not 0 <= k <= self.r]
@@ -55,34 +74,51 @@ class AnalysisConfig:
         return torch.device(self.device)
 
 
+def _fit_summary(result: FitResult) -> dict:
+    return {"init": result.init, "iterations": result.iterations, "converged": result.converged,
+            "start_spread": result.start_spread}
+
+
 def analyze_group(group: Group, config: AnalysisConfig, bar=None) -> dict:
     """Everything `analysis.json` holds for one group."""
     started = time.perf_counter()
     dtype = getattr(torch, config.dtype)
     M = group.deltas.to(device=config.torch_device(), dtype=dtype)
-    fit_args = dict(init=config.init, variant=config.variant, dtype=dtype, seed=config.seed)
+    fit_args = dict(init=config.init, variant=config.variant, dtype=dtype, seed=config.seed, tol=config.tol,
+                    window=config.window, restarts=config.restarts)
     if config.variant == "fast":
         fit_args["svd_tol"] = config.svd_tol
     lora = lora_solution(M, config.r, config.variant, seed=config.seed)
 
-    def tick(_iteration: int, _error: float) -> None:
-        if bar is not None:
-            bar.update(1)
+    def fit(k: int, iters: int) -> FitResult:
+        done = 0
 
-    main = fit_rasa(M, config.r, config.k, config.iters, lora=lora, progress=tick, **fit_args)
+        def tick(_iteration: int, _error: float) -> None:
+            nonlocal done
+            done += 1
+            if bar is not None:
+                bar.update(1)
+
+        result = fit_rasa(M, config.r, k, iters, lora=lora, progress=tick, **fit_args)
+        if bar is not None:  # the iterations a converged start did not need
+            bar.update(iters * len(start_plan(config.init, config.restarts, config.seed, k)) - done)
+        return result
+
+    main = fit(config.k, config.iters)
     sweep_iters = config.iters if config.sweep_iters is None else config.sweep_iters
     sweep: dict[str, float] = {}
+    sweep_fits: dict[str, dict] = {}
     for k in config.sweep_values:
         if k == 0:
             sweep["0"] = lora.error
-        elif k == config.k and sweep_iters == config.iters:
-            sweep[str(k)] = main.final_error
-        else:
-            sweep[str(k)] = fit_rasa(M, config.r, k, sweep_iters, lora=lora, progress=tick, **fit_args).final_error
-    return _record(group, config, main, lora, sweep, time.perf_counter() - started)
+            continue
+        result = main if k == config.k and sweep_iters == config.iters else fit(k, sweep_iters)
+        sweep[str(k)], sweep_fits[str(k)] = result.final_error, _fit_summary(result)
+    return _record(group, config, main, lora, sweep, sweep_fits, time.perf_counter() - started)
 
 
-def _record(group: Group, config: AnalysisConfig, main, lora, sweep: dict[str, float], wall: float) -> dict:
+def _record(group: Group, config: AnalysisConfig, main: FitResult, lora, sweep: dict[str, float],
+            sweep_fits: dict[str, dict], wall: float) -> dict:
     total = main.total_energy or 1.0
     below = [t + 1 for t, e in enumerate(main.error_curve) if e < main.lora_error]
     return {
@@ -90,16 +126,31 @@ def _record(group: Group, config: AnalysisConfig, main, lora, sweep: dict[str, f
         "r": config.r, "k": config.k, "total_energy": main.total_energy,
         "lora_error": main.lora_error, "lora_relative_error": main.lora_error / total,
         "lora_solver_estimate": lora.tol_reached,
+        "rasa_start": main.init, "iterations": main.iterations, "converged": main.converged, "tol": config.tol,
+        "window": config.window,
         "rasa_initial_error": main.initial_error, "rasa_error_curve": main.error_curve,
         "rasa_relative_error_curve": [e / total for e in main.error_curve],
         "rasa_final_error": main.final_error, "rasa_relative_error": main.final_error / total,
         "rasa_over_lora": main.final_error / main.lora_error if main.lora_error else None,
         "first_iteration_below_lora": below[0] if below else None,
-        "k_sweep": sweep, "k_sweep_relative": {k: e / total for k, e in sweep.items()},
+        "starts": main.starts, "start_spread": main.start_spread,
+        "k_sweep": sweep, "k_sweep_relative": {k: e / total for k, e in sweep.items()}, "k_sweep_fits": sweep_fits,
         "best_k": int(min(sweep, key=sweep.get)) if sweep else None,
         "svd_estimate": main.svd_estimate, "gram_fallbacks": main.gram_fallbacks, "passes_over_M": main.passes,
         "wall_time_s": wall,
     }
+
+
+def planned_iterations(config: AnalysisConfig) -> int:
+    """The iteration limit of one group's fits, all starts and sweep points: the progress bar's unit."""
+    sweep_iters = config.iters if config.sweep_iters is None else config.sweep_iters
+
+    def starts(k: int) -> int:
+        return len(start_plan(config.init, config.restarts, config.seed, k))
+
+    reused = {0, config.k} if sweep_iters == config.iters else {0}
+    return config.iters * starts(config.k) + sum(sweep_iters * starts(k) for k in config.sweep_values
+                                                 if k not in reused)
 
 
 def run_analysis(groups: Iterable[Group], config: AnalysisConfig, out_dir: str | Path, source: dict,
@@ -110,10 +161,7 @@ def run_analysis(groups: Iterable[Group], config: AnalysisConfig, out_dir: str |
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    sweep_iters = config.iters if config.sweep_iters is None else config.sweep_iters
-    reused = {0, config.k} if sweep_iters == config.iters else {0}
-    extra = [k for k in config.sweep_values if k not in reused]
-    per_group = config.iters + sweep_iters * len(extra)
+    per_group = planned_iterations(config)
     results: dict[str, dict] = {}
     with tqdm(total=per_group * num_groups if num_groups else None, unit="it", desc="analysis") as bar:
         for index, group in enumerate(groups):
@@ -121,13 +169,24 @@ def run_analysis(groups: Iterable[Group], config: AnalysisConfig, out_dir: str |
             results[group.name] = analyze_group(group, config, bar)
     if not results:
         raise ValueError("No group to analyse: the source yielded no matrices; check the targets.")
-    report = {"config": asdict(config) | {"device": str(config.torch_device())}, "source": source,
-              "torch": torch.__version__, "wall_time_s": time.perf_counter() - started, "groups": results}
-    (out / "analysis.json").write_text(json.dumps(report, indent=1))
+    files = ["analysis.json"]
     if plots:
         from rasa_lora.analysis.plots import plot_convergence, plot_k_sweep
 
-        plot_convergence(results, out / "convergence.png")
+        _atomic(out / "convergence.png", lambda path: plot_convergence(results, path))
+        files.append("convergence.png")
         if any(record["k_sweep"] for record in results.values()):
-            plot_k_sweep(results, out / "k_sweep.png")
+            _atomic(out / "k_sweep.png", lambda path: plot_k_sweep(results, path))
+            files.append("k_sweep.png")
+    report = {"config": asdict(config) | {"device": str(config.torch_device())}, "source": source,
+              "torch": torch.__version__, "wall_time_s": time.perf_counter() - started, "files": files,
+              "groups": results}
+    _atomic(out / "analysis.json", lambda path: path.write_text(json.dumps(report, indent=1)))
     return report
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename (no half-written file on a crash)."""
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    write(partial)
+    partial.replace(path)

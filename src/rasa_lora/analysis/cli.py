@@ -6,6 +6,11 @@
     rasa-lora analyze --synthetic llama3-8b --out OUT # seeded layer-correlated matrices of real shapes
     rasa-lora compress BASE TUNED --r 8 --rasa-k 1 --out ADAPTER
 
+Each fit runs three starts ("auto": the shared pool from the stacked deltas' singular vectors, Theorem 3.1's
+construction, and a seeded random one; the best is kept), each until the error falls by less than --tol
+(relative) per iteration on average over the last 5 iterations, or --iters iterations ran; --restarts N adds
+N-1 random starts and reports the spread.
+
 BASE/TUNED: a checkpoint directory, a hub name, a .gguf file, or "smollm2" (the embedded SmolLM2-135M).
 """
 
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _k_list(text: str) -> list[int] | None:
@@ -42,18 +48,44 @@ def _analyze_parser() -> argparse.ArgumentParser:
     parser.add_argument("--perturb-scale", type=float, default=0.01, help="||dW|| / ||W|| of the perturbation")
     parser.add_argument("--targets", help="comma-separated module names (e.g. q_proj,v_proj); default all")
     parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--k", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=20, help="coordinate-descent iterations")
-    parser.add_argument("--init", choices=["random", "theorem"], default="random")
+    _fit_arguments(parser)
     parser.add_argument("--variant", choices=["fast", "exact"], default="fast")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     parser.add_argument("--k-sweep", default="all", help="k values for Figure 3: all (0..r), none, 0-4, 0,1,8")
-    parser.add_argument("--sweep-iters", type=int, help="iterations per sweep point (default: --iters)")
+    parser.add_argument("--sweep-iters", type=int, help="iteration limit per sweep point (default: --iters)")
     parser.add_argument("--svd-tol", type=float, default=3e-5, help="fast variant's private-step tolerance")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output directory")
     return parser
+
+
+def _fit_arguments(parser: argparse.ArgumentParser) -> None:
+    """--rasa-k (and its deprecated alias --k), --iters, --tol, --init, --restarts: shared by analyze and compress."""
+    from rasa_lora.analysis.reconstruction import DEFAULT_INIT, DEFAULT_MAX_ITERS, DEFAULT_TOL, DEFAULT_WINDOW, INITS
+
+    parser.add_argument("--rasa-k", type=int, help="shared ranks per layer (k; default 1)")
+    parser.add_argument("--k", type=int, dest="old_k", help=argparse.SUPPRESS)  # deprecated spelling of --rasa-k
+    parser.add_argument("--iters", type=int, default=DEFAULT_MAX_ITERS,
+                        help=f"most coordinate-descent iterations per start (default {DEFAULT_MAX_ITERS})")
+    parser.add_argument("--tol", type=float, default=DEFAULT_TOL,
+                        help=f"stop once the error falls by less than this fraction per iteration, on average over "
+                             f"the last {DEFAULT_WINDOW} (default {DEFAULT_TOL:g}; 0 runs every iteration)")
+    parser.add_argument("--init", choices=("auto",) + INITS, default=DEFAULT_INIT,
+                        help="start: auto (stacked, theorem and random, the best kept), stacked, theorem, random")
+    parser.add_argument("--restarts", type=int, default=1,
+                        help="N: add N-1 random starts, keep the best, report the spread (default 1)")
+
+
+def _rasa_k(args: argparse.Namespace, command: str) -> int:
+    """--rasa-k, or the deprecated --k with a note (both given: they must agree)."""
+    if args.old_k is None:
+        return 1 if args.rasa_k is None else args.rasa_k
+    if args.rasa_k is not None and args.rasa_k != args.old_k:
+        raise ValueError(f"--k {args.old_k} and --rasa-k {args.rasa_k} disagree; give --rasa-k only.")
+    print(f"{command}: --k is deprecated, use --rasa-k (the name of `rasa-lora train` and `compress`)",
+          file=sys.stderr)
+    return args.old_k
 
 
 def _groups(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -75,11 +107,13 @@ def _groups(args: argparse.Namespace, parser: argparse.ArgumentParser):
     if args.perturb_seed is not None:
         if args.tuned:
             parser.error("give TUNED or --perturb-seed, not both")
-        return (sources.perturbation_groups(args.base, args.perturb_seed, args.perturb_scale, targets), None,
+        groups = sources.perturbation_groups(args.base, args.perturb_seed, args.perturb_scale, targets)
+        return (groups, len(groups),
                 {"base": args.base, "perturb_seed": args.perturb_seed, "perturb_scale": args.perturb_scale})
     if args.tuned is None:
         parser.error("TUNED is missing: give BASE TUNED, or BASE --perturb-seed N")
-    return sources.checkpoint_groups(args.base, args.tuned, targets), None, {"base": args.base, "tuned": args.tuned}
+    groups = sources.checkpoint_groups(args.base, args.tuned, targets)
+    return groups, len(groups), {"base": args.base, "tuned": args.tuned}
 
 
 def analyze_main(argv: list[str]) -> int:
@@ -88,28 +122,34 @@ def analyze_main(argv: list[str]) -> int:
     parser = _analyze_parser()
     args = parser.parse_args(argv)
     try:
-        config = AnalysisConfig(r=args.r, k=args.k, iters=args.iters, init=args.init, variant=args.variant,
-                                dtype=args.dtype, device=args.device, sweep=_k_list(args.k_sweep),
-                                sweep_iters=args.sweep_iters, seed=args.seed, svd_tol=args.svd_tol)
+        config = AnalysisConfig(r=args.r, k=_rasa_k(args, "rasa-lora analyze"), iters=args.iters, init=args.init,
+                                variant=args.variant, dtype=args.dtype, device=args.device,
+                                sweep=_k_list(args.k_sweep), sweep_iters=args.sweep_iters, seed=args.seed,
+                                svd_tol=args.svd_tol, tol=args.tol, restarts=args.restarts)
         groups, count, source = _groups(args, parser)
         report = run_analysis(groups, config, args.out, source, count)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
         print(f"rasa-lora analyze: {error}", file=sys.stderr)
         return 2
     _print_table(report)
-    print(f"wrote {args.out}/analysis.json, convergence.png, k_sweep.png in {report['wall_time_s']:.1f} s")
+    print(f"wrote {', '.join(str(Path(args.out) / name) for name in report['files'])} "
+          f"in {report['wall_time_s']:.1f} s")
     return 0
 
 
 def _print_table(report: dict) -> None:
     print(f"{'group':<40} {'layers':>6} {'shape':>12} {'LoRA rel':>9} {'RaSA rel':>9} {'RaSA/LoRA':>9} "
-          f"{'below@':>6} {'best k':>6} {'time s':>7}")
+          f"{'below@':>6} {'start':>8} {'iters':>6} {'spread':>7} {'best k':>6} {'time s':>7}")
     for name, g in report["groups"].items():
         shape = "x".join(str(s) for s in g["shape"])
         ratio = f"{g['rasa_over_lora']:.4f}" if g["rasa_over_lora"] is not None else "-"
+        iters = f"{g['iterations']}{'' if g['converged'] else '*'}"
+        spread = f"{100 * g['start_spread']:.2f}%" if len(g["starts"]) > 1 else "-"
         print(f"{name:<40} {g['num_layers']:>6} {shape:>12} {g['lora_relative_error']:>9.4f} "
               f"{g['rasa_relative_error']:>9.4f} {ratio:>9} {str(g['first_iteration_below_lora']):>6} "
-              f"{str(g['best_k']):>6} {g['wall_time_s']:>7.1f}")
+              f"{g['rasa_start']:>8} {iters:>6} {spread:>7} {str(g['best_k']):>6} {g['wall_time_s']:>7.1f}")
+    if any(not g["converged"] for g in report["groups"].values()):
+        print("* stopped at the iteration limit before the criterion (--tol) was met; raise --iters")
 
 
 def compress_main(argv: list[str]) -> int:
@@ -118,9 +158,7 @@ def compress_main(argv: list[str]) -> int:
     parser.add_argument("base", help="base checkpoint (directory, hub name, .gguf, or smollm2)")
     parser.add_argument("tuned", help="the full fine-tune of BASE")
     parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--rasa-k", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--init", choices=["theorem", "random"], default="theorem")
+    _fit_arguments(parser)
     parser.add_argument("--targets", help="comma-separated module names; default every layer's linear weights")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -133,14 +171,18 @@ def compress_main(argv: list[str]) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     targets = args.targets.split(",") if args.targets else None
     try:
-        summary = compress(args.base, args.tuned, args.out, args.r, args.rasa_k, args.iters, args.init, targets,
-                           device, seed=args.seed)
+        k = _rasa_k(args, "rasa-lora compress")
+        summary = compress(args.base, args.tuned, args.out, args.r, k, args.iters, args.init, targets,
+                           device, seed=args.seed, tol=args.tol, restarts=args.restarts)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
         print(f"rasa-lora compress: {error}", file=sys.stderr)
         return 2
-    print(f"{'group':<40} {'LoRA r=' + str(args.r):>12} {'RaSA k=' + str(args.rasa_k):>12}   (relative error)")
+    print(f"{'group':<40} {'LoRA r=' + str(args.r):>12} {'RaSA k=' + str(k):>12}   (relative error)"
+          f" {'start':>8} {'iters':>6}")
     for name, g in summary["groups"].items():
-        print(f"{name:<40} {g['lora_relative_error']:>12.4f} {g['rasa_relative_error']:>12.4f}")
+        iters = f"{g['iterations']}{'' if g['converged'] else '*'}"
+        print(f"{name:<40} {g['lora_relative_error']:>12.4f} {g['rasa_relative_error']:>12.4f}"
+              f"{'':>20} {g['rasa_start']:>8} {iters:>6}")
     print(f"{'all groups':<40} {summary['lora_relative_error']:>12.4f} {summary['rasa_relative_error']:>12.4f}")
     print(f"saved the RaSA adapter to {args.out} (load it with PeftModel.from_pretrained after `import rasa_lora`)")
     return 0

@@ -1,9 +1,10 @@
 """Compress a full fine-tune into a RaSA adapter: fit RaSA factors to dW = W_tuned - W_base, save a PEFT adapter.
 
-For every group the factors come from `fit_rasa` (default: started from Theorem 3.1's construction, so the
-fit is never worse than LoRA's best at the same rank). The adapter is built with
-`peft.get_peft_model(base, RasaConfig(r, rasa_k, target_modules=<the fitted module paths>))` and the fitted
-factors are copied into the parameters of DEVELOPERS.md's contract:
+For every group the factors come from `fit_rasa` with the analysis' start and convergence criterion (default
+``"auto"``: the data start, Theorem 3.1's construction and a random start, the best kept, so never worse than
+LoRA's best at the same rank; each start runs until the error falls by less than `tol` per iteration). The
+adapter is built with `peft.get_peft_model(base, RasaConfig(r, rasa_k, target_modules=<the fitted modules>))`
+and the fitted factors are copied into the parameters of DEVELOPERS.md's contract:
 
     rasa_A[name] = A~_i (r-k, a),   rasa_B[name] = B~_i (b, r-k),   rasa_D[name] = [ones(r-k), d_i]
     tuner.rasa_shared_A[name][pool_key(group)] = A_S (L*k, a),  tuner.rasa_shared_B[...] = B_S (b, L*k)
@@ -25,7 +26,14 @@ from pathlib import Path
 
 import torch
 
-from rasa_lora.analysis.reconstruction import RasaFactors, fit_rasa, lora_solution
+from rasa_lora.analysis.reconstruction import (
+    DEFAULT_INIT,
+    DEFAULT_MAX_ITERS,
+    DEFAULT_TOL,
+    RasaFactors,
+    fit_rasa,
+    lora_solution,
+)
 from rasa_lora.analysis.sources import Group, checkpoint_groups
 
 
@@ -37,19 +45,26 @@ class FittedGroup:
     lora_error: float
     rasa_error: float
     total_energy: float
+    start: str = ""
+    iterations: int = 0
+    converged: bool = False
+    start_spread: float = 0.0
 
 
-def fit_groups(groups: Sequence[Group] | object, r: int, k: int, iters: int = 30, init: str = "theorem",
-               variant: str = "fast", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               seed: int = 0) -> list[FittedGroup]:
+def fit_groups(groups: Sequence[Group] | object, r: int, k: int, iters: int = DEFAULT_MAX_ITERS,
+               init: str = DEFAULT_INIT, variant: str = "fast", device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, seed: int = 0, tol: float = DEFAULT_TOL,
+               restarts: int = 1) -> list[FittedGroup]:
     """Fit RaSA to each group; factors come back on the CPU in float32."""
     fitted = []
     for group in groups:
         M = group.deltas.to(device=device, dtype=dtype)
         lora = lora_solution(M, r, variant, seed=seed)
-        result = fit_rasa(M, r, k, iters, init=init, variant=variant, dtype=dtype, seed=seed, lora=lora)
+        result = fit_rasa(M, r, k, iters, init=init, variant=variant, dtype=dtype, seed=seed, lora=lora, tol=tol,
+                          restarts=restarts)
         fitted.append(FittedGroup(group.name, group.modules, result.factors.to(torch.float32, "cpu"),
-                                  result.lora_error, result.final_error, result.total_energy))
+                                  result.lora_error, result.final_error, result.total_energy, result.init,
+                                  result.iterations, result.converged, result.start_spread))
     return fitted
 
 
@@ -103,13 +118,15 @@ def check_adapter(model, fitted: Sequence[FittedGroup], adapter_name: str = "def
     return worst
 
 
-def compress(base: str, tuned: str, out_dir: str | Path, r: int = 8, k: int = 1, iters: int = 30,
-             init: str = "theorem", targets: Sequence[str] | None = None, device: str = "cpu",
-             dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+def compress(base: str, tuned: str, out_dir: str | Path, r: int = 8, k: int = 1, iters: int = DEFAULT_MAX_ITERS,
+             init: str = DEFAULT_INIT, targets: Sequence[str] | None = None, device: str = "cpu",
+             dtype: torch.dtype = torch.float32, seed: int = 0, tol: float = DEFAULT_TOL,
+             restarts: int = 1) -> dict:
     """Fit and save; returns the summary also written to OUT/compress.json."""
     from rasa_lora.models import load_model
 
-    fitted = fit_groups(checkpoint_groups(base, tuned, targets), r, k, iters, init, "fast", device, dtype, seed)
+    fitted = fit_groups(checkpoint_groups(base, tuned, targets), r, k, iters, init, "fast", device, dtype, seed,
+                        tol, restarts)
     model = build_adapter(load_model(base), fitted, r, k)
     mismatch = check_adapter(model, fitted)
     if mismatch > 1e-4:
@@ -117,12 +134,16 @@ def compress(base: str, tuned: str, out_dir: str | Path, r: int = 8, k: int = 1,
                            "this is a bug in the factor mapping, please report it.")
     model.save_pretrained(str(out_dir))
     summary = {
-        "base": str(base), "tuned": str(tuned), "r": r, "k": k, "iters": iters, "init": init,
-        "adapter_vs_fit_max_relative_difference": mismatch,
+        "base": str(base), "tuned": str(tuned), "r": r, "k": k, "iters": iters, "init": init, "tol": tol,
+        "restarts": restarts, "adapter_vs_fit_max_relative_difference": mismatch,
         "groups": {g.name: {"num_layers": len(g.modules), "lora_relative_error": g.lora_error / g.total_energy,
-                            "rasa_relative_error": g.rasa_error / g.total_energy} for g in fitted},
+                            "rasa_relative_error": g.rasa_error / g.total_energy, "rasa_start": g.start,
+                            "iterations": g.iterations, "converged": g.converged, "start_spread": g.start_spread}
+                   for g in fitted},
         "lora_relative_error": sum(g.lora_error for g in fitted) / sum(g.total_energy for g in fitted),
         "rasa_relative_error": sum(g.rasa_error for g in fitted) / sum(g.total_energy for g in fitted),
     }
-    (Path(out_dir) / "compress.json").write_text(json.dumps(summary, indent=1))
+    partial = Path(out_dir) / ".compress.partial.json"
+    partial.write_text(json.dumps(summary, indent=1))
+    partial.replace(Path(out_dir) / "compress.json")
     return summary

@@ -1,7 +1,7 @@
 """The two figures of the analysis, drawn from `analysis.json`'s group records (matplotlib, Agg backend).
 
 - `plot_convergence`: the paper's Figure 2, RaSA's relative error per coordinate-descent iteration with LoRA's
-  minimum (eq. 9) as a dashed line, one panel per group.
+  minimum (eq. 9) as a dashed line, one panel per group; the curves of the starts that lost (`starts`) in grey.
 - `plot_k_sweep`: the paper's Figure 3, RaSA's final relative error against k (k = 0 is LoRA), one panel per group.
 Errors are shown relative to sum_i ||M_i||^2 so that groups of different scale share one axis style.
 """
@@ -54,7 +54,14 @@ def plot_convergence(groups: dict[str, dict], path: str | Path) -> Path:
     for axis, (name, record) in zip(axes, groups.items(), strict=False):
         total = record["total_energy"] or 1.0
         curve = [record["rasa_initial_error"] / total] + [e / total for e in record["rasa_error_curve"]]
-        axis.plot(range(len(curve)), curve, marker=".", label=f"RaSA (r={record['r']}, k={record['k']})")
+        others = [start for start in record.get("starts", []) if start["error_curve"] != record["rasa_error_curve"]]
+        for number, start in enumerate(others):  # the starts that lost, thin and grey
+            other = [start["initial_error"] / total] + [e / total for e in start["error_curve"]]
+            axis.plot(range(len(other)), other, color="0.6", linewidth=0.8,
+                      label="other starts" if number == 0 else None)
+        start = f", {record['rasa_start']} start" if record.get("rasa_start") else ""
+        axis.plot(range(len(curve)), curve, marker="." if len(curve) <= 40 else None,
+                  label=f"RaSA (r={record['r']}, k={record['k']}{start})")
         _label_panel(axis, name, record["lora_error"] / total, f"LoRA min (r={record['r']})", "iteration")
         low = min(curve[1:] + [record["lora_error"] / total]) if len(curve) > 1 else curve[0]
         high = max(curve[1:2] + [record["lora_error"] / total])

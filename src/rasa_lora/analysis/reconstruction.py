@@ -29,10 +29,15 @@ What is here
     exact one. Stated accuracy: a private step stops refining when sum_j ||R_i v_j - s_j u_j||^2, an estimate
     of the energy its subspace misses, is below `svd_tol` (default 3e-5) times the layer's error, or after
     `power_iters` extra rounds; `FitResult.svd_estimate` reports that ratio for the last step.
-- Initialisations (`init=`): ``"random"`` (default; as the adapter starts: A_S Gaussian with std 1/sqrt(a),
-  B_S = 0, d_i = 1, no private part; the first iteration's error is then e_lora at rank r-k at best) and
-  ``"theorem"`` (eq. 12-15, so the curve starts at e_lora and, descent being monotone, never ends above it).
-  The paper does not say which it used; its Figure 2 curves start above e_lora, as ``"random"`` does.
+- Starts (`init=`): ``"stacked"`` (from the data: B_S and A_S the leading L*k singular vectors of the deltas
+  side by side [M_1 ... M_L] and on top of each other [M_1; ...; M_L], d_i by eq. 26, private parts from the
+  first iteration; `stacked_factors`), ``"theorem"`` (eq. 12-15, so the curve starts at e_lora and, descent
+  being monotone, never ends above it), ``"random"`` (as the adapter starts: A_S Gaussian with std 1/sqrt(a),
+  B_S = 0, d_i = 1, no private part) and ``"auto"`` (the default: all three, the lowest final error kept).
+  The paper does not say which it used; its Figure 2 curves start above e_lora, as "random" does.
+- Stopping (`tol`, `window`, `iters`): each start runs until its error fell by less than window * tol
+  (relative) over the last `window` iterations, or `iters` iterations ran; `FitResult.converged` says which.
+  `restarts` = N adds N - 1 "random" starts; `FitResult.starts` lists every start's outcome, the best is kept.
 - Numerics: every Gram system is solved (Cholesky), never inverted; a singular or badly conditioned Gram
   matrix (a dead shared rank, L*k > min(a, b)) falls back to the eigen-decomposition pseudo-inverse, which
   still gives a minimiser, and is counted in `FitResult.gram_fallbacks`. After every iteration each shared
@@ -54,7 +59,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-INITS = ("random", "theorem")
+INITS = ("stacked", "theorem", "random")
+DEFAULT_INIT = "auto"
+DEFAULT_TOL = 1e-5  # stop when the error falls by less than this fraction per iteration, on average over
+DEFAULT_WINDOW = 5  # the last DEFAULT_WINDOW iterations
+DEFAULT_MAX_ITERS = 200
 VARIANTS = ("fast", "exact")
 
 
@@ -113,6 +122,19 @@ class FitResult:
     gram_fallbacks: int = 0
     svd_estimate: float = 0.0  # estimated relative error loss of the last fast private step (`_block_svd`)
     passes: int = 0  # products of the whole (L, b, a) stack with a thin matrix (fast variant)
+    iterations: int = 0  # iterations run (stops early once the relative decrease is below `tol`)
+    converged: bool = False  # stopped by the criterion (not by the maximum)
+    tol: float = 0.0
+    init: str = ""  # the start this result comes from
+    seed: int = 0
+    starts: list[dict] = field(default_factory=list)  # per start: init, seed, final_error, iterations, converged,
+    # initial_error, error_curve
+
+    @property
+    def start_spread(self) -> float:
+        """(worst - best) / best final error over `starts` (0 for a single start)."""
+        errors = [s["final_error"] for s in self.starts] or [self.final_error]
+        return (max(errors) - min(errors)) / min(errors) if min(errors) > 0 else 0.0
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -307,6 +329,65 @@ def random_factors(M: Tensor, r: int, k: int, seed: int = 0) -> RasaFactors:
                        shared_A.to(M) / math.sqrt(a), M.new_ones(L, L * k))
 
 
+def _top_eigvecs(gram: Tensor, n: int) -> Tensor:
+    """The n leading eigenvectors of a symmetric PSD matrix (columns, descending), in float64."""
+    values, vectors = torch.linalg.eigh(gram.double())
+    return vectors.flip(-1)[:, :n]
+
+
+def stacked_pool(M: Tensor, n: int, variant: str = "exact", seed: int = 0, tol: float = 1e-6,
+                 rounds: int = 20) -> tuple[Tensor, Tensor, int]:
+    """(B_S (b, n), A_S (n, a), passes): the n leading left singular vectors of [M_1 ... M_L] (b, L*a) and the n
+    leading right singular vectors of [M_1; ...; M_L] (L*b, a), i.e. of sum_i M_i M_i^T and sum_i M_i^T M_i;
+    `passes` counts the products of the whole stack with a thin matrix (0 for "exact").
+
+    ``"exact"``: eigen-decompositions of the two Gram matrices (b x b, a x a) in float64. ``"fast"``: a block
+    subspace iteration on each stacked matrix (`_block_svd`, products of M with thin matrices only). Where n
+    exceeds a dimension, the missing directions are seeded random unit vectors.
+    """
+    L, b, a = M.shape
+    nb, na = min(n, b), min(n, a)
+    passes = 0
+    if variant == "exact":
+        left = _top_eigvecs(sum(m @ m.T for m in M.double()), nb)
+        right = _top_eigvecs(sum(m.T @ m for m in M.double()), na)
+    else:
+        gen = _generator(M.device, seed)
+        energy = energy_per_layer(M).sum()[None]
+        width_b, width_a = min(nb + 8, b), min(na + 8, a)
+        # [M_1 ... M_L]: apply x (1, L a, w) -> sum_i M_i x_i; its transpose y (1, b, w) -> stack_i M_i^T y
+        side = (lambda X: (M @ X.reshape(L, a, -1)).sum(0, keepdim=True),
+                lambda Y: (Y[0].mT @ M).mT.reshape(1, L * a, -1))
+        start = side[0](_randn((1, L * a, width_b), M, gen))
+        U, _, _, _, used = _block_svd(*side, start, M.new_zeros(1, b, 0), nb, energy, tol, rounds)
+        left, passes = U[0], passes + 1 + used
+        # [M_1; ...; M_L]: apply x (1, a, w) -> stack_i M_i x; its transpose y (1, L b, w) -> sum_i M_i^T y_i
+        stack = (lambda X: (M @ X[0]).reshape(1, L * b, -1),
+                 lambda Y: (Y.reshape(L, b, -1).mT @ M).mT.sum(0, keepdim=True))  # M's own layout: faster
+        start = stack[0](_randn((1, a, width_a), M, gen))
+        _, _, V, _, used = _block_svd(*stack, start, M.new_zeros(1, L * b, 0), na, energy, tol, rounds)
+        right, passes = V[0], passes + 1 + used
+    gen = _generator(torch.device("cpu"), seed)
+
+    def pad(basis: Tensor, dim: int) -> Tensor:
+        extra = torch.randn((dim, n - basis.shape[1]), generator=gen, dtype=torch.float64)
+        return torch.cat([basis.to(M), (extra / extra.norm(dim=0).clamp_min(1e-300)).to(M)], 1)
+
+    return pad(left, b), pad(right, a).T, passes
+
+
+def stacked_factors(M: Tensor, r: int, k: int, variant: str = "exact", seed: int = 0) -> tuple[RasaFactors, int]:
+    """The ``"stacked"`` start: the shared pool from the data (`stacked_pool`), d_i = diag(B_S^T M_i A_S^T)
+    (eq. 26 with no private part: B_S, A_S have orthonormal columns / rows), private factors zero (the first
+    iteration's eq. 18-19 computes them). Returns (factors, passes over M, `stacked_pool`'s and one for d_i)."""
+    L, b, a = M.shape
+    shared_B, shared_A, passes = stacked_pool(M, L * k, variant, seed)
+    diag_rhs = ((shared_B.T @ M) * shared_A).sum(2)  # (L, Lk): diag(B_S^T M_i A_S^T)
+    shared_D, _ = _shared_D_update(diag_rhs, shared_B, shared_A)
+    zeros = M.new_zeros
+    return RasaFactors(zeros(L, b, r - k), zeros(L, r - k, a), shared_B, shared_A, shared_D), passes + 1
+
+
 def rasa_error(M: Tensor, factors: RasaFactors, chunk: int = 8) -> float:
     """Eq. 17 computed directly, `chunk` layers at a time (float64 accumulation)."""
     total = 0.0
@@ -476,26 +557,49 @@ class _FastDescent:
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def fit_rasa(M: Tensor | Sequence[Tensor], r: int, k: int, iters: int = 20, init: str = "random",
+def start_plan(init: str = DEFAULT_INIT, restarts: int = 1, seed: int = 0, k: int = 1) -> list[tuple[str, int]]:
+    """The (start, seed) pairs `fit_rasa` runs: ``"auto"`` is ``"stacked"``, ``"theorem"`` and ``"random"`` (one
+    start when k = 0, where all coincide with LoRA's optimum), any other init itself; ``restarts`` = N adds
+    N - 1 ``"random"`` starts with seeds seed + 1 ... seed + N - 1."""
+    if init not in INITS + ("auto",):
+        raise ValueError(f"init={init!r} is unknown; choose one of {('auto',) + INITS}.")
+    if not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"restarts={restarts} is invalid; choose an integer >= 1 (1 = no restart).")
+    plan = ([("stacked", seed), ("theorem", seed), ("random", seed)] if k > 0 else [("theorem", seed)]) \
+        if init == "auto" else [(init, seed)]
+    return plan + [("random", seed + j) for j in range(1, restarts)]
+
+
+def fit_rasa(M: Tensor | Sequence[Tensor], r: int, k: int, iters: int = DEFAULT_MAX_ITERS, init: str = DEFAULT_INIT,
              variant: str = "fast", dtype: torch.dtype | None = None, seed: int = 0,
              lora: LoraSolution | None = None, oversample: int = 8, power_iters: int = 4, svd_tol: float = 3e-5,
+             tol: float = DEFAULT_TOL, window: int = DEFAULT_WINDOW, restarts: int = 1,
              progress: Callable[[int, float], None] | None = None) -> FitResult:
     """Fit RaSA (rank r, k shared ranks per layer) to a group M (L, b, a) by coordinate descent (App. A).
 
     Args:
         M: the group's matrices, (L, b, a) or a list of L (b, a) tensors; the work runs on M's device.
-        iters: coordinate-descent iterations; `error_curve` gets one value after each.
-        init: ``"random"`` or ``"theorem"`` (see the module docstring).
+        iters: the most coordinate-descent iterations per start; `error_curve` gets one value after each.
+        init: ``"auto"`` (default: ``"stacked"``, ``"theorem"`` and ``"random"``, the best kept),
+            ``"stacked"``, ``"theorem"`` or ``"random"`` (see the module docstring).
+        tol, window: stop a start once the error fell by less than window * tol (relative) over the last
+            `window` iterations, i.e. by less than `tol` per iteration on average; 0 runs all `iters`.
+            `FitResult.converged` says whether it stopped so (False: the limit `iters` stopped it).
+        restarts: N >= 1; N - 1 ``"random"`` starts (seeds seed + 1, ...) are added; the best is kept and
+            `FitResult.starts` lists every start's outcome.
         variant: ``"fast"`` (batched, truncated SVD) or ``"exact"`` (full SVD per layer, the reference).
         dtype: computation dtype; default float64 for "exact", float32 (or M's float64) for "fast".
         lora: a precomputed `lora_solution(M, r)`, reused across a k sweep.
-        progress: called as progress(iteration, error) after every iteration.
+        progress: called as progress(iteration, error) after every iteration of every start.
     """
     _check_variant(variant)
-    if init not in INITS:
-        raise ValueError(f"init={init!r} is unknown; choose one of {INITS}.")
+    plan = start_plan(init, restarts, seed, k)
     if iters < 0:
         raise ValueError(f"iters={iters} is negative; choose iters >= 0.")
+    if not tol >= 0:
+        raise ValueError(f"tol={tol} is invalid; choose tol >= 0 (0 runs every iteration).")
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window={window} is invalid; choose an integer >= 1.")
     M = check_group(M, r, k)
     dtype = dtype or (torch.float64 if variant == "exact" or M.dtype == torch.float64 else torch.float32)
     M = M.to(dtype)
@@ -503,17 +607,56 @@ def fit_rasa(M: Tensor | Sequence[Tensor], r: int, k: int, iters: int = 20, init
     if lora is None:
         lora = lora_solution(M, r, variant, seed=seed)
     lora = LoraSolution(lora.U.to(dtype), lora.S.to(dtype), lora.V.to(dtype), lora.energy, lora.tol_reached)
-    start = theorem_factors(lora, k) if init == "theorem" else random_factors(M, r, k, seed)
+    best: FitResult | None = None
+    outcomes = []
+    for start_init, start_seed in plan:
+        result = _fit_one(M, r, k, iters, start_init, variant, start_seed, lora, oversample, power_iters, svd_tol,
+                          tol, window, progress)
+        outcomes.append({"init": start_init, "seed": start_seed, "final_error": result.final_error,
+                         "iterations": result.iterations, "converged": result.converged,
+                         "initial_error": result.initial_error, "error_curve": result.error_curve})
+        if best is None or result.final_error < best.final_error:
+            best = result
+    best.starts, best.tol = outcomes, tol
+    best.wall_time_s = time.perf_counter() - started
+    return best
+
+
+def _fit_one(M: Tensor, r: int, k: int, iters: int, init: str, variant: str, seed: int, lora: LoraSolution,
+             oversample: int, power_iters: int, svd_tol: float, tol: float, window: int,
+             progress: Callable[[int, float], None] | None) -> FitResult:
+    """Coordinate descent from one start, until the criterion (`tol`, `window`) is met or `iters` ran."""
+    start_passes = 0
+    if init == "theorem":
+        start = theorem_factors(lora, k)
+    elif init == "stacked":
+        start, start_passes = stacked_factors(M, r, k, variant, seed)
+    else:
+        start = random_factors(M, r, k, seed)
     # the start's error: all of ||M||^2 for "random"; e_lora for "theorem" (eq. 16; exact for Ritz triplets too)
-    initial = lora.error if init == "theorem" else float(lora.energy.sum())
-    result = FitResult(start, lora.error, float(lora.energy.sum()), initial)
+    initial = {"theorem": lora.error, "random": float(lora.energy.sum())}.get(init)
+    if initial is None:
+        initial = rasa_error(M, start)
+    result = FitResult(start, lora.error, float(lora.energy.sum()), initial, init=init, seed=seed)
+
+    def record(t: int, error: float) -> bool:
+        """Append the error; True when the criterion is met: over the last `window` iterations the error fell by
+        less than window * tol of its value before them (a mean relative decrease below `tol`)."""
+        result.error_curve.append(error)
+        result.iterations = t + 1
+        if progress:
+            progress(t, error)
+        if tol > 0 and t + 1 >= window:
+            before = result.error_curve[t - window] if t >= window else result.initial_error
+            result.converged = before - error < window * tol * before
+        return result.converged
+
     if variant == "exact":
-        result.factors = start.to(dtype)
+        result.factors = start.to(M.dtype)
         for t in range(iters):
             result.gram_fallbacks += _exact_iteration(M, result.factors, r - k)
-            result.error_curve.append(rasa_error(M, result.factors))
-            if progress:
-                progress(t, result.error_curve[-1])
+            if record(t, rasa_error(M, result.factors)):
+                break
     else:
         descent = _FastDescent(M, start, lora, init == "theorem", r - k, oversample, power_iters, svd_tol,
                                _generator(M.device, seed + 1))
@@ -524,17 +667,15 @@ def fit_rasa(M: Tensor | Sequence[Tensor], r: int, k: int, iters: int = 20, init
                 descent.shared_step()
             else:
                 descent.prepare_next_private()
-            result.error_curve.append(descent.error())
-            if progress:
-                progress(t, result.error_curve[-1])
+            if record(t, descent.error()):
+                break
         result.factors, result.gram_fallbacks = descent.factors(), descent.fallbacks
-        result.svd_estimate, result.passes = descent.svd_estimate, descent.passes
-    result.final_error = rasa_error(M, result.factors) if iters else result.initial_error
-    result.wall_time_s = time.perf_counter() - started
+        result.svd_estimate, result.passes = descent.svd_estimate, descent.passes + start_passes
+    result.final_error = rasa_error(M, result.factors) if result.iterations else result.initial_error
     return result
 
 
-def k_sweep(M: Tensor | Sequence[Tensor], r: int, ks: Sequence[int] | None = None, iters: int = 20,
+def k_sweep(M: Tensor | Sequence[Tensor], r: int, ks: Sequence[int] | None = None, iters: int = DEFAULT_MAX_ITERS,
             lora: LoraSolution | None = None, **fit_kwargs) -> dict[int, float]:
     """Final RaSA error for each k in `ks` (default 0..r), as in the paper's Figure 3; k = 0 is e_lora."""
     ks = list(range(r + 1)) if ks is None else list(ks)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +55,21 @@ class Group:
     name: str
     modules: list[str]
     deltas: Tensor
+
+
+class GroupStream:
+    """Groups made one at a time when iterated (one group's deltas in memory), with their count known ahead
+    (`len`), so that progress bars have a total."""
+
+    def __init__(self, names: dict[str, list[str]], make: Callable[[str, list[str]], Group]) -> None:
+        self.names, self._make = names, make
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[Group]:
+        for name, members in self.names.items():
+            yield self._make(name, members)
 
 
 def split_layer_index(name: str) -> tuple[str, int] | None:
@@ -144,8 +159,9 @@ def _check_same_architecture(base: WeightSource, tuned: WeightSource) -> None:
 
 
 def checkpoint_groups(base: str | Path | None, tuned: str | Path | None, targets: Sequence[str] | None = None,
-                      dtype: torch.dtype = torch.float32) -> Iterator[Group]:
-    """Yield the groups of dW = W_tuned - W_base, one at a time (see the module docstring)."""
+                      dtype: torch.dtype = torch.float32) -> GroupStream:
+    """The groups of dW = W_tuned - W_base, made one at a time (see the module docstring); the checkpoints
+    are checked at the call."""
     base_source, tuned_source = WeightSource(base), WeightSource(tuned)
     _check_same_architecture(base_source, tuned_source)
     modules = [key[: -len(".weight")] for key in base_source.weights if len(base_source.shape(key)) == 2]
@@ -154,9 +170,12 @@ def checkpoint_groups(base: str | Path | None, tuned: str | Path | None, targets
         raise ValueError(f"No 2-D layer weight of {base_source.label!r} matches targets={list(targets or [])}; "
                          "name module types such as q_proj, or pass no targets for all of them.")
     transpose = "gpt2" in str(base_source.config.get("model_type", ""))
-    for name, members in groups.items():
-        deltas = [_delta(base_source, tuned_source, module, dtype, transpose) for module in members]
-        yield Group(name, members, torch.stack(deltas))
+
+    def make(name: str, members: list[str]) -> Group:
+        return Group(name, members, torch.stack([_delta(base_source, tuned_source, module, dtype, transpose)
+                                                 for module in members]))
+
+    return GroupStream(groups, make)
 
 
 def _delta(base: WeightSource, tuned: WeightSource, module: str, dtype: torch.dtype, transpose: bool) -> Tensor:
@@ -244,7 +263,7 @@ def preset_shapes(name: str) -> tuple[int, dict[str, tuple[int, int]]]:
 
 
 def perturbation_groups(base: str | Path | None, seed: int = 0, relative_scale: float = 0.01,
-                        targets: Sequence[str] | None = None, **synthetic_kwargs) -> Iterator[Group]:
+                        targets: Sequence[str] | None = None, **synthetic_kwargs) -> GroupStream:
     """A seeded stand-in for a fine-tune of `base`: synthetic deltas with the shapes of its layer weights,
     each group scaled so that ||dW_i||_F is on average `relative_scale` * ||W_i||_F."""
     source = WeightSource(base)
@@ -252,12 +271,16 @@ def perturbation_groups(base: str | Path | None, seed: int = 0, relative_scale: 
     groups = group_names(modules, targets)
     if not groups:
         raise ValueError(f"No 2-D layer weight of {source.label!r} matches targets={list(targets or [])}.")
-    for index, (name, members) in enumerate(groups.items()):
+    index = {name: number for number, name in enumerate(groups)}
+
+    def make(name: str, members: list[str]) -> Group:
         b, a = source.shape(members[0] + ".weight")
-        group = next(synthetic_groups({name: (b, a)}, len(members), seed * 1000 + index, **synthetic_kwargs))
+        group = next(synthetic_groups({name: (b, a)}, len(members), seed * 1000 + index[name], **synthetic_kwargs))
         weight_norm = sum(float(source.get(m + ".weight").float().norm()) for m in members) / len(members)
         group.deltas *= relative_scale * weight_norm / group.deltas.flatten(1).norm(dim=1).mean()
-        yield Group(name, members, group.deltas)
+        return Group(name, members, group.deltas)
+
+    return GroupStream(groups, make)
 
 
 def write_perturbed_copy(base: str | Path | None, out_dir: str | Path, seed: int = 0,
