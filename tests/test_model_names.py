@@ -76,11 +76,12 @@ def test_params_accepts_the_smollm2_alias(capsys):
 
 def test_params_takes_comma_lists_like_train_and_refuses_rank_0(capsys):
     assert cli.main(["params", "llama-3.1-8b", "--ranks", "8,16", "--target-modules", "q_proj,v_proj",
-                     "--json"]) == 0
+                     "--methods", "lora,rasa", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(row["method"], row["r"]) for row in rows] == [("lora", 8), ("rasa", 8), ("lora", 16), ("rasa", 16)]
     assert rows[0]["trainable"] == 8 * (4096 + 4096) * 32 + 8 * (4096 + 1024) * 32  # q: 4096->4096, v: 4096->1024
-    assert cli.main(["params", "llama-3.1-8b", "--ranks", "8", "16", "--json"]) == 0  # spaces still work
+    assert cli.main(["params", "llama-3.1-8b", "--ranks", "8", "16", "--methods", "lora", "rasa",
+                     "--json"]) == 0  # spaces still work
     assert len(json.loads(capsys.readouterr().out)) == 4
     with pytest.raises(SystemExit) as exit_:
         cli.main(["params", "--ranks", "0"])
