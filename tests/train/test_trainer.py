@@ -209,6 +209,20 @@ def test_resume_refuses_a_changed_recipe_and_a_missing_checkpoint(tiny_model_dir
     assert "holds no checkpoint" in capsys.readouterr().err
 
 
+def test_resume_accepts_a_run_saved_before_a_key_existed_when_the_key_keeps_its_default(tiny_model_dir, tmp_path,
+                                                                                         capsys):
+    out = tmp_path / "run"
+    values = tiny_overrides(tiny_model_dir, out, max_steps=3, save_steps=1)
+    assert train_main(_args(values)) == 0
+    saved = json.loads((out / "config.json").read_text())
+    for key in ("val_set_size", "eval_dataset"):  # as an older version wrote it
+        del saved[key]
+    (out / "config.json").write_text(json.dumps(saved))
+    assert train_main([*_args({**values, "val_set_size": 2}), "--resume"]) == 2  # not the default: refused
+    assert "val_set_size: saved 0.0, now 2" in capsys.readouterr().err
+    assert train_main([*_args(values), "--resume"]) == 0
+
+
 def test_the_cli_destroys_a_finished_runs_process_group(tiny_model_dir, tmp_path, monkeypatch):
     """`rasa-lora train` ends a multi-process run's process group itself (a one-process gloo group stands in)."""
     import torch.distributed as dist

@@ -110,11 +110,14 @@ def check_output_dir(config: TrainConfig) -> None:
 
 
 def check_resume_config(config: TrainConfig) -> None:
-    """A resumed run must compute the same thing: every non-operational key must match the saved config."""
+    """A resumed run must compute the same thing: every non-operational key must match the saved config. A key the
+    saved config lacks (a run begun before the key existed) matches its default, which is what that run used."""
     saved_path = Path(config.output_dir) / "config.json"
     saved = json.loads(saved_path.read_text())
     current = config.to_dict()
-    changed = [key for key in current if key not in OPERATIONAL_KEYS and saved.get(key) != current[key]]
+    defaults = TrainConfig().to_dict()
+    saved = {key: saved.get(key, defaults[key]) for key in current}
+    changed = [key for key in current if key not in OPERATIONAL_KEYS and saved[key] != current[key]]
     if changed:
         details = ", ".join(f"{key}: saved {saved.get(key)!r}, now {current[key]!r}" for key in changed)
         raise ValueError(f"--resume with a different recipe ({details}); rerun with the original keys")
