@@ -212,13 +212,14 @@ def _read_generations(path: Path, items: list[dict]) -> dict[str, str]:
 
 
 def _math_summary(args, items: list[dict], records: dict[str, dict], out_dir: Path) -> dict:
-    from rasa_lora.evaluation.math_check import answer_shape
+    from rasa_lora.evaluation.math_check import MINERVA_REFERENCE, answer_shape, minerva_parser
 
     rows = [records[item["id"]] for item in items]
     n = max(len(rows), 1)
     summary = {"accuracy": sum(r["verdicts"]["math_verify"] for r in rows) / n,
                "accuracy_minerva": sum(r["verdicts"]["minerva"] for r in rows) / n,
-               "checker": "accuracy = math-verify; accuracy_minerva = lm-eval minerva_math normalisation + sympy"}
+               "checker": f"accuracy = math-verify; accuracy_minerva = {MINERVA_REFERENCE} (normalisation, "
+                          "string check, sympy)", "minerva_parser": minerva_parser()}
     differ = [r for r in rows if r["verdicts"]["math_verify"] != r["verdicts"]["minerva"]]
     counts = Counter((answer_shape(r["gold"]), "math-verify only" if r["verdicts"]["math_verify"] else
                       "minerva only") for r in differ)
