@@ -57,7 +57,8 @@ def hub_docs(task: str, data_dir: Path, limit: int) -> list[dict]:
     for i, r in enumerate(rows):
         label, _, ctx = r["ctx"].partition(": ")
         docs.append({"ind": i, "activity_label": label, "ctx_a": ctx, "ctx_b": "", "ctx": r["ctx"],
-                     "endings": r["endings"], "source_id": "", "split": "val", "split_type": "", "label": str(r["label"])})
+                     "endings": r["endings"], "source_id": "", "split": "val", "split_type": "",
+                     "label": str(r["label"])})
     return docs
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from rasa_lora.evaluation.cli import main
+from rasa_lora.evaluation.tasks import load_task
 
 
 def _summary(out):
@@ -50,6 +51,10 @@ def test_humanevalplus_gold_summary(tmp_path, shared_data):
                  "--output-dir", str(tmp_path)]) == 0
     summary = _summary(tmp_path)
     assert summary["pass@1"] == 1.0 and summary["base_pass@1"] == 1.0 and summary["n_samples"] == 1
+    assert summary["prompt_style"] == "paper"
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    tasks = load_task("humaneval+", shared_data, limit=3)
+    assert samples == [{"task_id": t["id"], "solution": t["prompt"] + t["canonical_solution"]} for t in tasks]
 
 
 @pytest.mark.slow

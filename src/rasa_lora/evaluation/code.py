@@ -218,3 +218,35 @@ def truncate_completion(text: str, stop: Sequence[str]) -> str:
     """Cut a generated completion at the first stop sequence (bigcode-harness style)."""
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
     return text[:cut].rstrip() + "\n"
+
+
+def truncate_humanevalpack(text: str) -> str:
+    """The bigcode harness's HumanEvalPack (Python) post-processing of what the model wrote after the prompt: cut
+    at each stop word it contains, then before the first non-empty line that does not start with a space or a tab
+    (the function has ended). The harness's program is the HumanEval prompt, right-stripped, plus this."""
+    from rasa_lora.evaluation.tasks import HUMANEVALPACK_STOP
+
+    text = text.rstrip()
+    for word in HUMANEVALPACK_STOP:
+        if word in text:
+            text = text[:text.find(word)]
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if line.strip() and line[0] not in " \t":
+            return "\n".join(lines[:i])
+    return text
+
+
+def completion_from_generation(text: str, style: str = "paper") -> str:
+    """The completion to append to the HumanEval prompt, from what the model generated after a `style` prompt."""
+    from rasa_lora.evaluation.tasks import CODE_STOP
+
+    if style == "humanevalpack":  # trailing blank lines dropped: the same program
+        return truncate_humanevalpack(text).rstrip() + "\n"
+    return truncate_completion(text, CODE_STOP)
+
+
+def evalplus_samples(records: Sequence[dict], tasks: dict[str, dict]) -> list[dict]:
+    """Records as evalplus's `samples.jsonl` lines: {"task_id", "solution"} with solution = prompt + completion,
+    what `evalplus.evaluate --samples` scores as it is (no prompt prepended, no sanitising)."""
+    return [{"task_id": r["task_id"], "solution": tasks[r["task_id"]]["prompt"] + r["completion"]} for r in records]

@@ -139,8 +139,8 @@ def minerva_parser() -> str:
         return "latex2sympy"
 
 
-def _parse_latex(text: str):
-    if minerva_parser() == "sympy":
+def _parse_latex(text: str, parser: str | None = None):
+    if (parser or minerva_parser()) == "sympy":
         from sympy.parsing.latex import parse_latex
 
         return parse_latex(text)
@@ -149,15 +149,16 @@ def _parse_latex(text: str):
     return latex2sympy(text)
 
 
-def minerva_equivalent(prediction: str, gold: str) -> bool:
+def minerva_equivalent(prediction: str, gold: str, parser: str | None = None) -> bool:
     """lm-eval's `is_equiv` on two normalised answers: equal non-empty strings are equal; otherwise both are parsed
-    as LaTeX and equal when `sympy.simplify(prediction - gold) == 0`. Any parse or algebra error is "not equal"."""
+    as LaTeX and equal when `sympy.simplify(prediction - gold) == 0`. Any parse or algebra error is "not equal".
+    `parser`: "sympy" or "latex2sympy" (default: `minerva_parser()`)."""
     import sympy
 
     if prediction and prediction == gold:
         return True
     try:
-        return bool(sympy.simplify(_parse_latex(prediction) - _parse_latex(gold)) == 0)
+        return bool(sympy.simplify(_parse_latex(prediction, parser) - _parse_latex(gold, parser)) == 0)
     except Exception:  # noqa: BLE001 - any parse or algebra failure is a "not equal", as in lm-eval
         return False
 

@@ -60,8 +60,46 @@ def math_prompt(question: str) -> str:
     return MATH_PROMPT.format(question=question)
 
 
-def code_prompt(humaneval_prompt: str) -> str:
-    """The paper's Fig. 9: the instruction, then a response that opens with the HumanEval prompt."""
+PROMPT_STYLES = ("paper", "humanevalpack")
+# bigcode-evaluation-harness's `humanevalsynthesize-python` stop words (HumanEvalPack, Python, plus its end token).
+HUMANEVALPACK_STOP = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\nassert", "<|endoftext|>"]
+
+
+def humanevalpack_instruction(humaneval_prompt: str, entry_point: str) -> str:
+    """HumanEvalPack's instruction for HumanEvalSynthesize, in the form its dataset card documents:
+    "Write a Python function `{signature}` to solve the following problem:\n{docstring}", with the signature and
+    docstring of `entry_point` read from the HumanEval prompt (the dataset itself is not needed)."""
+    import ast
+
+    tree = ast.parse(humaneval_prompt + "    pass\n")
+    function = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == entry_point)
+    header = ast.get_source_segment(humaneval_prompt + "    pass\n", function).split("\n")
+    signature_lines = []
+    for line in header:
+        signature_lines.append(line.strip())
+        if line.rstrip().endswith(":"):
+            break
+    signature = " ".join(signature_lines)[len("def "):].rstrip(":").strip()
+    docstring = (ast.get_docstring(function) or "").strip()
+    return f"Write a Python function `{signature}` to solve the following problem:\n{docstring}"
+
+
+def code_prompt(humaneval_prompt: str, style: str = "paper", entry_point: str | None = None) -> str:
+    """The prompt of a HumanEval task.
+
+    "paper" (default): the paper's Fig. 9, our instruction text ("Write a solution to the following problem:" and
+    the prompt in a code fence), then a response that opens with the HumanEval prompt.
+    "humanevalpack": what the bigcode harness sends for `humanevalsynthesize-python` with `--prompt wizardcoder`
+    (the Alpaca template of Fig. 9): HumanEvalPack's instruction, a response that opens with the HumanEval prompt,
+    the whole stripped (so it ends at the docstring's closing quotes). Needs `entry_point`.
+    """
+    if style == "humanevalpack":
+        if entry_point is None:
+            raise ValueError("The humanevalpack prompt style needs the task's entry_point.")
+        instruction = humanevalpack_instruction(humaneval_prompt, entry_point)
+        return (ALPACA_HEADER.format(question=instruction) + humaneval_prompt).strip()
+    if style != "paper":
+        raise ValueError(f"Unknown prompt style {style!r}; choose one of: {', '.join(PROMPT_STYLES)}.")
     return ALPACA_HEADER.format(question=CODE_INSTRUCTION.format(prompt=humaneval_prompt.strip())) + humaneval_prompt
 
 
