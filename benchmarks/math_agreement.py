@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
               "minerva_reference": MINERVA_REFERENCE, "minerva_parser": minerva_parser(),
               "extracted": sum(r["extracted"] is not None for r in rows),
               "lm_eval_extraction_found": sum(r["lm_eval_extraction_found"] for r in rows),
-              "gold_differs_from_lm_eval_gold": [r["id"] for r in rows if r["lm_eval_gold"] != r["gold"]
-                                                 and args.task == "math500"],
+              "gold_differs_from_lm_eval_gold": [r["id"] for r in rows if args.task == "math500" and
+                                                 r["lm_eval_gold"] != utils.normalize_final_answer(r["gold"])],
               "agreement": table, "rows": rows}
     out = Path(args.out)
     tmp = out.with_suffix(out.suffix + ".tmp")

@@ -8,7 +8,9 @@ What is covered
 - Time: a wall-clock limit enforced by the parent (the whole process group is SIGKILLed, so SIGTERM handlers and
   C-level sleeps do not matter) and RLIMIT_CPU inside.
 - Processes: the program runs as PID 1 of a new PID namespace where the kernel allows it, so when it dies every
-  process it started dies with it, including ones that called `setsid()`; it cannot see or signal the harness.
+  process it started dies with it, including ones that called `setsid()`; it cannot see or signal the harness:
+  a fresh proc of that namespace is mounted on `/proc` (without a PID namespace but with a mount namespace, an
+  empty read-only tmpfs hides `/proc`), so no host PID or command line shows.
   It also has its own session and process group (killed whole), and RLIMIT_NPROC caps fork bombs.
 - Memory, files, descriptors: RLIMIT_AS (address space), RLIMIT_FSIZE (largest file, also caps stdout/stderr,
   which go to files), RLIMIT_NOFILE, RLIMIT_CORE = 0.
@@ -21,6 +23,9 @@ What is covered
   supplementary groups, so it can neither undo the limits nor touch root-owned files or processes.
 - Environment: scrubbed to PATH, HOME, TMPDIR, LANG and PYTHON* variables set here; `python -I` ignores
   PYTHONPATH and user site-packages.
+- Completion: `completed` is True only when the prologue, after the program and its `finish` expression
+  returned, sent back the harness's random nonce on a pipe of its own; an exit with status 0 before that is not
+  a completion (see `run_program`).
 
 What is not covered
 - Namespaces need root, or unprivileged user namespaces (Ubuntu 24.04 can restrict them with AppArmor). When
