@@ -65,6 +65,7 @@ def test_math500_and_gsm8k_fallbacks_fit_their_datasets(hub):
 
 def test_humaneval_plus_does_not_ask_the_hub_dataset_for_fields_it_lacks(hub, monkeypatch):
     monkeypatch.setitem(sys.modules, "evalplus", None)  # evalplus absent: a clear error naming both fixes
+    monkeypatch.setitem(sys.modules, "evalplus.data", None)
     with pytest.raises(ImportError, match="--data-dir .*pip install evalplus"):
         task_spec("humaneval+").load_hub()
     assert not any(name == "evalplus/humanevalplus" for name, _, _ in hub)
