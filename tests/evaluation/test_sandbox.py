@@ -246,3 +246,22 @@ def test_early_exit_does_not_complete(drop):
         result = _run(source, drop)
         assert not result.completed and not result.ok, source
     assert _run("x = 1", drop).completed
+
+
+@pytest.mark.parametrize("drop", MODES)
+def test_program_cannot_call_the_harness_sender(drop):
+    """The completion sender is not reachable as a global of __main__ (the prologue's module): a program that
+    calls every function there taking a `report` (or named like a sender) still does not complete."""
+    source = (
+        "import __main__, os\n"
+        "for name, value in list(vars(__main__).items()):\n"
+        "    code = getattr(value, '__code__', None)\n"
+        "    if code is not None and ('report' in code.co_varnames or 'send' in name or name.startswith('_')):\n"
+        "        try:\n"
+        "            value('P' * 100)\n"
+        "        except BaseException:\n"
+        "            pass\n"
+        "os._exit(0)\n"
+    )
+    result = _run(source, drop)
+    assert not result.completed and not result.ok

@@ -275,14 +275,19 @@ def completion_sender(fd, nonce, write=os.write, exit=os._exit):
         exit(0)  # no atexit handlers, no waiting for the program's threads: its fate is sealed
     return send
 
-send = completion_sender(done_fd, nonce)
-del cfg, status_fd, fallback_dir, libc, limits, iso, nonce, done_fd, completion_sender
-sys.argv = ["program.py"]
-glb = {"__name__": "__main__", "__builtins__": __builtins__}
-exec(compile(source.decode("utf-8", "replace"), "program.py", "exec"), glb)
-del source
-report = eval(compile(finish, "finish.py", "eval"), glb) if finish else ""
-send(report if isinstance(report, str) else "")
+def run_program(send, source, finish):
+    """The sender lives only in this frame: no global of __main__ (this module) names it or the nonce."""
+    for name in ("cfg", "status_fd", "fallback_dir", "libc", "limits", "iso", "nonce", "done_fd", "source",
+                 "finish", "completion_sender", "run_program"):
+        globals().pop(name, None)
+    sys.argv = ["program.py"]
+    glb = {"__name__": "__main__", "__builtins__": __builtins__}
+    exec(compile(source.decode("utf-8", "replace"), "program.py", "exec"), glb)
+    del source
+    report = eval(compile(finish, "finish.py", "eval"), glb) if finish else ""
+    send(report if isinstance(report, str) else "")
+
+run_program(completion_sender(done_fd, nonce), source, finish)
 '''
 
 
@@ -328,8 +333,10 @@ def run_program(source: str, limits: SandboxLimits | None = None, drop_privilege
     `finish`: a Python expression evaluated in the program's globals after the program, in the same process
     (e.g. `check(candidate)`); a string value comes back as `report`. Only when both ran to the end does the
     prologue send a random nonce on a pipe of its own, then exit at once (`completed`): that, not the exit
-    status, is what says the checks ran. The program never sees the nonce in its source or globals; one that digs
-    it out of the interpreter (frames, `gc`, `ctypes`) is cheating, which is not defended against.
+    status, is what says the checks ran. Neither the nonce nor the sender is in the program's source, its globals
+    or the prologue's module (`import __main__` finds neither); a program that digs them out of the interpreter
+    (the caller's frame through `sys._getframe`, `gc`, `ctypes`) is deliberately cheating, which is not defended
+    against.
 
     `drop_privileges=False` makes a root harness behave as an unprivileged one (user namespace, same uid);
     tests use it to exercise the path that CI machines without root take.
