@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,15 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.benchmark_scripts import load_benchmark
+
 REPO = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).parent / "data"
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("task", ["arc_challenge", "winogrande", "hellaswag"])
@@ -33,7 +27,7 @@ def test_multiple_choice_requests_equal_lm_evals_own(task, shared_data):
     from rasa_lora.evaluation.tasks import load_task
     from rasa_lora.models import load_tokenizer
 
-    mc = _script("mc_agreement")
+    mc = load_benchmark("mc_agreement")
     items = load_task(task, shared_data, 100)
     lm_task = mc.lm_eval_task(task, mc.hub_docs(task, shared_data, 100))
     docs = list(lm_task.eval_docs)
@@ -96,7 +90,7 @@ def test_code_agreement_script_on_handmade_completions(tmp_path, shared_data, ca
     completions = tmp_path / "samples.jsonl"
     completions.write_text("".join(json.dumps(r) + "\n" for r in subset))
     out = tmp_path / "code.json"
-    assert _script("code_agreement").main(["--completions", str(completions), "--data-dir", str(shared_data),
+    assert load_benchmark("code_agreement").main(["--completions", str(completions), "--data-dir", str(shared_data),
                                            "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     n = len(subset)
