@@ -14,7 +14,7 @@ Verdicts, both stored per item:
   parses with sympy's `parse_latex`, which needs `antlr4-python3-runtime` 4.11; so do we when that runtime is
   installed (`pip install "math-verify[antlr4_11_0]"`, which math-verify works with too). With the 4.13 runtime
   of math-verify's default install we parse with `latex2sympy2_extended.latex2sympy` instead, which can differ
-  on items that are not string-equal (`minerva_parser()` says which one ran; records and summaries store it).
+  on items that are not string-equal (`minerva_parser()` says which one ran; the summary stores it).
   A 5 s limit per comparison, as lm-eval.
 
 GSM8K gold answers are plain numbers; both checkers handle them (math-verify with its expression extraction).
@@ -26,8 +26,6 @@ import functools
 import re
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
-
-ANSWER_MARKER = "The answer is:"  # the authors' MetaMathQA format
 
 
 def last_boxed_content(text: str) -> str | None:
