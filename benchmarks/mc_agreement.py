@@ -42,11 +42,11 @@ def _read_jsonl(path: Path, limit: int) -> list[dict]:
     return rows
 
 
-def hub_docs(task: str, data_dir: Path, limit: int) -> list[dict]:
-    """Our local rows in the layout of the hub dataset lm-eval's task reads."""
+def hub_docs(task: str, data_dir: Path, limit: int, offset: int = 0) -> list[dict]:
+    """Our local rows `offset`..`offset + limit` in the layout of the hub dataset lm-eval's task reads."""
     from rasa_lora.evaluation.tasks import task_spec
 
-    rows = _read_jsonl(data_dir / task_spec(task).local_file, limit)
+    rows = _read_jsonl(data_dir / task_spec(task).local_file, offset + limit)[offset:]
     if task == "arc_challenge":
         return [{"id": r["id"], "question": r["question"]["stem"], "answerKey": r["answerKey"],
                  "choices": {"text": [c["text"] for c in r["question"]["choices"]],
@@ -54,7 +54,7 @@ def hub_docs(task: str, data_dir: Path, limit: int) -> list[dict]:
     if task == "winogrande":
         return [{k: r[k] for k in ("sentence", "option1", "option2", "answer")} for r in rows]
     docs = []
-    for i, r in enumerate(rows):
+    for i, r in enumerate(rows, start=offset):
         label, _, ctx = r["ctx"].partition(": ")
         docs.append({"ind": i, "activity_label": label, "ctx_a": ctx, "ctx_b": "", "ctx": r["ctx"],
                      "endings": r["endings"], "source_id": "", "split": "val", "split_type": "",
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--offset", type=int, default=0, help="skip the first items (to split a subset over runs)")
     p.add_argument("--data-dir", default=None, help="default ../shared/data")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True)
@@ -145,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(None).eval(), load_tokenizer(None)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device="cpu")
     report = {"lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else LM_EVAL_VERSION,
-              "model": "embedded SmolLM2-135M-Instruct (float32, CPU)", "limit": args.limit, "tolerance": TOLERANCE,
+              "model": "embedded SmolLM2-135M-Instruct (float32, CPU)", "limit": args.limit, "offset": args.offset,
+              "tolerance": TOLERANCE,
               "tasks": {}}
     for name in args.tasks.split(","):
         start = time.perf_counter()
-        items = load_task(name, data_dir, args.limit)
+        items = load_task(name, data_dir, args.offset + args.limit)[args.offset:]
         ours_pairs = [list(zip(i["contexts"], i["continuations"])) for i in items]
         flat = [pair for pairs in ours_pairs for pair in pairs]
         values = loglikelihoods(model, tokenizer, flat, args.batch_size)
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         for pairs in ours_pairs:
             ours_lls.append(values[k:k + len(pairs)])
             k += len(pairs)
-        task = lm_eval_task(name, hub_docs(name, data_dir, args.limit))
+        task = lm_eval_task(name, hub_docs(name, data_dir, args.limit, args.offset))
         theirs_lls, theirs_metrics, theirs_pairs = score_lm_eval(lm, task)
         result = compare(items, ours_lls, theirs_lls, theirs_metrics, ours_pairs, theirs_pairs)
         # token-level check of the split: identical token ids for every request on both sides
