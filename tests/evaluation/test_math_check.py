@@ -19,6 +19,8 @@ from rasa_lora.evaluation.math_check import (
     normalize_final_answer,
 )
 
+DATA = Path(__file__).parent / "data"
+
 
 def test_last_boxed_content_keeps_nested_braces():
     assert last_boxed_content(r"so $\boxed{\frac{1}{2}}$ and then \boxed{x^{2}}.") == "x^{2}"
@@ -166,3 +168,13 @@ def test_minerva_verdicts_match_lm_eval_is_equiv_item_for_item(shared_data):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["parser"] == "sympy" and result["n"] == 299 and result["differ"] == []
     assert 150 <= result["accepted"] < 299  # golds accepted, most mismatched pairs rejected: the check has teeth
+
+
+def test_extract_answer_from_real_smollm2_gsm8k_outputs():
+    """Real greedy outputs of the embedded SmolLM2-135M-Instruct on the first 16 GSM8K items (paper prompt, 200 new
+    tokens, CPU): it writes "The answer is 660." (no colon) and repeats "#### 50" until cut off mid-marker."""
+    rows = [json.loads(line) for line in (DATA / "gsm8k_smollm2_cpu_generations.jsonl").read_text().splitlines()]
+    found = {r["id"]: extract_answer(r["generation"]) for r in rows}
+    assert {k: v for k, v in found.items() if v is not None} == {
+        "gsm8k/0": "660", "gsm8k/3": "50", "gsm8k/6": "7", "gsm8k/10": "760", "gsm8k/11": "378"}
+    assert judge("50", found["gsm8k/3"]) == {"math_verify": True, "minerva": True}

@@ -68,9 +68,10 @@ def extract_answer(generation: str) -> str | None:
         answer = _clean(generation[markers[-1].end():])
         if answer is not None:
             return answer
-    hashes = _HASHES.findall(generation)
-    if hashes:
-        return _clean(hashes[-1])
+    for found in reversed(_HASHES.findall(generation)):  # the last "#### " with an answer (a cut-off one has none)
+        answer = _clean(found)
+        if answer is not None:
+            return answer
     return last_boxed_content(generation)
 
 
