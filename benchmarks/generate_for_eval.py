@@ -35,6 +35,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=None, help="default 0 (math) / 0.2 (code)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 2048 (math) / 512 (code)")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--prompt-style", default="paper", choices=["paper", "humanevalpack"],
+                   help="code prompt and truncation (see rasa-lora eval --prompt-style)")
     return p.parse_args(argv)
 
 
@@ -43,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from rasa_lora.evaluation.cli import load_model_and_tokenizer
-    from rasa_lora.evaluation.code import truncate_completion
+    from rasa_lora.evaluation.code import completion_from_generation
     from rasa_lora.evaluation.generation import generate_transformers
-    from rasa_lora.evaluation.tasks import CODE_STOP, code_prompt, math_prompt, task_spec
+    from rasa_lora.evaluation.tasks import code_prompt, math_prompt, task_spec
 
     spec = task_spec(args.task)
     items = spec.load_local(Path(args.data_file))[: args.limit]
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     n = (args.n_samples or 50) if is_code else 1
     temperature = args.temperature if args.temperature is not None else (0.2 if is_code else 0.0)
     max_new = args.max_new_tokens or (512 if is_code else 2048)
-    prompts = [code_prompt(i["prompt"]) if is_code else math_prompt(i["question"]) for i in items]
+    prompts = [code_prompt(i["prompt"], args.prompt_style, i["entry_point"]) if is_code else math_prompt(i["question"])
+               for i in items]
     start = time.perf_counter()
     outputs = generate_transformers(model, tokenizer, prompts, max_new, temperature, n, args.batch_size,
                                     stop=[] if is_code else ["### Instruction"])
@@ -64,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     with out.open("w") as f:
         for item, samples in zip(items, outputs):
             for text in samples:
-                row = ({"task_id": item["id"], "completion": truncate_completion(text, CODE_STOP), "generation": text}
-                       if is_code else {"id": item["id"], "generation": text})
+                row = ({"task_id": item["id"], "completion": completion_from_generation(text, args.prompt_style),
+                        "generation": text} if is_code else {"id": item["id"], "generation": text})
                 f.write(json.dumps(row) + "\n")
     tokens = sum(len(tokenizer(t)["input_ids"]) for samples in outputs for t in samples)
     table = {"task": args.task, "items": len(items), "outputs": len(items) * n, "seconds": round(seconds, 1),

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from rasa_lora.evaluation.cli import main
+from rasa_lora.evaluation.tasks import load_task
 
 
 def _summary(out):
@@ -50,6 +51,10 @@ def test_humanevalplus_gold_summary(tmp_path, shared_data):
                  "--output-dir", str(tmp_path)]) == 0
     summary = _summary(tmp_path)
     assert summary["pass@1"] == 1.0 and summary["base_pass@1"] == 1.0 and summary["n_samples"] == 1
+    assert summary["prompt_style"] == "paper"
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    tasks = load_task("humaneval+", shared_data, limit=3)
+    assert samples == [{"task_id": t["id"], "solution": t["prompt"] + t["canonical_solution"]} for t in tasks]
 
 
 @pytest.mark.slow
@@ -128,3 +133,31 @@ def test_uneven_completions_are_a_clear_error(tmp_path, shared_data, capsys):
     assert main(["humaneval+", "--limit", "2", "--completions", str(path), "--data-dir", str(shared_data),
                  "--output-dir", str(tmp_path / "out")]) == 2
     assert "same number" in capsys.readouterr().err
+
+
+def test_humanevalpack_prompt_style_end_to_end(tmp_path, shared_data, monkeypatch):
+    """--prompt-style humanevalpack: the model gets HumanEvalPack's instruction and its output is cut as the bigcode
+    harness cuts it (a stand-in model answers with the canonical body, then chatter at top level)."""
+    from rasa_lora.evaluation import cli
+
+    tasks = {t["id"]: t for t in load_task("humaneval+", shared_data, limit=2)}
+    prompts = []
+
+    def fake_generator(args):
+        def generate(batch, max_new_tokens, temperature, n, stop=None):
+            prompts.extend(batch)
+            answers = []
+            for prompt in batch:
+                task = next(t for t in tasks.values() if prompt.endswith(t["prompt"].strip()))
+                answers.append(["\n" + task["canonical_solution"].rstrip() + "\n\nprint('done')\n"] * n)
+            return answers
+        return generate
+
+    monkeypatch.setattr(cli, "_generator", fake_generator)
+    assert main(["humaneval+", "--limit", "2", "--n-samples", "1", "--prompt-style", "humanevalpack",
+                 "--data-dir", str(shared_data), "--output-dir", str(tmp_path)]) == 0
+    assert all("to solve the following problem:" in p and "```" not in p for p in prompts) and len(prompts) == 2
+    summary = _summary(tmp_path)
+    assert summary["pass@1"] == 1.0 and summary["prompt_style"] == "humanevalpack"
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert all("print(" not in r["completion"] for r in records)

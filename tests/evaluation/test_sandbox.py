@@ -217,3 +217,51 @@ def test_result_reports_isolation_in_force():
 def test_limits_reject_non_positive_values():
     with pytest.raises(ValueError, match="wall_time_s=0"):
         SandboxLimits(wall_time_s=0)
+
+
+@pytest.mark.parametrize("drop", MODES)
+def test_cannot_see_the_hosts_processes(drop):
+    """/proc is the sandbox's own (or hidden): no host PID, no harness command line."""
+    source = (
+        "import os\npids = [p for p in os.listdir('/proc') if p.isdigit()] if os.path.isdir('/proc') else []\n"
+        "lines = []\nfor p in pids:\n    try:\n        lines.append(open(f'/proc/{p}/cmdline', 'rb').read())\n"
+        "    except OSError:\n        pass\nprint(len(pids), max(map(int, pids), default=0))\n"
+        "print(any(b'pytest' in c for c in lines))"
+    )
+    result = _run(source, drop)
+    assert result.ok, result.stderr
+    if not result.isolation.get("pid"):
+        pytest.skip("no PID namespace on this machine (documented)")
+    count, largest = map(int, result.stdout.split()[:2])
+    assert count <= 3 and largest <= 3, result.stdout  # outer waiter, reaper, program at most, numbered 1..3
+    assert result.stdout.split()[2] == "False"
+    assert result.isolation.get("proc") in ("private", "hidden")
+    assert os.getpid() > 3  # the harness itself is not one of the PIDs the program saw
+
+
+@pytest.mark.parametrize("drop", MODES)
+def test_early_exit_does_not_complete(drop):
+    for source in ("import sys\nsys.exit(0)", "import os\nos._exit(0)", "raise SystemExit(0)",
+                   "import atexit, os\natexit.register(lambda: os._exit(0))\nraise ValueError"):
+        result = _run(source, drop)
+        assert not result.completed and not result.ok, source
+    assert _run("x = 1", drop).completed
+
+
+@pytest.mark.parametrize("drop", MODES)
+def test_program_cannot_call_the_harness_sender(drop):
+    """The completion sender is not reachable as a global of __main__ (the prologue's module): a program that
+    calls every function there taking a `report` (or named like a sender) still does not complete."""
+    source = (
+        "import __main__, os\n"
+        "for name, value in list(vars(__main__).items()):\n"
+        "    code = getattr(value, '__code__', None)\n"
+        "    if code is not None and ('report' in code.co_varnames or 'send' in name or name.startswith('_')):\n"
+        "        try:\n"
+        "            value('P' * 100)\n"
+        "        except BaseException:\n"
+        "            pass\n"
+        "os._exit(0)\n"
+    )
+    result = _run(source, drop)
+    assert not result.completed and not result.ok

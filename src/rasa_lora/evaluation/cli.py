@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="sandbox / checker processes (default: CPU count)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--prompt-style", default="paper", choices=["paper", "humanevalpack"],
+                   help="code: 'paper' (Fig. 9 with our instruction text, cut at bigcode's HumanEval stop words) or "
+                        "'humanevalpack' (the bigcode harness's HumanEvalPack instruction and its truncation)")
     p.add_argument("--completions", default=None,
                    help="score outputs made elsewhere instead of generating: code, a JSONL of {task_id, completion} "
                         "(the same number per task); math, a JSONL of {id, generation}")
@@ -306,13 +309,14 @@ def _read_generations(path: Path, items: list[dict]) -> dict[str, str]:
 
 
 def _math_summary(args, items: list[dict], records: dict[str, dict], out_dir: Path) -> dict:
-    from rasa_lora.evaluation.math_check import answer_shape
+    from rasa_lora.evaluation.math_check import MINERVA_REFERENCE, answer_shape, minerva_parser
 
     rows = [records[item["id"]] for item in items]
     n = max(len(rows), 1)
     summary = {"accuracy": sum(r["verdicts"]["math_verify"] for r in rows) / n,
                "accuracy_minerva": sum(r["verdicts"]["minerva"] for r in rows) / n,
-               "checker": "accuracy = math-verify; accuracy_minerva = lm-eval minerva_math normalisation + sympy"}
+               "checker": f"accuracy = math-verify; accuracy_minerva = {MINERVA_REFERENCE} (normalisation, "
+                          "string check, sympy)", "minerva_parser": minerva_parser()}
     differ = [r for r in rows if r["verdicts"]["math_verify"] != r["verdicts"]["minerva"]]
     counts = Counter((answer_shape(r["gold"]), "math-verify only" if r["verdicts"]["math_verify"] else
                       "minerva only") for r in differ)
@@ -332,7 +336,6 @@ def _math_summary(args, items: list[dict], records: dict[str, dict], out_dir: Pa
 # --- code -------------------------------------------------------------------------------------------------------------
 def _run_code(args, items: list[dict], records_path: Path) -> dict:
     from rasa_lora.evaluation import code
-    from rasa_lora.evaluation.tasks import CODE_STOP, code_prompt
 
     external = _read_completions(Path(args.completions), items) if args.completions else None
     n = 1 if args.gold else len(next(iter(external.values()))) if external else args.n_samples
@@ -352,7 +355,7 @@ def _run_code(args, items: list[dict], records_path: Path) -> dict:
     for chunk_ids in _chunks(pending_tasks, max(1, args.batch_size // max(n, 1)) * 4 if n < args.batch_size else 2):
         chunk = [(by_id[i], s) for i in chunk_ids for s in range(n) if f"{i}#{s}" not in done]
         completions = ([("", external[item["id"]][s]) for item, s in chunk] if external is not None else
-                       _completions(args, chunk, generator, n, CODE_STOP, code_prompt))
+                       _completions(args, chunk, generator, n))
         pairs = [(item, c) for (item, _), (_, c) in zip(chunk, completions)]
         if args.task == "humaneval+":
             verdicts = code.check_plus(pairs, truths, args.workers, lambda: bar.update())
@@ -362,7 +365,16 @@ def _run_code(args, items: list[dict], records_path: Path) -> dict:
                                 "completion": c, "verdicts": v}
                                for (item, s), (g, c), v in zip(chunk, completions, verdicts)])
     bar.close()
-    return _code_summary(items, n, _read_records(records_path), args.task)
+    records = _read_records(records_path)
+    samples = code.evalplus_samples([records[f"{item['id']}#{s}"] for item in items for s in range(n)], by_id)
+    _write_jsonl_atomic(records_path.parent / "samples.jsonl", samples)  # `evalplus.evaluate --samples` reads it
+    return _code_summary(items, n, records, args.task) | {"prompt_style": args.prompt_style}
+
+
+def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
 
 
 def _read_completions(path: Path, items: list[dict]) -> dict[str, list[str]]:
@@ -383,18 +395,22 @@ def _read_completions(path: Path, items: list[dict]) -> dict[str, list[str]]:
     return {task_id: by_task[task_id] for task_id in counts}
 
 
-def _completions(args, chunk, generator, n, stop, code_prompt) -> list[tuple[str, str]]:
-    """(raw generation, completion) per (item, sample) of the chunk."""
-    from rasa_lora.evaluation.code import truncate_completion
+def _completions(args, chunk, generator, n) -> list[tuple[str, str]]:
+    """(raw generation, completion) per (item, sample) of the chunk, in --prompt-style."""
+    from rasa_lora.evaluation.code import completion_from_generation
+    from rasa_lora.evaluation.tasks import code_prompt
 
     if args.gold:
         return [("", item["canonical_solution"]) for item, _ in chunk]
     items = list(dict.fromkeys(item["id"] for item, _ in chunk))
     by_id = {item["id"]: item for item, _ in chunk}
     temperature = 0.2 if args.temperature is None else args.temperature
-    generated = generator([code_prompt(by_id[i]["prompt"]) for i in items], _max_new_tokens(args), temperature, n)
+    style = args.prompt_style
+    generated = generator([code_prompt(by_id[i]["prompt"], style, by_id[i]["entry_point"]) for i in items],
+                          _max_new_tokens(args), temperature, n)
     samples = {i: g for i, g in zip(items, generated)}
-    return [(samples[item["id"]][s], truncate_completion(samples[item["id"]][s], stop)) for item, s in chunk]
+    return [(samples[item["id"]][s], completion_from_generation(samples[item["id"]][s], style))
+            for item, s in chunk]
 
 
 def _code_summary(items: list[dict], n: int, records: dict[str, dict], task: str) -> dict:

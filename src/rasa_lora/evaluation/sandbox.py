@@ -8,7 +8,9 @@ What is covered
 - Time: a wall-clock limit enforced by the parent (the whole process group is SIGKILLed, so SIGTERM handlers and
   C-level sleeps do not matter) and RLIMIT_CPU inside.
 - Processes: the program runs as PID 1 of a new PID namespace where the kernel allows it, so when it dies every
-  process it started dies with it, including ones that called `setsid()`; it cannot see or signal the harness.
+  process it started dies with it, including ones that called `setsid()`; it cannot see or signal the harness:
+  a fresh proc of that namespace is mounted on `/proc` (without a PID namespace but with a mount namespace, an
+  empty read-only tmpfs hides `/proc`), so no host PID or command line shows.
   It also has its own session and process group (killed whole), and RLIMIT_NPROC caps fork bombs.
 - Memory, files, descriptors: RLIMIT_AS (address space), RLIMIT_FSIZE (largest file, also caps stdout/stderr,
   which go to files), RLIMIT_NOFILE, RLIMIT_CORE = 0.
@@ -21,6 +23,9 @@ What is covered
   supplementary groups, so it can neither undo the limits nor touch root-owned files or processes.
 - Environment: scrubbed to PATH, HOME, TMPDIR, LANG and PYTHON* variables set here; `python -I` ignores
   PYTHONPATH and user site-packages.
+- Completion: `completed` is True only when the prologue, after the program and its `finish` expression
+  returned, sent back the harness's random nonce on a pipe of its own; an exit with status 0 before that is not
+  a completion (see `run_program`).
 
 What is not covered
 - Namespaces need root, or unprivileged user namespaces (Ubuntu 24.04 can restrict them with AppArmor). When
@@ -41,10 +46,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -92,23 +99,31 @@ class SandboxResult:
     wall_s: float
     output_truncated: bool = False
     isolation: dict[str, bool | str] = field(default_factory=dict)
-    """What the prologue put in force: network, mount, pid, uid_dropped (bools), and mode."""
+    """What the prologue put in force: network, mount, pid, uid_dropped (bools), mode, and proc ("private": a
+    proc of the sandbox's PID namespace, "hidden": an empty /proc, "host": the host's)."""
+    completed: bool = False
+    """The program and its `finish` expression ran to the end: the harness's nonce came back on the completion
+    pipe. An exit of any kind (status 0 included), a signal, an exception or a time-out before that leaves it False."""
+    report: str | None = None
+    """The string `finish` evaluated to, sent after the nonce; None unless `completed`."""
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0 and not self.timed_out
+        return self.completed and self.returncode == 0 and not self.timed_out
 
 
 # The prologue runs inside the fresh interpreter before the untrusted code. It receives the limits as JSON in
-# argv[1], the status pipe's fd in argv[2] and a fallback working directory in argv[3].
+# argv[1], the status pipe's fd in argv[2], a fallback working directory in argv[3] and the completion pipe's fd in
+# argv[4]. Stdin carries the nonce (one line), the `finish` expression (one line, JSON) and the program's source.
 _PROLOGUE = r'''
 import ctypes, json, os, resource, signal, sys
-cfg = json.loads(sys.argv[1]); status_fd = int(sys.argv[2]); fallback_dir = sys.argv[3]
-source = sys.stdin.buffer.read()
+cfg = json.loads(sys.argv[1]); status_fd = int(sys.argv[2]); fallback_dir = sys.argv[3]; done_fd = int(sys.argv[4])
+nonce, finish, source = sys.stdin.buffer.read().split(b"\n", 2)
+finish = json.loads(finish)
 null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
 libc = ctypes.CDLL(None, use_errno=True)
 NEWNS, NEWUSER, NEWPID, NEWNET, NEWIPC = 0x20000, 0x10000000, 0x20000000, 0x40000000, 0x08000000
-iso = {"network": False, "mount": False, "pid": False, "uid_dropped": False,
+iso = {"network": False, "mount": False, "pid": False, "uid_dropped": False, "proc": "host",
        "mode": "root" if os.geteuid() == 0 and cfg["drop_privileges"] else "user"}
 uid, gid = os.getuid(), os.getgid()
 
@@ -154,6 +169,13 @@ def isolate_filesystem():
     for point in points:
         if point not in private and not point.startswith(("/proc", "/sys", "/dev")):
             mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
+    # The host's /proc lists every host process and its command line: a fresh proc of the sandbox's own PID
+    # namespace replaces it, or, without one, an empty read-only tmpfs hides it.
+    MS_NOEXEC = 8
+    if iso["pid"] and mount("proc", "/proc", "proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, None):
+        iso["proc"] = "private"
+    elif mount("tmpfs", "/proc", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=555"):
+        iso["proc"] = "hidden"
     return True
 
 def fork_and_relay(fate_w=None):
@@ -183,12 +205,20 @@ if got & NEWPID:
     fork_and_relay(fate_w)
     os.close(fate_w)
     iso["pid"] = True
+drop = iso["mode"] == "root"
+tasks = 0
+if not drop:  # RLIMIT_NPROC counts every task of the real uid, the harness's included (read before /proc is replaced)
+    def count_tasks(p):
+        try:
+            return len(os.listdir(f"/proc/{p}/task")) if os.stat(f"/proc/{p}").st_uid == uid else 0
+        except OSError:
+            return 0
+    tasks = sum(count_tasks(p) for p in os.listdir("/proc") if p.isdigit())
 if got & NEWNS:
     iso["mount"] = isolate_filesystem()
 workdir = fallback_dir
 if iso["mount"]:
     workdir = "/tmp/sandbox"; os.mkdir(workdir, 0o700)
-drop = iso["mode"] == "root"
 
 def world_reachable(path):
     parts = os.path.realpath(path).split("/")
@@ -219,13 +249,7 @@ limits = [(resource.RLIMIT_CPU, cfg["cpu_time_s"], cfg["cpu_time_s"] + 1)] + [
     (kind, cfg[key], cfg[key]) for kind, key in ((resource.RLIMIT_AS, "memory_bytes"), (resource.RLIMIT_FSIZE,
     "max_file_bytes"), (resource.RLIMIT_NOFILE, "max_open_files"), (resource.RLIMIT_NPROC, "max_processes"))
 ] + [(resource.RLIMIT_CORE, 0, 0)]
-if not drop:  # RLIMIT_NPROC counts every task of the real uid, the harness's included
-    def count_tasks(p):
-        try:
-            return len(os.listdir(f"/proc/{p}/task")) if os.stat(f"/proc/{p}").st_uid == uid else 0
-        except OSError:
-            return 0
-    tasks = sum(count_tasks(p) for p in os.listdir("/proc") if p.isdigit())
+if not drop:
     limits[-2] = (resource.RLIMIT_NPROC, tasks + cfg["max_processes"], tasks + cfg["max_processes"])
 for kind, soft, hard in limits:
     resource.setrlimit(kind, (soft, hard))
@@ -236,10 +260,34 @@ os.write(status_fd, json.dumps(iso).encode()); os.close(status_fd)
 if not iso["pid"]:
     for name in ("kill", "killpg", "setsid", "setpgid", "setuid", "fork", "forkpty"):
         setattr(os, name, None)
-del cfg, status_fd, fallback_dir, libc, limits, iso
-sys.argv = ["program.py"]
-glb = {"__name__": "__main__", "__builtins__": __builtins__}
-exec(compile(source.decode("utf-8", "replace"), "program.py", "exec"), glb)
+def completion_sender(fd, nonce, write=os.write, exit=os._exit):
+    """Bound now, before the program can replace os.write or os._exit. Only this tells the harness the program
+    (and `finish`) ran to the end: an exit, a signal or an exception before it leaves no nonce on the pipe."""
+    def send(report):
+        message = nonce + report.encode("utf-8", "replace") + nonce
+        while message:
+            message = message[write(fd, message):]
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:
+                pass
+        exit(0)  # no atexit handlers, no waiting for the program's threads: its fate is sealed
+    return send
+
+def run_program(send, source, finish):
+    """The sender lives only in this frame: no global of __main__ (this module) names it or the nonce."""
+    for name in ("cfg", "status_fd", "fallback_dir", "libc", "limits", "iso", "nonce", "done_fd", "source",
+                 "finish", "completion_sender", "run_program"):
+        globals().pop(name, None)
+    sys.argv = ["program.py"]
+    glb = {"__name__": "__main__", "__builtins__": __builtins__}
+    exec(compile(source.decode("utf-8", "replace"), "program.py", "exec"), glb)
+    del source
+    report = eval(compile(finish, "finish.py", "eval"), glb) if finish else ""
+    send(report if isinstance(report, str) else "")
+
+run_program(completion_sender(done_fd, nonce), source, finish)
 '''
 
 
@@ -260,13 +308,42 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def run_program(source: str, limits: SandboxLimits | None = None, drop_privileges: bool = True) -> SandboxResult:
+def _read_all(fd: int, cap: int, into: list[bytes]) -> None:
+    """Drain a pipe until EOF (so a writer never blocks on it), keeping at most `cap` bytes."""
+    kept = 0
+    with os.fdopen(fd, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(65536):
+            if kept < cap:
+                into.append(chunk[:cap - kept])
+                kept += len(into[-1])
+
+
+def _completion(data: bytes, nonce: bytes) -> tuple[bool, str | None]:
+    """(completed, report) from what came back on the completion pipe: exactly one nonce-framed report."""
+    parts = data.split(nonce)
+    if len(parts) != 3:  # the program cannot write the nonce; anything else it wrote sits outside the frame
+        return False, None
+    return True, parts[1].decode("utf-8", "replace")
+
+
+def run_program(source: str, limits: SandboxLimits | None = None, drop_privileges: bool = True,
+                finish: str | None = None) -> SandboxResult:
     """Run `source` as a Python program in the sandbox; never raises for anything the program does.
+
+    `finish`: a Python expression evaluated in the program's globals after the program, in the same process
+    (e.g. `check(candidate)`); a string value comes back as `report`. Only when both ran to the end does the
+    prologue send a random nonce on a pipe of its own, then exit at once (`completed`): that, not the exit
+    status, is what says the checks ran. Neither the nonce nor the sender is in the program's source, its globals
+    or the prologue's module (`import __main__` finds neither); a program that digs them out of the interpreter
+    (the caller's frame through `sys._getframe`, `gc`, `ctypes`) is deliberately cheating, which is not defended
+    against.
 
     `drop_privileges=False` makes a root harness behave as an unprivileged one (user namespace, same uid);
     tests use it to exercise the path that CI machines without root take.
     """
     limits = limits or SandboxLimits()
+    nonce = secrets.token_hex(16).encode()
+    stdin = nonce + b"\n" + json.dumps(finish or "").encode() + b"\n" + source.encode("utf-8")
     cfg = asdict(limits) | {"uid": _SANDBOX_UID_BASE + random.randrange(4000), "drop_privileges": drop_privileges}
     with tempfile.TemporaryDirectory(prefix="rasa-sandbox-") as host_dir:
         workdir = os.path.join(host_dir, "work")
@@ -276,17 +353,22 @@ def run_program(source: str, limits: SandboxLimits | None = None, drop_privilege
             os.chmod(host_dir, 0o711)  # the dropped uid must reach its fallback working directory
         out_path, err_path = os.path.join(host_dir, "stdout"), os.path.join(host_dir, "stderr")
         status_r, status_w = os.pipe()
+        done_r, done_w = os.pipe()
+        done: list[bytes] = []
+        reader = threading.Thread(target=_read_all, args=(done_r, 16 * 1024**2, done), daemon=True)
+        reader.start()
         start = time.monotonic()
         timed_out = False
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", _PROLOGUE, json.dumps(cfg), str(status_w), workdir],
+                [sys.executable, "-I", "-c", _PROLOGUE, json.dumps(cfg), str(status_w), workdir, str(done_w)],
                 stdin=subprocess.PIPE, stdout=out, stderr=err, env=_scrubbed_env() | {"HOME": workdir},
-                cwd=workdir, start_new_session=True, pass_fds=(status_w,),
+                cwd=workdir, start_new_session=True, pass_fds=(status_w, done_w),
             )
             os.close(status_w)
+            os.close(done_w)
             try:
-                proc.communicate(source.encode("utf-8"), timeout=limits.wall_time_s)
+                proc.communicate(stdin, timeout=limits.wall_time_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
             except BrokenPipeError:  # the interpreter died before reading all of its source
@@ -296,29 +378,37 @@ def run_program(source: str, limits: SandboxLimits | None = None, drop_privilege
                     timed_out = True
             _kill_group(proc.pid)  # on time-out, and stragglers that stayed in the group after the leader exited
             proc.wait()
+        reader.join(timeout=5.0)  # every holder of the write end died with the process group (or namespace)
         wall = time.monotonic() - start
         with os.fdopen(status_r, "rb") as status:
             raw = status.read()
         stdout, cut_out = _read_capped(out_path, limits.max_output_bytes)
         stderr, cut_err = _read_capped(err_path, limits.max_output_bytes)
     isolation = json.loads(raw) if raw else {}
-    return SandboxResult(proc.returncode, stdout, stderr, timed_out, wall, cut_out or cut_err, isolation)
+    completed, report = _completion(b"".join(done), nonce)
+    completed = completed and not timed_out
+    return SandboxResult(proc.returncode, stdout, stderr, timed_out, wall, cut_out or cut_err, isolation,
+                         completed, report if completed else None)
 
 
 def run_many(sources: Sequence[str], limits: SandboxLimits | Sequence[SandboxLimits] | None = None,
              workers: int | None = None, on_done: Callable[[], None] | None = None,
-             drop_privileges: bool = True) -> Iterator[SandboxResult]:
+             drop_privileges: bool = True, finish: str | Sequence[str | None] | None = None) -> Iterator[SandboxResult]:
     """Run programs on `workers` parallel sandboxes (default: CPU count); yields results in input order.
 
-    `limits` is one `SandboxLimits` for all programs or one per program.
+    `limits` is one `SandboxLimits` for all programs or one per program; `finish` (see `run_program`) likewise.
     """
     per_program = list(limits) if isinstance(limits, Sequence) else [limits] * len(sources)
     if len(per_program) != len(sources):
         raise ValueError(f"Got {len(per_program)} limits for {len(sources)} programs; give one or one per program.")
+    finishes = [finish] * len(sources) if finish is None or isinstance(finish, str) else list(finish)
+    if len(finishes) != len(sources):
+        raise ValueError(f"Got {len(finishes)} finish expressions for {len(sources)} programs; give one or one per "
+                         "program.")
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(run_program, source, limit, drop_privileges)
-                   for source, limit in zip(sources, per_program)]
+        futures = [pool.submit(run_program, source, limit, drop_privileges, end)
+                   for source, limit, end in zip(sources, per_program, finishes)]
         for future in futures:
             result = future.result()
             if on_done is not None:

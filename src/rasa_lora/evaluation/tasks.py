@@ -8,8 +8,9 @@ Every loader returns plain dicts with an `id` and the fields its scorer needs:
   per choice), `choice_texts` (what lm-eval's `acc_norm` measures the length of) and `gold` (an index).
 
 Data come from `--data-dir` (default `../shared/data` when it exists) in the layouts of `SOURCES.md` there;
-without a local copy the Hugging Face hub datasets are used (needs `datasets` and a network; that path is not
-exercised by the tests, which run offline). Our HellaSwag copy is a preprocessed text export (see SOURCES.md):
+without a local copy the Hugging Face hub datasets are used (needs `datasets` and a network; the tests check the
+calls against the hub datasets' recorded configs and fields, offline), and for HumanEval+ EvalPlus's own release
+through the `evalplus` package. Our HellaSwag copy is a preprocessed text export (see SOURCES.md):
 its scores may differ slightly from lm-eval's `hellaswag`.
 
 Prompts are the paper's App. B templates (Alpaca style). For code the paper shows the response opening with
@@ -59,8 +60,46 @@ def math_prompt(question: str) -> str:
     return MATH_PROMPT.format(question=question)
 
 
-def code_prompt(humaneval_prompt: str) -> str:
-    """The paper's Fig. 9: the instruction, then a response that opens with the HumanEval prompt."""
+PROMPT_STYLES = ("paper", "humanevalpack")
+# bigcode-evaluation-harness's `humanevalsynthesize-python` stop words (HumanEvalPack, Python, plus its end token).
+HUMANEVALPACK_STOP = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\nassert", "<|endoftext|>"]
+
+
+def humanevalpack_instruction(humaneval_prompt: str, entry_point: str) -> str:
+    """HumanEvalPack's instruction for HumanEvalSynthesize, in the form its dataset card documents:
+    "Write a Python function `{signature}` to solve the following problem:\n{docstring}", with the signature and
+    docstring of `entry_point` read from the HumanEval prompt (the dataset itself is not needed)."""
+    import ast
+
+    tree = ast.parse(humaneval_prompt + "    pass\n")
+    function = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == entry_point)
+    header = ast.get_source_segment(humaneval_prompt + "    pass\n", function).split("\n")
+    signature_lines = []
+    for line in header:
+        signature_lines.append(line.strip())
+        if line.rstrip().endswith(":"):
+            break
+    signature = " ".join(signature_lines)[len("def "):].rstrip(":").strip()
+    docstring = (ast.get_docstring(function) or "").strip()
+    return f"Write a Python function `{signature}` to solve the following problem:\n{docstring}"
+
+
+def code_prompt(humaneval_prompt: str, style: str = "paper", entry_point: str | None = None) -> str:
+    """The prompt of a HumanEval task.
+
+    "paper" (default): the paper's Fig. 9, our instruction text ("Write a solution to the following problem:" and
+    the prompt in a code fence), then a response that opens with the HumanEval prompt.
+    "humanevalpack": what the bigcode harness sends for `humanevalsynthesize-python` with `--prompt wizardcoder`
+    (the Alpaca template of Fig. 9): HumanEvalPack's instruction, a response that opens with the HumanEval prompt,
+    the whole stripped (so it ends at the docstring's closing quotes). Needs `entry_point`.
+    """
+    if style == "humanevalpack":
+        if entry_point is None:
+            raise ValueError("The humanevalpack prompt style needs the task's entry_point.")
+        instruction = humanevalpack_instruction(humaneval_prompt, entry_point)
+        return (ALPACA_HEADER.format(question=instruction) + humaneval_prompt).strip()
+    if style != "paper":
+        raise ValueError(f"Unknown prompt style {style!r}; choose one of: {', '.join(PROMPT_STYLES)}.")
     return ALPACA_HEADER.format(question=CODE_INSTRUCTION.format(prompt=humaneval_prompt.strip())) + humaneval_prompt
 
 
@@ -162,13 +201,40 @@ def _hub(name: str, config: str | None, split: str) -> list[dict]:
     return list(load_dataset(name, config, split=split))
 
 
-def _hub_math(name: str, config: str | None) -> list[dict]:
+# EleutherAI/hendrycks_math has one config per subject and no default one (the MATH test set is their union).
+HENDRYCKS_MATH_CONFIGS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+                          "prealgebra", "precalculus")
+
+
+def _math_rows(rows: list[dict], prefix: str) -> list[dict]:
     from rasa_lora.evaluation.math_check import last_boxed_content
 
-    rows = _hub(name, config, "test")
-    return [{"id": r.get("unique_id", f"math/{i}"), "question": r["problem"],
+    return [{"id": r.get("unique_id", f"{prefix}/{i}"), "question": r["problem"],
              "answer": r.get("answer") or last_boxed_content(r["solution"]) or "", "solution": r["solution"]}
             for i, r in enumerate(rows)]
+
+
+def _hub_math(name: str, config: str | None) -> list[dict]:
+    return _math_rows(_hub(name, config, "test"), "math")
+
+
+def _hub_hendrycks_math() -> list[dict]:
+    return [item for config in HENDRYCKS_MATH_CONFIGS
+            for item in _math_rows(_hub("EleutherAI/hendrycks_math", config, "test"), f"math/{config}")]
+
+
+def _hub_humaneval_plus() -> list[dict]:
+    """EvalPlus's own release (base and plus inputs apart, atol), through the `evalplus` package, which downloads
+    and caches it. The hub dataset `evalplus/humanevalplus` cannot serve: it has only task_id, prompt,
+    canonical_solution, entry_point and test (all inputs merged into one check function), so base and plus
+    verdicts cannot be told apart from it."""
+    try:
+        from evalplus.data import get_human_eval_plus
+    except ImportError as error:
+        raise ImportError("humaneval+ needs EvalPlus's release file (base and plus inputs apart; the hub dataset "
+                          "evalplus/humanevalplus merges them): pass --data-dir with "
+                          "humanevalplus/HumanEvalPlus.jsonl.gz, or `pip install evalplus`.") from error
+    return [dict(r, id=r["task_id"]) for r in get_human_eval_plus().values()]
 
 
 def _hub_arc() -> list[dict]:
@@ -190,7 +256,7 @@ def _hub_winogrande() -> list[dict]:
 
 
 TASKS: dict[str, TaskSpec] = {
-    "math": TaskSpec("math", "math/MATH_test.jsonl", _load_math, lambda: _hub_math("EleutherAI/hendrycks_math", None)),
+    "math": TaskSpec("math", "math/MATH_test.jsonl", _load_math, _hub_hendrycks_math),
     "math500": TaskSpec("math", "math/MATH500_test.jsonl", _load_math500,
                         lambda: _hub_math("HuggingFaceH4/MATH-500", None)),
     "gsm8k": TaskSpec("math", "gsm8k/test.jsonl", _load_gsm8k, lambda: [
@@ -198,7 +264,7 @@ TASKS: dict[str, TaskSpec] = {
         for i, r in enumerate(_hub("openai/gsm8k", "main", "test"))]),
     "humaneval": TaskSpec("code", "", _load_humaneval_base, _load_humaneval_base),
     "humaneval+": TaskSpec("code", "humanevalplus/HumanEvalPlus.jsonl.gz", _load_humaneval_plus,
-                           lambda: [dict(r, id=r["task_id"]) for r in _hub("evalplus/humanevalplus", None, "test")]),
+                           _hub_humaneval_plus),
     "arc_challenge": TaskSpec("choice", "arc_challenge/ARC-Challenge-Test.jsonl", _load_arc, _hub_arc),
     "hellaswag": TaskSpec("choice", "hellaswag/hellaswag_val.jsonl", _load_hellaswag, _hub_hellaswag),
     "winogrande": TaskSpec("choice", "winogrande/dev.jsonl", _load_winogrande, _hub_winogrande),
