@@ -71,13 +71,19 @@ def test_the_progress_bar_counts_micro_batches(tiny_model_dir, tmp_path, capsys)
     assert "8/8" in err and "micro-batch" in err and "step 2/2" in err
 
 
-@pytest.mark.slow
-def test_ctrl_c_is_acknowledged_at_once_then_checkpointed(tiny_model_dir, tmp_path):
+def _long_run_past_step_2(tiny_model_dir, tmp_path):
+    """(output dir, training process) of a 400-step run that has logged its second step."""
     out = tmp_path / "run"
     values = tiny_overrides(tiny_model_dir, out, max_steps=400, global_batch_size=8, micro_batch_size=1,
                             num_examples=64)
     process = _train_process(_args(values))
     _wait_for_step(out / "metrics.jsonl", 2, process)
+    return out, process
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_acknowledged_at_once_then_checkpointed(tiny_model_dir, tmp_path):
+    out, process = _long_run_past_step_2(tiny_model_dir, tmp_path)
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=120) == 130
     err = process.stderr.read()
@@ -88,11 +94,7 @@ def test_ctrl_c_is_acknowledged_at_once_then_checkpointed(tiny_model_dir, tmp_pa
 
 @pytest.mark.slow
 def test_a_second_ctrl_c_stops_without_waiting(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    values = tiny_overrides(tiny_model_dir, out, max_steps=400, global_batch_size=8, micro_batch_size=1,
-                            num_examples=64)
-    process = _train_process(_args(values))
-    _wait_for_step(out / "metrics.jsonl", 2, process)
+    _, process = _long_run_past_step_2(tiny_model_dir, tmp_path)
     process.send_signal(signal.SIGINT)
     time.sleep(0.001)
     process.send_signal(signal.SIGINT)

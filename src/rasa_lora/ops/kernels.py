@@ -81,7 +81,7 @@ def packed_width(n: int) -> int:
 
 
 # Launch shapes per kernel; `benchmarks/kernel_timing.py` sweeps alternatives (it edits this dict in place).
-CONFIGS = {  # winners of `benchmarks/kernel_timing.py --sweep` on one H200 (2026-11-29), R = 64, bf16
+CONFIGS = {  # winners of `benchmarks/kernel_timing.py --sweep`, R = 64, bf16 (benchmarks/RESULTS.md)
     "down": {"BM": 64, "BK": 64, "splits": 0, "warps": 4, "stages": 3, "programs": 528, "pack": "separate"},
     # up and gx: a row block a program (session 6, `--only-wide` at 16384 tokens: up_ 57 -> 43 us on q_proj);
     # bwd_up and ga: session 6's sweep over 4096 and 16384 tokens (run C)
