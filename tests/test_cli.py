@@ -27,7 +27,8 @@ HEAVY = ("torch", "transformers", "peft")
 
 @pytest.mark.parametrize("argv", [["--help"], [], ["train", "--help"], ["eval", "--help"], ["merge", "--help"],
                                   ["params", "--help"], ["demo", "--help"], ["reproduce", "--help"],
-                                  ["compare", "--help"], ["nosuchcommand"], ["params", "--ranks", "0"]])
+                                  ["compare", "--help"], ["analyze", "--help"], ["compress", "--help"],
+                                  ["nosuchcommand"], ["params", "--ranks", "0"]])
 def test_help_and_argument_errors_import_no_torch(argv):
     code = ("import sys, contextlib, io, json\nfrom rasa_lora.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"

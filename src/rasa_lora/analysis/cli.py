@@ -62,7 +62,7 @@ def _analyze_parser() -> argparse.ArgumentParser:
 
 def _fit_arguments(parser: argparse.ArgumentParser) -> None:
     """--rasa-k (and its deprecated alias --k), --iters, --tol, --init, --restarts: shared by analyze and compress."""
-    from rasa_lora.analysis.reconstruction import DEFAULT_INIT, DEFAULT_MAX_ITERS, DEFAULT_TOL, DEFAULT_WINDOW, INITS
+    from rasa_lora.analysis.defaults import DEFAULT_INIT, DEFAULT_MAX_ITERS, DEFAULT_TOL, DEFAULT_WINDOW, INITS
 
     parser.add_argument("--rasa-k", type=int, help="shared ranks per layer (k; default 1)")
     parser.add_argument("--k", type=int, dest="old_k", help=argparse.SUPPRESS)  # deprecated spelling of --rasa-k
@@ -117,10 +117,9 @@ def _groups(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
 
 def analyze_main(argv: list[str]) -> int:
-    from rasa_lora.analysis.analyze import AnalysisConfig, run_analysis
-
     parser = _analyze_parser()
     args = parser.parse_args(argv)
+    from rasa_lora.analysis.analyze import AnalysisConfig, run_analysis
     try:
         config = AnalysisConfig(r=args.r, k=_rasa_k(args, "rasa-lora analyze"), iters=args.iters, init=args.init,
                                 variant=args.variant, dtype=args.dtype, device=args.device,

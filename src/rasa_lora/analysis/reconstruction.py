@@ -59,11 +59,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-INITS = ("stacked", "theorem", "random")
-DEFAULT_INIT = "auto"
-DEFAULT_TOL = 1e-5  # stop when the error falls by less than this fraction per iteration, on average over
-DEFAULT_WINDOW = 5  # the last DEFAULT_WINDOW iterations
-DEFAULT_MAX_ITERS = 200
+from rasa_lora.analysis.defaults import (  # noqa: F401 (re-exported for existing callers)
+    DEFAULT_INIT,
+    DEFAULT_MAX_ITERS,
+    DEFAULT_TOL,
+    DEFAULT_WINDOW,
+    INITS,
+)
+
 VARIANTS = ("fast", "exact")
 
 
