@@ -184,3 +184,20 @@ def test_ctrl_c_at_the_terminal_gives_one_message_and_no_traceback(tmp_path, sha
     err = process.stderr.read()
     assert "Traceback" not in err and err.count("interrupted (Ctrl-C)") == 1, err
     assert "scored records are kept in" in err
+
+
+def test_an_error_during_scoring_starts_its_own_line(tmp_path, shared_data, capsys, monkeypatch):
+    """The progress bar is open when scoring fails: the one-line error must not be glued to the bar's line."""
+    from rasa_lora.evaluation import math_check
+
+    def judge(*args, **kwargs):
+        raise ValueError("checker broke")
+
+    monkeypatch.setattr(math_check, "judge_many", judge)
+    monkeypatch.setenv("RASA_LORA_THREADS", "1")
+    assert cli.main(["eval", "gsm8k", "--gold", "--limit", "2", "--data-dir", str(shared_data),
+                     "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "checker broke" in err
+    line = next(line for line in err.splitlines() if "checker broke" in line)
+    assert line.startswith("rasa-lora eval: error:"), repr(err)

@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, out_dir)
     except (FileNotFoundError, KeyError, ValueError, ImportError, UserError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        _close_bars()
         print(f"rasa-lora eval: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -210,6 +211,13 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
     _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "disagreements"}, indent=2))
     return 0
+
+
+def _close_bars() -> None:
+    """End any progress bar an error left open, so that the error starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
 
 
 def _progress(total: int, done: int, desc: str, unit: str = "it"):
