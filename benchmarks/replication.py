@@ -100,7 +100,9 @@ def run_parallel(jobs: list[tuple[str, list[str], Path]], parallel: int, time_li
     pending, running, codes = list(jobs), {}, {name: None for name, _, _ in jobs}
     stopping = False
     while pending or running:
-        while pending and len(running) < parallel and not stopping:
+        if stopping:
+            pending = []  # past the time limit nothing new starts: those jobs keep exit code None
+        while pending and len(running) < parallel:
             name, command, log = pending.pop(0)
             log.parent.mkdir(parents=True, exist_ok=True)
             handle = log.open("a")
