@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from rasa_lora.models import adapter_save_options
+from rasa_lora.settings import env_flag
 
 
 class Engine(str, enum.Enum):
@@ -72,10 +73,6 @@ class Engine(str, enum.Enum):
     FSDP2 = "fsdp2"
     ZERO2 = "zero2"
     ZERO3 = "zero3"
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
 
 
 def _type_name(state: Any) -> str:
@@ -98,12 +95,12 @@ def detect_engine(accelerator: Any) -> Engine:
     if kind == "NO" or int(getattr(state, "num_processes", 1)) <= 1:
         return Engine.SINGLE
     if kind == "MULTI_CPU":
-        if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        if env_flag("ACCELERATE_USE_DEEPSPEED", False):
             raise ValueError(
                 "DeepSpeed was requested but accelerate runs it only on GPUs (this run is on CPUs); "
                 "use configs/distributed/fsdp2.yaml or ddp.yaml on CPUs."
             )
-        if _env_flag("ACCELERATE_USE_FSDP"):
+        if env_flag("ACCELERATE_USE_FSDP", False):
             if os.environ.get("FSDP_VERSION", "1") != "2":
                 raise ValueError(
                     f"FSDP_VERSION={os.environ.get('FSDP_VERSION', '1')!r} on CPUs: accelerate has no CPU FSDP1 path "
