@@ -111,8 +111,11 @@ def _triton_devices():
 @pytest.mark.parametrize("device", _triton_devices())
 @pytest.mark.parametrize(("seed", "p"), [(0, 0.05), (2**31 - 2, 0.3), (12345, 0.75)])
 def test_triton_kernels_draw_the_same_bits(device, seed, p):
-    from rasa_lora.ops import kernels
+    from rasa_lora.ops import triton_backend
+    from rasa_lora.ops.cublas_backend import CublasBackend
 
     expected = hashmask.keep_mask(100, 150, seed, p, device)
-    got = kernels.keep_mask(100, 150, hashmask.seed_hash(seed), hashmask.threshold(p), device)
+    got = triton_backend.keep_mask(100, 150, hashmask.seed_hash(seed), hashmask.threshold(p), device)
     assert torch.equal(got, expected)
+    # the cuBLAS backend's mask: drawn by that kernel on CUDA, by the twin elsewhere; the same bits either way
+    assert torch.equal(CublasBackend().keep(torch.empty(100, 150, device=device), p, seed), expected)

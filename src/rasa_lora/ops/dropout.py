@@ -1,6 +1,8 @@
-r"""The adapter's dropout mask: a counter-based hash of (seed, row, column), never stored.
+r"""The adapter's dropout mask: a counter-based hash of (seed, row, column), never stored. The one definition for
+every path: the layer's reference path, the "torch" and "cublas" backends (`dropout_mask`, or the Triton kernel
+that draws the same bits) and the Triton kernels, which draw it in registers.
 
-The fused path drops adapter-input elements with probability p. For row i and the pair of columns
+The layer drops adapter-input elements with probability p. For row i and the pair of columns
 (2q, 2q+1) it draws one 32-bit word, the product of an (odd) hash of the row and an (odd) hash of the pair,
 
     v = (mix(i + S) | 1) * (mix((q * 0x61C88647) ^ S) | 1)        (mod 2**32),  S = mix(seed)
@@ -16,12 +18,7 @@ products, in registers: the row and pair hashes are computed once per row and pe
 word of two elements costs a multiply, an xorshift and the split into halves, then a comparison each. Philox
 (`tl.rand`, torch's dropout) costs several times that, a stored mask a pass over memory.
 
-Until session 7 the word was the full mix of (row hash ^ q * 0x61C88647), about twice the integer work. The
-cheaper word was chosen by its statistics (`benchmarks/mask_quality.py`, `benchmarks/RESULTS.md`; 2048 x 2048
-masks, 60 seeds at p = 0.5): combining the two hashes by xor before one multiply gave a 2 x 2 block chi-square of
-17.6 on average (15 degrees of freedom; 3.7 standard errors above independent draws), with one seed at 50.0 (~1e-5
-for independent draws), and by addition hundreds; the product of the two odd hashes 15.8 (1.1 standard errors),
-at most 29.1, like the full mix it replaced (14.6).
+The word's statistics were chosen by `benchmarks/experiments/mask_quality.py` (docs/performance.md, record 4).
 Both hashes depend on the seed, so whatever relation the product leaves between two given rows or two given columns
 changes from call to call. Making the hashes odd costs each row and pair one bit: two rows whose hashes differ
 only in the lowest bit share their mask (probability 2**-31 a pair and call).
@@ -93,8 +90,13 @@ def keep_from_words(words: torch.Tensor, cols: torch.Tensor, p: float) -> torch.
     return bits >= threshold(p)
 
 
+def scale(p: float) -> float:
+    """The dropout scale 1 / (1 - p), with p as the mask has it (`effective_p`)."""
+    return 1.0 / (1.0 - effective_p(p))
+
+
 def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The keep-mask (bool, shape of x) that `rasa_linear` uses on input x: rows are x's leading dims flattened."""
+    """The keep-mask (bool, shape of x) of input x: rows are x's leading dims flattened, as every path flattens them."""
     cols = x.shape[-1]
     rows = x.numel() // max(cols, 1)
     return keep_mask(rows, cols, seed, p, x.device).reshape(x.shape)
