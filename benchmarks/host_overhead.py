@@ -32,7 +32,7 @@ import torch
 
 class _NoLaunch:
     """Stands in for a Triton kernel: `kernel[grid](...)` returns a compiled kernel whose launcher does nothing,
-    so later calls take `kernels._Launcher`'s cached path with all its host-side work."""
+    so later calls take `launch.Launcher`'s cached path with all its host-side work."""
 
     class run:  # noqa: N801 - a Triton 3.x CUDA launcher without scratch memory: its C `launch` is called directly
         launch = staticmethod(lambda *args: None)
@@ -47,14 +47,14 @@ class _NoLaunch:
 
 
 def stub_kernels():
-    from rasa_lora.ops import kernels
+    from rasa_lora.ops import launch
 
-    for launcher in vars(kernels).values():
-        if isinstance(launcher, kernels._Launcher):
+    for launcher in vars(launch).values():
+        if isinstance(launcher, launch.Launcher):
             launcher.fn = _NoLaunch()
             launcher.compiled.clear()
-    kernels._cacheable = lambda kernel, device: True
-    kernels._current_stream = lambda device: 0
+    launch._cacheable = lambda kernel, device: True
+    launch._current_stream = lambda device: 0
 
 
 def stub_triton_path() -> None:
