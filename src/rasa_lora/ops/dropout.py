@@ -1,6 +1,6 @@
 r"""The adapter's dropout mask: a counter-based hash of (seed, row, column), never stored. The one definition for
-every path: the layer's reference path, the "torch" and "cublas" backends (`dropout_mask`, or the Triton kernel
-that draws the same bits) and the Triton kernels, which draw it in registers.
+every path (docs/performance.md, record 10): the reference path, the "torch" and "cublas" backends
+(`dropout_mask`, or the Triton kernel that draws the same bits) and the Triton kernels, which draw it in registers.
 
 The layer drops adapter-input elements with probability p. For row i and the pair of columns
 (2q, 2q+1) it draws one 32-bit word, the product of an (odd) hash of the row and an (odd) hash of the pair,

@@ -1,8 +1,8 @@
 """Launching Triton kernels from a cache of compiled kernels (`Launcher`), and the launchers of `kernels.py`.
 
-Triton's own launch path costs ~15-25 us of host time a launch (docs/performance.md, record 2); a training step
-launches several a projection, and at 4096 tokens the step is host-bound. `Launcher` keeps each compiled kernel
-after its first launch and calls its C launcher directly.
+Triton's own launch path costs host time comparable to a small kernel's GPU time, and a training step launches
+several a projection (docs/performance.md, record 2). `Launcher` keeps each compiled kernel after its first launch
+and calls its C launcher directly.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ class Launcher:
     """`kernel[grid](*args, num_warps=..., num_stages=...)` without Triton's per-call argument binding.
 
     Triton's launch path re-derives, from every argument on every call, which compiled variant to run, then
-    reads its settings and hooks: ~15-25 us of host time a launch on the H200's host (docs/performance.md, record 2),
-    and a training step launches ten a projection. After one ordinary launch this keeps the compiled kernel under a
-    key holding what Triton specializes on (each tensor's dtype and 16-byte alignment, every integer and
-    constexpr argument except those in `kernels.LOOSE`, the launch options, the device), and later launches with that
-    key call its C launcher directly. Arguments are positional, in the kernel's order, constexprs included.
+    reads its settings and hooks (docs/performance.md, record 2). After one ordinary launch this keeps the compiled
+    kernel under a key holding what Triton specializes on (each tensor's dtype and 16-byte alignment, every integer
+    and constexpr argument except those in `kernels.LOOSE`, the launch options, the device), and later launches with
+    that key call its C launcher directly. Arguments are positional, in the kernel's order, constexprs included:
+    binding them by name cost ~14% of a layer call's host time (docs/performance.md, record 11);
+    tests/ops/test_structure.py checks each launch's arguments against the kernel's names.
     Off under Triton's interpreter (nothing to cache) and with RASA_LORA_FAST_LAUNCH=0. A kernel first launched
     while a Triton launch hook is installed is not cached, but cached kernels skip hooks installed later: set
     RASA_LORA_FAST_LAUNCH=0 when profiling with such hooks (proton).
@@ -45,7 +46,7 @@ class Launcher:
         self.tensors = self.scalars = None  # itemgetters, set from the first call's arguments
         self.compiled: dict = {}
 
-    def __call__(self, grid, args, warps: int, stages: int) -> None:
+    def __call__(self, grid, args: tuple, warps: int, stages: int) -> None:
         fast = FAST_LAUNCH()
         if fast:
             if self.tensors is None:
@@ -71,7 +72,7 @@ class Launcher:
 def _entry(kernel) -> tuple:
     """(launch, function, options, metadata) of a compiled kernel: with Triton 3.x's CUDA launcher and no scratch
     memory, its C `launch` itself (options: cooperative grid, PDL, two null scratch buffers), skipping the Python
-    `__call__` around it (~2 us of host time a launch); otherwise that `__call__` (`kernel.run`)."""
+    `__call__` around it (record 2); otherwise that `__call__` (`kernel.run`)."""
     run = kernel.run
     direct = getattr(run, "launch", None)
     if (direct is not None and getattr(run, "global_scratch_size", 1) == 0

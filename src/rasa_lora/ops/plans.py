@@ -22,7 +22,7 @@ CONFIGS = {
     "pack": {"BK": 1024, "BN": 64},
 }
 # "splits" 0: enough splits of a reduction for about "programs" programs (TARGET_PROGRAMS when unset)
-TARGET_PROGRAMS = 2 * 132  # about two programs per SM of an H100/H200; a floor elsewhere
+TARGET_PROGRAMS = 2 * 132  # about two programs per SM of a Hopper SXM GPU (132 SMs); a floor elsewhere
 # Plans (and cached launches, `launch.py`) are keyed by shape, token count included: batches of ever new lengths
 # add entries, so each cache is emptied when it reaches this many (and refills).
 MAX_CACHED = 4096
@@ -73,7 +73,7 @@ def configs(changes: dict[str, dict]):
 
 
 def cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # not triton.cdiv: a constexpr function in Triton 3.6, ~5 us a call on the host
+    return -(-a // b)  # not triton.cdiv: a constexpr function in Triton 3.6, slow on the host (record 2)
 
 
 def _next_pow2(n: int) -> int:
