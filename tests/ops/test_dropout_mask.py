@@ -49,15 +49,15 @@ def test_neighbours_and_seeds_are_uncorrelated():
 
 
 def _block_chi2(mask: torch.Tensor, p: float, shift: int) -> float:
-    """`benchmarks/mask_quality.py`'s 2 x 2 block chi-square (one definition for the test and the benchmark)."""
-    return load_benchmark("mask_quality").block_chi2(mask, p, shift)
+    """`benchmarks/experiments/mask_quality.py`'s 2 x 2 block chi-square (one definition for test and benchmark)."""
+    return load_benchmark("experiments/mask_quality").block_chi2(mask, p, shift)
 
 
 @pytest.mark.parametrize("seed", [5, 6])
 def test_two_by_two_blocks_are_independent_draws(seed):
     # blocks aligned with one hash word's two columns (rows i, i+1: two words of the same column pair) and shifted
     # by one column (two neighbouring words); 15 degrees of freedom, 99.9% quantile 37.7. Combining the row and
-    # column hashes by addition before one multiply gives 148-891 here (`benchmarks/mask_quality.py`)
+    # column hashes by addition before one multiply gives 148-891 here (`benchmarks/experiments/mask_quality.py`)
     mask = hashmask.keep_mask(1024, 1026, seed, 0.5)
     assert _block_chi2(mask[:, :1024], 0.5, 0) < 37.7
     assert _block_chi2(mask, 0.5, 1) < 37.7  # columns 1-1024

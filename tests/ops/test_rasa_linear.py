@@ -297,8 +297,8 @@ def test_launch_cache_keys(monkeypatch):
             return run
 
     monkeypatch.setattr(settings.FAST_LAUNCH, "forced", True)
-    monkeypatch.setattr(launch, "_cacheable", lambda kernel, device: True)
-    monkeypatch.setattr(launch, "_current_stream", lambda device: 0)
+    monkeypatch.setattr(launch, "cacheable", lambda kernel, device: True)
+    monkeypatch.setattr(launch, "current_stream", lambda device: 0)
     jit = JIT()
     launcher = launch.Launcher(jit)
     x = torch.zeros(64)

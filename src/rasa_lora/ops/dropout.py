@@ -47,7 +47,7 @@ def mix32(v: int) -> int:
     return v
 
 
-def _mix_tensor(v: torch.Tensor) -> torch.Tensor:
+def mix_tensor(v: torch.Tensor) -> torch.Tensor:
     """The same mix on an int64 tensor holding 32-bit values (products wrap; the low 32 bits are kept)."""
     v = v ^ (v >> 16)
     v = (v * M1) & MASK32
@@ -77,8 +77,8 @@ def keep_mask(rows: int, cols: int, seed: int, p: float, device=None, row_offset
     r = torch.arange(row_offset, row_offset + rows, device=device, dtype=torch.int64)
     c = torch.arange(cols, device=device, dtype=torch.int64)
     seed_h = mix32(seed)
-    hr = _mix_tensor((r + seed_h) & MASK32) | 1
-    hc = _mix_tensor((((c >> 1) * COLUMN) & MASK32) ^ seed_h) | 1
+    hr = mix_tensor((r + seed_h) & MASK32) | 1
+    hc = mix_tensor((((c >> 1) * COLUMN) & MASK32) ^ seed_h) | 1
     word = (hr[:, None] * hc[None, :]) & MASK32
     return keep_from_words(word ^ (word >> 16), c, p)
 

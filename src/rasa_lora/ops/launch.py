@@ -19,7 +19,7 @@ from rasa_lora.settings import FAST_LAUNCH
 _DTYPE, _DATA_PTR = operator.attrgetter("dtype"), torch.Tensor.data_ptr
 
 
-def _current_stream(device: int) -> int:
+def current_stream(device: int) -> int:
     return torch._C._cuda_getCurrentRawStream(device)
 
 
@@ -60,12 +60,12 @@ class Launcher:
             entry = self.compiled.get(key)
             if entry is not None and aligned:
                 launch, function, options, metadata = entry
-                launch(grid[0], grid[1] if len(grid) > 1 else 1, 1, _current_stream(device), function, *options,
+                launch(grid[0], grid[1] if len(grid) > 1 else 1, 1, current_stream(device), function, *options,
                        metadata, None, None, None, *args)
                 return
         kernel = self.fn[grid](*args, num_warps=warps, num_stages=stages)
         # cached only when every tensor is 16-byte aligned (what Triton assumes when it compiles for aligned ones)
-        if fast and aligned and _cacheable(kernel, device):
+        if fast and aligned and cacheable(kernel, device):
             remember(self.compiled, key, _entry(kernel))
 
 
@@ -91,7 +91,7 @@ def _picker(indices: list[int]):
     return operator.itemgetter(*indices) if indices else (lambda args: ())
 
 
-def _cacheable(kernel, device: int) -> bool:
+def cacheable(kernel, device: int) -> bool:
     """A compiled kernel (not the interpreter's None), for the current device, without Triton launch hooks."""
     if kernel is None or not hasattr(kernel, "packed_metadata") or getattr(kernel, "function", None) is None:
         return False

@@ -1,8 +1,8 @@
 """Host (Python) time the adapter adds to a training step, measured on the CPU with the GPU kernels stubbed out.
 
-    PYTHONPATH=src python benchmarks/host_overhead.py [--rounds 20] [--steps 4] [--profile] [--out FILE.json]
-    PYTHONPATH=src python benchmarks/host_overhead.py --layer     (one layer call alone: steadier, for A/B of edits)
-    PYTHONPATH=src python benchmarks/host_overhead.py --gc        (Python's cyclic collector per step, gc.freeze())
+    PYTHONPATH=src python benchmarks/experiments/host_overhead.py [--rounds 20] [--steps 4] [--profile] [--out F]
+    PYTHONPATH=src python benchmarks/experiments/host_overhead.py --layer  (one layer call alone: for A/B of edits)
+    PYTHONPATH=src python benchmarks/experiments/host_overhead.py --gc     (Python's cyclic collector, gc.freeze())
 
 At 4096 tokens a step of the Llama-3.1-8B shape on one H200, the host, not the GPU, sets the pace of our
 RaSA step (`benchmarks/RESULTS.md`): the kernels take ~50 ms of GPU time over the frozen base, the step
@@ -53,8 +53,8 @@ def stub_kernels():
         if isinstance(launcher, launch.Launcher):
             launcher.fn = _NoLaunch()
             launcher.compiled.clear()
-    launch._cacheable = lambda kernel, device: True
-    launch._current_stream = lambda device: 0
+    launch.cacheable = lambda kernel, device: True
+    launch.current_stream = lambda device: 0
 
 
 def stub_triton_path() -> None:
