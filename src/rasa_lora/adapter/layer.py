@@ -41,6 +41,24 @@ from rasa_lora.ops import dropout_mask, dropout_scale, fused_backend_enabled, ma
 _SNAPSHOT_KEYS = ("A_p", "B_p", "D", "A_s", "B_s")
 
 
+def init_eq6(init_weights: bool, A: torch.Tensor | None = None, B: torch.Tensor | None = None,
+             D: torch.Tensor | None = None, num_private: int = 0, alpha: float = 0.0) -> None:
+    """Paper eq. 6, in place, for a layer's private factors and D or a group's pool: A Kaiming-uniform, B zero
+    (normal, std 0.02, with init_weights=False: tests only), D alpha/(2(r-k)) on its first `num_private` entries and
+    alpha/(2Lk) on the others. No further alpha/r factor."""
+    with torch.no_grad():
+        if A is not None:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if B is not None:
+            nn.init.zeros_(B) if init_weights else nn.init.normal_(B, std=0.02)
+        if D is not None:
+            num_shared = D.numel() - num_private
+            if num_private:
+                D[:num_private] = alpha / (2 * num_private)
+            if num_shared:
+                D[num_private:] = alpha / (2 * num_shared)
+
+
 class RasaLayer(BaseTunerLayer):
     """Mixin holding RaSA's per-layer state; `Linear` below is the module that replaces `nn.Linear`/`Conv1D`."""
 
@@ -92,21 +110,10 @@ class RasaLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def reset_rasa_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
-        """Eq. 6 for this layer's private factors and D (the pool is initialised by the tuner)."""
-        r, k, alpha = self.r[adapter_name], self.rasa_k[adapter_name], self.rasa_alpha[adapter_name]
-        num_private, num_shared = r - k, self.rasa_num_layers[adapter_name] * k
-        with torch.no_grad():
-            if num_private:
-                nn.init.kaiming_uniform_(self.rasa_A[adapter_name], a=math.sqrt(5))
-                if init_weights:
-                    nn.init.zeros_(self.rasa_B[adapter_name])
-                else:
-                    nn.init.normal_(self.rasa_B[adapter_name], std=0.02)
-            D = self.rasa_D[adapter_name]
-            if num_private:
-                D[:num_private] = alpha / (2 * num_private)
-            if num_shared:
-                D[num_private:] = alpha / (2 * num_shared)
+        """Eq. 6 for this layer's private factors and D (the tuner applies it to the pool)."""
+        num_private = self.r[adapter_name] - self.rasa_k[adapter_name]
+        init_eq6(init_weights, self.rasa_A.get(adapter_name), self.rasa_B.get(adapter_name),
+                 self.rasa_D[adapter_name], num_private, self.rasa_alpha[adapter_name])
 
     # --- the pool --------------------------------------------------------------------------------------
     def _empty(self, adapter_name: str, rows: int, cols: int) -> torch.Tensor:
