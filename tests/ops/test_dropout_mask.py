@@ -82,6 +82,23 @@ def test_the_mask_is_the_documented_hash():
             assert bool(mask[i, c]) == (half >= t)
 
 
+@pytest.mark.parametrize(("rows", "cols", "row_offset", "p"),
+                         [(5, 7, 0, 0.3), (3, 1, 11, 0.5), (6, 9, 2**31 - 3, 0.05)])
+def test_odd_widths_and_row_offsets_follow_the_formula(rows, cols, row_offset, p):
+    """The pairwise computation (one word per column pair) on odd widths, a lone column and large row indices."""
+    seed = 2**31 - 2
+    s = hashmask.mix32(seed)
+    mask = hashmask.keep_mask(rows, cols, seed, p, row_offset=row_offset)
+    assert mask.shape == (rows, cols)
+    t = hashmask.threshold(p)
+    for i in range(rows):
+        hr = hashmask.mix32(i + row_offset + s) | 1
+        for c in range(cols):
+            v = (hr * (hashmask.mix32(((c // 2 * hashmask.COLUMN) & 0xFFFFFFFF) ^ s) | 1)) & 0xFFFFFFFF
+            h = v ^ (v >> 16)
+            assert bool(mask[i, c]) == (((h >> 16) if c % 2 else (h & 0xFFFF)) >= t), (i, c)
+
+
 def test_threshold_and_edge_probabilities():
     assert hashmask.threshold(0.0) == 0
     assert hashmask.threshold(0.5) == 2**15

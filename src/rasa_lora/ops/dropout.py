@@ -73,14 +73,23 @@ def seed_hash(seed: int) -> int:
 
 
 def keep_mask(rows: int, cols: int, seed: int, p: float, device=None, row_offset: int = 0) -> torch.Tensor:
-    """The (rows, cols) bool keep-mask of dropout probability p for this seed (True = kept)."""
-    r = torch.arange(row_offset, row_offset + rows, device=device, dtype=torch.int64)
-    c = torch.arange(cols, device=device, dtype=torch.int64)
+    """The (rows, cols) bool keep-mask of dropout probability p for this seed (True = kept).
+
+    One word per column pair, as the kernels draw it: with v = hr * hc (the low 32 bits of the int64 product),
+    h = v ^ (v >> 16) has v's high half as its high half (the odd column's bits) and v's low half ^ high half as
+    its low half (the even column's); working on pairs halves the token-sized integer work."""
     seed_h = mix32(seed)
+    r = torch.arange(row_offset, row_offset + rows, device=device, dtype=torch.int64)
+    q = torch.arange((cols + 1) // 2, device=device, dtype=torch.int64)
     hr = mix_tensor((r + seed_h) & MASK32) | 1
-    hc = mix_tensor((((c >> 1) * COLUMN) & MASK32) ^ seed_h) | 1
-    word = (hr[:, None] * hc[None, :]) & MASK32
-    return keep_from_words(word ^ (word >> 16), c, p)
+    hc = mix_tensor(((q * COLUMN) & MASK32) ^ seed_h) | 1
+    word = hr[:, None] * hc[None, :]  # wraps mod 2**64: bits 0-31 are v
+    high = (word >> 16).bitwise_and_(0xFFFF)
+    t = threshold(p)
+    keep = torch.empty(rows, q.numel(), 2, dtype=torch.bool, device=device)
+    torch.ge(word.bitwise_and_(0xFFFF).bitwise_xor_(high), t, out=keep[..., 0])
+    torch.ge(high, t, out=keep[..., 1])
+    return keep.view(rows, -1)[:, :cols]
 
 
 def keep_from_words(words: torch.Tensor, cols: torch.Tensor, p: float) -> torch.Tensor:
