@@ -253,7 +253,8 @@ def test_cached_launches_follow_each_calls_seed_and_shape():
 
 
 @pytest.mark.gpu
-def test_triton_kernels_on_a_second_gpu_while_the_first_is_current():
+@pytest.mark.parametrize("backend", ["triton", "cublas"])  # cublas: its mask comes from a Triton kernel
+def test_triton_kernels_on_a_second_gpu_while_the_first_is_current(backend):
     """A model spread over GPUs in one process (device_map="auto"): layers on cuda:1 while cuda:0 is current."""
     if not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not _triton_ok():
         pytest.skip("needs two CUDA devices and triton")
@@ -262,7 +263,7 @@ def test_triton_kernels_on_a_second_gpu_while_the_first_is_current():
     x = torch.randn(40, 64, generator=g).to("cuda:1").requires_grad_(True)
     weight = (torch.randn(48, 64, generator=g) * 0.1).to("cuda:1")
     params = factors(64, 48, 3, 10, "cuda:1", seed=14)
-    out, upstream, grads = run_fused("triton", x, weight, None, params, 0.1, 3)
+    out, upstream, grads = run_fused(backend, x, weight, None, params, 0.1, 3)
     ref, ref_grads = dense_reference(x, weight, None, params, upstream, 0.1, 3)
     assert rel_err(out, ref) <= 1e-5
     for name, grad, grad_ref in zip(["x", "A_p", "B_p", "D", "A_s", "B_s"], grads, ref_grads):

@@ -225,5 +225,6 @@ def bwd_down(x, gu, A, grad_x, gap, gas, gc, B_p, B_s, D, gd, gbp, gbs, scale: f
 def keep_mask(M: int, K: int, seed_h: int, thr: int, device) -> torch.Tensor:
     """The kernels' keep decisions as a bool (M, K) tensor: the mask of `dropout.py`, bit for bit (tested)."""
     out = torch.empty((M, K), dtype=torch.int8, device=device)
-    launch.KEEP_MASK((cdiv(M, 32), cdiv(K, 64)), (out, M, K, seed_h, thr, 32, 64), 4, 3)
+    with _on_device(out):
+        launch.KEEP_MASK((cdiv(M, 32), cdiv(K, 64)), (out, M, K, seed_h, thr, 32, 64), 4, 3)
     return out.view(torch.bool)
