@@ -99,8 +99,8 @@ class Lion:
             p.grad = None
 
 
-OUR_KERNELS = ("_down_pack_kernel", "_up_kernel", "_up_rows_kernel", "_bwd_up_kernel", "_gu_kernel", "_gc_kernel",
-               "_bwd_down_kernel", "_gx_kernel", "_gx_rows_kernel", "_ga_finalize_kernel", "_finalize_kernel")
+OUR_KERNELS = ("_down_pack_kernel", "_up_rows_kernel", "_bwd_up_kernel", "_gx_rows_kernel", "_ga_finalize_kernel",
+               "_keep_mask_kernel")  # the last: the cuBLAS backend's dropout mask
 
 
 def gpu_busy(one_step):
