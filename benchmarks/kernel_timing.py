@@ -8,9 +8,9 @@ with `triton.testing.do_bench` (L2 flushed between runs, median), every stage of
 layer: the base GEMMs a frozen model runs anyway (forward x W^T twice under gradient checkpointing,
 backward g W) and the adapter's kernels (down_and_pack and up_ twice; the backward's pack, bwd_up, bwd_down, and
 the zeroing of the workspace). It prints each kernel's time and achieved bandwidth and the adapter's share of
-the layer's step time. With --sweep it first tries alternative launch shapes per kernel and keeps, for each
-kernel, the one with the least total time over the shapes; `--configs-out FILE` saves them as JSON, which
-`benchmarks/speed.py --kernel-configs FILE` applies.
+the layer's step time. With --sweep it first tries alternative launch shapes per kernel (each under
+`plans.configs`) and keeps, for each kernel, the one with the least total time over the shapes;
+`--configs-out FILE` saves them as JSON, which `benchmarks/speed.py --kernel-configs FILE` applies.
 """
 
 from __future__ import annotations
@@ -77,9 +77,10 @@ def layer_case(M, K, N, seed_h, thr, n=39, dropout=True):
     """One projection's tensors, and each adapter stage of a training step as a call on them, as the layer's
     default path runs them (the base GEMMs add into the adapter's terms: `up_` and the dL/dx part of `bwd_down`
     write their outputs without reading them; `rasa_linear.set_base_gemm_adds`)."""
-    from rasa_lora.ops import kernels
+    from rasa_lora.ops import plans
+    from rasa_lora.ops import triton_backend as kernels
 
-    R = kernels.packed_width(n)
+    R = plans.packed_width(n)
     t = make(M, K, N, R, n)
     factors = [t[k] for k in ("A_p", "B_p", "D", "A_s", "B_s")]
     u, A, C = kernels.down_and_pack(t["x"], *factors, 1.05, seed_h, thr, dropout)
@@ -95,7 +96,7 @@ def layer_case(M, K, N, seed_h, thr, n=39, dropout=True):
         "bwd_down": lambda: kernels.bwd_down(t["x"], gu, A, gx, gap, gas, gc, t["B_p"], t["B_s"], t["D"], gd, gbp,
                                              gbs, 1.05, seed_h, thr, dropout, accumulate=False),
     }
-    # the dA part of bwd_down alone (no dL/dx): bwd_down minus this is the dL/dx kernel in the "split" mode
+    # the dA part of bwd_down alone (no dL/dx): bwd_down minus this is the dL/dx kernel
     calls["ga"] = lambda: kernels.bwd_down(t["x"], gu, A, None, gap, gas, gc, t["B_p"], t["B_s"], t["D"], gd, gbp,
                                            gbs, 1.05, seed_h, thr, dropout)
     return t, R, calls
@@ -108,7 +109,7 @@ def _nbytes(M, K, N):
 
 
 def stage_times(M, K, N, p=0.05, n=39, dropout=True, refs=False):
-    """Median ms of each stage for one layer shape, under the current kernels.CONFIGS: (GPU, with host).
+    """Median ms of each stage for one layer shape, under the current plans.CONFIGS: (GPU, with host).
     With refs, also what PyTorch's own memory-bound kernels reach on the same sizes (a read of x, a write of y,
     a copy of x): the bandwidth our kernels could hope for."""
     from rasa_lora.ops import dropout as hashed
@@ -152,95 +153,54 @@ def _grid(**axes):
 SWEEP = {
     "down": [c for c in _grid(BM=(32, 64, 128, 256), BK=(64, 128), splits=(0,), warps=(4, 8), stages=(3,),
                               programs=(264, 528, 1056), pack=("fused", "separate")) if c["BM"] * c["BK"] <= 16384],
-    "up": [c for c in _grid(BM=(32, 64, 128), BN=(64, 128, 256), warps=(4, 8), stages=(1,))
-           if c["BM"] * c["BN"] <= 16384],
-    "bwd_up": _grid(mode=("fused",), BM=(128, 256), BN=(32, 64), splits=(0,), warps=(8,), stages=(3,),
-                    programs=(264, 528)),
-    "gu": _grid(BM=(32, 64, 128), BN=(64, 128), splits=(0,), warps=(4,), stages=(3,), programs=(264, 528, 1056)),
-    "gc": _grid(BM=(64, 128, 256), BN=(32, 64), splits=(0,), warps=(4,), stages=(3,), programs=(264, 528, 1056)),
-    "bwd_down": _grid(mode=("fused",), BM=(32, 64), BK=(64, 128), splits=(0,), warps=(8,), stages=(3,),
-                      programs=(264, 528, 1056)),
-    "gx": [c for c in _grid(BM=(32, 64, 128), BK=(64, 128, 256), warps=(4, 8), stages=(1, 2))
-           if c["BM"] * c["BK"] <= 16384],
+    "up": _grid(BM=(64, 128), BN=(64, 128), warps=(4, 8), stages=(2,), programs=(264, 528)),
+    "bwd_up": _grid(BM=(128, 256), BN=(32, 64), splits=(0,), warps=(8,), stages=(3,), programs=(264, 528)),
+    "gx": _grid(BM=(64, 128), BK=(64, 128), warps=(4, 8), stages=(2,), programs=(264, 528)),
     "ga": _grid(BM=(32, 64, 128), BK=(64, 128), splits=(0,), warps=(4, 8), stages=(3,),
                 programs=(132, 264, 528, 1056)),
 }
 
 
-# --wide: deeper pipelines and longer tiles along the streamed dimension, which the committed sweep never tried.
-# Session 5 (RESULTS) found the kernels at 1.1-2.2 TB/s where the 16384-token target needs >= 3.3 TB/s on average;
-# more bytes in flight per SM is the first thing to try.
+# --wide: deeper pipelines and longer tiles along the streamed dimension (more bytes in flight per SM).
 WIDE = {
     "down": [c for c in _grid(BM=(64, 128), BK=(64, 128, 256), splits=(0,), warps=(4, 8), stages=(4, 5),
                               programs=(264, 528), pack=("separate",)) if c["BM"] * c["BK"] <= 16384],
-    "up": [c for c in _grid(BM=(64, 128), BN=(128, 256), warps=(4, 8), stages=(2, 3)) if c["BM"] * c["BN"] <= 32768],
-    "bwd_up": _grid(mode=("fused",), BM=(128, 256), BN=(64, 128), splits=(0,), warps=(8,), stages=(4, 5),
-                    programs=(264, 528)),
-    "gx": [c for c in _grid(BM=(64, 128), BK=(128, 256), warps=(4, 8), stages=(2, 3)) if c["BM"] * c["BK"] <= 32768],
+    "up": [c for c in _grid(BM=(64, 128), BN=(128, 256), warps=(4, 8), stages=(2, 3), programs=(264, 528))
+           if c["BM"] * c["BN"] <= 32768],
+    "bwd_up": _grid(BM=(128, 256, 512), BN=(32, 64, 128), splits=(0,), warps=(8, 16), stages=(2, 4, 5),
+                    programs=(132, 264, 528)),
+    "gx": [c for c in _grid(BM=(64, 128), BK=(128, 256), warps=(4, 8), stages=(2, 3), programs=(264, 528))
+           if c["BM"] * c["BK"] <= 32768],
     "ga": [c for c in _grid(BM=(32, 64), BK=(128, 256), splits=(0,), warps=(4, 8), stages=(4, 5),
                             programs=(264, 528)) if c["BM"] * c["BK"] <= 16384],
-    # a row block a program for up_ and gx: u / gu read once, C / A streamed from L2 (session 6)
-    "up_rows": _grid(mode=("rows",), BM=(64, 128), BN=(64, 128), warps=(4, 8), stages=(2,), programs=(264, 528)),
-    "gx_rows": _grid(mode=("rows",), BM=(64, 128), BK=(64, 128), warps=(4, 8), stages=(2,), programs=(264, 528)),
-    "bwd_down": _grid(mode=("fused",), BM=(32, 64), BK=(128, 256), splits=(0,), warps=(4, 8), stages=(2, 4),
-                      programs=(264, 528)),
 }
-WIDE["bwd_up"] = _grid(mode=("fused",), BM=(256, 512), BN=(32, 64), splits=(0,), warps=(8, 16), stages=(2, 4),
-                       programs=(132, 264))
-# sweep entries that tune another entry's CONFIGS (WIDE's row-block variants compete with the tile ones)
-ALIAS = {"up_rows": "up", "gx_rows": "gx"}
 
 
 def sweep(tokens):
-    """For each kernel, the config with the least summed GPU time over the shapes; then each backward
-    stage's mode ("fused" or "split" into two kernels), whichever is faster."""
-    from rasa_lora.ops import dropout, kernels
+    """For each kernel, the launch shape with the least summed GPU time over the shapes (later kernels are swept
+    with the earlier winners); every option runs under `plans.configs`, so the committed shapes come back."""
+    from rasa_lora.ops import dropout, plans
 
     _, gpu = _timers()
     seed_h, thr = dropout.seed_hash(1), dropout.threshold(0.05)
+    stage_of = {"down": "down_and_pack", "up": "up_", "bwd_up": "bwd_up", "gx": "bwd_down", "ga": "bwd_down"}
     cases = [layer_case(M, K, N, seed_h, thr)[2] for (K, N), M in itertools.product(SHAPES.values(), tokens)]
-    split_up = {"mode": "split"}
-    split_down = {"mode": "split"}
-    stage_of = {"down": "down_and_pack", "up": "up_", "bwd_up": "bwd_up", "gu": "bwd_up", "gc": "bwd_up",
-                "bwd_down": "bwd_down", "gx": "bwd_down", "ga": "bwd_down"}
     best, report = {}, {}
     for name, options in SWEEP.items():
-        saved = {key: dict(value) for key, value in kernels.CONFIGS.items()}
-        if name in ("gu", "gc"):
-            kernels.CONFIGS["bwd_up"] = {**kernels.CONFIGS["bwd_up"], **split_up}
-        if name in ("gx", "ga"):
-            kernels.CONFIGS["bwd_down"] = {**kernels.CONFIGS["bwd_down"], **split_down}
         scored = []
         for option in options:
-            kernels.CONFIGS[name] = option
-            kernels.clear_plans()
-            try:
-                total = sum(gpu(c[stage_of[name]]) for c in cases)
-            except Exception as error:  # e.g. out of shared memory for this shape
-                print(f"  {name} {option}: failed ({type(error).__name__})", flush=True)
-                continue
+            with plans.configs({**best, name: option}):
+                try:
+                    total = sum(gpu(c[stage_of[name]]) for c in cases)
+                except Exception as error:  # e.g. out of shared memory for this shape
+                    print(f"  {name} {option}: failed ({type(error).__name__})", flush=True)
+                    continue
             scored.append((total, option))
-        kernels.CONFIGS.clear()
-        kernels.CONFIGS.update(saved)
         scored.sort(key=lambda item: item[0])
-        best[name] = scored[0][1]
-        kernels.CONFIGS[name] = dict(scored[0][1])  # later kernels are swept with the earlier winners
-        kernels.clear_plans()
+        best[name] = dict(scored[0][1])
         report[name] = {"best": scored[0][1], "best_ms": scored[0][0],
                         "top5": [{"ms": ms, "config": o} for ms, o in scored[:5]]}
         print(f"{name}: best {scored[0][1]} {scored[0][0]:.3f} ms summed over {len(cases)} shapes", flush=True)
-    # fused vs split, each measured with its winners
-    for stage, parts, split in (("bwd_up", ("gu", "gc"), split_up), ("bwd_down", ("gx", "ga"), split_down)):
-        fused_cfg = {**best.get(stage, kernels.CONFIGS[stage]), "mode": "fused"}
-        kernels.CONFIGS[stage] = {**fused_cfg, **split}
-        kernels.clear_plans()
-        split_ms = sum(gpu(c[stage_of[stage]]) for c in cases)
-        kernels.CONFIGS[stage] = fused_cfg
-        kernels.clear_plans()
-        fused_ms = sum(gpu(c[stage_of[stage]]) for c in cases)
-        best[stage] = {**fused_cfg, **split} if split_ms < fused_ms else fused_cfg
-        report[stage + " mode"] = {"fused_ms": fused_ms, "split_ms": split_ms}
-        print(f"{stage}: fused {fused_ms:.3f} ms, split ({' + '.join(parts)}) {split_ms:.3f} ms", flush=True)
     return best, report
 
 
@@ -287,24 +247,25 @@ def main():
     parser.add_argument("--compare", default=None,
                         help="JSON of launch shapes: time every stage under them as well, same run (old vs new)")
     args = parser.parse_args()
-    from rasa_lora.ops import kernels
+    import contextlib
+
+    from rasa_lora.ops import plans
 
     if args.only_wide:  # WIDE's options and the committed shape, nothing else
         for key in SWEEP:
-            SWEEP[key] = [dict(kernels.CONFIGS[key])]
+            SWEEP[key] = [dict(plans.CONFIGS[key])]
     if args.wide or args.only_wide:
         for key, options in WIDE.items():
-            key = ALIAS.get(key, key)
             SWEEP[key] = SWEEP[key] + [c for c in options if c not in SWEEP[key]]
     if DRY:
         for key in SWEEP:
             SWEEP[key] = SWEEP[key][:1] + SWEEP[key][-1:]  # the first and the last (a --wide one with --wide)
         for key in SHAPES:
             SHAPES[key] = (SHAPES[key][0] // 64, SHAPES[key][1] // 64)
+    shapes = contextlib.ExitStack()  # launch shapes in force for the rest of the run (restored at exit)
     if args.configs:
         with open(args.configs) as handle:
-            kernels.CONFIGS.update(json.load(handle))
-        kernels.clear_plans()
+            shapes.enter_context(plans.configs(json.load(handle)))
     tokens = [int(v) for v in args.tokens.split(",")]
     out = {"device": "cpu (dry run)" if DRY else torch.cuda.get_device_name(), "torch": torch.__version__}
     if args.sweep:
@@ -312,30 +273,27 @@ def main():
             for name in set(SWEEP) - set(args.sweep_kernels.split(",")):
                 del SWEEP[name]
         best, report = sweep([int(v) for v in args.sweep_tokens.split(",")])
-        kernels.CONFIGS.update(best)
-        kernels.clear_plans()
+        shapes.enter_context(plans.configs(best))
         out["sweep"] = report
         if args.configs_out:
             with open(args.configs_out, "w") as handle:
                 json.dump(best, handle, indent=1)
-    out["configs"] = {key: dict(value) for key, value in kernels.CONFIGS.items()}
-    variants = [("committed" if not (args.sweep or args.configs) else "configs", out["configs"])]
+    out["configs"] = {key: dict(value) for key, value in plans.CONFIGS.items()}
+    variants = [("committed" if not (args.sweep or args.configs) else "configs", {})]
     if args.compare:
         with open(args.compare) as handle:
-            variants.append(("compare", {**out["configs"], **json.load(handle)}))
-        out["compare_configs"] = variants[-1][1]
+            variants.append(("compare", json.load(handle)))
+        out["compare_configs"] = {key: {**plans.CONFIGS[key], **value} for key, value in variants[-1][1].items()}
     rows = []
     for M in tokens:
-        for label, configs in variants:
-            kernels.CONFIGS.clear()
-            kernels.CONFIGS.update({key: dict(value) for key, value in configs.items()})
-            kernels.clear_plans()
-            for dropout in (True, False) if args.no_dropout else (True,):
-                rows += measure(M, label, dropout, args.refs and label == variants[0][0] and dropout)
-    out["rows"] = rows
+        for label, changes in variants:
+            with plans.configs(changes):
+                for dropout in (True, False) if args.no_dropout else (True,):
+                    rows += measure(M, label, dropout, args.refs and label == variants[0][0] and dropout)
     out["rows"] = rows
     with open(args.out, "w") as handle:
         json.dump(out, handle, indent=1)
+    shapes.close()
 
 
 if __name__ == "__main__":

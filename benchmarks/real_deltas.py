@@ -31,8 +31,7 @@ from pathlib import Path
 
 import torch
 
-from rasa_lora.analysis.analyze import AnalysisConfig, run_analysis
-from rasa_lora.analysis.cli import _k_list, _print_table
+from rasa_lora.analysis.analyze import AnalysisConfig, parse_k_list, report_table, run_analysis
 from rasa_lora.analysis.reconstruction import DEFAULT_INIT, DEFAULT_MAX_ITERS, DEFAULT_TOL, INITS
 from rasa_lora.analysis.sources import Group, group_names
 
@@ -145,12 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_deltas:
         torch.save({g.name: (g.modules, g.deltas) for g in groups}, args.save_deltas)
     config = AnalysisConfig(r=args.r, k=args.k, iters=args.iters, init=args.init, device=args.device,
-                            sweep=_k_list(args.k_sweep), seed=args.seed, tol=args.tol)
+                            sweep=parse_k_list(args.k_sweep), seed=args.seed, tol=args.tol)
     source = {"fine_tune": "SmolLM2-135M-Instruct, full fine-tune on GSM8K train", "steps": args.steps,
               "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "train_s": train_s}
     report = run_analysis(groups, config, args.out, source, len(groups))
     Path(args.out, "train_log.json").write_text(json.dumps(log))
-    _print_table(report)
+    print(report_table(report))
     print(f"fine-tune {train_s:.1f} s, analysis {report['wall_time_s']:.1f} s; wrote {args.out}")
     return 0
 

@@ -16,6 +16,7 @@ frozen base and to PEFT LoRA r=8 (dropout 0.05), and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -98,8 +99,8 @@ class Lion:
             p.grad = None
 
 
-OUR_KERNELS = ("_down_pack_kernel", "_up_kernel", "_up_rows_kernel", "_bwd_up_kernel", "_gu_kernel", "_gc_kernel",
-               "_bwd_down_kernel", "_gx_kernel", "_gx_rows_kernel", "_ga_finalize_kernel", "_finalize_kernel")
+OUR_KERNELS = ("_down_pack_kernel", "_up_rows_kernel", "_bwd_up_kernel", "_gx_rows_kernel", "_ga_finalize_kernel",
+               "_keep_mask_kernel")  # the last: the cuBLAS backend's dropout mask
 
 
 def gpu_busy(one_step):
@@ -403,12 +404,12 @@ def main():
     args = parser.parse_args()
     global GC_FREEZE
     GC_FREEZE = args.gc_freeze
-    if args.kernel_configs:
-        from rasa_lora.ops import kernels
+    shapes_in_use = contextlib.ExitStack()
+    if args.kernel_configs:  # other launch shapes for this run (`plans.configs` restores them at exit)
+        from rasa_lora.ops import plans
 
         with open(args.kernel_configs) as handle:
-            kernels.CONFIGS.update(json.load(handle))
-        kernels.clear_plans()
+            shapes_in_use.enter_context(plans.configs(json.load(handle)))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     variants = VARIANTS if args.variants is None else tuple(args.variants.split(","))
@@ -435,9 +436,9 @@ def main():
     add_ratios(results)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "steps": args.steps, "warmup": args.warmup}
-    from rasa_lora.ops import kernels
+    from rasa_lora.ops import plans
 
-    meta["kernel_configs"] = kernels.CONFIGS
+    meta["kernel_configs"] = plans.CONFIGS
     with open(args.out, "w") as handle:
         json.dump({"meta": meta, "results": results}, handle, indent=1)
     print_table(results)

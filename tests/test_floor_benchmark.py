@@ -1,10 +1,10 @@
-"""`benchmarks/floor.py`: the bytes the adapter's token-sized passes move in a decoder layer's training step."""
+"""`benchmarks/experiments/floor.py`: the bytes the adapter's token-sized passes move in a decoder layer's step."""
 
 from tests.benchmark_scripts import load_benchmark
 
 
 def _floor_module():
-    return load_benchmark("floor")
+    return load_benchmark("experiments/floor")
 
 
 def test_layer_bytes_count_each_pass_once_per_token():

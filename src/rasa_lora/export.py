@@ -44,11 +44,11 @@ SHARED_PREFIX = "base_model.rasa_shared_"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def lora_factors(A_private: torch.Tensor, B_private: torch.Tensor, D: torch.Tensor, A_shared: torch.Tensor,
-                 B_shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_factors(A_p: torch.Tensor, B_p: torch.Tensor, D: torch.Tensor, A_s: torch.Tensor,
+                 B_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(lora_A (R, a), lora_B (b, R)) with lora_B @ lora_A = dW_i of eq. 5; D is folded into B (in float64)."""
-    A = torch.cat([A_private, A_shared], dim=0)
-    B = torch.cat([B_private, B_shared], dim=1)
+    A = torch.cat([A_p, A_s], dim=0)
+    B = torch.cat([B_p, B_s], dim=1)
     return A, (B.double() * D.double()).to(B.dtype)
 
 

@@ -12,15 +12,15 @@ import torch
 from torch import nn
 
 
-def dense_delta(A_private: torch.Tensor, B_private: torch.Tensor, D: torch.Tensor, A_shared: torch.Tensor,
-                B_shared: torch.Tensor) -> torch.Tensor:
-    """dW = [B_private B_shared] diag(D) [A_private ; A_shared], shape (b, a).
+def dense_delta(A_p: torch.Tensor, B_p: torch.Tensor, D: torch.Tensor, A_s: torch.Tensor,
+                B_s: torch.Tensor) -> torch.Tensor:
+    """dW = [B_p B_s] diag(D) [A_p ; A_s], shape (b, a).
 
     Args:
-        A_private: (r-k, a).  B_private: (b, r-k).  D: (r-k+Lk,).  A_shared: (Lk, a).  B_shared: (b, Lk).
+        A_p: (r-k, a).  B_p: (b, r-k).  D: (r-k+Lk,).  A_s: (Lk, a).  B_s: (b, Lk).
     """
-    B = torch.cat([B_private, B_shared], dim=1)
-    A = torch.cat([A_private, A_shared], dim=0)
+    B = torch.cat([B_p, B_s], dim=1)
+    A = torch.cat([A_p, A_s], dim=0)
     return B @ torch.diag(D) @ A
 
 

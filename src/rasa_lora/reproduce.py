@@ -233,9 +233,7 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    from rasa_lora.train import checkpoint
-    from rasa_lora.train.cli import _values
-    from rasa_lora.train.cli import main as train_main
+    from rasa_lora.train import checkpoint, cli
     from rasa_lora.train.config import build_config
     from rasa_lora.train.trainer import epoch_adapter_dirs
 
@@ -243,9 +241,10 @@ def main(argv: list[str]) -> int:
         own, train_argv = split_args(argv)
         check_options(own)
         every_epoch = own.pop("every_epoch", None) is not None
+        values = cli.recipe_values(train_argv)
         if every_epoch:
-            train_argv = [*train_argv, "--save-epoch-adapters", "true"]
-        config = build_config(_values(train_argv))
+            values["save_epoch_adapters"] = True
+        config = build_config(cli.with_saved(values))
         tasks = eval_tasks(config, own.get("tasks"))
     except (ValueError, FileNotFoundError) as error:
         print(f"rasa-lora reproduce: error: {error}", file=sys.stderr)
@@ -258,8 +257,13 @@ def main(argv: list[str]) -> int:
                   "without save_epoch_adapters); evaluate without --every-epoch, or train again", file=sys.stderr)
             return 2
     else:
-        resume = checkpoint.checkpoint_dirs(out) if out.is_dir() else []
-        code = train_main([*train_argv, "--resume"] if resume and "--resume" not in train_argv else train_argv)
+        if not config.resume and out.is_dir() and checkpoint.checkpoint_dirs(out):  # an interrupted run: go on
+            try:
+                config = build_config(cli.with_saved({**values, "resume": True}))
+            except (ValueError, FileNotFoundError) as error:
+                print(f"rasa-lora reproduce: error: {error}", file=sys.stderr)
+                return 2
+        code = cli.run(config)
         if code:
             return code
     if int(os.environ.get("RANK", "0")) != 0:  # a multi-process training: the main process evaluates

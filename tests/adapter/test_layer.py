@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from rasa_lora.ops import dropout_mask, kernel_backend, set_fused_backend
-from rasa_lora.ops.rasa_linear import dropout_scale
+from rasa_lora.ops import dropout_mask, dropout_scale, set_fused_backend
 from rasa_lora.reference import dense_forward, layer_delta, numerical_rank
 
 from .helpers import rasa_layers, rasa_model, rel_err
@@ -72,13 +71,12 @@ def test_fused_dropout_matches_reference_with_the_same_mask():
         seed = int(torch.randint(0, 2**31 - 1, (), device="cpu"))
     finally:
         set_fused_backend(None)
-    backend = kernel_backend(x, layer.rasa_D["default"].numel())
-    mask = dropout_mask(x.reshape(-1, x.shape[-1]), 0.3, seed, backend).reshape(x.shape)
+    mask = dropout_mask(x, 0.3, seed)
     params = [layer.rasa_A["default"], layer.rasa_B["default"], layer.rasa_D["default"],
               *layer.shared_factors("default")]
     grads = torch.autograd.grad(out.sum(), [x, *params])
     x_ref = x.detach().clone().requires_grad_(True)
-    p_used = 1 - 1 / dropout_scale(0.3, backend)  # p as the backend's mask has it
+    p_used = 1 - 1 / dropout_scale(0.3)  # p as the mask has it
     ref = dense_forward(layer, x_ref, keep_mask=mask, dropout_p=p_used)
     ref_grads = torch.autograd.grad(ref.sum(), [x_ref, *params])
     assert 0.55 < mask.float().mean() < 0.85

@@ -8,14 +8,13 @@ second (`_Up`), so its recomputation stops before down_proj's base GEMM as well.
 
 import collections
 import contextlib
-import importlib
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rasa_lora.ops import set_fused_backend, set_kernel_backend
-from rasa_lora.ops.rasa_linear import set_keep_u
+from rasa_lora.ops import recompute, set_fused_backend, set_keep_u, set_kernel_backend
+from rasa_lora.ops.torch_backend import TorchBackend
 from tests.adapter.helpers import rasa_model
 
 
@@ -115,15 +114,14 @@ def test_checkpointed_backward_reuses_the_recomputations_pack(reentrant, monkeyp
     """Under checkpointing each layer packs its factors twice a step (forward, recomputation), not three times:
     the backward takes the recomputation's pack. Without checkpointing: forward and backward, twice. A factor
     changed in place between them makes the backward pack afresh."""
-    module = importlib.import_module("rasa_lora.ops.rasa_linear")  # the module (the package exports the function)
     calls = collections.Counter()
-    original = module._pack_torch
+    original = TorchBackend.pack
 
     def counting(*args):
         calls["pack"] += 1
         return original(*args)
 
-    monkeypatch.setattr(module, "_pack_torch", counting)
+    monkeypatch.setattr(TorchBackend, "pack", counting)
     for checkpointing, expected in ((True, 2), (False, 2)):
         model, base = training_model(checkpointing, reentrant)
         layers = sum(1 for name, _ in base.named_modules() if name.endswith("_proj.base_layer"))
@@ -132,19 +130,17 @@ def test_checkpointed_backward_reuses_the_recomputations_pack(reentrant, monkeyp
             embeddings = base.get_input_embeddings()(torch.arange(24).view(2, 12)).detach().requires_grad_(True)
             base(inputs_embeds=embeddings).logits.float().square().mean().backward()
         assert calls["pack"] == expected * layers, (checkpointing, calls, layers)
-    assert not module._RECOMPUTED_PACKS  # every stash was taken
+    assert not recompute.RECOMPUTED_PACKS  # every stash was taken
 
 
 def test_a_stashed_pack_is_not_used_for_changed_factors():
-    from rasa_lora.ops.rasa_linear import _RECOMPUTED_PACKS, _stash_pack, _take_pack
-
     factors = tuple(torch.randn(4, 4) for _ in range(5))
     A, C = torch.zeros(2), torch.zeros(2)
-    _stash_pack(factors, 1.0, torch.float32, "torch", A, C)
-    assert _take_pack(factors, 1.0, torch.float32, "torch") == (A, C)
-    assert _take_pack(factors, 1.0, torch.float32, "torch") is None  # taken once
+    recompute.stash_pack(factors, 1.0, torch.float32, "torch", A, C)
+    assert recompute.take_pack(factors, 1.0, torch.float32, "torch") == (A, C)
+    assert recompute.take_pack(factors, 1.0, torch.float32, "torch") is None  # taken once
     for change in ("in place", "scale", "dtype", "backend", "other tensor"):
-        _stash_pack(factors, 1.0, torch.float32, "torch", A, C)
+        recompute.stash_pack(factors, 1.0, torch.float32, "torch", A, C)
         scale, dtype, backend, current = 1.0, torch.float32, "torch", factors
         if change == "in place":
             factors[2].add_(1.0)
@@ -156,8 +152,8 @@ def test_a_stashed_pack_is_not_used_for_changed_factors():
             backend = "cublas"
         else:
             current = (factors[0], torch.randn(4, 4), *factors[2:])
-        assert _take_pack(current, scale, dtype, backend) is None, change
-    assert not _RECOMPUTED_PACKS
+        assert recompute.take_pack(current, scale, dtype, backend) is None, change
+    assert not recompute.RECOMPUTED_PACKS
 
 
 @contextlib.contextmanager
@@ -172,16 +168,15 @@ def keeping_u(enabled: bool):
 def _checkpointed_step(dropout, dtype, keep, monkeypatch, backend="torch", device="cpu"):
     """One checkpointed step of the tiny model: (the gradients of the inputs and factors, how many calls took a
     kept u, how many layers)."""
-    module = importlib.import_module("rasa_lora.ops.rasa_linear")
     taken = collections.Counter()
-    original = module._take_u
+    original = recompute.take_u
 
     def counting(*args):
         u = original(*args)
         taken["u"] += u is not None
         return u
 
-    monkeypatch.setattr(module, "_take_u", counting)
+    monkeypatch.setattr(recompute, "take_u", counting)
     model, base = training_model(True, device=device, dtype=dtype, dropout=dropout)
     layers = sum(1 for name, _ in base.named_modules() if name.endswith("_proj.base_layer"))
     params = [p for n, p in model.named_parameters() if ".rasa_" in n]
@@ -190,7 +185,7 @@ def _checkpointed_step(dropout, dtype, keep, monkeypatch, backend="torch", devic
     with fused(backend), keeping_u(keep):
         torch.manual_seed(3)
         base(inputs_embeds=embeddings).logits.float().square().mean().backward()
-    assert not module._KEPT_U  # every kept u was taken (or went with its graph)
+    assert not recompute.KEPT_U  # every kept u was taken (or went with its graph)
     return [t.grad for t in [embeddings, *params]], taken["u"], layers
 
 
@@ -223,19 +218,18 @@ def test_the_recomputation_takes_the_forwards_u_with_the_triton_kernels(monkeypa
 
 
 def test_a_kept_u_goes_with_its_graph_and_is_not_taken_for_changed_factors():
-    module = importlib.import_module("rasa_lora.ops.rasa_linear")
     model, base = training_model(True)
     ids = torch.arange(24).view(2, 12)
     with fused("torch"):
         logits = base(input_ids=ids).logits  # a checkpointed forward, no backward
-        assert len(module._KEPT_U) == sum(1 for n, _ in base.named_modules() if n.endswith("_proj.base_layer"))
+        assert len(recompute.KEPT_U) == sum(1 for n, _ in base.named_modules() if n.endswith("_proj.base_layer"))
         del logits
-        assert not module._KEPT_U
+        assert not recompute.KEPT_U
     factors = tuple(torch.randn(4, 4) for _ in range(5))
     rows = torch.randn(6, 4)
     for change in ("none", "in place", "rows", "scale", "backend", "other tensor"):
         ctx = type("Ctx", (), {})()
-        module._keep_u(ctx, factors, 7, 1.0, "torch", rows, torch.randn(6, 4))
+        recompute.keep_u(ctx, factors, 7, 1.0, "torch", rows, torch.randn(6, 4))
         scale, backend, current, current_rows = 1.0, "torch", factors, rows
         if change == "in place":
             factors[2].add_(1.0)
@@ -247,23 +241,24 @@ def test_a_kept_u_goes_with_its_graph_and_is_not_taken_for_changed_factors():
             backend = "cublas"
         elif change == "other tensor":
             current = (factors[0], torch.randn(4, 4), *factors[2:])
-        u = module._take_u(current, 7, scale, backend, current_rows)
+        u = recompute.take_u(current, 7, scale, backend, current_rows)
         assert (u is not None) == (change == "none"), change
         if change == "none":
             assert ctx.kept.u is None  # released by the node: the recomputation's saved tensors hold it now
-    assert not module._KEPT_U
+    assert not recompute.KEPT_U
 
 
 @pytest.mark.gpu
 def test_a_steady_training_step_launches_every_kernel_from_the_cache(monkeypatch):
-    """After a first step, a checkpointed bf16 training step of the model takes `kernels._Launcher`'s cached path
+    """After a first step, a checkpointed bf16 training step of the model takes `launch.Launcher`'s cached path
     for every Triton launch: a tensor that is not 16-byte aligned (say, a part of a workspace at an odd offset)
     would send its kernel through Triton's own launch path on every call, ~100 us of host time each."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    from rasa_lora import settings
     from rasa_lora.ops import kernels
 
-    if not kernels.available() or not kernels._FAST_LAUNCH:
+    if not kernels.available() or not settings.FAST_LAUNCH():
         pytest.skip("needs triton and the launch cache")
     _, base = training_model(True, device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
@@ -281,7 +276,9 @@ def test_a_steady_training_step_launches_every_kernel_from_the_cache(monkeypatch
             def __getitem__(self, grid):
                 raise AssertionError(f"{self.name} took Triton's own launch path")
 
-        for name, launcher in vars(kernels).items():
-            if isinstance(launcher, kernels._Launcher) and name != "_KEEP_MASK":
+        from rasa_lora.ops import launch
+
+        for name, launcher in vars(launch).items():
+            if isinstance(launcher, launch.Launcher):
                 monkeypatch.setattr(launcher, "fn", Uncached(name))
         step()

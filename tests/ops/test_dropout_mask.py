@@ -49,15 +49,15 @@ def test_neighbours_and_seeds_are_uncorrelated():
 
 
 def _block_chi2(mask: torch.Tensor, p: float, shift: int) -> float:
-    """`benchmarks/mask_quality.py`'s 2 x 2 block chi-square (one definition for the test and the benchmark)."""
-    return load_benchmark("mask_quality").block_chi2(mask, p, shift)
+    """`benchmarks/experiments/mask_quality.py`'s 2 x 2 block chi-square (one definition for test and benchmark)."""
+    return load_benchmark("experiments/mask_quality").block_chi2(mask, p, shift)
 
 
 @pytest.mark.parametrize("seed", [5, 6])
 def test_two_by_two_blocks_are_independent_draws(seed):
     # blocks aligned with one hash word's two columns (rows i, i+1: two words of the same column pair) and shifted
     # by one column (two neighbouring words); 15 degrees of freedom, 99.9% quantile 37.7. Combining the row and
-    # column hashes by addition before one multiply gives 148-891 here (`benchmarks/mask_quality.py`)
+    # column hashes by addition before one multiply gives 148-891 here (`benchmarks/experiments/mask_quality.py`)
     mask = hashmask.keep_mask(1024, 1026, seed, 0.5)
     assert _block_chi2(mask[:, :1024], 0.5, 0) < 37.7
     assert _block_chi2(mask, 0.5, 1) < 37.7  # columns 1-1024
@@ -80,6 +80,23 @@ def test_the_mask_is_the_documented_hash():
         for c in range(cols):
             half = word(i, c // 2) >> 16 if c % 2 else word(i, c // 2) & 0xFFFF
             assert bool(mask[i, c]) == (half >= t)
+
+
+@pytest.mark.parametrize(("rows", "cols", "row_offset", "p"),
+                         [(5, 7, 0, 0.3), (3, 1, 11, 0.5), (6, 9, 2**31 - 3, 0.05)])
+def test_odd_widths_and_row_offsets_follow_the_formula(rows, cols, row_offset, p):
+    """The pairwise computation (one word per column pair) on odd widths, a lone column and large row indices."""
+    seed = 2**31 - 2
+    s = hashmask.mix32(seed)
+    mask = hashmask.keep_mask(rows, cols, seed, p, row_offset=row_offset)
+    assert mask.shape == (rows, cols)
+    t = hashmask.threshold(p)
+    for i in range(rows):
+        hr = hashmask.mix32(i + row_offset + s) | 1
+        for c in range(cols):
+            v = (hr * (hashmask.mix32(((c // 2 * hashmask.COLUMN) & 0xFFFFFFFF) ^ s) | 1)) & 0xFFFFFFFF
+            h = v ^ (v >> 16)
+            assert bool(mask[i, c]) == (((h >> 16) if c % 2 else (h & 0xFFFF)) >= t), (i, c)
 
 
 def test_threshold_and_edge_probabilities():
@@ -111,8 +128,11 @@ def _triton_devices():
 @pytest.mark.parametrize("device", _triton_devices())
 @pytest.mark.parametrize(("seed", "p"), [(0, 0.05), (2**31 - 2, 0.3), (12345, 0.75)])
 def test_triton_kernels_draw_the_same_bits(device, seed, p):
-    from rasa_lora.ops import kernels
+    from rasa_lora.ops import triton_backend
+    from rasa_lora.ops.cublas_backend import CublasBackend
 
     expected = hashmask.keep_mask(100, 150, seed, p, device)
-    got = kernels.keep_mask(100, 150, hashmask.seed_hash(seed), hashmask.threshold(p), device)
+    got = triton_backend.keep_mask(100, 150, hashmask.seed_hash(seed), hashmask.threshold(p), device)
     assert torch.equal(got, expected)
+    # the cuBLAS backend's mask: drawn by that kernel on CUDA, by the twin elsewhere; the same bits either way
+    assert torch.equal(CublasBackend().keep(torch.empty(100, 150, device=device), p, seed), expected)

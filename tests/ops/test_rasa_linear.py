@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rasa_lora.ops import dropout_mask, rasa_linear, set_base_gemm_adds, set_kernel_backend
+from rasa_lora import settings
+from rasa_lora.ops import dropout_mask, dropout_scale, rasa_linear, set_base_gemm_adds, set_kernel_backend
 from rasa_lora.ops.dropout import effective_p
-from rasa_lora.ops.rasa_linear import dropout_scale
 from rasa_lora.reference import dense_delta
 
 # fp32: 1e-5 relative (issue 6). bf16: 1e-2 — bf16 keeps 8 mantissa bits (~4e-3 per rounding), and the
@@ -76,12 +76,12 @@ def run_fused(backend, x, weight, bias, params, p, seed, upstream_seed=5, last_i
     return out, upstream, grads
 
 
-def dense_reference(x, weight, bias, params, upstream, backend, p, seed):
-    """Eq. 5 in float64 with the backend's own mask: the output and the gradients of x and the factors."""
+def dense_reference(x, weight, bias, params, upstream, p, seed):
+    """Eq. 5 in float64 with the one dropout mask: the output and the gradients of x and the factors."""
     x64 = x.detach().double().requires_grad_(True)
     params64 = [t.detach().double().requires_grad_(True) for t in params]
-    mask = dropout_mask(x.detach(), p, seed, backend) if p > 0 else torch.ones_like(x64)
-    dropped = x64 * mask * dropout_scale(p, backend)
+    mask = dropout_mask(x.detach(), p, seed) if p > 0 else torch.ones_like(x64)
+    dropped = x64 * mask * dropout_scale(p)
     ref = x64 @ weight.double().t() + dropped @ dense_delta(*params64).t()
     if bias is not None:
         ref = ref + bias.double()
@@ -104,7 +104,7 @@ def test_forward_and_all_gradients_match_the_dense_reference(backend, device, dt
     seed = 1234
     out, upstream, grads = run_fused(backend, x, weight, bias, params, p, seed, last_in_block=last_in_block)
 
-    ref, ref_grads = dense_reference(x, weight, bias, params, upstream, backend, p, seed)
+    ref, ref_grads = dense_reference(x, weight, bias, params, upstream, p, seed)
 
     tol = TOLERANCE[dtype]
     assert out.dtype == dtype
@@ -161,39 +161,49 @@ def test_triton_and_torch_backends_agree_on_an_8b_sized_layer(p):
 @pytest.mark.parametrize(("backend", "device"), [c for c in _cases() if c.values[0].startswith("triton")]
                          or [pytest.param("triton", "none", marks=pytest.mark.skip(reason="triton not installed"))])
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("mode", ["fused", "split"])
-@pytest.mark.parametrize("layout", ["tiles", "rows"])
-def test_triton_launch_shapes_do_not_change_the_result(backend, device, splits, mode, layout, monkeypatch):
-    """Both backward modes (and both forward packings); unsplit reductions (plain stores) and forced splits
-    (atomics); small blocks and ragged edges; `up_` and `gx` one tile a program or a row block a program (whose
-    column range is split in `splits`)."""
-    from rasa_lora.ops import kernels
+@pytest.mark.parametrize("pack", ["fused", "separate"])
+def test_triton_launch_shapes_do_not_change_the_result(backend, device, splits, pack):
+    """Both forward packings; unsplit reductions (plain stores) and forced splits (atomics); small blocks and
+    ragged edges; the row-block kernels' column ranges split in `splits`. Run under `plans.configs`, which
+    restores the committed shapes afterwards."""
+    from rasa_lora.ops import plans
 
-    configs = {name: dict(cfg) for name, cfg in kernels.CONFIGS.items()}
-    for name in ("down", "bwd_up", "bwd_down", "gu", "gc", "ga", "up", "gx"):
-        configs[name].update(splits=splits, BM=16)
-    configs["up"]["mode"] = configs["gx"]["mode"] = layout
-    for name in ("down", "bwd_down", "ga", "gx"):
-        configs[name]["BK"] = 32
-    for name in ("bwd_up", "gu", "gc", "up"):
-        configs[name]["BN"] = 32
-    configs["up"]["BM"] = configs["gx"]["BM"] = 16
-    configs["bwd_up"]["mode"] = configs["bwd_down"]["mode"] = mode
-    configs["down"]["pack"] = "separate" if mode == "split" else "fused"
-    monkeypatch.setattr(kernels, "CONFIGS", configs)
+    changes = {name: {"splits": splits, "BM": 16} for name in ("down", "bwd_up", "ga", "up", "gx")}
+    for name in ("down", "ga", "gx"):
+        changes[name]["BK"] = 32
+    for name in ("bwd_up", "up"):
+        changes[name]["BN"] = 32
+    changes["down"]["pack"] = pack
+    committed = plans.CONFIGS
     dtype = torch.float32
     g = torch.Generator().manual_seed(7)
     x = torch.randn(70, 100, generator=g).to(device, dtype).requires_grad_(True)
     weight = (torch.randn(45, 100, generator=g) * 0.1).to(device, dtype)
     params = factors(100, 45, 3, 12, device, seed=8)
-    out, upstream, grads = run_fused(backend, x, weight, None, params, 0.2, 77)
-    ref, ref_grads = dense_reference(x, weight, None, params, upstream, "triton", 0.2, 77)
+    with plans.configs(changes):
+        out, upstream, grads = run_fused(backend, x, weight, None, params, 0.2, 77)
+        # the shapes asked for are the ones that ran
+        down_plans = [plan for key, plan in plans._PLANS.items() if key[0] == "down" and key[1] == 70]
+        assert down_plans and all(plan.BM == 16 and plan.separate == (pack == "separate") for plan in down_plans)
+    assert plans.CONFIGS is committed
+    ref, ref_grads = dense_reference(x, weight, None, params, upstream, 0.2, 77)
     assert rel_err(out, ref) <= 1e-5
     for name, grad, grad_ref in zip(["x", "A_p", "B_p", "D", "A_s", "B_s"], grads, ref_grads):
         assert rel_err(grad, grad_ref) <= 1e-5, name
-    # the layout asked for is the one that ran: `up_`'s plan starts with its rows flag
-    up_plans = [plan for key, plan in kernels._PLANS.items() if key[0] == "up"]
-    assert up_plans and all(plan[0] == (layout == "rows") for plan in up_plans)
+
+
+def test_configs_context_restores_the_committed_shapes_and_refuses_unknown_kernels():
+    from rasa_lora.ops import plans
+
+    committed = plans.CONFIGS
+    before = plans.plan(("up", 64, 96, 64, torch.bfloat16), plans.up_plan)
+    with plans.configs({"up": {"BM": 16}}):
+        assert plans.CONFIGS["up"]["BM"] == 16 and committed["up"]["BM"] != 16
+        assert plans.plan(("up", 64, 96, 64, torch.bfloat16), plans.up_plan).BM == 16
+    assert plans.CONFIGS is committed
+    assert plans.plan(("up", 64, 96, 64, torch.bfloat16), plans.up_plan) == before
+    with pytest.raises(ValueError, match="no launch shapes named"), plans.configs({"gu": {"BM": 16}}):
+        pass
 
 
 @pytest.mark.parametrize(("backend", "device"), [c for c in _cases() if c.values[0] in ("triton", "torch", "cublas")])
@@ -222,11 +232,11 @@ def test_a_layers_gradients_hold_no_more_memory_than_its_parameters(backend, dev
 
 @pytest.mark.gpu
 def test_cached_launches_follow_each_calls_seed_and_shape():
-    """After the first launch the kernels are launched from a cache (`kernels._Launcher`): later calls with
+    """After the first launch the kernels are launched from a cache (`launch.Launcher`): later calls with
     other seeds, dropout rates and token counts must still get their own masks and shapes."""
     if not torch.cuda.is_available() or not _triton_ok():
         pytest.skip("needs CUDA and triton")
-    from rasa_lora.ops import kernels
+    from rasa_lora.ops import launch
 
     g = torch.Generator().manual_seed(11)
     weight = (torch.randn(72, 96, generator=g) * 0.1).to("cuda")
@@ -234,17 +244,17 @@ def test_cached_launches_follow_each_calls_seed_and_shape():
     for rows, p, seed in [(50, 0.1, 1), (50, 0.1, 2), (50, 0.3, 2), (33, 0.1, 2), (50, 0.0, 0), (50, 0.1, 1)]:
         x = torch.randn(rows, 96, generator=g).to("cuda").requires_grad_(True)
         out, upstream, grads = run_fused("triton", x, weight, None, params, p, seed)
-        ref, ref_grads = dense_reference(x, weight, None, params, upstream, "triton", p, seed)
+        ref, ref_grads = dense_reference(x, weight, None, params, upstream, p, seed)
         assert rel_err(out, ref) <= 1e-5, (rows, p, seed)
         for name, grad, grad_ref in zip(["x", "A_p", "B_p", "D", "A_s", "B_s"], grads, ref_grads):
             assert rel_err(grad, grad_ref) <= 1e-5, (name, rows, p, seed)
-    if kernels._FAST_LAUNCH:  # the cached path was taken (by whichever up_ kernel the launch shapes pick)
-        up = kernels._UP_ROWS if kernels.CONFIGS["up"].get("mode") == "rows" else kernels._UP
-        assert kernels._DOWN_PACK.compiled and up.compiled
+    if settings.FAST_LAUNCH():  # the cached path was taken
+        assert launch.DOWN_PACK.compiled and launch.UP_ROWS.compiled
 
 
 @pytest.mark.gpu
-def test_triton_kernels_on_a_second_gpu_while_the_first_is_current():
+@pytest.mark.parametrize("backend", ["triton", "cublas"])  # cublas: its mask comes from a Triton kernel
+def test_triton_kernels_on_a_second_gpu_while_the_first_is_current(backend):
     """A model spread over GPUs in one process (device_map="auto"): layers on cuda:1 while cuda:0 is current."""
     if not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not _triton_ok():
         pytest.skip("needs two CUDA devices and triton")
@@ -253,17 +263,17 @@ def test_triton_kernels_on_a_second_gpu_while_the_first_is_current():
     x = torch.randn(40, 64, generator=g).to("cuda:1").requires_grad_(True)
     weight = (torch.randn(48, 64, generator=g) * 0.1).to("cuda:1")
     params = factors(64, 48, 3, 10, "cuda:1", seed=14)
-    out, upstream, grads = run_fused("triton", x, weight, None, params, 0.1, 3)
-    ref, ref_grads = dense_reference(x, weight, None, params, upstream, "triton", 0.1, 3)
+    out, upstream, grads = run_fused(backend, x, weight, None, params, 0.1, 3)
+    ref, ref_grads = dense_reference(x, weight, None, params, upstream, 0.1, 3)
     assert rel_err(out, ref) <= 1e-5
     for name, grad, grad_ref in zip(["x", "A_p", "B_p", "D", "A_s", "B_s"], grads, ref_grads):
         assert rel_err(grad, grad_ref) <= 1e-5, name
 
 
 def test_launch_cache_keys(monkeypatch):
-    """`kernels._Launcher`: a compiled kernel is reused only for arguments Triton would compile the same way
+    """`launch.Launcher`: a compiled kernel is reused only for arguments Triton would compile the same way
     (dtypes, alignment, integers, launch options), whatever the per-call seed; unaligned tensors never reuse."""
-    from rasa_lora.ops import kernels
+    from rasa_lora.ops import launch
 
     class Compiled:
         function, packed_metadata = 1, None
@@ -281,58 +291,59 @@ def test_launch_cache_keys(monkeypatch):
             self.compiled = []
 
         def __getitem__(self, grid):
-            def launch(*args, num_warps, num_stages):
+            def run(*args, num_warps, num_stages):
                 self.compiled.append(Compiled())
                 return self.compiled[-1]
 
-            return launch
+            return run
 
-    monkeypatch.setattr(kernels, "_FAST_LAUNCH", True)
-    monkeypatch.setattr(kernels, "_cacheable", lambda kernel, device: True)
-    monkeypatch.setattr(kernels, "_current_stream", lambda device: 0)
+    monkeypatch.setattr(settings.FAST_LAUNCH, "forced", True)
+    monkeypatch.setattr(launch, "cacheable", lambda kernel, device: True)
+    monkeypatch.setattr(launch, "current_stream", lambda device: 0)
     jit = JIT()
-    launch = kernels._Launcher(jit)
+    launcher = launch.Launcher(jit)
     x = torch.zeros(64)
-    launch((2,), (x, 8, 123, 16), 4, 1)
-    launch((2,), (x, 8, 456, 16), 4, 1)  # another seed: the cached kernel, given this call's seed
+    launcher((2,), (x, 8, 123, 16), 4, 1)
+    launcher((2,), (x, 8, 456, 16), 4, 1)  # another seed: the cached kernel, given this call's seed
     assert len(jit.compiled) == 1 and jit.compiled[0].launches == [(x, 8, 456, 16)]
     for args, warps in [((x, 9, 1, 16), 4), ((x.double(), 8, 1, 16), 4), ((x, 8, 1, 32), 4), ((x, 8, 1, 16), 8)]:
-        launch((2,), args, warps, 1)  # another integer, dtype, constexpr, launch option: compiled anew
+        launcher((2,), args, warps, 1)  # another integer, dtype, constexpr, launch option: compiled anew
     assert len(jit.compiled) == 5
     unaligned = torch.zeros(65)[1:]  # 4 bytes past an aligned start
-    launch((2,), (unaligned, 8, 1, 16), 4, 1)
-    launch((2,), (unaligned, 8, 1, 16), 4, 1)
+    launcher((2,), (unaligned, 8, 1, 16), 4, 1)
+    launcher((2,), (unaligned, 8, 1, 16), 4, 1)
     assert len(jit.compiled) == 7  # never cached, never served from the aligned tensor's entry
-    monkeypatch.setattr(kernels, "_FAST_LAUNCH", False)
-    launch((2,), (x, 8, 1, 16), 4, 1)
+    monkeypatch.setattr(settings.FAST_LAUNCH, "forced", False)
+    launcher((2,), (x, 8, 1, 16), 4, 1)
     assert len(jit.compiled) == 8
 
 
 def test_cached_launches_call_the_c_launcher_directly_when_they_can():
     """Triton 3.x's CUDA launcher object wraps a C `launch` in a Python `__call__` that only adds scratch buffers:
     without scratch memory the cache calls `launch` itself, with the launcher's own options; otherwise `run`."""
-    from types import SimpleNamespace
-
-    from rasa_lora.ops import kernels
+    from rasa_lora.ops import launch
 
     calls = []
     run = SimpleNamespace(launch=lambda *args: calls.append(("launch", args)), global_scratch_size=0,
                           profile_scratch_size=0, launch_cooperative_grid=False, launch_pdl=True)
     kernel = SimpleNamespace(run=run, function=7, packed_metadata="meta")
-    launch, function, options, metadata = kernels._entry(kernel)
-    launch(2, 1, 1, 0, function, *options, metadata, None, None, None, "x", 8)
+    direct, function, options, metadata = launch._entry(kernel)
+    direct(2, 1, 1, 0, function, *options, metadata, None, None, None, "x", 8)
     assert calls == [("launch", (2, 1, 1, 0, 7, False, True, None, None, "meta", None, None, None, "x", 8))]
     run.global_scratch_size = 64  # needs a scratch buffer: through the Python wrapper
-    assert kernels._entry(kernel)[0] is run and kernels._entry(kernel)[2] == ()
+    assert launch._entry(kernel)[0] is run and launch._entry(kernel)[2] == ()
 
 
-def test_backend_choice_and_mask_flavours(monkeypatch):
+def test_backend_choice(monkeypatch):
+    import importlib
+
     from rasa_lora.ops import kernel_backend, kernels
-    from rasa_lora.ops.rasa_linear import _cuda_default
 
-    def triton_installed(installed):  # the choice is cached per rank count (it is fixed in a process)
+    fused = importlib.import_module("rasa_lora.ops.rasa_linear")  # the module (the package exports the function)
+
+    def triton_installed(installed):  # the choice is cached per device kind and rank count
         monkeypatch.setattr(kernels, "available", lambda: installed)
-        _cuda_default.cache_clear()
+        fused._CHOSEN.clear()
 
     x = torch.empty(4, 8)
     assert kernel_backend(x, 39) == "torch"  # the CPU
@@ -341,6 +352,7 @@ def test_backend_choice_and_mask_flavours(monkeypatch):
     assert kernel_backend(cuda_like, 39) == "triton"  # r=8 k=1 over 32 layers: R = 64
     assert kernel_backend(cuda_like, 78) == "triton"  # r=16 k=2: R = 128
     assert kernel_backend(cuda_like, 156) == "cublas"  # r=32 k=4: R = 256
+    assert fused.backend_for(cuda_like, 39) is fused.backend_for(cuda_like, 39)  # chosen once, then looked up
     triton_installed(False)
     assert kernel_backend(cuda_like, 39) == "cublas"
     set_kernel_backend("torch")
@@ -349,64 +361,68 @@ def test_backend_choice_and_mask_flavours(monkeypatch):
     finally:
         set_kernel_backend(None)
     monkeypatch.undo()
-    _cuda_default.cache_clear()  # no choice made under the patched `available` outlives the test
+    fused._CHOSEN.clear()  # no choice made under the patched `available` outlives the test
     with pytest.raises(ValueError, match="unknown kernel backend"):
         set_kernel_backend("cuda")
-    # the hash mask (p rounded to 2**-16) and torch's Bernoulli mask (p exact) differ, each reproducible
+    # one mask and one scale for every backend: p as the mask has it (rounded to 2**-16)
+    assert dropout_scale(0.05) == 1 / (1 - effective_p(0.05))
     rows = torch.empty(64, 64)
-    for backend in ("torch", "cublas"):
-        assert torch.equal(dropout_mask(rows, 0.3, 5, backend), dropout_mask(rows, 0.3, 5, backend))
-    assert not torch.equal(dropout_mask(rows, 0.3, 5, "torch"), dropout_mask(rows, 0.3, 5, "cublas"))
-    assert dropout_scale(0.05, "cublas") == 1 / 0.95
-    assert dropout_scale(0.05, "torch") == 1 / (1 - effective_p(0.05))
+    assert torch.equal(dropout_mask(rows, 0.3, 5), dropout_mask(rows, 0.3, 5))
+    assert not torch.equal(dropout_mask(rows, 0.3, 5), dropout_mask(rows, 0.3, 6))
 
 
-def test_env_flag_reads_off_values_and_defaults(monkeypatch):
-    from rasa_lora.ops.rasa_linear import env_flag
-
+def test_env_flag_reads_one_vocabulary_and_refuses_other_values(monkeypatch):
     monkeypatch.delenv("RASA_LORA_TEST_FLAG", raising=False)
-    assert env_flag("RASA_LORA_TEST_FLAG", True) is True and env_flag("RASA_LORA_TEST_FLAG", False) is False
-    for value, expected in (("0", False), ("false", False), ("False", False), ("", False), ("1", True),
-                            ("yes", True)):
+    assert settings.env_flag("RASA_LORA_TEST_FLAG", True) is True
+    assert settings.env_flag("RASA_LORA_TEST_FLAG", False) is False
+    for value, expected in (("0", False), ("false", False), ("False", False), ("", False), ("no", False),
+                            ("OFF", False), ("1", True), ("yes", True), ("True", True), (" on ", True)):
         monkeypatch.setenv("RASA_LORA_TEST_FLAG", value)
-        assert env_flag("RASA_LORA_TEST_FLAG", not expected) is expected, value
+        assert settings.env_flag("RASA_LORA_TEST_FLAG", not expected) is expected, value
+    monkeypatch.setenv("RASA_LORA_TEST_FLAG", "maybe")
+    with pytest.raises(ValueError, match="RASA_LORA_TEST_FLAG='maybe' is not a boolean"):
+        settings.env_flag("RASA_LORA_TEST_FLAG", True)
+
+
+def test_accelerates_flags_are_read_by_the_one_env_flag(monkeypatch):
+    """train/distributed.py once read "no" as off and "yes" as on by its own rule; now by `settings.env_flag`."""
+    from rasa_lora.train import distributed
+
+    assert distributed.env_flag is settings.env_flag
+    assert not hasattr(distributed, "_env_flag")
 
 
 @pytest.mark.parametrize("R", [16, 32, 64, 128, 256])
 def test_float32_launch_shapes_pipeline_at_most_two_stages(R):
     """Float32 doubles every pipelined tile's shared memory, the token-sized ones too, whatever R: the committed
-    4-stage shapes (tuned in bf16) must drop to two stages (four stages of bwd_up needed 254 KB at R = 32, more than
-    an H200 has: an OutOfResources error on the GPU until session 6's fix)."""
-    from rasa_lora.ops import kernels
+    4-stage shapes (tuned in bf16) must drop to two stages (docs/performance.md, record 7)."""
+    from rasa_lora.ops import plans
 
-    for name, cfg in kernels.CONFIGS.items():
+    for name, cfg in plans.CONFIGS.items():
         if "stages" in cfg:
-            assert kernels._fit(name, R, 4)["stages"] <= 2, (name, R)
-            assert kernels._fit(name, R, 2)["stages"] == (cfg["stages"] if R <= 64 else min(cfg["stages"], 2))
+            assert plans.fit(name, R, 4)["stages"] <= 2, (name, R)
+            assert plans.fit(name, R, 2)["stages"] == (cfg["stages"] if R <= 64 else min(cfg["stages"], 2))
 
 
 def test_shape_keyed_caches_stay_bounded_as_token_counts_vary(monkeypatch):
     """Launch plans and workspace layouts are cached per shape, token count included: batches of ever new lengths
     must not grow them without bound (they empty at a cap and refill), and a refilled entry is the same plan."""
-    import sys
+    from rasa_lora.ops import plans, triton_backend
 
-    from rasa_lora.ops import kernels
-
-    layer = sys.modules["rasa_lora.ops.rasa_linear"]  # the module (the package exports the function by that name)
-    monkeypatch.setattr(kernels, "MAX_CACHED", 3)
-    kernels.clear_plans()
-    first = kernels._plan(("up", 8, 64, 64, torch.bfloat16), kernels._up_plan)
+    monkeypatch.setattr(plans, "MAX_CACHED", 3)
+    plans.clear_plans()
+    first = plans.plan(("up", 8, 64, 64, torch.bfloat16), plans.up_plan)
     for M in range(16, 16 + 8 * 7, 8):
-        kernels._plan(("up", M, 64, 64, torch.bfloat16), kernels._up_plan)
-        assert len(kernels._PLANS) <= 3
-    assert kernels._plan(("up", 8, 64, 64, torch.bfloat16), kernels._up_plan) == first
-    kernels.clear_plans()
+        plans.plan(("up", M, 64, 64, torch.bfloat16), plans.up_plan)
+        assert len(plans._PLANS) <= 3
+    assert plans.plan(("up", 8, 64, 64, torch.bfloat16), plans.up_plan) == first
+    plans.clear_plans()
 
-    layer._WORKSPACE_PLANS.clear()  # workspace layouts: the same bound (3 here)
+    triton_backend._WORKSPACE_PLANS.clear()  # workspace layouts: the same bound (3 here)
     for M in range(1, 30):
-        views = layer._workspaces("cpu", M, 20, 12, 3, 4, 16, torch.bfloat16)
-        assert len(layer._WORKSPACE_PLANS) <= 3
+        views = triton_backend.workspaces("cpu", M, 20, 12, 3, 4, 16, torch.bfloat16)
+        assert len(triton_backend._WORKSPACE_PLANS) <= 3
         gu16 = views[-1]
         assert gu16.shape == (M, 16) and gu16.dtype == torch.bfloat16
         assert all(t.data_ptr() % 16 == 0 for t in views)  # every part 16-byte aligned
-    layer._WORKSPACE_PLANS.clear()
+    triton_backend._WORKSPACE_PLANS.clear()

@@ -50,8 +50,23 @@ def test_micro_batch_must_divide_global_batch():
 
 
 def test_rasa_k_larger_than_r_is_refused():
-    with pytest.raises(ValueError, match="rasa_k=9 is outside 0..r=8"):
+    with pytest.raises(ValueError, match="rasa_k=9 is larger than r=8"):
         build_config({"rasa_k": 9})
+
+
+@pytest.mark.parametrize(("r", "rasa_k"), [(8, None), (16, None), (4, None), (32, 0), (8, 8), (8, 9), (8, -1)])
+def test_the_recipe_and_the_adapter_config_share_one_rank_rule(r, rasa_k):
+    """`TrainConfig` takes RaSA's default k and its checks from `RasaConfig` (one source): the same k, or the same
+    error, for every setting."""
+    from rasa_lora import RasaConfig
+
+    try:
+        expected = RasaConfig(r=r, rasa_k=rasa_k).rasa_k
+    except ValueError as error:
+        with pytest.raises(ValueError, match=str(error).split(";")[0]):
+            build_config({"r": r, "rasa_k": rasa_k})
+        return
+    assert build_config({"r": r, "rasa_k": rasa_k}).shared_ranks == expected
 
 
 def test_every_key_has_a_docstring_in_the_docs():

@@ -15,6 +15,20 @@ def default_rasa_k(r: int) -> int:
     return max(r // 8, 1)
 
 
+def check_ranks(r, rasa_k) -> int:
+    """RaSA's rank settings checked, the one place for it (`RasaConfig`, and `TrainConfig` through it): r a
+    positive integer, rasa_k an integer in 0..r, None for the paper's default. Returns rasa_k."""
+    if not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r={r!r} must be a positive integer (LoRA's rank), e.g. r=8.")
+    if rasa_k is None:
+        return default_rasa_k(r)
+    if not isinstance(rasa_k, int) or rasa_k < 0:
+        raise ValueError(f"rasa_k={rasa_k!r} must be an integer with 0 <= rasa_k <= r={r}.")
+    if rasa_k > r:
+        raise ValueError(f"rasa_k={rasa_k} is larger than r={r}; choose 0 <= rasa_k <= r.")
+    return rasa_k
+
+
 @dataclass
 class RasaConfig(PeftConfig):
     """Configuration of a RaSA adapter (Rank-Sharing Low-Rank Adaptation, ICLR 2025).
@@ -77,14 +91,7 @@ class RasaConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type_member()
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r={self.r!r} must be a positive integer (LoRA's rank), e.g. r=8.")
-        if self.rasa_k is None:
-            self.rasa_k = default_rasa_k(self.r)
-        if not isinstance(self.rasa_k, int) or self.rasa_k < 0:
-            raise ValueError(f"rasa_k={self.rasa_k!r} must be an integer with 0 <= rasa_k <= r={self.r}.")
-        if self.rasa_k > self.r:
-            raise ValueError(f"rasa_k={self.rasa_k} is larger than r={self.r}; choose 0 <= rasa_k <= r.")
+        self.rasa_k = check_ranks(self.r, self.rasa_k)
         if not 0.0 <= self.rasa_dropout < 1.0:
             raise ValueError(f"rasa_dropout={self.rasa_dropout} must lie in [0, 1).")
         if self.bias not in ("none", "all", "rasa_only"):

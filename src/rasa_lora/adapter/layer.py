@@ -36,9 +36,27 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils.other import transpose
 from torch import nn
 
-from rasa_lora.ops import fused_backend_enabled, rasa_linear
+from rasa_lora.ops import dropout_mask, dropout_scale, fused_backend_enabled, mask_seed, rasa_linear
 
 _SNAPSHOT_KEYS = ("A_p", "B_p", "D", "A_s", "B_s")
+
+
+def init_eq6(init_weights: bool, A: torch.Tensor | None = None, B: torch.Tensor | None = None,
+             D: torch.Tensor | None = None, num_private: int = 0, alpha: float = 0.0) -> None:
+    """Paper eq. 6, in place, for a layer's private factors and D or a group's pool: A Kaiming-uniform, B zero
+    (normal, std 0.02, with init_weights=False: tests only), D alpha/(2(r-k)) on its first `num_private` entries and
+    alpha/(2Lk) on the others. No further alpha/r factor."""
+    with torch.no_grad():
+        if A is not None:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if B is not None:
+            nn.init.zeros_(B) if init_weights else nn.init.normal_(B, std=0.02)
+        if D is not None:
+            num_shared = D.numel() - num_private
+            if num_private:
+                D[:num_private] = alpha / (2 * num_private)
+            if num_shared:
+                D[num_private:] = alpha / (2 * num_shared)
 
 
 class RasaLayer(BaseTunerLayer):
@@ -54,7 +72,7 @@ class RasaLayer(BaseTunerLayer):
         self.rasa_alpha: dict[str, float] = {}
         self.rasa_group: dict[str, str] = {}
         self.rasa_num_layers: dict[str, int] = {}
-        self.rasa_dropout = nn.ModuleDict({})
+        self.rasa_dropout: dict[str, float] = {}  # the input dropout's p: one mask for every path (`ops.dropout`)
         self.rasa_A = nn.ParameterDict({})
         self.rasa_B = nn.ParameterDict({})
         self.rasa_D = nn.ParameterDict({})
@@ -78,8 +96,7 @@ class RasaLayer(BaseTunerLayer):
         self.rasa_alpha[adapter_name] = config.rasa_alpha
         self.rasa_group[adapter_name] = group
         self.rasa_num_layers[adapter_name] = num_layers
-        dropout = nn.Dropout(p=config.rasa_dropout) if config.rasa_dropout > 0 else nn.Identity()
-        self.rasa_dropout[adapter_name] = dropout
+        self.rasa_dropout[adapter_name] = float(config.rasa_dropout)
         weight = self.get_base_layer().weight
         factory = {"device": weight.device, "dtype": torch.float32}
         for container in (self.rasa_A, self.rasa_B):
@@ -93,21 +110,10 @@ class RasaLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def reset_rasa_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
-        """Eq. 6 for this layer's private factors and D (the pool is initialised by the tuner)."""
-        r, k, alpha = self.r[adapter_name], self.rasa_k[adapter_name], self.rasa_alpha[adapter_name]
-        num_private, num_shared = r - k, self.rasa_num_layers[adapter_name] * k
-        with torch.no_grad():
-            if num_private:
-                nn.init.kaiming_uniform_(self.rasa_A[adapter_name], a=math.sqrt(5))
-                if init_weights:
-                    nn.init.zeros_(self.rasa_B[adapter_name])
-                else:
-                    nn.init.normal_(self.rasa_B[adapter_name], std=0.02)
-            D = self.rasa_D[adapter_name]
-            if num_private:
-                D[:num_private] = alpha / (2 * num_private)
-            if num_shared:
-                D[num_private:] = alpha / (2 * num_shared)
+        """Eq. 6 for this layer's private factors and D (the tuner applies it to the pool)."""
+        num_private = self.r[adapter_name] - self.rasa_k[adapter_name]
+        init_eq6(init_weights, self.rasa_A.get(adapter_name), self.rasa_B.get(adapter_name),
+                 self.rasa_D[adapter_name], num_private, self.rasa_alpha[adapter_name])
 
     # --- the pool --------------------------------------------------------------------------------------
     def _empty(self, adapter_name: str, rows: int, cols: int) -> torch.Tensor:
@@ -250,8 +256,7 @@ class Linear(nn.Module, RasaLayer):
             return None
         if self.fan_in_fan_out:
             weight = weight.t()
-        dropout = modules["rasa_dropout"]._modules[active]
-        p = dropout.p if (self.training and isinstance(dropout, nn.Dropout)) else 0.0
+        p = self.rasa_dropout[active] if self.training else 0.0
         A_p = modules["rasa_A"]._parameters.get(active)
         B_p = modules["rasa_B"]._parameters.get(active) if A_p is not None else None
         if A_p is None:
@@ -292,12 +297,17 @@ class Linear(nn.Module, RasaLayer):
         return result
 
     def _update(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """dropout(x) dW_i^T of adapter `name`, in the adapter's dtype."""
+        """dropout(x) dW_i^T of adapter `name`, in the adapter's dtype; the mask and its seed are the fused path's
+        (`rasa_lora.ops.dropout_mask`, `mask_seed`), so both paths train with the same noise."""
         A_p, B_p = self.private_factors(name)
         D = self.rasa_D[name]
         A_s, B_s = self.shared_factors(name)
         num_private = A_p.shape[0]
-        dropped = self.rasa_dropout[name](self._cast_input_dtype(x, A_p.dtype))
+        p = self.rasa_dropout[name] if self.training else 0.0
+        seed = mask_seed(p)
+        dropped = self._cast_input_dtype(x, A_p.dtype)
+        if p > 0:
+            dropped = dropped * dropout_mask(dropped, p, seed) * dropout_scale(p)
         update = ((dropped @ A_p.t()) * D[:num_private]) @ B_p.t()
         return update + ((dropped @ A_s.to(x.device).t()) * D[num_private:]) @ B_s.to(x.device).t()
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import re
 from collections import OrderedDict
 
@@ -26,7 +25,7 @@ from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from rasa_lora.adapter.config import RasaConfig
-from rasa_lora.adapter.layer import Linear, RasaLayer, _conv1d_types
+from rasa_lora.adapter.layer import Linear, RasaLayer, _conv1d_types, init_eq6
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?=\.|$)")
 
@@ -199,10 +198,8 @@ class RasaModel(BaseTuner):
             if not width:  # k = 0: no pool (no zero-element parameters registered or saved)
                 continue
             A = torch.empty(width, in_features, dtype=torch.float32, device=device)
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            B = torch.zeros(out_features, width, dtype=torch.float32, device=device)
-            if not config.init_weights:
-                nn.init.normal_(B, std=0.02)
+            B = torch.empty(out_features, width, dtype=torch.float32, device=device)
+            init_eq6(config.init_weights, A, B)
             shared_A[pool_key(group)] = nn.Parameter(A)
             shared_B[pool_key(group)] = nn.Parameter(B)
         self.rasa_shared_A[adapter_name] = shared_A

@@ -190,3 +190,34 @@ def _atomic(path: Path, write) -> None:
     partial = path.with_name(f".{path.stem}.partial{path.suffix}")
     write(partial)
     partial.replace(path)
+
+
+def parse_k_list(text: str) -> list[int] | None:
+    """A list of k values as written on a command line: `all` -> None (0..r); `none` -> []; `0-8` or `0,1,2`."""
+    text = text.strip().lower()
+    if text == "all":
+        return None
+    if text in ("none", ""):
+        return []
+    values: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        values += list(range(int(low), int(high or low) + 1))
+    return values
+
+
+def report_table(report: dict) -> str:
+    """The per-group table of a `run_analysis` report, as printed by `rasa-lora analyze`."""
+    lines = [f"{'group':<40} {'layers':>6} {'shape':>12} {'LoRA rel':>9} {'RaSA rel':>9} {'RaSA/LoRA':>9} "
+             f"{'below@':>6} {'start':>8} {'iters':>6} {'spread':>7} {'best k':>6} {'time s':>7}"]
+    for name, g in report["groups"].items():
+        shape = "x".join(str(s) for s in g["shape"])
+        ratio = f"{g['rasa_over_lora']:.4f}" if g["rasa_over_lora"] is not None else "-"
+        iters = f"{g['iterations']}{'' if g['converged'] else '*'}"
+        spread = f"{100 * g['start_spread']:.2f}%" if len(g["starts"]) > 1 else "-"
+        lines.append(f"{name:<40} {g['num_layers']:>6} {shape:>12} {g['lora_relative_error']:>9.4f} "
+                     f"{g['rasa_relative_error']:>9.4f} {ratio:>9} {str(g['first_iteration_below_lora']):>6} "
+                     f"{g['rasa_start']:>8} {iters:>6} {spread:>7} {str(g['best_k']):>6} {g['wall_time_s']:>7.1f}")
+    if any(not g["converged"] for g in report["groups"].values()):
+        lines.append("* stopped at the iteration limit before the criterion (--tol) was met; raise --iters")
+    return "\n".join(lines)

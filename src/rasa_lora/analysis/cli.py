@@ -21,20 +21,6 @@ import sys
 from pathlib import Path
 
 
-def _k_list(text: str) -> list[int] | None:
-    """`all` -> None (0..r); `none` -> []; `0-8` or `0,1,2` -> the list."""
-    text = text.strip().lower()
-    if text == "all":
-        return None
-    if text in ("none", ""):
-        return []
-    values: list[int] = []
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        values += list(range(int(low), int(high or low) + 1))
-    return values
-
-
 def _analyze_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rasa-lora analyze", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,36 +105,21 @@ def _groups(args: argparse.Namespace, parser: argparse.ArgumentParser):
 def analyze_main(argv: list[str]) -> int:
     parser = _analyze_parser()
     args = parser.parse_args(argv)
-    from rasa_lora.analysis.analyze import AnalysisConfig, run_analysis
+    from rasa_lora.analysis.analyze import AnalysisConfig, parse_k_list, report_table, run_analysis
     try:
         config = AnalysisConfig(r=args.r, k=_rasa_k(args, "rasa-lora analyze"), iters=args.iters, init=args.init,
                                 variant=args.variant, dtype=args.dtype, device=args.device,
-                                sweep=_k_list(args.k_sweep), sweep_iters=args.sweep_iters, seed=args.seed,
+                                sweep=parse_k_list(args.k_sweep), sweep_iters=args.sweep_iters, seed=args.seed,
                                 svd_tol=args.svd_tol, tol=args.tol, restarts=args.restarts)
         groups, count, source = _groups(args, parser)
         report = run_analysis(groups, config, args.out, source, count)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
         print(f"rasa-lora analyze: {error}", file=sys.stderr)
         return 2
-    _print_table(report)
+    print(report_table(report))
     print(f"wrote {', '.join(str(Path(args.out) / name) for name in report['files'])} "
           f"in {report['wall_time_s']:.1f} s")
     return 0
-
-
-def _print_table(report: dict) -> None:
-    print(f"{'group':<40} {'layers':>6} {'shape':>12} {'LoRA rel':>9} {'RaSA rel':>9} {'RaSA/LoRA':>9} "
-          f"{'below@':>6} {'start':>8} {'iters':>6} {'spread':>7} {'best k':>6} {'time s':>7}")
-    for name, g in report["groups"].items():
-        shape = "x".join(str(s) for s in g["shape"])
-        ratio = f"{g['rasa_over_lora']:.4f}" if g["rasa_over_lora"] is not None else "-"
-        iters = f"{g['iterations']}{'' if g['converged'] else '*'}"
-        spread = f"{100 * g['start_spread']:.2f}%" if len(g["starts"]) > 1 else "-"
-        print(f"{name:<40} {g['num_layers']:>6} {shape:>12} {g['lora_relative_error']:>9.4f} "
-              f"{g['rasa_relative_error']:>9.4f} {ratio:>9} {str(g['first_iteration_below_lora']):>6} "
-              f"{g['rasa_start']:>8} {iters:>6} {spread:>7} {str(g['best_k']):>6} {g['wall_time_s']:>7.1f}")
-    if any(not g["converged"] for g in report["groups"].values()):
-        print("* stopped at the iteration limit before the criterion (--tol) was met; raise --iters")
 
 
 def compress_main(argv: list[str]) -> int:

@@ -202,8 +202,8 @@ def _orth(Y: Tensor) -> Tensor:
     """Orthonormal basis of the columns of each Y[l] (L, n, w), through the eigen-decomposition of the small
     Gram matrix, in float64 and twice over (a CholeskyQR2-like scheme).
 
-    Much faster than Householder QR for tall thin batches on the CPU (5 ms against 53 ms for 30 x 1536 x 30,
-    2-core machine). Working in float64 keeps directions down to about 10 * w * eps(Y.dtype) of the largest
+    Much faster than Householder QR for tall thin batches on the CPU (docs/performance.md, record 14). Working
+    in float64 keeps directions down to about 10 * w * eps(Y.dtype) of the largest
     singular value, so float32 inputs lose nothing a float32 QR would keep; weaker directions are dropped
     (zero columns), which only narrows the search space.
     """

@@ -1,10 +1,14 @@
-"""Fast paths of the RaSA layer. See `rasa_linear.py` (the autograd Function), `kernels.py` (Triton) and
-`dropout.py` (the hash dropout mask)."""
+"""The fused path of the RaSA layer: `rasa_linear` (the autograd functions, `rasa_linear.py`) over a backend object
+("torch", "cublas", "triton": `*_backend.py`; the Triton kernels in `kernels.py`, launched through `launch.py` with
+the shapes of `plans.py`), and the one dropout mask of every path (`dropout.py`)."""
 
 from rasa_lora.ops.rasa_linear import (
+    backend_for,
     dropout_mask,
+    dropout_scale,
     fused_backend_enabled,
     kernel_backend,
+    mask_seed,
     rasa_linear,
     set_base_gemm_adds,
     set_fused_backend,
@@ -12,5 +16,5 @@ from rasa_lora.ops.rasa_linear import (
     set_kernel_backend,
 )
 
-__all__ = ["dropout_mask", "fused_backend_enabled", "kernel_backend", "rasa_linear", "set_base_gemm_adds",
-           "set_fused_backend", "set_keep_u", "set_kernel_backend"]
+__all__ = ["backend_for", "dropout_mask", "dropout_scale", "fused_backend_enabled", "kernel_backend", "mask_seed",
+           "rasa_linear", "set_base_gemm_adds", "set_fused_backend", "set_keep_u", "set_kernel_backend"]

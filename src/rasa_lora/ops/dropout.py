@@ -1,6 +1,8 @@
-r"""The adapter's dropout mask: a counter-based hash of (seed, row, column), never stored.
+r"""The adapter's dropout mask: a counter-based hash of (seed, row, column), never stored. The one definition for
+every path (docs/performance.md, record 10): the reference path, the "torch" and "cublas" backends
+(`dropout_mask`, or the Triton kernel that draws the same bits) and the Triton kernels, which draw it in registers.
 
-The fused path drops adapter-input elements with probability p. For row i and the pair of columns
+The layer drops adapter-input elements with probability p. For row i and the pair of columns
 (2q, 2q+1) it draws one 32-bit word, the product of an (odd) hash of the row and an (odd) hash of the pair,
 
     v = (mix(i + S) | 1) * (mix((q * 0x61C88647) ^ S) | 1)        (mod 2**32),  S = mix(seed)
@@ -16,12 +18,7 @@ products, in registers: the row and pair hashes are computed once per row and pe
 word of two elements costs a multiply, an xorshift and the split into halves, then a comparison each. Philox
 (`tl.rand`, torch's dropout) costs several times that, a stored mask a pass over memory.
 
-Until session 7 the word was the full mix of (row hash ^ q * 0x61C88647), about twice the integer work. The
-cheaper word was chosen by its statistics (`benchmarks/mask_quality.py`, `benchmarks/RESULTS.md`; 2048 x 2048
-masks, 60 seeds at p = 0.5): combining the two hashes by xor before one multiply gave a 2 x 2 block chi-square of
-17.6 on average (15 degrees of freedom; 3.7 standard errors above independent draws), with one seed at 50.0 (~1e-5
-for independent draws), and by addition hundreds; the product of the two odd hashes 15.8 (1.1 standard errors),
-at most 29.1, like the full mix it replaced (14.6).
+The word's statistics were chosen by `benchmarks/experiments/mask_quality.py` (docs/performance.md, record 4).
 Both hashes depend on the seed, so whatever relation the product leaves between two given rows or two given columns
 changes from call to call. Making the hashes odd costs each row and pair one bit: two rows whose hashes differ
 only in the lowest bit share their mask (probability 2**-31 a pair and call).
@@ -50,7 +47,7 @@ def mix32(v: int) -> int:
     return v
 
 
-def _mix_tensor(v: torch.Tensor) -> torch.Tensor:
+def mix_tensor(v: torch.Tensor) -> torch.Tensor:
     """The same mix on an int64 tensor holding 32-bit values (products wrap; the low 32 bits are kept)."""
     v = v ^ (v >> 16)
     v = (v * M1) & MASK32
@@ -76,14 +73,23 @@ def seed_hash(seed: int) -> int:
 
 
 def keep_mask(rows: int, cols: int, seed: int, p: float, device=None, row_offset: int = 0) -> torch.Tensor:
-    """The (rows, cols) bool keep-mask of dropout probability p for this seed (True = kept)."""
-    r = torch.arange(row_offset, row_offset + rows, device=device, dtype=torch.int64)
-    c = torch.arange(cols, device=device, dtype=torch.int64)
+    """The (rows, cols) bool keep-mask of dropout probability p for this seed (True = kept).
+
+    One word per column pair, as the kernels draw it: with v = hr * hc (the low 32 bits of the int64 product),
+    h = v ^ (v >> 16) has v's high half as its high half (the odd column's bits) and v's low half ^ high half as
+    its low half (the even column's); working on pairs halves the token-sized integer work."""
     seed_h = mix32(seed)
-    hr = _mix_tensor((r + seed_h) & MASK32) | 1
-    hc = _mix_tensor((((c >> 1) * COLUMN) & MASK32) ^ seed_h) | 1
-    word = (hr[:, None] * hc[None, :]) & MASK32
-    return keep_from_words(word ^ (word >> 16), c, p)
+    r = torch.arange(row_offset, row_offset + rows, device=device, dtype=torch.int64)
+    q = torch.arange((cols + 1) // 2, device=device, dtype=torch.int64)
+    hr = mix_tensor((r + seed_h) & MASK32) | 1
+    hc = mix_tensor(((q * COLUMN) & MASK32) ^ seed_h) | 1
+    word = hr[:, None] * hc[None, :]  # wraps mod 2**64: bits 0-31 are v
+    high = (word >> 16).bitwise_and_(0xFFFF)
+    t = threshold(p)
+    keep = torch.empty(rows, q.numel(), 2, dtype=torch.bool, device=device)
+    torch.ge(word.bitwise_and_(0xFFFF).bitwise_xor_(high), t, out=keep[..., 0])
+    torch.ge(high, t, out=keep[..., 1])
+    return keep.view(rows, -1)[:, :cols]
 
 
 def keep_from_words(words: torch.Tensor, cols: torch.Tensor, p: float) -> torch.Tensor:
@@ -93,8 +99,13 @@ def keep_from_words(words: torch.Tensor, cols: torch.Tensor, p: float) -> torch.
     return bits >= threshold(p)
 
 
+def scale(p: float) -> float:
+    """The dropout scale 1 / (1 - p), with p as the mask has it (`effective_p`)."""
+    return 1.0 / (1.0 - effective_p(p))
+
+
 def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The keep-mask (bool, shape of x) that `rasa_linear` uses on input x: rows are x's leading dims flattened."""
+    """The keep-mask (bool, shape of x) of input x: rows are x's leading dims flattened, as every path flattens them."""
     cols = x.shape[-1]
     rows = x.numel() // max(cols, 1)
     return keep_mask(rows, cols, seed, p, x.device).reshape(x.shape)

@@ -27,14 +27,21 @@ keys (see docs/training.md):
 """
 
 
-def _values(argv: list[str]) -> dict:
-    """The recipe values: saved config (resume) < YAML < overrides."""
-    from rasa_lora.train.config import TrainConfig, parse_overrides, read_yaml
+def recipe_values(argv: list[str]) -> dict:
+    """The recipe values of a command line: YAML < overrides."""
+    from rasa_lora.train.config import parse_overrides, read_yaml
 
     config_path = argv[0] if argv and not argv[0].startswith("--") else None
     overrides = parse_overrides(argv[1:] if config_path else argv)
     values = read_yaml(config_path) if config_path else {}
     values.update(overrides)
+    return values
+
+
+def with_saved(values: dict) -> dict:
+    """With `resume`, the run's saved config under the given values (saved < YAML < overrides)."""
+    from rasa_lora.train.config import TrainConfig
+
     saved = Path(str(values.get("output_dir", TrainConfig.output_dir)), "config.json")
     if values.get("resume") and saved.is_file():
         values = {**json.loads(saved.read_text()), **values}
@@ -61,10 +68,19 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE + "  " + " ".join(f"--{key.replace('_', '-')}" for key in valid_keys()))
         return 0
+    try:
+        config = build_config(with_saved(recipe_values(argv)))
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, ModuleNotFoundError) as error:
+        print(f"rasa-lora train: error: {error}", file=sys.stderr)
+        return 2
+    return run(config)
+
+
+def run(config) -> int:
+    """Train `config` (a `TrainConfig`) as `rasa-lora train` does: its messages, exit codes and summary."""
     from rasa_lora.train.trainer import TrainingInterrupted, train
 
     try:
-        config = build_config(_values(argv))
         summary = train(config)
     except TrainingInterrupted as interrupted:
         _end_process_group()

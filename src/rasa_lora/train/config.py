@@ -74,7 +74,7 @@ class TrainConfig:
     r: int = 8
     """Adapter rank (VeRA: the rank of its shared random matrices; the paper uses 1024)."""
     rasa_k: int | None = None
-    """Ranks each RaSA layer gives to the shared pool; None is max(1, r // 8) as in the paper."""
+    """Ranks each RaSA layer gives to the shared pool; None: the paper's default (`RasaConfig`'s, max(1, r // 8))."""
     mora_type: int = 6
     """MoRA's compression/decompression (official numbering): 1-4 share rows/columns, 6 rotates (the default)."""
     prilora_prune_ratio: float = 0.5
@@ -164,8 +164,8 @@ class TrainConfig:
             )
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is unknown; choose one of: {', '.join(METHODS)}")
-        if self.method == "rasa" and self.rasa_k is not None and not 0 <= self.rasa_k <= self.r:
-            raise ValueError(f"rasa_k={self.rasa_k} is outside 0..r={self.r}; choose 0 <= rasa_k <= r")
+        if self.method == "rasa" and self.rasa_k is not None:
+            self.shared_ranks  # noqa: B018 - RasaConfig's checks, now rather than when the model is built
         if self.method == "mora":
             from rasa_lora.baselines.mora.config import MORA_TYPES
 
@@ -237,8 +237,11 @@ class TrainConfig:
 
     @property
     def shared_ranks(self) -> int:
-        """k of RaSA: ranks each layer contributes to the shared pool."""
-        return max(1, self.r // 8) if self.rasa_k is None else self.rasa_k
+        """k of RaSA: ranks each layer contributes to the shared pool (`rasa_k`, or the paper's default), as
+        `RasaConfig` checks and defaults it (`rasa_lora.adapter.config.check_ranks`, the one source)."""
+        from rasa_lora.adapter.config import check_ranks
+
+        return check_ranks(self.r, self.rasa_k)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -42,7 +42,7 @@ Verified here (CPU, gloo, 2 processes, tests/distributed/): DDP and FSDP2 with b
 accumulated micro-batches give the gradients, clipping norm and parameters after one step of one process (relative
 error <= 1e-6 in fp32), and the saved adapter loads in one process with the same logits.
 ZeRO-3 likewise with `deepspeed.initialize` on DeepSpeed's CPU accelerator (tests/distributed/test_zero3_cpu.py,
-when deepspeed is installed). On 2 H200s (benchmarks/multi_gpu.py): DDP, FSDP2 and ZeRO-3 through `accelerate
+when deepspeed is installed). On two GPUs (benchmarks/multi_gpu.py): DDP, FSDP2 and ZeRO-3 through `accelerate
 launch` match one GPU (docs/distributed.md). Not verified: FSDP1, ZeRO-2, many nodes.
 """
 
@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from rasa_lora.models import adapter_save_options
+from rasa_lora.settings import env_flag
 
 
 class Engine(str, enum.Enum):
@@ -72,10 +73,6 @@ class Engine(str, enum.Enum):
     FSDP2 = "fsdp2"
     ZERO2 = "zero2"
     ZERO3 = "zero3"
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
 
 
 def _type_name(state: Any) -> str:
@@ -98,12 +95,12 @@ def detect_engine(accelerator: Any) -> Engine:
     if kind == "NO" or int(getattr(state, "num_processes", 1)) <= 1:
         return Engine.SINGLE
     if kind == "MULTI_CPU":
-        if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        if env_flag("ACCELERATE_USE_DEEPSPEED", False):
             raise ValueError(
                 "DeepSpeed was requested but accelerate runs it only on GPUs (this run is on CPUs); "
                 "use configs/distributed/fsdp2.yaml or ddp.yaml on CPUs."
             )
-        if _env_flag("ACCELERATE_USE_FSDP"):
+        if env_flag("ACCELERATE_USE_FSDP", False):
             if os.environ.get("FSDP_VERSION", "1") != "2":
                 raise ValueError(
                     f"FSDP_VERSION={os.environ.get('FSDP_VERSION', '1')!r} on CPUs: accelerate has no CPU FSDP1 path "

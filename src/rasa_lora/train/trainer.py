@@ -188,8 +188,8 @@ def step_micro_batches(run: Run, step: int) -> list[dict[str, torch.Tensor]]:
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """A collated micro-batch on `device`. On CUDA the tensors are copied from pinned memory without waiting: a
     plain `.to("cuda")` synchronizes with the stream, so the host would wait for the previous micro-batch's
-    backward before queueing the next forward (which also undid reading the loss once a step). On SmolLM2 with 4
-    micro-batches a step no difference showed (`benchmarks/RESULTS.md`, session 9: the host sets its pace)."""
+    backward before queueing the next forward (which also undid reading the loss once a step); docs/performance.md,
+    record 12."""
     if device.type != "cuda":
         return {key: value.to(device) for key, value in batch.items()}
     return {key: value.pin_memory().to(device, non_blocking=True) for key, value in batch.items()}
@@ -396,11 +396,10 @@ def training_loop(run: Run, metrics_path: Path) -> None:
 @contextlib.contextmanager
 def collector_spares_setup():
     """Python's cyclic collector skips everything alive when training starts (model, optimizer, data, the
-    libraries), which would otherwise stay in its oldest generation and be walked by every full collection: ~0.5 M
-    objects with torch and transformers loaded. On one H200's host such a collection took ~0.3 s, about once in
-    10-20 training steps of the Llama-3.1-8B shape (`benchmarks/RESULTS.md`, session 7); on the 2-core CPU, frozen,
-    the collector's time a RaSA step went from 7.6 to 2.4 ms (`benchmarks/host_overhead.py --gc`). What training
-    creates is collected as before; the setup objects return to the collector when the loop ends."""
+    libraries), which would otherwise stay in its oldest generation and be walked by every full collection (the
+    setup's objects number in the hundreds of thousands with torch and transformers loaded; docs/performance.md,
+    record 13). What training creates is collected as before; the setup objects return to the collector when the
+    loop ends."""
     gc.collect()
     gc.freeze()
     try:

@@ -1,6 +1,6 @@
 """One projection's whole training step (frozen base against the fused RaSA layer in each of its modes).
 
-    PYTHONPATH=src python3 benchmarks/layer_step.py --out $OUT/layer_step.json [--tokens 4096,16384]
+    PYTHONPATH=src python3 benchmarks/experiments/layer_step.py --out $OUT/layer_step.json [--tokens 4096,16384]
 
 For each Llama-3.1-8B projection shape it times, as GPU time (the step replayed from a CUDA graph,
 `triton.testing.do_bench_cudagraph`, median), what gradient checkpointing runs per projection and step:
@@ -14,7 +14,8 @@ for RaSA, of the five factors). Variants:
 It prints each variant's time, its excess over the frozen step, and the excess summed over one step of the
 32-layer model (q, k, v, o, gate, up, down per layer), all measured in this one run.
 A CPU dry run of the logic (Triton's interpreter, tiny shapes, float32, plain timing):
-    TRITON_INTERPRET=1 LAYER_DRY_RUN=1 PYTHONPATH=src python3 benchmarks/layer_step.py --out /tmp/l.json --tokens 64
+    TRITON_INTERPRET=1 LAYER_DRY_RUN=1 PYTHONPATH=src python3 benchmarks/experiments/layer_step.py \
+        --out /tmp/l.json --tokens 64
 """
 
 from __future__ import annotations

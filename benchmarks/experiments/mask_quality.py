@@ -1,6 +1,6 @@
 """Statistics of the dropout mask's hash: the committed one (`rasa_lora.ops.dropout`) against the one it replaced.
 
-    PYTHONPATH=src python benchmarks/mask_quality.py [--size 2048] [--seeds 10] [--first-seed 100]
+    PYTHONPATH=src python benchmarks/experiments/mask_quality.py [--size 2048] [--seeds 10] [--first-seed 100]
                                                       [--ps 0.05,0.1,0.5] [--out FILE.json]
 
 Session 7 replaced the per-word hash h(i, q) = mix(hr_i ^ q * 0x61C88647) (two multiplies, three xorshifts a word)
@@ -33,8 +33,8 @@ def previous_keep_mask(rows: int, cols: int, seed: int, p: float) -> torch.Tenso
     """The definition before session 7: h(i, q) = mix(mix(i + mix(seed)) ^ (q * COLUMN)), both halves used."""
     r = torch.arange(rows, dtype=torch.int64)
     c = torch.arange(cols, dtype=torch.int64)
-    hr = dropout._mix_tensor((r + dropout.mix32(seed)) & dropout.MASK32)
-    word = dropout._mix_tensor(hr[:, None] ^ (((c >> 1) * dropout.COLUMN) & dropout.MASK32)[None, :])
+    hr = dropout.mix_tensor((r + dropout.mix32(seed)) & dropout.MASK32)
+    word = dropout.mix_tensor(hr[:, None] ^ (((c >> 1) * dropout.COLUMN) & dropout.MASK32)[None, :])
     return dropout.keep_from_words(word, c, p)
 
 
@@ -42,8 +42,8 @@ def xor_multiply_keep_mask(rows: int, cols: int, seed: int, p: float) -> torch.T
     """The rejected candidate: v = (hr_i ^ hc_q) * 0x21F0AAAD, h = v ^ (v >> 16), pre-mixed hr and hc."""
     r = torch.arange(rows, dtype=torch.int64)
     c = torch.arange(cols, dtype=torch.int64)
-    hr = dropout._mix_tensor((r + dropout.mix32(seed)) & dropout.MASK32)
-    hc = dropout._mix_tensor(((c >> 1) * dropout.COLUMN) & dropout.MASK32)
+    hr = dropout.mix_tensor((r + dropout.mix32(seed)) & dropout.MASK32)
+    hc = dropout.mix_tensor(((c >> 1) * dropout.COLUMN) & dropout.MASK32)
     word = ((hr[:, None] ^ hc[None, :]) * dropout.M1) & dropout.MASK32
     return dropout.keep_from_words(word ^ (word >> 16), c, p)
 

@@ -1,8 +1,8 @@
 """Host (Python) time the adapter adds to a training step, measured on the CPU with the GPU kernels stubbed out.
 
-    PYTHONPATH=src python benchmarks/host_overhead.py [--rounds 20] [--steps 4] [--profile] [--out FILE.json]
-    PYTHONPATH=src python benchmarks/host_overhead.py --layer     (one layer call alone: steadier, for A/B of edits)
-    PYTHONPATH=src python benchmarks/host_overhead.py --gc        (Python's cyclic collector per step, gc.freeze())
+    PYTHONPATH=src python benchmarks/experiments/host_overhead.py [--rounds 20] [--steps 4] [--profile] [--out F]
+    PYTHONPATH=src python benchmarks/experiments/host_overhead.py --layer  (one layer call alone: for A/B of edits)
+    PYTHONPATH=src python benchmarks/experiments/host_overhead.py --gc     (Python's cyclic collector, gc.freeze())
 
 At 4096 tokens a step of the Llama-3.1-8B shape on one H200, the host, not the GPU, sets the pace of our
 RaSA step (`benchmarks/RESULTS.md`): the kernels take ~50 ms of GPU time over the frozen base, the step
@@ -32,7 +32,7 @@ import torch
 
 class _NoLaunch:
     """Stands in for a Triton kernel: `kernel[grid](...)` returns a compiled kernel whose launcher does nothing,
-    so later calls take `kernels._Launcher`'s cached path with all its host-side work."""
+    so later calls take `launch.Launcher`'s cached path with all its host-side work."""
 
     class run:  # noqa: N801 - a Triton 3.x CUDA launcher without scratch memory: its C `launch` is called directly
         launch = staticmethod(lambda *args: None)
@@ -47,14 +47,14 @@ class _NoLaunch:
 
 
 def stub_kernels():
-    from rasa_lora.ops import kernels
+    from rasa_lora.ops import launch
 
-    for launcher in vars(kernels).values():
-        if isinstance(launcher, kernels._Launcher):
+    for launcher in vars(launch).values():
+        if isinstance(launcher, launch.Launcher):
             launcher.fn = _NoLaunch()
             launcher.compiled.clear()
-    kernels._cacheable = lambda kernel, device: True
-    kernels._current_stream = lambda device: 0
+    launch.cacheable = lambda kernel, device: True
+    launch.current_stream = lambda device: 0
 
 
 def stub_triton_path() -> None:

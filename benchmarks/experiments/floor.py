@@ -1,6 +1,6 @@
 """The bandwidth floor of the adapter's kernels in a training step: bytes they must move, and the time that takes.
 
-    python3 benchmarks/floor.py [--tokens 16384] [--read-tbs 3.5] [--write-tbs 3.3] [--layers 32]
+    python3 benchmarks/experiments/floor.py [--tokens 16384] [--read-tbs 3.5] [--write-tbs 3.3] [--layers 32]
 
 Counts, for one Llama-3.1-8B-shaped decoder layer, the passes our fused path makes over token-sized bf16 tensors
 in a training step with dropout, u kept across gradient checkpointing and the base GEMMs adding into the

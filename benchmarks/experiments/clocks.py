@@ -2,7 +2,7 @@
 
     nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv,noheader -lms 250 > smi.csv &
     python3 benchmarks/speed.py --out speed.json ...
-    python3 benchmarks/clocks.py smi.csv speed.json
+    python3 benchmarks/experiments/clocks.py smi.csv speed.json
 
 Tells whether a variant's steps ran at lower clocks than the frozen base's (power or thermal limits), which
 would slow the base GEMMs as well as the adapter's kernels.

@@ -1,7 +1,8 @@
 """Where the adapter's time goes: a torch.profiler trace of one training step, and micro-benchmarks.
 
-    PYTHONPATH=src python3 benchmarks/profile_step.py --out $OUT/profile.txt
-    PYTHONPATH=src python3 benchmarks/profile_step.py --out $OUT/p.txt --layers 32 --shape 4x4096 --no-lora --no-thin
+    PYTHONPATH=src python3 benchmarks/experiments/profile_step.py --out $OUT/profile.txt
+    PYTHONPATH=src python3 benchmarks/experiments/profile_step.py --out $OUT/p.txt --layers 32 --shape 4x4096 \
+        --no-lora --no-thin
 
 Builds a Llama-3.1-8B-wide model with few layers (bf16, CUDA), profiles one step of the frozen base, PEFT
 LoRA r=8 and RaSA r=8 k=1 (dropout 0.05), and times the thin GEMMs the adapter launches at N = 7 and 8. Last,
