@@ -65,8 +65,27 @@ class RasaLayer(BaseTunerLayer):
         # Unregistered references to the tuner's pool containers (registering them here would save the pool
         # once per layer and break FSDP2's per-layer sharding).
         object.__setattr__(self, "_rasa_pools", None)
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        self.in_features, self.out_features = self._base_in_out()
         self.kwargs = kwargs
+
+    def _base_in_out(self) -> tuple[int, int]:
+        """(in_features, out_features) of the adapted weight."""
+        return _get_in_out_features(self.get_base_layer())
+
+    def _base_tensor(self) -> torch.Tensor:
+        """The adapted base tensor (the layer's weight; an expert stack's parameter in `experts.ParamWrapper`)."""
+        return self.get_base_layer().weight
+
+    def _base_device(self) -> torch.device:
+        return self._base_tensor().device
+
+    def _lead_shape(self) -> tuple[int, ...]:
+        """Leading dimensions of every factor: () here, (num_experts,) for a stack of experts."""
+        return ()
+
+    def _oriented(self, delta: torch.Tensor) -> torch.Tensor:
+        """dW from the (b, a) layout to the base tensor's ((a, b) for `Conv1D`)."""
+        return transpose(delta, self.fan_in_fan_out)
 
     def update_layer(self, adapter_name: str, config, group: str, pools, num_layers: int) -> None:
         """Create adapter `adapter_name` on this layer; `pools` is the tuner's `RasaPools`."""
@@ -80,15 +99,15 @@ class RasaLayer(BaseTunerLayer):
         self.rasa_num_layers[adapter_name] = num_layers
         dropout = nn.Dropout(p=config.rasa_dropout) if config.rasa_dropout > 0 else nn.Identity()
         self.rasa_dropout[adapter_name] = dropout
-        weight = self.get_base_layer().weight
-        factory = {"device": weight.device, "dtype": torch.float32}
+        factory = {"device": self._base_device(), "dtype": torch.float32}
         for container in (self.rasa_A, self.rasa_B):
             if adapter_name in container:
                 del container[adapter_name]
+        lead = self._lead_shape()
         if num_private:  # k = r leaves no private rank: no zero-element parameters are registered (or saved)
-            self.rasa_A[adapter_name] = nn.Parameter(torch.empty(num_private, self.in_features, **factory))
-            self.rasa_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, num_private, **factory))
-        self.rasa_D[adapter_name] = nn.Parameter(torch.empty(num_private + num_layers * k, **factory))
+            self.rasa_A[adapter_name] = nn.Parameter(torch.empty(*lead, num_private, self.in_features, **factory))
+            self.rasa_B[adapter_name] = nn.Parameter(torch.empty(*lead, self.out_features, num_private, **factory))
+        self.rasa_D[adapter_name] = nn.Parameter(torch.empty(*lead, num_private + num_layers * k, **factory))
         self.reset_rasa_parameters(adapter_name, config.init_weights)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -98,22 +117,22 @@ class RasaLayer(BaseTunerLayer):
         num_private, num_shared = r - k, self.rasa_num_layers[adapter_name] * k
         with torch.no_grad():
             if num_private:
-                nn.init.kaiming_uniform_(self.rasa_A[adapter_name], a=math.sqrt(5))
+                kaiming_init(self.rasa_A[adapter_name])
                 if init_weights:
                     nn.init.zeros_(self.rasa_B[adapter_name])
                 else:
                     nn.init.normal_(self.rasa_B[adapter_name], std=0.02)
             D = self.rasa_D[adapter_name]
             if num_private:
-                D[:num_private] = alpha / (2 * num_private)
+                D[..., :num_private] = alpha / (2 * num_private)
             if num_shared:
-                D[num_private:] = alpha / (2 * num_shared)
+                D[..., num_private:] = alpha / (2 * num_shared)
 
     # --- the pool --------------------------------------------------------------------------------------
     def _empty(self, adapter_name: str, rows: int, cols: int) -> torch.Tensor:
         """A zero-element factor (no rank of that kind), on D's device and dtype; never a registered parameter."""
         D = self.rasa_D[adapter_name]
-        return D.new_zeros(rows, cols)
+        return D.new_zeros(*D.shape[:-1], rows, cols)
 
     def private_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A~_i, B~_i); empty (0 ranks) tensors when k = r, where no private factor is registered."""
@@ -148,19 +167,21 @@ class RasaLayer(BaseTunerLayer):
     # --- merging -----------------------------------------------------------------------------------------
     @staticmethod
     def _delta_from(factors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """dW = B_p diag(D_p) A_p + B_s diag(D_s) A_s, in float32 at least, shape (b, a)."""
-        num_private = factors["A_p"].shape[0]
+        """dW = B_p diag(D_p) A_p + B_s diag(D_s) A_s, in float32 at least, shape (b, a) (a stack of experts:
+        (E, b, a), one dW per expert)."""
+        num_private = factors["A_p"].shape[-2]
         dtype = torch.promote_types(factors["A_p"].dtype, torch.float32)
         A_p, B_p, D, A_s, B_s = (factors[key].to(dtype) for key in _SNAPSHOT_KEYS)
         device = A_p.device
-        delta = (B_p * D[:num_private]) @ A_p
-        return delta + (B_s.to(device) * D[num_private:]) @ A_s.to(device)
+        D = D.unsqueeze(-2)  # (..., 1, r-k+Lk): scales the columns of B
+        delta = (B_p * D[..., :num_private]) @ A_p
+        return delta + (B_s.to(device) * D[..., num_private:]) @ A_s.to(device)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """dW_i of eq. 5 in the base weight's layout and dtype ((b, a); (a, b) for `Conv1D`)."""
-        weight = self.get_base_layer().weight
+        weight = self._base_tensor()
         delta = self._delta_from(self.factors(adapter_name)).to(weight.device)
-        return transpose(delta, self.fan_in_fan_out).to(weight.dtype)
+        return self._oriented(delta).to(weight.dtype)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """RaSA is additive (W + dW_i), so PEFT's `convert_to_lora` / `save_as_lora` accept it: they factor dW_i by
@@ -178,19 +199,19 @@ class RasaLayer(BaseTunerLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
-        base = self.get_base_layer()
         for name in adapter_names:
             if name not in self.rasa_D:
                 continue
             snapshot = {key: value.detach().clone() for key, value in self.factors(name).items()}
-            delta = transpose(self._delta_from(snapshot), self.fan_in_fan_out)
-            merged = base.weight.data.to(delta.dtype) + delta.to(base.weight.device)
+            delta = self._oriented(self._delta_from(snapshot))
+            weight = self._base_tensor()
+            merged = self._dense_base(delta.dtype) + delta.to(weight.device)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(
                     f"NaN or inf found in the weights of adapter {name!r} while merging {self.rasa_group[name]}; "
                     "the adapter is broken, the base weights were left unchanged."
                 )
-            base.weight.data = merged.to(base.weight.dtype)
+            self._store_merged(merged)
             self._merge_records[name] = {"factors": snapshot, "pool": self._pool_fingerprint(name)}
             self.merged_adapters.append(name)
 
@@ -199,12 +220,20 @@ class RasaLayer(BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             record = self._merge_records.pop(name)
-            delta = transpose(self._delta_from(record["factors"]), self.fan_in_fan_out)
-            base.weight.data = (base.weight.data.to(delta.dtype) - delta.to(base.weight.device)).to(base.weight.dtype)
+            delta = self._oriented(self._delta_from(record["factors"]))
+            self._store_merged(self._dense_base(delta.dtype) - delta.to(self._base_tensor().device), unmerging=True)
+
+    def _dense_base(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base tensor as a dense tensor of `dtype` (a copy or a view)."""
+        return self._base_tensor().data.to(dtype)
+
+    def _store_merged(self, merged: torch.Tensor, unmerging: bool = False) -> None:
+        """Write a merged (or unmerged) base tensor back, in the base tensor's dtype."""
+        weight = self._base_tensor()
+        weight.data = merged.to(weight.dtype)
 
     def check_pool_unchanged_while_merged(self) -> None:
         for name in self.merged_adapters:
@@ -319,6 +348,13 @@ class Linear(nn.Module, RasaLayer):
 
     def __repr__(self) -> str:
         return "rasa." + super().__repr__()
+
+
+def kaiming_init(tensor: torch.Tensor) -> None:
+    """Kaiming-uniform init (LoRA's A) of a (rows, a) factor, or of each (rows, a) slice of an (E, rows, a) stack
+    (so the bound depends on a, as for a single matrix, not on rows * a)."""
+    for matrix in (tensor,) if tensor.dim() == 2 else tensor.view(-1, *tensor.shape[-2:]):
+        nn.init.kaiming_uniform_(matrix, a=math.sqrt(5))
 
 
 @functools.cache
