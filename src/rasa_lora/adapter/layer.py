@@ -36,6 +36,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils.other import transpose
 from torch import nn
 
+from rasa_lora import quant
 from rasa_lora.ops import fused_backend_enabled, rasa_linear
 
 _SNAPSHOT_KEYS = ("A_p", "B_p", "D", "A_s", "B_s")
@@ -75,6 +76,10 @@ class RasaLayer(BaseTunerLayer):
     def _base_tensor(self) -> torch.Tensor:
         """The adapted base tensor (the layer's weight; an expert stack's parameter in `experts.ParamWrapper`)."""
         return self.get_base_layer().weight
+
+    def _base_dtype(self) -> torch.dtype:
+        """The dtype dW takes in `get_delta_weight` (a 4-bit base: the dtype it dequantizes to)."""
+        return self._base_tensor().dtype
 
     def _base_device(self) -> torch.device:
         return self._base_tensor().device
@@ -179,9 +184,8 @@ class RasaLayer(BaseTunerLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """dW_i of eq. 5 in the base weight's layout and dtype ((b, a); (a, b) for `Conv1D`)."""
-        weight = self._base_tensor()
-        delta = self._delta_from(self.factors(adapter_name)).to(weight.device)
-        return self._oriented(delta).to(weight.dtype)
+        delta = self._delta_from(self.factors(adapter_name)).to(self._base_device())
+        return self._oriented(delta).to(self._base_dtype())
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """RaSA is additive (W + dW_i), so PEFT's `convert_to_lora` / `save_as_lora` accept it: they factor dW_i by
@@ -261,6 +265,25 @@ class Linear(nn.Module, RasaLayer):
         self.last_in_block = True
         self.update_layer(adapter_name, config, group, pools, num_layers)
 
+    # --- a 4-bit base (rasa_lora.quant): merged layers become dense, unmerging restores the 4-bit layer --------
+    def _base_dtype(self) -> torch.dtype:
+        base = self.get_base_layer()
+        return quant.original_dtype(base) if quant.is_4bit(base) else base.weight.dtype
+
+    def _dense_base(self, dtype: torch.dtype) -> torch.Tensor:
+        base = self.get_base_layer()
+        return quant.dequantized_weight(base).to(dtype) if quant.is_4bit(base) else super()._dense_base(dtype)
+
+    def _store_merged(self, merged: torch.Tensor, unmerging: bool = False) -> None:
+        base = self.get_base_layer()
+        if quant.is_4bit(base):  # dequant(W) + dW, dense, in the dtype W had before quantization
+            self.__dict__["_quantized_base"] = base  # unregistered: not saved, not trained
+            self.base_layer = quant.dense_linear(base, merged.to(quant.original_dtype(base)))
+        elif unmerging and not self.merged_adapters and "_quantized_base" in self.__dict__:
+            self.base_layer = self.__dict__.pop("_quantized_base")  # exactly the 4-bit layer merged into
+        else:
+            super()._store_merged(merged, unmerging)
+
     def _fused_forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
         """The fused path's output, or None where it does not apply (then the reference path runs). Written for
         host time: it runs twice per projection and step under gradient checkpointing, so it reads the
@@ -272,11 +295,18 @@ class Linear(nn.Module, RasaLayer):
             active = active[0]
         modules = self._modules
         D = modules["rasa_D"]._parameters.get(active)
-        if D is None or not fused_backend_enabled() or type(base) not in _fusable_types():
+        if D is None or not fused_backend_enabled():
+            return None
+        # a 4-bit base joins the fused path with its weight dequantized for the call (rasa_lora.quant)
+        quantized = type(base) not in _fusable_types()
+        if quantized and not (quant.fused_on_quantized() and quant.is_4bit(base)):
             return None
         weight, bias = base.weight, base.bias
-        if weight.requires_grad or (bias is not None and bias.requires_grad) or not x.dtype.is_floating_point:
+        if (not quantized and weight.requires_grad) or (bias is not None and bias.requires_grad) \
+                or not x.dtype.is_floating_point:
             return None
+        if quantized:
+            weight = quant.dequantized_weight(base)
         if self.fan_in_fan_out:
             weight = weight.t()
         dropout = modules["rasa_dropout"]._modules[active]
@@ -288,9 +318,16 @@ class Linear(nn.Module, RasaLayer):
         A_s, B_s = self.shared_factors(active)
         if A_s.device != x.device:
             A_s, B_s = A_s.to(x.device), B_s.to(x.device)
-        args = (weight, bias, A_p, B_p, D, A_s, B_s)
         device_type = x.device.type
-        if not torch.is_autocast_enabled(device_type):  # the common case, without a context manager's cost
+        autocast = torch.is_autocast_enabled(device_type)
+        if quantized:  # in bitsandbytes' compute dtype (autocast's under autocast), output in the input's dtype
+            dtype = torch.get_autocast_dtype(device_type) if autocast else (base.compute_dtype or x.dtype)
+            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+            if not autocast:
+                args = (weight, bias, A_p, B_p, D, A_s, B_s)
+                return rasa_linear(x.to(dtype), *args, dropout_p=p, last_in_block=self.last_in_block).to(x.dtype)
+        args = (weight, bias, A_p, B_p, D, A_s, B_s)
+        if not autocast:  # the common case, without a context manager's cost
             return rasa_linear(x, *args, dropout_p=p, last_in_block=self.last_in_block)
         x = x.to(torch.get_autocast_dtype(device_type))
         with torch.autocast(device_type, enabled=False):

@@ -330,7 +330,7 @@ class RasaModel(BaseTuner):
         """Keep the adapter in the base model's dtype (what `autocast_adapter_dtype=False` asks for)."""
         for module in self.model.modules():
             if isinstance(module, RasaLayer) and adapter_name in module.rasa_D:
-                dtype = module._base_tensor().dtype
+                dtype = module._base_dtype()
                 for container in (module.rasa_A, module.rasa_B, module.rasa_D):
                     if adapter_name not in container:
                         continue
