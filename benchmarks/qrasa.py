@@ -9,10 +9,10 @@ On the CPU, a smoke run of the logic (tiny shapes):
 Part 1, the Llama-3.1-8B shape (32 layers, random weights), same process, one variant after the other, each a
 training step (forward, backward with non-reentrant gradient checkpointing, a Lion update of the adapter):
 - `rasa-bf16`: bf16 base, RaSA r=8 k=1 dropout 0.05 (the fused path);
-- `qrasa`: the same base quantized to NF4 (bitsandbytes `Linear4bit`, blocks of 64, bf16 compute), RaSA through the
-  fused path with each projection's weight dequantized for the call (`rasa_lora.quant`);
-- `qrasa-bnb`: the same, but the base GEMM through bitsandbytes' `matmul_4bit` and the adapter in plain PyTorch
-  (`quant.set_fused_on_quantized(False)`);
+- `qrasa`: the same base quantized to NF4 (bitsandbytes `Linear4bit`, blocks of 64, bf16 compute), RaSA's default
+  on it: the base GEMM through bitsandbytes' `matmul_4bit` and eq. 5 in plain PyTorch (`rasa_lora.quant`);
+- `qrasa-fused`: the same, through the fused path with each projection's weight dequantized for the call
+  (`quant.set_fused_on_quantized(True)`; the fused nodes keep that weight until backward: see its peak memory);
 - `qlora`: PEFT's LoRA r=8 dropout 0.05 on the same NF4 layers (PEFT's `lora.bnb.Linear4bit`: QLoRA).
 Median of `--steps` (>= 7) timed steps after `--warmup`; peak memory is torch's max allocated over the timed steps
 (weights included: 4-bit rows hold ~4.5 GB of base, the bf16 row ~15 GB).
@@ -160,7 +160,7 @@ def _free(*objects) -> None:
 
 
 def compare_8b(args, device, dtype) -> list[dict]:
-    """rasa-bf16, then the base quantized in place: qrasa, qrasa-bnb, qlora (one base, adapters unloaded between)."""
+    """rasa-bf16, then the base quantized in place: qrasa, qrasa-fused, qlora (one base, adapters unloaded between)."""
     from rasa_lora import quant
 
     shape = "small" if args.small else "8b"
@@ -174,11 +174,11 @@ def compare_8b(args, device, dtype) -> list[dict]:
     quant.quantize_model(base, compute_dtype=dtype)
     _free()
     model = attach(base, "rasa", args.r)
-    for variant, fused in (("qrasa", True), ("qrasa-bnb", False)):
+    for variant, fused in (("qrasa", False), ("qrasa-fused", True)):
         quant.set_fused_on_quantized(fused)
         rows.append({"variant": variant, **timed_steps(model, args.tokens, args.batch, args.steps, args.warmup,
                                                        device)})
-    quant.set_fused_on_quantized(True)
+    quant.set_fused_on_quantized(False)
     base = model.unload()
     _free(model)
     model = attach(base, "lora", args.r)
@@ -214,13 +214,13 @@ def big_step(args, device, dtype) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     base = next((row for row in rows if row["variant"] == "qlora" and "step_s" in row), None)
-    print(f"{'variant':<10} {'shape':<6} {'layers':>6} {'step ms':>9} {'tok/s':>9} {'peak GiB':>9} {'x QLoRA':>8}")
+    print(f"{'variant':<11} {'shape':<6} {'layers':>6} {'step ms':>9} {'tok/s':>9} {'peak GiB':>9} {'x QLoRA':>8}")
     for row in rows:
         if "step_s" not in row:
-            print(f"{row['variant']:<10} {row['shape']:<6} {row.get('layers', '-'):>6} {'out of memory':>28}")
+            print(f"{row['variant']:<11} {row['shape']:<6} {row.get('layers', '-'):>6} {'out of memory':>28}")
             continue
         ratio = f"{row['step_s'] / base['step_s']:.2f}" if base and row["variant"] != "qrasa-70b" else "-"
-        print(f"{row['variant']:<10} {row['shape']:<6} {row.get('layers', '-'):>6} {row['step_s'] * 1e3:>9.1f} "
+        print(f"{row['variant']:<11} {row['shape']:<6} {row.get('layers', '-'):>6} {row['step_s'] * 1e3:>9.1f} "
               f"{row['tokens_per_s']:>9.0f} {row['peak_gib']:>9.2f} {ratio:>8}")
 
 

@@ -18,7 +18,7 @@ def test_small_run_measures_every_variant_and_the_big_step(tmp_path, capsys):
     assert qrasa.main(["--small", "--out", str(out), "--tokens", "32", "--steps", "2", "--warmup", "1",
                        "--big-steps", "1", "--big-layers", "2"]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [row["variant"] for row in rows] == ["rasa-bf16", "qrasa", "qrasa-bnb", "qlora", "qrasa-70b"]
+    assert [row["variant"] for row in rows] == ["rasa-bf16", "qrasa", "qrasa-fused", "qlora", "qrasa-70b"]
     assert all(row["steps"] == (1 if row["variant"] == "qrasa-70b" else 2) for row in rows)
     assert rows[-1]["layers"] == 2 and rows[-1]["fits"]
     table = capsys.readouterr().out.splitlines()

@@ -26,13 +26,16 @@ bnb = pytest.importorskip("bitsandbytes", reason="QRaSA needs bitsandbytes (pip 
 
 @contextlib.contextmanager
 def fused(enabled: bool, backend: str | None = "torch"):
+    """The fused path, on the 4-bit base too (`enabled`), or the reference path (bitsandbytes' matmul_4bit)."""
     set_fused_backend(enabled)
     set_kernel_backend(backend if enabled else None)
+    quant.set_fused_on_quantized(enabled)
     try:
         yield
     finally:
         set_fused_backend(None)
         set_kernel_backend(None)
+        quant.set_fused_on_quantized(False)
 
 
 def qrasa_model(device="cpu", dtype=torch.float32, r=8, k=1):
@@ -77,6 +80,27 @@ def test_qrasa_matches_the_dequantized_dense_reference(path):
     x = tokens()
     with torch.no_grad(), fused(path == "fused"):
         torch.testing.assert_close(model(x).logits, reference(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_4bit_base_takes_the_reference_path_unless_asked(monkeypatch):
+    """Default: bitsandbytes' matmul_4bit (keeps only the packed weight for backward), not the fused kernels."""
+    from rasa_lora.adapter import layer as layer_module
+
+    calls = []
+    monkeypatch.setattr(layer_module, "rasa_linear", lambda *args, **kwargs: calls.append(1) or 0 / 0)
+    model = qrasa_model().eval()
+    set_fused_backend(True)
+    try:
+        with torch.no_grad():
+            model(tokens())
+        assert calls == []
+        quant.set_fused_on_quantized(True)
+        with pytest.raises(ZeroDivisionError), torch.no_grad():
+            model(tokens())
+    finally:
+        set_fused_backend(None)
+        quant.set_fused_on_quantized(False)
+    assert calls == [1]
 
 
 def test_fused_and_reference_paths_give_the_same_gradients():
@@ -137,14 +161,15 @@ def test_quantize_model_refuses_a_model_without_linear_layers():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_qrasa_on_cuda_matches_the_dequantized_dense_reference_bf16(backend):
-    """The GPU check of the issue: bf16 NF4 base, fused (Triton) and torch backends, outputs and adapter gradients
-    against the dense dequant(W) + dW model. bf16 tolerance: one rounding of each activation (2^-8 relative)."""
+@pytest.mark.parametrize("path", ["reference", "triton", "torch"])
+def test_qrasa_on_cuda_matches_the_dequantized_dense_reference_bf16(path):
+    """The GPU check of the issue: bf16 NF4 base, on the default path (bitsandbytes' matmul_4bit) and the fused one
+    (Triton and torch backends), outputs against the dense dequant(W) + dW model, and a pool gets its gradient.
+    bf16 tolerance: a few roundings of each activation (2^-8 relative each)."""
     model = qrasa_model(device="cuda", dtype=torch.bfloat16).train()
     reference = dense_reference(model).train()
     x = tokens().cuda()
-    with fused(True, backend):
+    with fused(path != "reference", None if path == "reference" else path):
         out = model(x, labels=x)
     expected = reference(x, labels=x)
     torch.testing.assert_close(out.logits.float(), expected.logits.float(), rtol=2e-2, atol=2e-2)

@@ -6,11 +6,14 @@ is PEFT's own code on the very same 4-bit layers), its dequantization is a CUDA 
 layer; a home-made NF4 would need its own kernels. Install: `pip install rasa-lora[quant]`.
 
 What RaSA does on a `Linear4bit` base (`rasa_lora.adapter.layer.Linear`):
-- forward: the fused path with the base weight dequantized for the call (`dequantized_weight`), the same kernels as
-  a bf16 base; the dequantized weight lives as long as the fused node keeps it, i.e. until backward without
-  gradient checkpointing (use checkpointing, as the recipes do: then one block's weights at a time). With
-  `set_fused_on_quantized(False)` the layer runs bitsandbytes' own `matmul_4bit` (dequantizes again in backward)
-  plus the adapter in plain PyTorch.
+- forward, by default: the layer's reference path, i.e. bitsandbytes' `matmul_4bit` for the base (dequantize, then
+  matmul; its backward dequantizes again and keeps only the packed weight) plus eq. 5's update in plain PyTorch, as
+  PEFT's QLoRA layer does.
+- forward with `set_fused_on_quantized(True)`: the fused path (Triton kernels) with the base weight dequantized
+  for the call (`dequantized_weight`). The fused autograd nodes hold their weight as an attribute, not as a saved
+  tensor, so gradient checkpointing does not free it: every projection's dequantized (bf16) weight stays alive
+  until backward, which gives back most of the 4-bit saving. A hook in `rasa_lora.ops` (the weight saved for
+  backward, or re-dequantized there) would remove that; `benchmarks/qrasa.py` measures both paths.
 - merge: dense. The merged layer is an `nn.Linear` holding dequant(W) + dW in the dtype the base had before
   quantization (`quant_state.dtype`, bfloat16 when loaded in bf16): re-quantizing would round most of dW away.
   Unmerging restores the original 4-bit layer exactly.
@@ -26,11 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-_FUSED_ON_QUANTIZED = True
+_FUSED_ON_QUANTIZED = False
 
 
 def set_fused_on_quantized(enabled: bool) -> None:
-    """Whether RaSA layers on a 4-bit base take the fused path (default) or bitsandbytes' matmul + plain PyTorch."""
+    """Whether RaSA layers on a 4-bit base take the fused path with a dequantized weight (keeps each projection's
+    dequantized weight until backward) or, the default, bitsandbytes' matmul plus eq. 5 in plain PyTorch."""
     global _FUSED_ON_QUANTIZED
     _FUSED_ON_QUANTIZED = bool(enabled)
 

@@ -297,7 +297,8 @@ class Linear(nn.Module, RasaLayer):
         D = modules["rasa_D"]._parameters.get(active)
         if D is None or not fused_backend_enabled():
             return None
-        # a 4-bit base joins the fused path with its weight dequantized for the call (rasa_lora.quant)
+        # a 4-bit base joins the fused path with its weight dequantized for the call only when asked to
+        # (rasa_lora.quant.set_fused_on_quantized: the fused nodes keep that weight until backward)
         quantized = type(base) not in _fusable_types()
         if quantized and not (quant.fused_on_quantized() and quant.is_4bit(base)):
             return None
