@@ -1,6 +1,7 @@
 """Which experts should share a RaSA pool? Reconstruction error of the two groupings on a tiny Mixtral's fine-tune.
 
-    PYTHONPATH=src python3 benchmarks/moe_grouping.py --out benchmarks/results/moe_grouping.json   (CPU, ~1 min)
+    PYTHONPATH=src python3 benchmarks/moe_grouping.py --out benchmarks/results/2026-12-05-issue26/moe_grouping.json
+(CPU, 2 minutes on this project's 2-core machine)
 
 A tiny random Mixtral (4 layers, 8 experts, hidden 64, intermediate 96; experts as 3-D parameters) is fully
 fine-tuned on the built-in arithmetic problems (bytes as tokens, AdamW); its expert deltas M[i, e] (layer i,

@@ -255,3 +255,13 @@ def test_transposed_expert_stacks_get_the_transposed_update():
         out = layer(x)
         base = layer.get_base_layer().weight_stack
         torch.testing.assert_close(out, torch.bmm(x, base + delta.transpose(-2, -1)), rtol=1e-5, atol=1e-5)
+
+
+def test_export_lora_refuses_expert_adapters_with_one_line(tmp_path, capsys):
+    from rasa_lora.export import main
+
+    mixtral_rasa().save_pretrained(tmp_path / "adapter")
+    assert main([str(tmp_path / "adapter"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "expert parameters" in err and "rasa-lora merge" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
