@@ -265,3 +265,26 @@ def test_export_lora_refuses_expert_adapters_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "expert parameters" in err and "rasa-lora merge" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+class _LinearExpertsBlock(torch.nn.Module):
+    """Experts as per-expert nn.Linear (transformers 4.x's Mixtral layout: block_sparse_moe.experts.<e>.w1)."""
+
+    def __init__(self, layers=3, experts=2, hidden=8):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(
+            torch.nn.ModuleDict({"experts": torch.nn.ModuleList(
+                torch.nn.ModuleDict({"w1": torch.nn.Linear(hidden, hidden, bias=False)}) for _ in range(experts))})
+            for _ in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = sum(expert["w1"](x) for expert in layer["experts"])
+        return x
+
+
+def test_per_expert_linears_are_pooled_per_expert_index_too():
+    model = get_peft_model(_LinearExpertsBlock(), rasa_lora.RasaConfig(r=2, rasa_k=1, target_modules=["w1"]))
+    pools = model.base_model.rasa_shared_A["default"]
+    assert {key: tuple(p.shape) for key, p in pools.items()} == {
+        "layers-*-experts-0-w1": (3, 8), "layers-*-experts-1-w1": (3, 8)}  # L*k = 3 ranks for each expert index
