@@ -152,8 +152,8 @@ def timed_steps(model, tokens: int, batch: int, steps: int, warmup: int, device)
             "peak_gib": peak, "steps": len(times), "step_ms_all": [t * 1e3 for t in times]}
 
 
-def _free(*objects) -> None:
-    del objects
+def _free() -> None:
+    """Return freed CUDA memory to the driver (after the caller dropped its references)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -170,7 +170,8 @@ def compare_8b(args, device, dtype) -> list[dict]:
     rows.append({"variant": "rasa-bf16", **timed_steps(model, args.tokens, args.batch, args.steps, args.warmup,
                                                        device)})
     base = model.unload()
-    _free(model)
+    del model
+    _free()
     quant.quantize_model(base, compute_dtype=dtype)
     _free()
     model = attach(base, "rasa", args.r)
@@ -180,11 +181,13 @@ def compare_8b(args, device, dtype) -> list[dict]:
                                                        device)})
     quant.set_fused_on_quantized(False)
     base = model.unload()
-    _free(model)
+    del model
+    _free()
     model = attach(base, "lora", args.r)
     rows.append({"variant": "qlora", **timed_steps(model, args.tokens, args.batch, args.steps, args.warmup,
                                                    device)})
-    _free(model, base)
+    del model, base
+    _free()
     for row in rows:
         row.update(shape=shape, r=args.r, tokens=args.tokens)
     return rows
@@ -208,7 +211,8 @@ def big_step(args, device, dtype) -> list[dict]:
             results.append({"variant": "qrasa-70b", "layers": layers, "fits": False, "shape": shape,
                             "error": str(error).splitlines()[0][:200]})
         finally:
-            _free(model)
+            model = None
+            _free()
     return results
 
 
