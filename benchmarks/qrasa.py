@@ -11,8 +11,8 @@ training step (forward, backward with non-reentrant gradient checkpointing, a Li
 - `rasa-bf16`: bf16 base, RaSA r=8 k=1 dropout 0.05 (the fused path);
 - `qrasa`: the same base quantized to NF4 (bitsandbytes `Linear4bit`, blocks of 64, bf16 compute), RaSA's default
   on it: the base GEMM through bitsandbytes' `matmul_4bit` and eq. 5 in plain PyTorch (`rasa_lora.quant`);
-- `qrasa-fused`: the same, through the fused path with each projection's weight dequantized for the call
-  (`quant.set_fused_on_quantized(True)`; the fused nodes keep that weight until backward: see its peak memory);
+- `qrasa-fused`: the same, through the fused path with each projection's weight dequantized for the call and
+  released until its backward (`quant.set_fused_on_quantized(True)`, `quant.call_with_transient_weight`);
 - `qlora`: PEFT's LoRA r=8 dropout 0.05 on the same NF4 layers (PEFT's `lora.bnb.Linear4bit`: QLoRA).
 Median of `--steps` (>= 7) timed steps after `--warmup`; peak memory is torch's max allocated over the timed steps
 (weights included: 4-bit rows hold ~4.5 GB of base, the bf16 row ~15 GB).

@@ -116,6 +116,39 @@ def test_fused_and_reference_paths_give_the_same_gradients():
         torch.testing.assert_close(grad, grads["reference"][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_fused_path_keeps_no_dequantized_weight_between_forward_and_backward(monkeypatch):
+    """The fused nodes hold their weight; its memory is released after the forward and refilled for the backward."""
+    made = []
+    original = quant.dequantized_weight
+    monkeypatch.setattr(quant, "dequantized_weight", lambda module: made.append(original(module)) or made[-1])
+    model = qrasa_model().train()
+    x = tokens()
+    with fused(True):
+        loss = model(x, labels=x).loss
+        forward_weights = list(made)
+        assert len(forward_weights) == 28 and all(w.untyped_storage().nbytes() == 0 for w in forward_weights)
+        loss.backward()
+    assert len(made) == 2 * 28  # dequantized again, once per projection, for the backward
+    assert all(w.untyped_storage().nbytes() > 0 for w in forward_weights)  # refilled in place
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_path_gradients_match_bitsandbytes_path_under_checkpointing(checkpointing):
+    from rasa_lora.train.methods import enable_gradient_checkpointing
+
+    grads = {}
+    for path in ("reference", "fused"):
+        model = qrasa_model().train()
+        if checkpointing:
+            enable_gradient_checkpointing(model, use_reentrant=False)
+        x = tokens()
+        with fused(path == "fused"):
+            model(x, labels=x).loss.backward()
+        grads[path] = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    for name, grad in grads["fused"].items():
+        torch.testing.assert_close(grad, grads["reference"][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_merge_is_dense_and_unmerge_restores_the_4bit_layer():
     model = qrasa_model().eval()
     layer = model.base_model.model.model.layers[0].mlp.down_proj

@@ -10,10 +10,12 @@ What RaSA does on a `Linear4bit` base (`rasa_lora.adapter.layer.Linear`):
   matmul; its backward dequantizes again and keeps only the packed weight) plus eq. 5's update in plain PyTorch, as
   PEFT's QLoRA layer does.
 - forward with `set_fused_on_quantized(True)`: the fused path (Triton kernels) with the base weight dequantized
-  for the call (`dequantized_weight`). The fused autograd nodes hold their weight as an attribute, not as a saved
-  tensor, so gradient checkpointing does not free it: every projection's dequantized (bf16) weight stays alive
-  until backward, which gives back most of the 4-bit saving. A hook in `rasa_lora.ops` (the weight saved for
-  backward, or re-dequantized there) would remove that; `benchmarks/qrasa.py` measures both paths.
+  for the call (`call_with_transient_weight`). The fused autograd nodes hold their weight as an attribute, not as a
+  saved tensor, so gradient checkpointing would not free it: every projection's dequantized weight would stay
+  alive until backward. So the weight's memory is released right after the call and dequantized again into it by a
+  pre-hook on the output's backward node (the storage trick FSDP uses for its unsharded parameters): three
+  dequantizations a step under checkpointing (forward, recomputation, backward), as bitsandbytes' matmul does.
+  Not yet measured on a GPU (`benchmarks/qrasa.py` measures both paths); hence not the default.
 - merge: dense. The merged layer is an `nn.Linear` holding dequant(W) + dW in the dtype the base had before
   quantization (`quant_state.dtype`, bfloat16 when loaded in bf16): re-quantizing would round most of dW away.
   Unmerging restores the original 4-bit layer exactly.
@@ -24,6 +26,7 @@ default), on whatever device the model is (bitsandbytes >= 0.46 quantizes on the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -62,6 +65,31 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if getattr(state, "packing_format_for_cpu", False):  # repacked by bitsandbytes' CPU inference path
         data, state = functional._convert_weight_packed_for_cpu_inverse(data, state)
     return functional.dequantize_4bit(data, state)
+
+
+def call_with_transient_weight(module: nn.Module, dtype: torch.dtype,
+                               run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`run(weight)` with the 4-bit layer's weight dequantized to `dtype`, keeping no copy of it between forward and
+    backward: after the call the weight's storage is emptied (the autograd nodes that hold the tensor then hold no
+    memory), and a pre-hook on the output's backward node dequantizes it again just before the call's backward."""
+    weight = dequantized_weight(module).to(dtype)
+    out = run(weight)
+    node = out.grad_fn
+    if node is None:  # no backward will come (inference, or nothing requires grad)
+        return out
+    storage = weight.untyped_storage()
+    size = storage.nbytes()
+    storage.resize_(0)
+
+    def refill(grad_outputs):
+        if storage.nbytes() == 0:
+            storage.resize_(size)
+            with torch.no_grad():
+                weight.copy_(dequantized_weight(module).to(dtype))
+        return None
+
+    node.register_prehook(refill)
+    return out
 
 
 def dense_linear(module: nn.Module, weight: torch.Tensor) -> nn.Linear:

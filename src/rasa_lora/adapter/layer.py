@@ -27,6 +27,7 @@ a merged layer refuses to run once its pool has changed (its merged weight would
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -297,8 +298,8 @@ class Linear(nn.Module, RasaLayer):
         D = modules["rasa_D"]._parameters.get(active)
         if D is None or not fused_backend_enabled():
             return None
-        # a 4-bit base joins the fused path with its weight dequantized for the call only when asked to
-        # (rasa_lora.quant.set_fused_on_quantized: the fused nodes keep that weight until backward)
+        # a 4-bit base joins the fused path, its weight dequantized for the call, only when asked to
+        # (rasa_lora.quant.set_fused_on_quantized; the default is bitsandbytes' matmul on the reference path)
         quantized = type(base) not in _fusable_types()
         if quantized and not (quant.fused_on_quantized() and quant.is_4bit(base)):
             return None
@@ -306,8 +307,6 @@ class Linear(nn.Module, RasaLayer):
         if (not quantized and weight.requires_grad) or (bias is not None and bias.requires_grad) \
                 or not x.dtype.is_floating_point:
             return None
-        if quantized:
-            weight = quant.dequantized_weight(base)
         if self.fan_in_fan_out:
             weight = weight.t()
         dropout = modules["rasa_dropout"]._modules[active]
@@ -323,10 +322,15 @@ class Linear(nn.Module, RasaLayer):
         autocast = torch.is_autocast_enabled(device_type)
         if quantized:  # in bitsandbytes' compute dtype (autocast's under autocast), output in the input's dtype
             dtype = torch.get_autocast_dtype(device_type) if autocast else (base.compute_dtype or x.dtype)
-            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
-            if not autocast:
+            bias = None if bias is None else bias.to(dtype)
+
+            def run(weight: torch.Tensor) -> torch.Tensor:
                 args = (weight, bias, A_p, B_p, D, A_s, B_s)
-                return rasa_linear(x.to(dtype), *args, dropout_p=p, last_in_block=self.last_in_block).to(x.dtype)
+                with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+                    return rasa_linear(x.to(dtype), *args, dropout_p=p, last_in_block=self.last_in_block)
+
+            out = quant.call_with_transient_weight(base, dtype, run)
+            return out if autocast else out.to(x.dtype)
         args = (weight, bias, A_p, B_p, D, A_s, B_s)
         if not autocast:  # the common case, without a context manager's cost
             return rasa_linear(x, *args, dropout_p=p, last_in_block=self.last_in_block)
