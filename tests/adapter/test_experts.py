@@ -288,3 +288,13 @@ def test_per_expert_linears_are_pooled_per_expert_index_too():
     pools = model.base_model.rasa_shared_A["default"]
     assert {key: tuple(p.shape) for key, p in pools.items()} == {
         "layers-*-experts-0-w1": (3, 8), "layers-*-experts-1-w1": (3, 8)}  # L*k = 3 ranks for each expert index
+
+
+@pytest.mark.gpu
+def test_mixtral_experts_on_cuda_bf16_match_the_dense_reference():
+    """The same check on the GPU in bf16 (the dense reference rounds W + dW to bf16 once: a few 2^-8 roundings)."""
+    model = mixtral_rasa().to(device="cuda", dtype=torch.bfloat16).eval()
+    reference = dense_reference(model).eval()
+    x = tokens(vocab=128).cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits.float(), reference(x).logits.float(), rtol=2e-2, atol=2e-2)
