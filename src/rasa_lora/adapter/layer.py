@@ -23,6 +23,10 @@ reference to the tuner's containers and looks the tensors up on every call, so F
 parameter. Merging adds dW_i to the base weight and records the exact factors it used, so unmerging
 subtracts exactly what was added even if another layer's merge or an optimiser touched the pool since;
 a merged layer refuses to run once its pool has changed (its merged weight would be stale).
+
+Two variants reuse this class: `experts.ParamWrapper` applies eq. 5 to each expert of a 3-D expert stack (every
+factor gains a leading expert dimension), and a bitsandbytes 4-bit base (`rasa_lora.quant`) is merged dense and, on
+the fused path, dequantized per call.
 """
 
 from __future__ import annotations
