@@ -90,6 +90,10 @@ def read_rasa_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Te
     if config.get("peft_type") != "RASA":
         raise ValueError(f"{str(adapter_dir)!r} is a {config.get('peft_type')} adapter, not RaSA; export-lora converts "
                          "RaSA adapters (a LoRA adapter is served as it is)")
+    if config.get("target_parameters"):
+        raise ValueError(f"the adapter adapts expert parameters ({', '.join(config['target_parameters'])}), which "
+                         "export-lora does not convert (LoRA servers take per-expert linears); serve the merged "
+                         "model instead (rasa-lora merge)")
     if config.get("bias", "none") != "none":
         raise ValueError(f"the adapter trains biases (bias={config['bias']!r}), which LoRA servers do not load; "
                          "serve the merged model instead (rasa-lora merge)")

@@ -314,3 +314,18 @@ def tiny_llama(num_layers: int = 4, hidden_size: int = 32, intermediate_size: in
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_mixtral(num_layers: int = 3, hidden_size: int = 24, intermediate_size: int = 20, num_experts: int = 4,
+                 vocab_size: int = 128, seed: int = 0, **overrides: Any):
+    """A tiny random Mixtral (experts as 3-D parameters in transformers >= 5) for tests and dry runs."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, num_local_experts=num_experts,
+        num_experts_per_tok=2, max_position_embeddings=256, tie_word_embeddings=False, **overrides,
+    )
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(config).eval()

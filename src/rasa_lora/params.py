@@ -5,6 +5,11 @@ through PEFT, so the counts are those of the real modules. For Llama-3.1-8B and 
 seven projections this reproduces the parameter column of the paper's Tables 1-2 (MoRA: with `--mora-type 1`-`4`;
 the rotation the authors ran, type 6, needs an even r^ and has 0.25% / 0.06% fewer at r = 16 / 32, see
 docs/baselines.md), and PriLoRA's extra column is the size of its importance statistics.
+
+Mixture-of-experts models (Mixtral-8x7B) keep their experts as 3-D parameters in transformers >= 5: they are
+counted through `target_parameters` (default: `mlp.experts.gate_up_proj` and `mlp.experts.down_proj`, with q, k,
+v, o as modules), for LoRA (PEFT's `target_parameters`) and RaSA (`rasa_lora.adapter.experts`); MoRA and PriLoRA
+have no expert support. The paper's Figure 6 names Llama-3.1-70B and Mixtral-8x7B at r = 4 but gives no counts.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from rasa_lora.errors import ArgumentParser
+from rasa_lora.errors import ArgumentParser, UserError
 from rasa_lora.models import LLAMA_PROJECTIONS as ALL_PROJ
 
 METHODS = ("lora", "rasa", "mora", "prilora")
@@ -27,7 +32,21 @@ BUILTIN = {
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
     "mistral-7b-v0.3": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                             num_attention_heads=32, num_key_value_heads=8, vocab_size=32768),
+    "llama-3.1-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                          num_attention_heads=64, num_key_value_heads=8, vocab_size=128256),
+    "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, num_local_experts=8,
+                         num_experts_per_tok=2),
 }
+ALIASES = {"llama3.1-8b": "llama-3.1-8b", "llama3.1-70b": "llama-3.1-70b", "mistral-7b": "mistral-7b-v0.3",
+           "mixtral-8x7b-v0.1": "mixtral-8x7b"}
+# The experts of a Mixtral block, as 3-D parameters (transformers >= 5): PEFT's `target_parameters` names.
+MIXTRAL_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def default_target_parameters(model_config) -> list[str]:
+    """The expert parameters adapted by default: Mixtral's two stacks, none for dense models."""
+    return list(MIXTRAL_EXPERTS) if getattr(model_config, "model_type", None) == "mixtral" else []
 
 
 @dataclass
@@ -44,18 +63,20 @@ class ParamRow:
 def load_config(architecture: str):
     """A transformers config for a built-in name, the embedded model's alias ("smollm2"), a local path or a hub
     name (refused at once, with what would work, when the Hub cannot be reached)."""
-    from transformers import AutoConfig, LlamaConfig, MistralConfig
+    from transformers import AutoConfig, LlamaConfig, MistralConfig, MixtralConfig
 
     from rasa_lora.models import ModelNotFoundError, is_embedded, resolve_model
 
-    if architecture.lower() in BUILTIN:
-        fields = dict(BUILTIN[architecture.lower()])
-        config_cls = {"llama": LlamaConfig, "mistral": MistralConfig}[fields.pop("model_type")]
+    name = ALIASES.get(architecture.lower(), architecture.lower())
+    if name in BUILTIN:
+        fields = dict(BUILTIN[name])
+        classes = {"llama": LlamaConfig, "mistral": MistralConfig, "mixtral": MixtralConfig}
+        config_cls = classes[fields.pop("model_type")]
         return config_cls(**fields)
     if not is_embedded(architecture) and not Path(architecture).expanduser().exists() \
             and "/" not in architecture and not architecture.endswith(".gguf"):
         # not a path nor a hub id with an owner: most likely a typo of a built-in name
-        close = difflib.get_close_matches(architecture.lower(), [*BUILTIN, "smollm2"], n=2, cutoff=0.6)
+        close = difflib.get_close_matches(architecture.lower(), [*BUILTIN, *ALIASES, "smollm2"], n=2, cutoff=0.6)
         if close:
             raise ModelNotFoundError(f"unknown architecture {architecture!r}; did you mean {' or '.join(close)}? "
                                      f"Built-in: {', '.join(BUILTIN)}, smollm2; or a checkpoint folder or hub name")
@@ -74,8 +95,10 @@ def load_config(architecture: str):
         ) from None
 
 
-def count_trainable(model_config, method: str, r: int, k: int | None, target_modules, mora_type: int = 6) -> ParamRow:
-    """Build the model on the meta device, apply the method, and count its trainable parameters."""
+def count_trainable(model_config, method: str, r: int, k: int | None, target_modules, mora_type: int = 6,
+                    target_parameters: list[str] | None = None) -> ParamRow:
+    """Build the model on the meta device, apply the method, and count its trainable parameters (`target_parameters`:
+    3-D expert stacks, LoRA and RaSA only)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -83,23 +106,27 @@ def count_trainable(model_config, method: str, r: int, k: int | None, target_mod
     import rasa_lora
     from rasa_lora.adapter import RasaLayer
 
+    if target_parameters and method not in ("lora", "rasa"):
+        raise UserError(f"{method} has no support for expert parameters (target_parameters); count lora and rasa "
+                        "(--methods lora,rasa), or pass --target-parameters none to count the attention only")
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(model_config)
+    experts = {"target_parameters": list(target_parameters)} if target_parameters else {}
     if method == "lora":
-        peft_config = LoraConfig(r=r, lora_alpha=32, target_modules=target_modules)
+        peft_config = LoraConfig(r=r, lora_alpha=32, target_modules=target_modules, **experts)
     elif method == "mora":
         peft_config = rasa_lora.MoraConfig(r=r, mora_type=mora_type, target_modules=target_modules)
     elif method == "prilora":
         peft_config = rasa_lora.PriloraConfig(r=r, target_modules=target_modules)
     else:
-        peft_config = rasa_lora.RasaConfig(r=r, rasa_k=k, target_modules=target_modules)
+        peft_config = rasa_lora.RasaConfig(r=r, rasa_k=k, target_modules=target_modules, **experts)
     model = get_peft_model(base, peft_config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     ranks: dict[str, int] = {}
     if method == "rasa":
         for module in model.modules():
             if isinstance(module, RasaLayer):
-                ranks[module.rasa_group["default"]] = module.rasa_D["default"].numel()
+                ranks[module.rasa_group["default"]] = module.rasa_D["default"].shape[-1]
         k = peft_config.rasa_k
     if method == "mora":
         ranks = {m.mora_rank["default"]: m.mora_rank["default"] for m in model.modules() if hasattr(m, "mora_rank")}
@@ -151,16 +178,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=_int_list, nargs="+", default=[[8, 16, 32]],
                         help="ranks, comma-separated as in rasa-lora train (8,16,32); spaces also work")
     parser.add_argument("--rasa-k", type=int, default=None, help="shared ranks per layer (default: max(r/8, 1))")
-    parser.add_argument("--methods", type=_name_list, nargs="+", default=[list(METHODS)],
-                        help=f"comma-separated, of {', '.join(METHODS)} (default all)")
+    parser.add_argument("--methods", type=_name_list, nargs="+", default=None,
+                        help=f"comma-separated, of {', '.join(METHODS)} (default all; lora,rasa on experts)")
     parser.add_argument("--mora-type", type=int, default=6, choices=[1, 2, 3, 4, 6],
                         help="MoRA's compression (6, rotation, needs an even r^; 1-4 keep the paper's r^)")
-    parser.add_argument("--target-modules", type=_name_list, nargs="+", default=[ALL_PROJ],
-                        help="module names, comma-separated as in rasa-lora train (q_proj,v_proj); spaces also work")
+    parser.add_argument("--target-modules", type=_name_list, nargs="+", default=None,
+                        help="module names, comma-separated as in rasa-lora train (q_proj,v_proj); spaces also work "
+                             "(default: the seven projections; q, k, v, o on Mixtral, whose experts are parameters)")
+    parser.add_argument("--target-parameters", type=_name_list, nargs="+", default=None,
+                        help="3-D expert parameters, comma-separated (default: mlp.experts.gate_up_proj,"
+                             "mlp.experts.down_proj on Mixtral, none elsewhere; 'none' for none)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    args.ranks, args.target_modules = _flatten(args.ranks), _flatten(args.target_modules)
-    args.methods = _flatten(args.methods)
+    args.ranks = _flatten(args.ranks)
+    methods_given = args.methods is not None
+    args.methods = _flatten(args.methods) if methods_given else list(METHODS)
     unknown = [method for method in args.methods if method not in METHODS]
     if unknown:
         parser.error(f"--methods {','.join(unknown)}: choose from {','.join(METHODS)}")
@@ -168,12 +200,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rasa-k {args.rasa_k} must be between 0 and the smallest rank ({min(args.ranks)})")
 
     model_config = load_config(args.architecture)
-    rows = [count_trainable(model_config, method, r, args.rasa_k, args.target_modules, args.mora_type)
-            for r in args.ranks for method in args.methods]
+    if args.target_modules is None:
+        moe = bool(default_target_parameters(model_config))
+        args.target_modules = ALL_PROJ[:4] if moe else list(ALL_PROJ)
+    else:
+        args.target_modules = _flatten(args.target_modules)
+    if args.target_parameters is None:
+        target_parameters = default_target_parameters(model_config)
+    else:
+        target_parameters = [name for name in _flatten(args.target_parameters) if name.lower() != "none"]
+    if target_parameters and not methods_given:
+        args.methods = [method for method in args.methods if method in ("lora", "rasa")]
+    rows = [count_trainable(model_config, method, r, args.rasa_k, args.target_modules, args.mora_type,
+                            target_parameters) for r in args.ranks for method in args.methods]
     if args.json:
         print(json.dumps([row.__dict__ for row in rows], indent=2))
         return 0
-    print(f"Trainable parameters on {args.architecture} ({', '.join(args.target_modules)})")
+    print(f"Trainable parameters on {args.architecture} ({', '.join(args.target_modules + target_parameters)})")
     print(f"{'method':<7} {'r':>3} {'k':>3} {'trainable':>12} {'rounded':>8} {'extra':>7}  rank per layer")
     for row in rows:
         print(f"{row.method:<7} {row.r:>3} {'-' if row.k is None else row.k:>3} {row.trainable:>12,} "

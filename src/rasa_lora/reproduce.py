@@ -37,7 +37,8 @@ DOMAIN_TASK = {"math": "math", "code": "humaneval+"}
 # headline metrics by kind of task (lm-eval's choice for the multiple-choice ones: WinoGrande's is plain accuracy)
 HEADLINE = {"math": ("accuracy",), "code": ("pass@1", "pass@10"), "choice": ("acc_norm",), "winogrande": ("acc",)}
 
-_MODELS = {"meta-llama/Llama-3.1-8B": "llama", "mistralai/Mistral-7B-v0.3": "mistral"}
+_MODELS = {"meta-llama/Llama-3.1-8B": "llama", "mistralai/Mistral-7B-v0.3": "mistral",
+           "meta-llama/Llama-3.1-70B": "llama-70b", "mistralai/Mixtral-8x7B-v0.1": "mixtral"}
 # The paper's figures (%) for the methods `rasa-lora train` runs: (model, domain, method, r) -> {metric: (BEST, LAST)},
 # BEST over the 8 epochs' checkpoints, LAST after the 8th. Table 1 (HumanEval+, PASS@1 and PASS@10) and Table 2
 # (MATH accuracy); tests/train/test_reproduce.py reads them back from the paper's text.
@@ -71,6 +72,10 @@ PAPER: dict[tuple[str, str, str, int], dict[str, tuple[float, float]]] = {
     **{(model, "math", method, r): {"accuracy": figures[i]}
        for (method, r), figures in _MATH.items() for i, model in enumerate(("llama", "mistral"))},
 }
+# Figure 6 (r = 4, 2 epochs, MATH LAST accuracy) is a chart; its text gives LoRA's two bars only (Sec. 4.4: "40.4%
+# and 32.6%"), so RaSA's 70B and Mixtral runs have no paper figure here, and no run has a BEST.
+FIGURE_6 = {("llama-70b", "math", "lora", 4): {"accuracy": (None, 40.4)},
+            ("mixtral", "math", "lora", 4): {"accuracy": (None, 32.6)}}
 _OWN = {"--eval-tasks": "tasks", "--eval-limit": "limit", "--eval-data": "data_dir", "--eval-batch-size": "batch_size",
         "--n-samples": "n_samples", "--max-new-tokens": "max_new_tokens", "--every-epoch": "every_epoch"}
 _FLAGS = {"--every-epoch"}  # options without a value
@@ -127,7 +132,8 @@ def paper_figures(config) -> dict[str, tuple[float, float]]:
     """The paper's (BEST, LAST) figures for this recipe's run, by metric ({} when the paper has none for it)."""
     model = _MODELS.get(str(config.base_model))
     domain = DOMAINS.get(config.dataset_format)
-    return PAPER.get((model, domain, config.method, config.r), {}) if model and domain else {}
+    key = (model, domain, config.method, config.r)
+    return (PAPER.get(key) or FIGURE_6.get(key, {})) if model and domain else {}
 
 
 def headline(task: str, summary: dict) -> dict[str, float]:

@@ -78,6 +78,16 @@ def test_multinode_example_spans_machines():
     assert config.num_machines > 1 and config.num_processes % config.num_machines == 0
 
 
+def test_the_papers_big_model_layout_offloads_as_the_authors_zero3_file():
+    """8 nodes x 8 GPUs, ZeRO-3 with optimizer and parameters on the CPU (the authors'
+    scripts/config/deepspeed/deepspeed_config_zero3_lion.json)."""
+    config = load_config_from_file(str(REPO / "configs" / "distributed" / "multinode-zero3-offload.yaml"))
+    assert (config.num_machines, config.num_processes) == (8, 64)
+    settings = json.loads((REPO / config.deepspeed_config["deepspeed_config_file"]).read_text())["zero_optimization"]
+    assert settings["stage"] == 3
+    assert settings["offload_optimizer"]["device"] == settings["offload_param"]["device"] == "cpu"
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "distributed").glob("*.json")), ids=lambda p: p.name)
 def test_deepspeed_json_is_valid_and_used(path):
     settings = json.loads(path.read_text())

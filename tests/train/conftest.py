@@ -51,6 +51,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(tmp_path_factory) -> Path:
+    """A directory holding `tiny_mixtral()` (experts as 3-D parameters) and the tiny tokenizer."""
+    from rasa_lora.models import tiny_mixtral
+
+    directory = tmp_path_factory.mktemp("tiny-mixtral")
+    tokenizer = build_tiny_tokenizer()
+    tiny_mixtral(vocab_size=len(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def tiny_overrides(model_dir: Path, output_dir: Path, **extra) -> dict:
     """Recipe keys for a fast CPU run on the tiny model."""
     values = {"base_model": str(model_dir), "output_dir": str(output_dir), "global_batch_size": 4,

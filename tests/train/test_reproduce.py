@@ -109,7 +109,22 @@ def test_the_papers_figures_are_its_tables_and_cover_every_paper_recipe():
         assert tables[key] == figures, key
     for path in sorted((REPO / "configs" / "paper").glob("*.yaml")):
         config = build_config(read_yaml(path))
+        if path.stem in FIGURE_6_CHART_ONLY:  # its bar is in the chart only, not in the text
+            assert reproduce.paper_figures(config) == {}, path.name
+            continue
         assert reproduce.paper_figures(config), f"{path.name} has no paper figures"
+
+
+FIGURE_6_CHART_ONLY = {"llama3.1-70b-math-rasa-r4", "mixtral-8x7b-math-rasa-r4"}
+
+
+@pytest.mark.skipif(not PAPER.is_file(), reason="needs the paper's text in ../shared/paper")
+def test_figure_6_figures_are_the_ones_its_text_gives():
+    text = PAPER.read_text()
+    assert "larger Llama and Mistral models using LoRA, achieving MATH accuracies of 40.4% and 32.6%" in text
+    assert [figures["accuracy"] for figures in reproduce.FIGURE_6.values()] == [(None, 40.4), (None, 32.6)]
+    recipe = build_config(read_yaml(REPO / "configs/paper/mixtral-8x7b-math-lora-r4.yaml"))
+    assert reproduce.paper_figures(recipe) == {"accuracy": (None, 32.6)}
 
 
 def test_every_epoch_scores_each_epochs_adapter_and_plots_them(tiny_model_dir, tmp_path, shared_data):

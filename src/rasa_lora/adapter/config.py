@@ -59,6 +59,15 @@ class RasaConfig(PeftConfig):
             "decoder blocks (the output layer excluded)."
         },
     )
+    target_parameters: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "3-D expert parameters to adapt, as PEFT's LoRA names them (e.g. ['mlp.experts.gate_up_proj', "
+            "'mlp.experts.down_proj'] for Mixtral in transformers >= 5): each expert of each layer gets eq. 5, with "
+            "one pool per expert index across layers (rasa_lora.adapter.experts). With target_parameters and "
+            "target_modules=None, no module is adapted; name modules too to adapt both."
+        },
+    )
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Module names or a regex to skip."})
     fan_in_fan_out: bool = field(
         default=False, metadata={"help": "True when the layer stores its weight as (in, out), as GPT-2's Conv1D does."}
@@ -96,6 +105,12 @@ class RasaConfig(PeftConfig):
             raise ValueError(f"rasa_dropout={self.rasa_dropout} must lie in [0, 1).")
         if self.bias not in ("none", "all", "rasa_only"):
             raise ValueError(f"bias={self.bias!r}; choose 'none', 'all' or 'rasa_only'.")
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, str):
+                self.target_parameters = [self.target_parameters]
+            self.target_parameters = list(self.target_parameters)
+            if self.target_modules is None:
+                self.target_modules = set()
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, list):

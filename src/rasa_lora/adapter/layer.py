@@ -23,10 +23,15 @@ reference to the tuner's containers and looks the tensors up on every call, so F
 parameter. Merging adds dW_i to the base weight and records the exact factors it used, so unmerging
 subtracts exactly what was added even if another layer's merge or an optimiser touched the pool since;
 a merged layer refuses to run once its pool has changed (its merged weight would be stale).
+
+Two variants reuse this class: `experts.ParamWrapper` applies eq. 5 to each expert of a 3-D expert stack (every
+factor gains a leading expert dimension), and a bitsandbytes 4-bit base (`rasa_lora.quant`) is merged dense and, on
+the fused path, dequantized per call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -36,6 +41,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils.other import transpose
 from torch import nn
 
+from rasa_lora import quant
 from rasa_lora.ops import dropout_mask, dropout_scale, fused_backend_enabled, mask_seed, rasa_linear
 
 _SNAPSHOT_KEYS = ("A_p", "B_p", "D", "A_s", "B_s")
@@ -43,20 +49,21 @@ _SNAPSHOT_KEYS = ("A_p", "B_p", "D", "A_s", "B_s")
 
 def init_eq6(init_weights: bool, A: torch.Tensor | None = None, B: torch.Tensor | None = None,
              D: torch.Tensor | None = None, num_private: int = 0, alpha: float = 0.0) -> None:
-    """Paper eq. 6, in place, for a layer's private factors and D or a group's pool: A Kaiming-uniform, B zero
+    """Paper eq. 6, in place, for a layer's private factors and D or a group's pool (each may carry a leading expert
+    dimension): A Kaiming-uniform, B zero
     (normal, std 0.02, with init_weights=False: tests only), D alpha/(2(r-k)) on its first `num_private` entries and
     alpha/(2Lk) on the others. No further alpha/r factor."""
     with torch.no_grad():
-        if A is not None:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if A is not None and A.numel():
+            kaiming_init(A)
         if B is not None:
             nn.init.zeros_(B) if init_weights else nn.init.normal_(B, std=0.02)
         if D is not None:
-            num_shared = D.numel() - num_private
+            num_shared = D.shape[-1] - num_private
             if num_private:
-                D[:num_private] = alpha / (2 * num_private)
+                D[..., :num_private] = alpha / (2 * num_private)
             if num_shared:
-                D[num_private:] = alpha / (2 * num_shared)
+                D[..., num_private:] = alpha / (2 * num_shared)
 
 
 class RasaLayer(BaseTunerLayer):
@@ -83,8 +90,31 @@ class RasaLayer(BaseTunerLayer):
         # Unregistered references to the tuner's pool containers (registering them here would save the pool
         # once per layer and break FSDP2's per-layer sharding).
         object.__setattr__(self, "_rasa_pools", None)
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        self.in_features, self.out_features = self._base_in_out()
         self.kwargs = kwargs
+
+    def _base_in_out(self) -> tuple[int, int]:
+        """(in_features, out_features) of the adapted weight."""
+        return _get_in_out_features(self.get_base_layer())
+
+    def _base_tensor(self) -> torch.Tensor:
+        """The adapted base tensor (the layer's weight; an expert stack's parameter in `experts.ParamWrapper`)."""
+        return self.get_base_layer().weight
+
+    def _base_dtype(self) -> torch.dtype:
+        """The dtype dW takes in `get_delta_weight` (a 4-bit base: the dtype it dequantizes to)."""
+        return self._base_tensor().dtype
+
+    def _base_device(self) -> torch.device:
+        return self._base_tensor().device
+
+    def _lead_shape(self) -> tuple[int, ...]:
+        """Leading dimensions of every factor: () here, (num_experts,) for a stack of experts."""
+        return ()
+
+    def _oriented(self, delta: torch.Tensor) -> torch.Tensor:
+        """dW from the (b, a) layout to the base tensor's ((a, b) for `Conv1D`)."""
+        return transpose(delta, self.fan_in_fan_out)
 
     def update_layer(self, adapter_name: str, config, group: str, pools, num_layers: int) -> None:
         """Create adapter `adapter_name` on this layer; `pools` is the tuner's `RasaPools`."""
@@ -97,15 +127,15 @@ class RasaLayer(BaseTunerLayer):
         self.rasa_group[adapter_name] = group
         self.rasa_num_layers[adapter_name] = num_layers
         self.rasa_dropout[adapter_name] = float(config.rasa_dropout)
-        weight = self.get_base_layer().weight
-        factory = {"device": weight.device, "dtype": torch.float32}
+        factory = {"device": self._base_device(), "dtype": torch.float32}
         for container in (self.rasa_A, self.rasa_B):
             if adapter_name in container:
                 del container[adapter_name]
+        lead = self._lead_shape()
         if num_private:  # k = r leaves no private rank: no zero-element parameters are registered (or saved)
-            self.rasa_A[adapter_name] = nn.Parameter(torch.empty(num_private, self.in_features, **factory))
-            self.rasa_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, num_private, **factory))
-        self.rasa_D[adapter_name] = nn.Parameter(torch.empty(num_private + num_layers * k, **factory))
+            self.rasa_A[adapter_name] = nn.Parameter(torch.empty(*lead, num_private, self.in_features, **factory))
+            self.rasa_B[adapter_name] = nn.Parameter(torch.empty(*lead, self.out_features, num_private, **factory))
+        self.rasa_D[adapter_name] = nn.Parameter(torch.empty(*lead, num_private + num_layers * k, **factory))
         self.reset_rasa_parameters(adapter_name, config.init_weights)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -119,7 +149,7 @@ class RasaLayer(BaseTunerLayer):
     def _empty(self, adapter_name: str, rows: int, cols: int) -> torch.Tensor:
         """A zero-element factor (no rank of that kind), on D's device and dtype; never a registered parameter."""
         D = self.rasa_D[adapter_name]
-        return D.new_zeros(rows, cols)
+        return D.new_zeros(*D.shape[:-1], rows, cols)
 
     def private_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A~_i, B~_i); empty (0 ranks) tensors when k = r, where no private factor is registered."""
@@ -154,19 +184,20 @@ class RasaLayer(BaseTunerLayer):
     # --- merging -----------------------------------------------------------------------------------------
     @staticmethod
     def _delta_from(factors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """dW = B_p diag(D_p) A_p + B_s diag(D_s) A_s, in float32 at least, shape (b, a)."""
-        num_private = factors["A_p"].shape[0]
+        """dW = B_p diag(D_p) A_p + B_s diag(D_s) A_s, in float32 at least, shape (b, a) (a stack of experts:
+        (E, b, a), one dW per expert)."""
+        num_private = factors["A_p"].shape[-2]
         dtype = torch.promote_types(factors["A_p"].dtype, torch.float32)
         A_p, B_p, D, A_s, B_s = (factors[key].to(dtype) for key in _SNAPSHOT_KEYS)
         device = A_p.device
-        delta = (B_p * D[:num_private]) @ A_p
-        return delta + (B_s.to(device) * D[num_private:]) @ A_s.to(device)
+        D = D.unsqueeze(-2)  # (..., 1, r-k+Lk): scales the columns of B
+        delta = (B_p * D[..., :num_private]) @ A_p
+        return delta + (B_s.to(device) * D[..., num_private:]) @ A_s.to(device)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """dW_i of eq. 5 in the base weight's layout and dtype ((b, a); (a, b) for `Conv1D`)."""
-        weight = self.get_base_layer().weight
-        delta = self._delta_from(self.factors(adapter_name)).to(weight.device)
-        return transpose(delta, self.fan_in_fan_out).to(weight.dtype)
+        delta = self._delta_from(self.factors(adapter_name)).to(self._base_device())
+        return self._oriented(delta).to(self._base_dtype())
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """RaSA is additive (W + dW_i), so PEFT's `convert_to_lora` / `save_as_lora` accept it: they factor dW_i by
@@ -184,19 +215,19 @@ class RasaLayer(BaseTunerLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
-        base = self.get_base_layer()
         for name in adapter_names:
             if name not in self.rasa_D:
                 continue
             snapshot = {key: value.detach().clone() for key, value in self.factors(name).items()}
-            delta = transpose(self._delta_from(snapshot), self.fan_in_fan_out)
-            merged = base.weight.data.to(delta.dtype) + delta.to(base.weight.device)
+            delta = self._oriented(self._delta_from(snapshot))
+            weight = self._base_tensor()
+            merged = self._dense_base(delta.dtype) + delta.to(weight.device)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(
                     f"NaN or inf found in the weights of adapter {name!r} while merging {self.rasa_group[name]}; "
                     "the adapter is broken, the base weights were left unchanged."
                 )
-            base.weight.data = merged.to(base.weight.dtype)
+            self._store_merged(merged)
             self._merge_records[name] = {"factors": snapshot, "pool": self._pool_fingerprint(name)}
             self.merged_adapters.append(name)
 
@@ -205,12 +236,20 @@ class RasaLayer(BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             record = self._merge_records.pop(name)
-            delta = transpose(self._delta_from(record["factors"]), self.fan_in_fan_out)
-            base.weight.data = (base.weight.data.to(delta.dtype) - delta.to(base.weight.device)).to(base.weight.dtype)
+            delta = self._oriented(self._delta_from(record["factors"]))
+            self._store_merged(self._dense_base(delta.dtype) - delta.to(self._base_tensor().device), unmerging=True)
+
+    def _dense_base(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base tensor as a dense tensor of `dtype` (a copy or a view)."""
+        return self._base_tensor().data.to(dtype)
+
+    def _store_merged(self, merged: torch.Tensor, unmerging: bool = False) -> None:
+        """Write a merged (or unmerged) base tensor back, in the base tensor's dtype."""
+        weight = self._base_tensor()
+        weight.data = merged.to(weight.dtype)
 
     def check_pool_unchanged_while_merged(self) -> None:
         for name in self.merged_adapters:
@@ -238,6 +277,25 @@ class Linear(nn.Module, RasaLayer):
         self.last_in_block = True
         self.update_layer(adapter_name, config, group, pools, num_layers)
 
+    # --- a 4-bit base (rasa_lora.quant): merged layers become dense, unmerging restores the 4-bit layer --------
+    def _base_dtype(self) -> torch.dtype:
+        base = self.get_base_layer()
+        return quant.original_dtype(base) if quant.is_4bit(base) else base.weight.dtype
+
+    def _dense_base(self, dtype: torch.dtype) -> torch.Tensor:
+        base = self.get_base_layer()
+        return quant.dequantized_weight(base).to(dtype) if quant.is_4bit(base) else super()._dense_base(dtype)
+
+    def _store_merged(self, merged: torch.Tensor, unmerging: bool = False) -> None:
+        base = self.get_base_layer()
+        if quant.is_4bit(base):  # dequant(W) + dW, dense, in the dtype W had before quantization
+            self.__dict__["_quantized_base"] = base  # unregistered: not saved, not trained
+            self.base_layer = quant.dense_linear(base, merged.to(quant.original_dtype(base)))
+        elif unmerging and not self.merged_adapters and "_quantized_base" in self.__dict__:
+            self.base_layer = self.__dict__.pop("_quantized_base")  # exactly the 4-bit layer merged into
+        else:
+            super()._store_merged(merged, unmerging)
+
     def _fused_forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
         """The fused path's output, or None where it does not apply (then the reference path runs). Written for
         host time: it runs twice per projection and step under gradient checkpointing, so it reads the
@@ -249,10 +307,16 @@ class Linear(nn.Module, RasaLayer):
             active = active[0]
         modules = self._modules
         D = modules["rasa_D"]._parameters.get(active)
-        if D is None or not fused_backend_enabled() or type(base) not in _fusable_types():
+        if D is None or not fused_backend_enabled():
+            return None
+        # a 4-bit base joins the fused path, its weight dequantized for the call, only when asked to
+        # (rasa_lora.quant.set_fused_on_quantized; the default is bitsandbytes' matmul on the reference path)
+        quantized = type(base) not in _fusable_types()
+        if quantized and not (quant.fused_on_quantized() and quant.is_4bit(base)):
             return None
         weight, bias = base.weight, base.bias
-        if weight.requires_grad or (bias is not None and bias.requires_grad) or not x.dtype.is_floating_point:
+        if (not quantized and weight.requires_grad) or (bias is not None and bias.requires_grad) \
+                or not x.dtype.is_floating_point:
             return None
         if self.fan_in_fan_out:
             weight = weight.t()
@@ -264,9 +328,21 @@ class Linear(nn.Module, RasaLayer):
         A_s, B_s = self.shared_factors(active)
         if A_s.device != x.device:
             A_s, B_s = A_s.to(x.device), B_s.to(x.device)
-        args = (weight, bias, A_p, B_p, D, A_s, B_s)
         device_type = x.device.type
-        if not torch.is_autocast_enabled(device_type):  # the common case, without a context manager's cost
+        autocast = torch.is_autocast_enabled(device_type)
+        if quantized:  # in bitsandbytes' compute dtype (autocast's under autocast), output in the input's dtype
+            dtype = torch.get_autocast_dtype(device_type) if autocast else (base.compute_dtype or x.dtype)
+            bias = None if bias is None else bias.to(dtype)
+
+            def run(weight: torch.Tensor) -> torch.Tensor:
+                args = (weight, bias, A_p, B_p, D, A_s, B_s)
+                with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+                    return rasa_linear(x.to(dtype), *args, dropout_p=p, last_in_block=self.last_in_block)
+
+            out = quant.call_with_transient_weight(base, dtype, run)
+            return out if autocast else out.to(x.dtype)
+        args = (weight, bias, A_p, B_p, D, A_s, B_s)
+        if not autocast:  # the common case, without a context manager's cost
             return rasa_linear(x, *args, dropout_p=p, last_in_block=self.last_in_block)
         x = x.to(torch.get_autocast_dtype(device_type))
         with torch.autocast(device_type, enabled=False):
@@ -329,6 +405,13 @@ class Linear(nn.Module, RasaLayer):
 
     def __repr__(self) -> str:
         return "rasa." + super().__repr__()
+
+
+def kaiming_init(tensor: torch.Tensor) -> None:
+    """Kaiming-uniform init (LoRA's A) of a (rows, a) factor, or of each (rows, a) slice of an (E, rows, a) stack
+    (so the bound depends on a, as for a single matrix, not on rows * a)."""
+    for matrix in (tensor,) if tensor.dim() == 2 else tensor.view(-1, *tensor.shape[-2:]):
+        nn.init.kaiming_uniform_(matrix, a=math.sqrt(5))
 
 
 @functools.cache

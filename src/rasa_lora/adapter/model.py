@@ -149,18 +149,23 @@ class RasaModel(BaseTuner):
         for key, module in model.named_modules():
             if not key or any(key.startswith(prefix) for prefix in tuner_prefixes):
                 continue
-            result = self._check_target_module_exists(config, key)
+            result = self._check_target_module_exists(config, key) if config.target_modules else None
             if not result or type(result).__name__ == "_ExcludedModule":
                 continue
             groups.setdefault(group_of(key, config.layers_pattern), []).append((key, module))
-        if not groups:
+        if not groups and not config.target_parameters:
             raise ValueError(
                 f"target_modules={config.target_modules!r} matched no module of the model; pass names that exist, "
                 "e.g. ['q_proj', 'v_proj'] for Llama, or 'all-linear'."
             )
         for group, members in groups.items():
             _check_group(group, members)
-        return {group: [key for key, _ in members] for group, members in groups.items()}
+        plan = {group: [key for key, _ in members] for group, members in groups.items()}
+        for group, members in _plan_parameters(model, config).items():
+            _check_parameter_group(group, members)
+            plan[group] = [key for key, _ in members]
+            self.__dict__.setdefault("_rasa_param_groups", set()).add(group)
+        return plan
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict=None) -> None:
@@ -190,15 +195,20 @@ class RasaModel(BaseTuner):
     def _create_pools(self, model: nn.Module, adapter_name: str, config: RasaConfig, plan: dict) -> None:
         modules = dict(model.named_modules())
         shared_A, shared_B = nn.ParameterDict({}), nn.ParameterDict({})
+        param_groups = self.__dict__.get("_rasa_param_groups", set())
         for group, keys in plan.items():
-            base = _base_layer(modules[keys[0]])
-            in_features, out_features = _in_out(base)
-            device = base.weight.device
+            if group in param_groups:  # a stack of experts: one pool per expert index, (E, L*k, a) and (E, b, L*k)
+                param = model.get_parameter(_strip_base_layer(keys[0]))
+                lead, (in_features, out_features) = param.shape[:1], _param_in_out(model, keys[0])
+            else:
+                lead, (in_features, out_features) = (), _in_out(_base_layer(modules[keys[0]]))
+                param = _base_layer(modules[keys[0]]).weight
+            device = param.device
             width = len(keys) * config.rasa_k
             if not width:  # k = 0: no pool (no zero-element parameters registered or saved)
                 continue
-            A = torch.empty(width, in_features, dtype=torch.float32, device=device)
-            B = torch.empty(out_features, width, dtype=torch.float32, device=device)
+            A = torch.empty(*lead, width, in_features, dtype=torch.float32, device=device)
+            B = torch.empty(*lead, out_features, width, dtype=torch.float32, device=device)
             init_eq6(config.init_weights, A, B)
             shared_A[pool_key(group)] = nn.Parameter(A)
             shared_B[pool_key(group)] = nn.Parameter(B)
@@ -214,6 +224,11 @@ class RasaModel(BaseTuner):
     def _create_and_replace(self, config: RasaConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **optional_kwargs) -> None:
         group, num_layers = self._rasa_plan[adapter_name][current_key]
+        parameter_name = optional_kwargs.get("parameter_name")
+        if parameter_name is not None:
+            self._create_and_replace_parameter(config, adapter_name, target, target_name, parent, group, num_layers,
+                                               parameter_name)
+            return
         if isinstance(target, RasaLayer):
             target.update_layer(adapter_name, config, group, self.pools, num_layers)
             return
@@ -226,6 +241,29 @@ class RasaModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _create_and_replace_parameter(self, config: RasaConfig, adapter_name: str, target: nn.Module,
+                                      target_name: str, parent: nn.Module, group: str, num_layers: int,
+                                      parameter_name: str) -> None:
+        from rasa_lora.adapter.experts import ParamWrapper
+
+        if isinstance(target, ParamWrapper) and target.parameter_name == parameter_name:
+            target.update_layer(adapter_name, config, group, self.pools, num_layers)
+            return
+        new_module = ParamWrapper(target, adapter_name, config, group, self.pools, num_layers, parameter_name)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """PEFT's replacement copies `weight`/`bias` between the modules; an expert stack has neither (its
+        `ParamWrapper` creates the adapter on the parameter's device already)."""
+        from rasa_lora.adapter.experts import ParamWrapper
+
+        if isinstance(new_module, ParamWrapper) or isinstance(child, ParamWrapper):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
 
     # --- trainability, deletion, dtype ------------------------------------------------------------------
     def _sync_pool_requires_grad(self, adapter_names=None) -> None:
@@ -290,7 +328,7 @@ class RasaModel(BaseTuner):
         """Keep the adapter in the base model's dtype (what `autocast_adapter_dtype=False` asks for)."""
         for module in self.model.modules():
             if isinstance(module, RasaLayer) and adapter_name in module.rasa_D:
-                dtype = module.get_base_layer().weight.dtype
+                dtype = module._base_dtype()
                 for container in (module.rasa_A, module.rasa_B, module.rasa_D):
                     if adapter_name not in container:
                         continue
@@ -375,6 +413,57 @@ def _check_incoming_state(tuner: RasaModel, state_dict: dict, prefix: str) -> No
             f"Cannot load the shared pools of adapter(s) {sorted(merged_pools)} while layers are merged with them "
             "(the merged weights would silently keep the old update). Call `unmerge_adapter()` first."
         )
+
+
+def _strip_base_layer(key: str) -> str:
+    """A parameter's path without the `.base_layer` parts adapter wrappers insert."""
+    return re.sub(r"\.base_layer(?=\.)", "", key)
+
+
+def _plan_parameters(model: nn.Module, config: RasaConfig) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """Group the parameters named by `config.target_parameters` (PEFT's matching: the full path, or its end after a
+    dot), keyed as `_plan_groups` keys modules; existing RaSA wrappers are looked through."""
+    targets = list(config.target_parameters or [])
+    groups: dict[str, list[tuple[str, torch.Tensor]]] = OrderedDict()
+    if not targets:
+        return groups
+    seen = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            key = _strip_base_layer(f"{module_name}.{param_name}" if module_name else param_name)
+            if ".rasa_" in f".{key}" or key in seen:
+                continue
+            if key in targets or any(key.endswith("." + target) for target in targets):
+                seen.add(key)
+                groups.setdefault(group_of(key, config.layers_pattern), []).append((key, param))
+    if not groups:
+        raise ValueError(f"target_parameters={targets} matched no parameter of the model; name them as "
+                         "'mlp.experts.gate_up_proj' (Mixtral in transformers >= 5) or by their full path.")
+    return groups
+
+
+def _param_in_out(model: nn.Module, key: str) -> tuple[int, int]:
+    """(in, out) of one expert of the stack at `key` ((E, out, in), or (E, in, out) when `is_transposed`)."""
+    module_name, _, param_name = _strip_base_layer(key).rpartition(".")
+    owner = model.get_submodule(module_name)
+    while hasattr(owner, "base_layer"):
+        owner = owner.base_layer
+    shape = getattr(owner, param_name).shape
+    return (shape[1], shape[2]) if getattr(owner, "is_transposed", False) else (shape[2], shape[1])
+
+
+def _check_parameter_group(group: str, members: list[tuple[str, torch.Tensor]]) -> None:
+    shapes = OrderedDict()
+    for key, param in members:
+        shapes.setdefault(tuple(getattr(param, "ds_shape", param.shape)), []).append(key)
+    odd = [f"{key} {tuple(param.shape)}" for key, param in members if param.dim() != 3]
+    if odd:
+        raise ValueError(f"target_parameters: RaSA adapts 3-D expert stacks (E, out, in); these are not: "
+                         f"{', '.join(odd[:3])}. Target 2-D weights through their module (target_modules).")
+    if len(shapes) > 1:
+        listed = "; ".join(f"{shape}: {', '.join(keys[:3])}" for shape, keys in shapes.items())
+        raise ValueError(f"The expert parameters of group {group!r} differ in shape ({listed}), but RaSA shares ranks "
+                         "only between stacks of one shape. Exclude the odd layers with `layers_to_transform`.")
 
 
 def _base_layer(module: nn.Module) -> nn.Module:

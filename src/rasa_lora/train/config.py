@@ -87,6 +87,12 @@ class TrainConfig:
     """Dropout on the adapter's input."""
     target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
     """Names of the linear modules to adapt; default: all seven projections of a Llama-style block."""
+    target_parameters: list[str] = field(default_factory=list)
+    """3-D expert parameters to adapt (rasa and lora only), e.g. mlp.experts.gate_up_proj,mlp.experts.down_proj for
+    Mixtral in transformers >= 5 (docs/big_models.md); no dropout reaches them."""
+    base_quantization: str = "none"
+    """"none", or "nf4": a frozen 4-bit NF4 base (bitsandbytes; QRaSA / QLoRA, `rasa_lora.quant`): loaded 4-bit on a
+    GPU, quantized after loading on a CPU; needs `pip install rasa-lora[quant]`."""
     learning_rate: float = 5e-4
     """Peak learning rate."""
     optimizer: str = "lionw"
@@ -153,6 +159,15 @@ class TrainConfig:
         self._check_choices()
         if isinstance(self.target_modules, str):
             self.target_modules = [name.strip() for name in self.target_modules.split(",") if name.strip()]
+        if isinstance(self.target_parameters, str):
+            self.target_parameters = [name.strip() for name in self.target_parameters.split(",") if name.strip()]
+        self.target_parameters = list(self.target_parameters or [])
+        if self.target_parameters and self.method not in ("rasa", "lora"):
+            raise ValueError(f"target_parameters (expert stacks) work with method rasa or lora, not {self.method!r}; "
+                             "remove target_parameters or choose rasa/lora")
+        if self.target_parameters and self.method == "lora" and self.dropout:
+            raise ValueError(f"dropout={self.dropout} with target_parameters: PEFT's LoRA refuses dropout on expert "
+                             "parameters; set dropout: 0.0")
         if not self.target_modules and self.method != "fft":
             raise ValueError("target_modules is empty; name at least one module, e.g. q_proj,v_proj")
 
@@ -219,6 +234,7 @@ class TrainConfig:
         choices = {"optimizer": ("lionw", "adamw"), "lr_scheduler": ("cosine", "constant"),
                    "bf16": ("auto", "true", "false"),
                    "model_dtype": ("auto", "float32", "bfloat16"), "dataset_format": DATASET_FORMATS,
+                   "base_quantization": ("none", "nf4"),
                    "report_to": ("none", "tensorboard", "trackio", "wandb")}
         self.bf16 = str(self.bf16).lower()
         for key, allowed in choices.items():
@@ -260,7 +276,7 @@ def _parse_value(key: str, text: str) -> Any:
     """Parse a command-line value as a YAML scalar; comma-separated text becomes a list for list keys."""
     import yaml
 
-    if key in ("target_modules", "betas") and "," in text:
+    if key in ("target_modules", "target_parameters", "betas") and "," in text:
         return [yaml.safe_load(part) for part in text.split(",") if part.strip()]
     return yaml.safe_load(text)
 

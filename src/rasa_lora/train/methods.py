@@ -37,11 +37,13 @@ def peft_config_for(config: Any, total_steps: int) -> Any:
     import peft
 
     common = {"r": config.r, "target_modules": list(config.target_modules)}
+    experts = list(getattr(config, "target_parameters", None) or [])
     if config.method == "rasa":
         import rasa_lora
 
         return rasa_lora.RasaConfig(**common, rasa_k=config.shared_ranks, rasa_alpha=config.alpha,
-                                    rasa_dropout=config.dropout, task_type="CAUSAL_LM")
+                                    rasa_dropout=config.dropout, task_type="CAUSAL_LM",
+                                    **({"target_parameters": experts} if experts else {}))
     if config.method in ("mora", "prilora"):
         import rasa_lora
 
@@ -63,7 +65,7 @@ def peft_config_for(config: Any, total_steps: int) -> Any:
         raise NotImplementedError(f"method={config.method!r} is not yet supported ({hint})")
     return peft.LoraConfig(**common, lora_alpha=config.alpha, lora_dropout=config.dropout,
                            init_lora_weights=init[config.method], use_dora=config.method == "dora",
-                           task_type="CAUSAL_LM")
+                           task_type="CAUSAL_LM", **({"target_parameters": experts} if experts else {}))
 
 
 def initial_adapter_needed(method: str) -> bool:

@@ -158,11 +158,36 @@ def build_model(config: TrainConfig, total_steps: int, device: torch.device,
     dtype = config.model_dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    model = load_model(config.base_model, dtype=dtype)
+    quantized = getattr(config, "base_quantization", "none") == "nf4"
+    if quantized:
+        model = load_quantized(config.base_model, dtype, device)
+    else:
+        model = load_model(config.base_model, dtype=dtype)
     model = methods.apply_method(model, config, total_steps)
     if config.gradient_checkpointing:
         methods.enable_gradient_checkpointing(model, config.use_reentrant if use_reentrant is None else use_reentrant)
-    return model.to(device).train()
+    return (model if quantized else model.to(device)).train()
+
+
+def load_quantized(base_model: str | None, dtype: str, device: torch.device) -> torch.nn.Module:
+    """The base with NF4 linear layers (lm_head kept): loaded 4-bit by transformers on a GPU (the full-precision
+    model never sits in memory), quantized after loading on a CPU (`rasa_lora.quant.quantize_model`)."""
+    from rasa_lora import quant
+    from rasa_lora.errors import UserError
+    from rasa_lora.models import load_model
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("base_quantization: nf4 needs bitsandbytes: pip install rasa-lora[quant]") from None
+    torch_dtype = getattr(torch, dtype)
+    if device.type != "cuda":
+        return quant.quantize_model(load_model(base_model, dtype=dtype))
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype,
+                                bnb_4bit_use_double_quant=False)
+    return load_model(base_model, dtype=dtype, quantization_config=config, device_map={"": device})
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
