@@ -202,5 +202,5 @@ def test_an_error_during_scoring_starts_its_own_line(tmp_path, shared_data, caps
                      "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "checker broke" in err
-    line = next(line for line in err.splitlines() if "checker broke" in line)
-    assert line.startswith("rasa-lora eval: error:"), repr(err)
+    line = next(line for line in err.split("\n") if "checker broke" in line)
+    assert line.rsplit("\r", 1)[-1].startswith("rasa-lora eval: error:"), repr(err)  # not glued to the bar's text

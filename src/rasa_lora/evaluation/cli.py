@@ -214,9 +214,10 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
 
 
 def _close_bars() -> None:
-    """End any progress bar an error left open, so that the error starts a line of its own."""
+    """Erase any progress bar an error left open, so that the error starts a line of its own."""
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.leave = False
         bar.close()
 
 
