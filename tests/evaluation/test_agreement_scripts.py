@@ -96,3 +96,17 @@ def test_code_agreement_script_on_handmade_completions(tmp_path, shared_data, ca
     n = len(subset)
     assert report["samples"] == n == 7 and report["agree_base"] == n and report["agree_plus"] == n
     assert report["pass@1_base"] == [3 / 7, 3 / 7] and report["pass@1_plus"] == [2 / 7, 2 / 7]
+
+
+def test_code_agreement_reads_evalplus_evaluate_results_sample_for_sample(tmp_path):
+    """evalplus.evaluate's results file lists a task's samples in file order (completion_id): the k-th line of a
+    task is compared with its k-th result, and a plus failure after a base pass counts for plus only."""
+    status = [("pass", "pass"), ("pass", "fail"), ("fail", "fail")]
+    results = {"eval": {"T/0": [{"base_status": b, "plus_status": p} for b, p in status[:2]],
+                        "T/1": [{"base_status": b, "plus_status": p} for b, p in status[2:]]}}
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    rows = [{"task_id": "T/0", "ours_base": True, "ours_plus": True}, {"task_id": "T/1", "ours_base": True,
+             "ours_plus": False}, {"task_id": "T/0", "ours_base": True, "ours_plus": True}]
+    report = load_benchmark("code_agreement").compare_evaluate(rows, tmp_path / "r.json")
+    assert report["agree_base"] == 2 and report["agree_plus"] == 2 and report["differ"] == ["T/1", "T/0"]
+    assert report["pass@1_base"] == 2 / 3 and report["pass@1_plus"] == 1 / 3
