@@ -110,3 +110,37 @@ def test_code_agreement_reads_evalplus_evaluate_results_sample_for_sample(tmp_pa
     report = load_benchmark("code_agreement").compare_evaluate(rows, tmp_path / "r.json")
     assert report["agree_base"] == 2 and report["agree_plus"] == 2 and report["differ"] == ["T/1", "T/0"]
     assert report["pass@1_base"] == 2 / 3 and report["pass@1_plus"] == 1 / 3
+
+
+def test_generate_for_eval_offset_and_limit_pick_the_items_in_order(tmp_path, shared_data, monkeypatch):
+    """`--offset 3 --limit 2` generates for items 3 and 4 (to generate in chunks), with their own ids, the paper
+    prompt and the math stop; generation itself is replaced by an echo of the question's first words."""
+    import torch
+
+    import rasa_lora.evaluation.cli as cli
+    import rasa_lora.evaluation.generation as generation
+    from rasa_lora.evaluation.tasks import load_task
+
+    class Tokenizer:
+        def __call__(self, text):
+            return {"input_ids": text.split()}
+
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, max_new, temperature, n, batch_size, stop=(), progress=None):
+        seen.update(max_new=max_new, n=n, stop=list(stop))
+        progress(len(prompts))
+        return [[p.split("### Instruction:\n")[1][:20]] for p in prompts]
+
+    monkeypatch.setattr(cli, "load_model_and_tokenizer", lambda *a: (torch.nn.Linear(1, 1), Tokenizer()))
+    monkeypatch.setattr(generation, "generate_transformers", fake_generate)
+    out = tmp_path / "g.jsonl"
+    data = shared_data / "gsm8k" / "test.jsonl"
+    assert load_benchmark("generate_for_eval").main(["--task", "gsm8k", "--data-file", str(data), "--offset", "3",
+                                                     "--limit", "2", "--max-new-tokens", "7", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    items = load_task("gsm8k", shared_data)[3:5]
+    assert [r["id"] for r in rows] == [i["id"] for i in items] == ["gsm8k/3", "gsm8k/4"]
+    assert [r["generation"] for r in rows] == [i["question"][:20] for i in items]
+    assert seen == {"max_new": 7, "n": 1, "stop": ["### Instruction"]}
+    assert json.loads(out.with_suffix(".summary.json").read_text())["items"] == 2
