@@ -144,3 +144,16 @@ def test_generate_for_eval_offset_and_limit_pick_the_items_in_order(tmp_path, sh
     assert [r["generation"] for r in rows] == [i["question"][:20] for i in items]
     assert seen == {"max_new": 7, "n": 1, "stop": ["### Instruction"]}
     assert json.loads(out.with_suffix(".summary.json").read_text())["items"] == 2
+
+
+def test_lm_eval_gsm8k_scorer_is_built_from_its_yaml():
+    """lm-eval's own gsm8k scoring: strict-match needs `#### N`; flexible-extract takes the last number, so it also
+    accepts the real SmolLM2 output cut off inside "The answer is 720" (gsm8k/106, gold 72), as our extraction does."""
+    pytest.importorskip("lm_eval", reason="lm-eval is a bench extra: pip install 'rasa-lora[bench]'")
+    score = load_benchmark("math_agreement").lm_eval_gsm8k_scorer()
+    solution = "She sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs.\nShe makes 9 * 2 = $<<9*2=18>>18.\n#### 1,018"
+    assert score("so $1,018.\n#### 1,018", solution) == {"strict-match": True, "flexible-extract": True}
+    assert score("The answer is: $1,018.", solution) == {"strict-match": False, "flexible-extract": True}
+    assert score("The answer is 1018. Then 3 more.", solution) == {"strict-match": False, "flexible-extract": False}
+    cut = "The answer is 720.\n\n### Response:\nThe answer is 72"
+    assert score(cut, "... = <<6*12=72>>72\n#### 72") == {"strict-match": False, "flexible-extract": True}
