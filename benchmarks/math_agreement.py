@@ -19,7 +19,8 @@ brings 4.13. Put a 4.11 runtime first on the path for this script:
 
     pip install --target /tmp/antlr411 --no-deps antlr4-python3-runtime==4.11.0
     PYTHONPATH=/tmp/antlr411:src python benchmarks/math_agreement.py --task math500 \
-        --generations benchmarks/results/generations/math500_smollm2.jsonl --out math500_agreement.json \
+        --generations benchmarks/results/2026-12-05-issue21/generations/math500_smollm2.jsonl \
+        --out math500_agreement.json \
         --markdown math500_agreement.md
 """
 
