@@ -11,6 +11,10 @@ verdicts to --out. Needs evalplus (`pip install --no-deps evalplus` plus the few
 docs/evaluation.md).
 
     PYTHONPATH=src python benchmarks/code_agreement.py --completions samples.jsonl --out code_agreement.json
+
+With `--evalplus-results X_eval_results.json` (what `HUMANEVAL_OVERRIDE_PATH=... python -m evalplus.evaluate
+--dataset humaneval --samples samples.jsonl` writes beside the samples; it needs all 164 tasks) the verdicts of
+evalplus's whole command line are compared too, sample for sample.
 """
 
 from __future__ import annotations
@@ -51,12 +55,32 @@ def evalplus_verdicts(problems: dict, samples: list[tuple[str, str]], data_file:
     return out
 
 
+def compare_evaluate(rows: list[dict], results_file: Path) -> dict:
+    """Our verdicts against `evalplus.evaluate`'s results file: its k-th sample of a task is our k-th line of it."""
+    evaluated = json.loads(results_file.read_text())["eval"]
+    seen: dict[str, int] = {}
+    theirs = []
+    for r in rows:
+        k = seen.get(r["task_id"], 0)
+        seen[r["task_id"]] = k + 1
+        result = evaluated[r["task_id"]][k]
+        base = result["base_status"] == "pass"
+        theirs.append((base, base and result["plus_status"] == "pass"))
+    n = max(len(rows), 1)
+    return {"file": str(results_file),
+            "agree_base": sum(r["ours_base"] == b for r, (b, _) in zip(rows, theirs)),
+            "agree_plus": sum(r["ours_plus"] == p for r, (_, p) in zip(rows, theirs)),
+            "pass@1_base": sum(b for b, _ in theirs) / n, "pass@1_plus": sum(p for _, p in theirs) / n,
+            "differ": [r["task_id"] for r, t in zip(rows, theirs) if (r["ours_base"], r["ours_plus"]) != t]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--completions", required=True)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--evalplus-results", default=None, help="evalplus.evaluate's *_eval_results.json, same samples")
     args = p.parse_args(argv)
     from rasa_lora.evaluation.code import check_plus, ground_truth
     from rasa_lora.evaluation.tasks import default_data_dir, load_task, task_spec
@@ -99,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
               "differ": [r for r in rows
                          if (r["ours_base"], r["ours_plus"]) != (r["evalplus_base"], r["evalplus_plus"])],
               "rows": rows}
+    if args.evalplus_results:
+        report["evalplus_evaluate"] = compare_evaluate(rows, Path(args.evalplus_results))
     out = Path(args.out)
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(report, indent=1))
@@ -108,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| {n} | {report['tasks']} | {report['agree_base']}/{n} | {report['agree_plus']}/{n} | "
           f"{report['pass@1_base'][0]:.4f} / {report['pass@1_base'][1]:.4f} | {report['pass@1_plus'][0]:.4f} / "
           f"{report['pass@1_plus'][1]:.4f} | {report['seconds'][0]} / {report['seconds'][1]} |")
+    if args.evalplus_results:
+        e = report["evalplus_evaluate"]
+        print(f"evalplus.evaluate ({args.evalplus_results}): agree base {e['agree_base']}/{n}, plus "
+              f"{e['agree_plus']}/{n}, pass@1 base {e['pass@1_base']:.4f}, plus {e['pass@1_plus']:.4f}")
     for r in report["differ"]:
         print(f"differ: {r['task_id']}#{r['sample']} ours base/plus {r['ours_base']}/{r['ours_plus']} "
               f"({r['ours_failure']}), evalplus {r['evalplus_status']}")

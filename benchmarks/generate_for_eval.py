@@ -29,7 +29,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="checkpoint dir, .gguf file or hub name (default embedded SmolLM2)")
     p.add_argument("--adapter", default=None)
     p.add_argument("--out", required=True)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--offset", type=int, default=0, help="skip the first N items (to generate in chunks)")
+    p.add_argument("--limit", type=int, default=None, help="at most N items (after --offset)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--n-samples", type=int, default=None, help="code: samples per task (default 50)")
     p.add_argument("--temperature", type=float, default=None, help="default 0 (math) / 0.2 (code)")
@@ -38,6 +39,16 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-style", default="paper", choices=["paper", "humanevalpack"],
                    help="code prompt and truncation (see rasa-lora eval --prompt-style)")
     return p.parse_args(argv)
+
+
+def _progress(total: int):
+    done = [0]
+    start = time.perf_counter()
+
+    def report(k: int) -> None:
+        done[0] += k
+        print(f"{done[0]}/{total} items, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     from rasa_lora.evaluation.tasks import code_prompt, math_prompt, task_spec
 
     spec = task_spec(args.task)
-    items = spec.load_local(Path(args.data_file))[: args.limit]
+    items = spec.load_local(Path(args.data_file))[args.offset:]
+    items = items[: args.limit] if args.limit is not None else items
     model, tokenizer = load_model_and_tokenizer(args.model, args.adapter, args.dtype)
     is_code = spec.kind == "code"
     n = (args.n_samples or 50) if is_code else 1
@@ -60,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                for i in items]
     start = time.perf_counter()
     outputs = generate_transformers(model, tokenizer, prompts, max_new, temperature, n, args.batch_size,
-                                    stop=[] if is_code else ["### Instruction"])
+                                    stop=[] if is_code else ["### Instruction"], progress=_progress(len(items)))
     seconds = time.perf_counter() - start
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

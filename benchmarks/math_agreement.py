@@ -8,7 +8,10 @@ For every item:
   `minerva_math` calls it, gold = the reference solution for MATH) and on our extracted answer (`$...$` around it);
 - lm-eval 0.4.13 `minerva_math` direct: `is_equiv(normalize_final_answer(extracted), gold)` with its own gold
   (`normalize_final_answer(remove_boxed(last_boxed_only_string(solution)))` for MATH, as its `process_docs`), and
-  whether its own extraction (`Final Answer: The final answer is ...`) finds anything in the generation.
+  whether its own extraction (`Final Answer: The final answer is ...`) finds anything in the generation;
+- GSM8K also: lm-eval's own `gsm8k` task scoring, built from its YAML (its `strict-match` and `flexible-extract`
+  filters, then `exact_match` with the YAML's settings) against the data file's full reference solution: a
+  different extraction (the number after `#### `, or the last number in the text), shown beside ours.
 Prints the agreement table and writes every item (and the disagreements) to --out (JSON) and --markdown.
 
 lm-eval's `is_equiv` needs sympy's `parse_latex`, i.e. antlr4-python3-runtime 4.11; math-verify's default install
@@ -16,7 +19,8 @@ brings 4.13. Put a 4.11 runtime first on the path for this script:
 
     pip install --target /tmp/antlr411 --no-deps antlr4-python3-runtime==4.11.0
     PYTHONPATH=/tmp/antlr411:src python benchmarks/math_agreement.py --task math500 \
-        --generations benchmarks/results/generations/math500_smollm2.jsonl --out math500_agreement.json \
+        --generations benchmarks/results/2026-12-05-issue21/generations/math500_smollm2.jsonl \
+        --out math500_agreement.json \
         --markdown math500_agreement.md
 """
 
@@ -38,6 +42,38 @@ COMPARISONS = [
     ("ours minerva", "ours minerva, other parser"),
     ("ours minerva", "ours math-verify"),
 ]
+
+
+GSM8K_COMPARISONS = [
+    ("ours math-verify", "lm-eval gsm8k strict-match"),
+    ("ours math-verify", "lm-eval gsm8k flexible-extract"),
+]
+
+
+def lm_eval_gsm8k_scorer():
+    """lm-eval's `gsm8k` task scoring from its own YAML: (generation, reference solution) -> {filter: correct}."""
+    from importlib.resources import files
+
+    import lm_eval.filters  # noqa: F401 - registers the filters
+    import yaml
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    from lm_eval.api.registry import get_filter
+
+    config = yaml.safe_load((files("lm_eval") / "tasks" / "gsm8k" / "gsm8k.yaml").read_text())
+    (metric,) = [m for m in config["metric_list"] if m["metric"] == "exact_match"]
+    options = {k: v for k, v in metric.items() if k not in ("metric", "aggregation", "higher_is_better")}
+    pipelines = {f["name"]: [get_filter(step["function"])(**{k: v for k, v in step.items() if k != "function"})
+                             for step in f["filter"]] for f in config["filter_list"]}
+
+    def score(generation: str, reference: str) -> dict[str, bool]:
+        out = {}
+        for name, steps in pipelines.items():
+            responses = [[generation]]
+            for step in steps:
+                responses = list(step.apply(responses, [{}]))
+            out[name] = bool(exact_match_hf_evaluate([responses[0]], [reference], **options)["exact_match"])
+        return out
+    return score
 
 
 def _lm_eval_utils():
@@ -115,8 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     if not items:
         raise SystemExit(f"No item of {args.task} has a generation in {args.generations} (ids differ?).")
     rows = [score_item(item, generations[item["id"]], args.task, utils) for item in items]
+    comparisons = list(COMPARISONS)
+    if args.task == "gsm8k":
+        from rasa_lora.evaluation.tasks import default_data_dir, task_spec
+
+        data_file = Path(args.data_dir or default_data_dir()) / task_spec("gsm8k").local_file
+        with data_file.open() as f:
+            solutions = {f"gsm8k/{k}": json.loads(line)["answer"] for k, line in enumerate(filter(str.strip, f))}
+        scorer = lm_eval_gsm8k_scorer()
+        for row in rows:
+            verdicts = scorer(generations[row["id"]], solutions[row["id"]])
+            row.update({f"lm-eval gsm8k {name}": v for name, v in verdicts.items()})
+        comparisons += GSM8K_COMPARISONS
     table = []
-    for a, b in COMPARISONS:
+    for a, b in comparisons:
         differ = [r for r in rows if r[a] != r[b]]
         table.append({"ours": a, "reference": b, "agree": len(rows) - len(differ), "n": len(rows),
                       "accepted": [sum(r[a] for r in rows), sum(r[b] for r in rows)],

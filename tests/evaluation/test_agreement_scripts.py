@@ -96,3 +96,64 @@ def test_code_agreement_script_on_handmade_completions(tmp_path, shared_data, ca
     n = len(subset)
     assert report["samples"] == n == 7 and report["agree_base"] == n and report["agree_plus"] == n
     assert report["pass@1_base"] == [3 / 7, 3 / 7] and report["pass@1_plus"] == [2 / 7, 2 / 7]
+
+
+def test_code_agreement_reads_evalplus_evaluate_results_sample_for_sample(tmp_path):
+    """evalplus.evaluate's results file lists a task's samples in file order (completion_id): the k-th line of a
+    task is compared with its k-th result, and a plus failure after a base pass counts for plus only."""
+    status = [("pass", "pass"), ("pass", "fail"), ("fail", "fail")]
+    results = {"eval": {"T/0": [{"base_status": b, "plus_status": p} for b, p in status[:2]],
+                        "T/1": [{"base_status": b, "plus_status": p} for b, p in status[2:]]}}
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    rows = [{"task_id": "T/0", "ours_base": True, "ours_plus": True}, {"task_id": "T/1", "ours_base": True,
+             "ours_plus": False}, {"task_id": "T/0", "ours_base": True, "ours_plus": True}]
+    report = load_benchmark("code_agreement").compare_evaluate(rows, tmp_path / "r.json")
+    assert report["agree_base"] == 2 and report["agree_plus"] == 2 and report["differ"] == ["T/1", "T/0"]
+    assert report["pass@1_base"] == 2 / 3 and report["pass@1_plus"] == 1 / 3
+
+
+def test_generate_for_eval_offset_and_limit_pick_the_items_in_order(tmp_path, shared_data, monkeypatch):
+    """`--offset 3 --limit 2` generates for items 3 and 4 (to generate in chunks), with their own ids, the paper
+    prompt and the math stop; generation itself is replaced by an echo of the question's first words."""
+    import torch
+
+    import rasa_lora.evaluation.cli as cli
+    import rasa_lora.evaluation.generation as generation
+    from rasa_lora.evaluation.tasks import load_task
+
+    class Tokenizer:
+        def __call__(self, text):
+            return {"input_ids": text.split()}
+
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, max_new, temperature, n, batch_size, stop=(), progress=None):
+        seen.update(max_new=max_new, n=n, stop=list(stop))
+        progress(len(prompts))
+        return [[p.split("### Instruction:\n")[1][:20]] for p in prompts]
+
+    monkeypatch.setattr(cli, "load_model_and_tokenizer", lambda *a: (torch.nn.Linear(1, 1), Tokenizer()))
+    monkeypatch.setattr(generation, "generate_transformers", fake_generate)
+    out = tmp_path / "g.jsonl"
+    data = shared_data / "gsm8k" / "test.jsonl"
+    assert load_benchmark("generate_for_eval").main(["--task", "gsm8k", "--data-file", str(data), "--offset", "3",
+                                                     "--limit", "2", "--max-new-tokens", "7", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    items = load_task("gsm8k", shared_data)[3:5]
+    assert [r["id"] for r in rows] == [i["id"] for i in items] == ["gsm8k/3", "gsm8k/4"]
+    assert [r["generation"] for r in rows] == [i["question"][:20] for i in items]
+    assert seen == {"max_new": 7, "n": 1, "stop": ["### Instruction"]}
+    assert json.loads(out.with_suffix(".summary.json").read_text())["items"] == 2
+
+
+def test_lm_eval_gsm8k_scorer_is_built_from_its_yaml():
+    """lm-eval's own gsm8k scoring: strict-match needs `#### N`; flexible-extract takes the last number, so it also
+    accepts the real SmolLM2 output cut off inside "The answer is 720" (gsm8k/106, gold 72), as our extraction does."""
+    pytest.importorskip("lm_eval", reason="lm-eval is a bench extra: pip install 'rasa-lora[bench]'")
+    score = load_benchmark("math_agreement").lm_eval_gsm8k_scorer()
+    solution = "She sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs.\nShe makes 9 * 2 = $<<9*2=18>>18.\n#### 1,018"
+    assert score("so $1,018.\n#### 1,018", solution) == {"strict-match": True, "flexible-extract": True}
+    assert score("The answer is: $1,018.", solution) == {"strict-match": False, "flexible-extract": True}
+    assert score("The answer is 1018. Then 3 more.", solution) == {"strict-match": False, "flexible-extract": False}
+    cut = "The answer is 720.\n\n### Response:\nThe answer is 72"
+    assert score(cut, "... = <<6*12=72>>72\n#### 72") == {"strict-match": False, "flexible-extract": True}

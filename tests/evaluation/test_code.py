@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +164,22 @@ def test_humanevalpack_completion_passes_when_correct(humanevalplus, truth_cache
     completion = completion_from_generation(generation, "humanevalpack")
     verdict = check_plus([(task, completion)], ground_truth([task], truth_cache))[0]
     assert verdict["base"] and verdict["plus"]
+
+
+REAL_SAMPLES = (Path(__file__).parents[2] / "benchmarks" / "results" / "2026-12-05-issue21" / "generations"
+                / "humanevalplus_smollm2_humanevalpack.jsonl")
+
+
+def test_plus_verdicts_on_real_smollm2_samples_equal_evalplus(humanevalplus, truth_cache):
+    """Greedy SmolLM2-135M-Instruct completions (HumanEvalPack prompt, H100): the 4 that pass base on evalplus 0.3.1
+    (/22 fails its plus inputs) and one of each failure kind (wrong output, error, code that does not compile),
+    with evalplus's verdicts as recorded by benchmarks/code_agreement.py."""
+    rows = {r["task_id"]: r["completion"] for r in map(json.loads, REAL_SAMPLES.read_text().splitlines())}
+    expected = {"HumanEval/22": (True, False, "F"), "HumanEval/23": (True, True, ""),
+                "HumanEval/28": (True, True, ""), "HumanEval/53": (True, True, ""),
+                "HumanEval/3": (False, False, "F"), "HumanEval/0": (False, False, "E"),
+                "HumanEval/13": (False, False, "X")}
+    tasks = [humanevalplus[t] for t in expected]
+    verdicts = check_plus([(t, rows[t["task_id"]]) for t in tasks], ground_truth(tasks, truth_cache, workers=2),
+                          workers=2)
+    assert {t["task_id"]: (v["base"], v["plus"], v["failure"]) for t, v in zip(tasks, verdicts)} == expected
