@@ -24,7 +24,9 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_a
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
+from rasa_lora import settings
 from rasa_lora.adapter.config import RasaConfig
+from rasa_lora.ops import dropout
 from rasa_lora.adapter.layer import Linear, RasaLayer, _conv1d_types, init_eq6
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?=\.|$)")
@@ -63,6 +65,20 @@ def mark_last_in_block(model: nn.Module) -> None:
             if block in last:
                 last[block].last_in_block = False
             last[block] = module
+
+
+def number_streams(model: nn.Module) -> None:
+    """Number the RaSA layers (`rasa_stream`): each draws its dropout masks from its own stream of the device seed."""
+    for index, module in enumerate(m for m in model.modules() if isinstance(m, Linear)):
+        module.rasa_stream = index
+
+
+def _advance_dropout_seeds(module: nn.Module, args) -> None:
+    """The tuner's forward pre-hook: one step of the device seed's counter per forward in training, when the layers
+    take their seed from it (`settings.DEVICE_SEED`, torch.compile), so every step, replayed graphs included, draws
+    fresh masks; a checkpointed recomputation runs within the same forward's backward and reads the same counter."""
+    if module.training and (torch.compiler.is_compiling() or settings.DEVICE_SEED()):
+        dropout.advance_all()
 
 
 def pool_key(group: str) -> str:
@@ -191,6 +207,9 @@ class RasaModel(BaseTuner):
             param.requires_grad_(requires_grad)
         self._sync_pool_requires_grad([adapter_name])
         mark_last_in_block(model)
+        number_streams(model)
+        if "_rasa_seed_hook" not in self.__dict__:
+            self.__dict__["_rasa_seed_hook"] = self.register_forward_pre_hook(_advance_dropout_seeds)
 
     def _create_pools(self, model: nn.Module, adapter_name: str, config: RasaConfig, plan: dict) -> None:
         modules = dict(model.named_modules())

@@ -287,7 +287,7 @@ def rasa_linear(
     A_s: torch.Tensor,
     B_s: torch.Tensor,
     dropout_p: float = 0.0,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     last_in_block: bool = True,
 ) -> torch.Tensor:
     """y = x W^T + c + [B_p B_s] diag(D) [A_p ; A_s] dropout(x), computed in x's dtype.
@@ -299,7 +299,9 @@ def rasa_linear(
         back in their own dtype.
         dropout_p: dropout probability on the adapter's input (0 in eval mode).
         seed: seed of the dropout mask (`dropout_mask(x, dropout_p, seed)`); when None, `mask_seed` draws it from
-            torch's default CPU generator.
+            torch's default CPU generator (under torch.compile: `torch.randint` on x's device). A one-element int64
+            tensor (on x's device: `dropout.call_seed_tensor`) runs the registered operators of `registered.py`,
+            which torch.compile traces and CUDA graphs capture; so does any call under torch.compile.
         last_in_block: whether this call may be the last one saving tensors in a gradient-checkpointed block
             (down_proj in a Llama block). True, the safe default, runs the layer as two autograd nodes so that a
             checkpointed recomputation stops before the base GEMM (see `_Down`); False runs one node, which costs
@@ -307,13 +309,24 @@ def rasa_linear(
     """
     if not 0.0 <= dropout_p < 1.0 or _dropout.effective_p(dropout_p) >= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if isinstance(seed, torch.Tensor) or torch.compiler.is_compiling():
+        # the registered operators (`registered.py`): traced by torch.compile, the seed a tensor on the device
+        from rasa_lora.ops import registered
+
+        return registered.forward(x, weight, bias, A_p, B_p, D, A_s, B_s, float(dropout_p),
+                                  _seed_tensor(seed, dropout_p, x.device))
     if seed is None:
         seed = mask_seed(dropout_p)
-    # torch.compile: through `_compiled` (a graph break); eagerly straight to `_forward` (the wrapper costs host time)
-    run = _compiled if torch.compiler.is_compiling() else _forward
-    return run(x, weight, bias, A_p, B_p, D, A_s, B_s, float(dropout_p), seed, last_in_block)
+    return _forward(x, weight, bias, A_p, B_p, D, A_s, B_s, float(dropout_p), seed, last_in_block)
 
 
-# torch.compile runs the fused Functions eagerly (a graph break): their launch logic and Triton kernels are
-# already what a compiler would produce, and tracing them buys nothing.
-_compiled = torch.compiler.disable(_forward)
+def _seed_tensor(seed, p: float, device) -> torch.Tensor:
+    """The mask seed as a one-element int64 tensor on `device`: a tensor as given, an int wrapped, None drawn on the
+    device (`torch.randint`: under a compiled or captured graph a fresh draw each replay, from torch's generator)."""
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(1).to(device=device, dtype=torch.int64)
+    if seed is not None:
+        return torch.full((1,), int(seed), dtype=torch.int64, device=device)
+    if p > 0:
+        return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+    return torch.zeros(1, dtype=torch.int64, device=device)
