@@ -74,7 +74,7 @@ def number_streams(model: nn.Module) -> None:
 
 
 def _advance_dropout_seeds(module: nn.Module, args) -> None:
-    """The tuner's forward pre-hook: one step of the device seed's counter per forward in training, when the layers
+    """The wrapped model's forward pre-hook: one step of the device seed's counter per forward in training, when the layers
     take their seed from it (`settings.DEVICE_SEED`, torch.compile), so every step, replayed graphs included, draws
     fresh masks; a checkpointed recomputation runs within the same forward's backward and reads the same counter."""
     if module.training and (torch.compiler.is_compiling() or settings.DEVICE_SEED()):
@@ -208,8 +208,8 @@ class RasaModel(BaseTuner):
         self._sync_pool_requires_grad([adapter_name])
         mark_last_in_block(model)
         number_streams(model)
-        if "_rasa_seed_hook" not in self.__dict__:
-            self.__dict__["_rasa_seed_hook"] = self.register_forward_pre_hook(_advance_dropout_seeds)
+        if "_rasa_seed_hook" not in self.__dict__:  # on the wrapped model: a plain PeftModel calls it, not the tuner
+            self.__dict__["_rasa_seed_hook"] = model.register_forward_pre_hook(_advance_dropout_seeds)
 
     def _create_pools(self, model: nn.Module, adapter_name: str, config: RasaConfig, plan: dict) -> None:
         modules = dict(model.named_modules())

@@ -26,10 +26,10 @@ from rasa_lora.ops import dropout as _dropout
 from rasa_lora.ops.plans import packed_width
 
 
-def _backend(rows: Tensor, ranks: int):
+def _backend(rows: Tensor, ranks):
     from rasa_lora.ops.rasa_linear import backend_for
 
-    return backend_for(rows, ranks)
+    return backend_for(rows, int(ranks))  # a symbolic rank count (dynamic shapes) is specialized: the backend needs it
 
 
 def _width(backend, ranks: int) -> int:
