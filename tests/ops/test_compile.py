@@ -97,8 +97,11 @@ def test_compiled_layer_function_equals_eager_with_fullgraph(p):
 
 
 # --- a RaSA model under torch.compile ----------------------------------------------------------------------------
-def test_no_graph_break_in_a_rasa_model():
-    """Fails on 86ba3c9, where `rasa_linear` under torch.compile was `torch.compiler.disable`d: a break a layer."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_no_graph_break_in_a_rasa_model(fused):
+    """Fails on 86ba3c9, where `rasa_linear` under torch.compile was `torch.compiler.disable`d (17 breaks here),
+    and the reference path drew its host seed with `int(...)` (a break a layer)."""
+    set_fused_backend(fused)
     model = rasa_model(dropout=0.1).train()
     ids = tokens()
     dropout.device_state("cpu")
@@ -113,10 +116,12 @@ def _loss_and_grads(model, ids):
     return loss.detach(), torch.autograd.grad(loss, params)
 
 
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_compiled_model_outputs_and_gradients_equal_eager(p):
+@pytest.mark.parametrize("p,fused", [(0.0, True), (0.1, True), (0.1, False)])
+def test_compiled_model_outputs_and_gradients_equal_eager(p, fused):
     """Loss and the gradient of every adapter parameter (pools included): compiled = eager with the device seed
-    (the same state, so the same masks) = the layer's reference path, eq. 5 in plain PyTorch, with the same masks."""
+    (the same state, so the same masks) = the layer's reference path, eq. 5 in plain PyTorch, with the same masks.
+    `fused`: the fused path (registered operators) or the reference path, compiled."""
+    set_fused_backend(fused)
     model = rasa_model(dropout=p).train()
     ids = tokens()
     state = dropout.device_state("cpu")

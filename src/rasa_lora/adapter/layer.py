@@ -393,7 +393,7 @@ class Linear(nn.Module, RasaLayer):
         A_s, B_s = self.shared_factors(name)
         num_private = A_p.shape[0]
         p = self.rasa_dropout[name] if self.training else 0.0
-        seed = mask_seed(p)
+        seed = self._device_seed(x, p) if torch.compiler.is_compiling() or settings.DEVICE_SEED() else mask_seed(p)
         dropped = self._cast_input_dtype(x, A_p.dtype)
         if p > 0:
             dropped = dropped * dropout_mask(dropped, p, seed) * dropout_scale(p)

@@ -87,6 +87,9 @@ def keep_mask(rows: int, cols: int, seed, p: float, device=None, row_offset: int
     word = hr[:, None] * hc[None, :]  # wraps mod 2**64: bits 0-31 are v
     high = (word >> 16).bitwise_and_(0xFFFF)
     t = threshold(p)
+    if torch.compiler.is_compiling():  # traced (the reference path under torch.compile): no `out=` into a view
+        low = word.bitwise_and(0xFFFF).bitwise_xor(high)
+        return torch.stack([low >= t, high >= t], dim=-1).view(rows, -1)[:, :cols]
     keep = torch.empty(rows, q.numel(), 2, dtype=torch.bool, device=device)
     torch.ge(word.bitwise_and_(0xFFFF).bitwise_xor_(high), t, out=keep[..., 0])
     torch.ge(high, t, out=keep[..., 1])
@@ -155,7 +158,10 @@ STATES: dict[str, torch.Tensor] = {}
 
 def device_state(device) -> torch.Tensor:
     """The seed state of `device` (made on first use)."""
-    key = str(torch.device(device))
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" and the tensors' "cuda:0": one state
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = str(device)
     state = STATES.get(key)
     if state is None:
         # drawn and kept as tensors (no `int(...)`): a first call under torch.compile is traced without a break

@@ -126,6 +126,8 @@ def kernel_backend(x: torch.Tensor, ranks: int = 0) -> str:
 def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The keep-mask (bool, shape of x) of dropout probability p and this seed: the one every path draws (rows are
     x's leading dims flattened)."""
+    if isinstance(seed, torch.Tensor):  # a seed on the device (`registered.py`): the PyTorch twin, no host sync
+        return _dropout.dropout_mask(x, p, seed) if p > 0 else torch.ones_like(x, dtype=torch.bool)
     rows = x.reshape(-1, x.shape[-1])
     return _CUBLAS.keep(rows, p, seed).reshape(x.shape) if p > 0 else torch.ones_like(x, dtype=torch.bool)
 

@@ -190,6 +190,19 @@ def load_quantized(base_model: str | None, dtype: str, device: torch.device) -> 
     return load_model(base_model, dtype=dtype, quantization_config=config, device_map={"": device})
 
 
+def compile_model(run: Run) -> None:
+    """`compile: true`: torch.compile the model in place (`nn.Module.compile`: saving and unwrapping see the same
+    module). The device's dropout seed state is made first, so tracing finds it (`rasa_lora.ops.dropout`)."""
+    from rasa_lora.ops import dropout
+
+    config = run.config
+    dropout.device_state(run.device)
+    kwargs = {"backend": config.compile_backend}
+    if config.compile_backend == "inductor" and config.compile_mode != "default":
+        kwargs["mode"] = config.compile_mode
+    run.model.compile(**kwargs)
+
+
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     return optim.build_optimizer(model.parameters(), config)
 
@@ -207,7 +220,8 @@ def step_micro_batches(run: Run, step: int) -> list[dict[str, torch.Tensor]]:
                                                    run.config.seed, epoch, run.config.group_by_length))
     plan = run.epoch_plan[1]
     pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
-    return [data.collate([run.examples[i] for i in micro], pad) for micro in plan[index]]
+    multiple = run.config.pad_to_multiple_of
+    return [data.collate([run.examples[i] for i in micro], pad, multiple) for micro in plan[index]]
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -269,7 +283,8 @@ def held_out_loss(run: Run, autocast: bool) -> tuple[float, int]:
     try:
         with torch.no_grad():
             for start in range(0, len(order), size):
-                batch = data.collate([run.eval_examples[i] for i in order[start:start + size]], pad)
+                batch = data.collate([run.eval_examples[i] for i in order[start:start + size]], pad,
+                                     run.config.pad_to_multiple_of)
                 tokens += int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
                 batch = to_device(batch, run.device)
                 context = (torch.autocast(run.device.type, dtype=torch.bfloat16) if autocast
@@ -563,6 +578,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     start_or_resume(run)
     run.model, run.optimizer, run.scheduler = distributed.prepare_training(
         accelerator, run.model, run.optimizer, run.scheduler, use_reentrant, config.micro_batch_size)
+    if config.compile:
+        compile_model(run)
     tracking.start(accelerator, config)
     try:
         with collector_spares_setup():
