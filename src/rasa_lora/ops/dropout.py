@@ -170,6 +170,15 @@ def device_state(device) -> torch.Tensor:
     return state
 
 
+def reseed(device) -> torch.Tensor:
+    """Start `device`'s seed state afresh, in place: a seed drawn from torch's default CPU generator, counter 0 (a
+    training run's start: runs in one process draw the same masks for the same `torch.manual_seed`)."""
+    state = device_state(device)
+    with torch.no_grad():
+        state.copy_(torch.cat([torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64), torch.zeros(1, dtype=torch.int64)]))
+    return state
+
+
 def advance_all(steps: int = 1) -> None:
     """Advance the counter of every device seed state."""
     for state in STATES.values():

@@ -192,11 +192,8 @@ def load_quantized(base_model: str | None, dtype: str, device: torch.device) -> 
 
 def compile_model(run: Run) -> None:
     """`compile: true`: torch.compile the model in place (`nn.Module.compile`: saving and unwrapping see the same
-    module). The device's dropout seed state is made first, so tracing finds it (`rasa_lora.ops.dropout`)."""
-    from rasa_lora.ops import dropout
-
+    module). The device's dropout seed state exists by then (`train` reseeds it), so tracing finds it."""
     config = run.config
-    dropout.device_state(run.device)
     kwargs = {"backend": config.compile_backend}
     if config.compile_backend == "inductor" and config.compile_mode != "default":
         kwargs["mode"] = config.compile_mode
@@ -575,6 +572,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     run.optimizer = build_optimizer(run.model, config)
     run.scheduler = build_scheduler(run.optimizer, run.total_steps, config)
     out, created = Path(config.output_dir), not Path(config.output_dir).exists() or config.overwrite
+    if config.compile:  # the device dropout seed (compiled layers draw their masks from it) starts afresh
+        from rasa_lora.ops import dropout
+
+        dropout.reseed(run.device)
     start_or_resume(run)
     run.model, run.optimizer, run.scheduler = distributed.prepare_training(
         accelerator, run.model, run.optimizer, run.scheduler, use_reentrant, config.micro_batch_size)
