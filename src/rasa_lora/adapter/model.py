@@ -97,7 +97,9 @@ class RasaPools:
     def get(self, adapter_name: str, group: str) -> tuple[torch.Tensor, torch.Tensor]:
         key = self._keys.get(group)
         if key is None:
-            key = self._keys[group] = pool_key(group)
+            key = pool_key(group)
+            if not torch.compiler.is_compiling():  # a cache filled while tracing would be guarded on: a recompile
+                self._keys[group] = key
         return self.shared_A[adapter_name][key], self.shared_B[adapter_name][key]
 
 

@@ -193,7 +193,11 @@ def load_quantized(base_model: str | None, dtype: str, device: torch.device) -> 
 def compile_model(run: Run) -> None:
     """`compile: true`: torch.compile the model in place (`nn.Module.compile`: saving and unwrapping see the same
     module). The device's dropout seed state exists by then (`train` reseeds it), so tracing finds it."""
+    from rasa_lora import settings
+
     config = run.config
+    for switch in (settings.FUSED, settings.DEVICE_SEED, settings.KEEP_U, settings.KERNELS):
+        switch()  # read the environment now: a first read while tracing would be guarded on and traced again
     kwargs = {"backend": config.compile_backend}
     if config.compile_backend == "inductor" and config.compile_mode != "default":
         kwargs["mode"] = config.compile_mode
@@ -238,6 +242,8 @@ def train_step(run: Run, step: int, autocast: bool, on_micro_batch: Any = None) 
     num_items = sum(int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for batch in micro_batches)
     accelerator = run.accelerator
     divisor = distributed.loss_divisor(num_items, accelerator)  # = num_items in one process
+    if getattr(run.config, "compile", False):  # a tensor: a number would be a constant of the graph, recompiled
+        divisor = torch.tensor(float(divisor), dtype=torch.float32, device=run.device)
     local = distributed.local_micro_batches(micro_batches, accelerator)
     # The loss is summed on the device and read once a step: a `.item()` per micro-batch would make the host wait
     # for each micro-batch's backward before queueing the next forward. float64, added in the same order, gives the
