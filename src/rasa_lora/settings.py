@@ -10,7 +10,10 @@ nothing here imports them back.
 | `KEEP_U` | RASA_LORA_KEEP_U | on | under gradient checkpointing, the forward keeps u for its recomputation |
 | `FAST_LAUNCH` | RASA_LORA_FAST_LAUNCH | on | Triton launches through the cache of compiled kernels |
 | `KERNELS` | RASA_LORA_KERNELS | auto | the fused path's backend: "triton", "cublas", "torch" or auto |
-| `DEVICE_SEED` | RASA_LORA_DEVICE_SEED | off | eager layers take the dropout seed from the device counter (`ops.dropout`) and run the registered operators (`ops.registered`), as they always do under torch.compile |
+| `DEVICE_SEED` | RASA_LORA_DEVICE_SEED | off | eager layers seed dropout on the device, as under torch.compile |
+
+`DEVICE_SEED`: the layers derive each call's mask seed on the device from a [seed, counter] state (`ops.dropout`),
+and the fused path runs the registered operators (`ops.registered`); under torch.compile they always do.
 """
 
 from __future__ import annotations

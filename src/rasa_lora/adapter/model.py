@@ -26,8 +26,8 @@ from torch import nn
 
 from rasa_lora import settings
 from rasa_lora.adapter.config import RasaConfig
-from rasa_lora.ops import dropout
 from rasa_lora.adapter.layer import Linear, RasaLayer, _conv1d_types, init_eq6
+from rasa_lora.ops import dropout
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?=\.|$)")
 
@@ -74,9 +74,10 @@ def number_streams(model: nn.Module) -> None:
 
 
 def _advance_dropout_seeds(module: nn.Module, args) -> None:
-    """The wrapped model's forward pre-hook: one step of the device seed's counter per forward in training, when the layers
-    take their seed from it (`settings.DEVICE_SEED`, torch.compile), so every step, replayed graphs included, draws
-    fresh masks; a checkpointed recomputation runs within the same forward's backward and reads the same counter."""
+    """The wrapped model's forward pre-hook: one step of the device seed's counter per forward in training, when
+    the layers take their seed from it (`settings.DEVICE_SEED`, torch.compile), so every step, replayed graphs
+    included, draws fresh masks; a checkpointed recomputation runs within the same forward's backward and reads the
+    same counter."""
     if module.training and (torch.compiler.is_compiling() or settings.DEVICE_SEED()):
         dropout.advance_all()
 

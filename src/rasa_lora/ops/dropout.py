@@ -175,7 +175,8 @@ def reseed(device) -> torch.Tensor:
     training run's start: runs in one process draw the same masks for the same `torch.manual_seed`)."""
     state = device_state(device)
     with torch.no_grad():
-        state.copy_(torch.cat([torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64), torch.zeros(1, dtype=torch.int64)]))
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+        state.copy_(torch.cat([seed, torch.zeros_like(seed)]))
     return state
 
 
