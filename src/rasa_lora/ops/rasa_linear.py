@@ -312,11 +312,14 @@ def rasa_linear(
     if not 0.0 <= dropout_p < 1.0 or _dropout.effective_p(dropout_p) >= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if isinstance(seed, torch.Tensor) or torch.compiler.is_compiling():
-        # the registered operators (`registered.py`): traced by torch.compile, the seed a tensor on the device
-        from rasa_lora.ops import registered
-
-        return registered.forward(x, weight, bias, A_p, B_p, D, A_s, B_s, float(dropout_p),
-                                  _seed_tensor(seed, dropout_p, x.device))
+        # the registered operator (`registered.py`, registered when `rasa_lora.ops` loads): traced by torch.compile,
+        # the seed a tensor on the device
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        y, _ = torch.ops.rasa_lora.linear(rows, weight, bias, A_p, B_p, D, A_s, B_s,
+                                          _seed_tensor(seed, dropout_p, x.device), float(dropout_p))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
     if seed is None:
         seed = mask_seed(dropout_p)
     return _forward(x, weight, bias, A_p, B_p, D, A_s, B_s, float(dropout_p), seed, last_in_block)

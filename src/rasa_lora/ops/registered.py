@@ -112,12 +112,3 @@ def _linear_autograd(ctx, grad_y, grad_u):
 
 linear.register_autograd(_linear_autograd, setup_context=_setup_context)
 
-
-def forward(x: Tensor, weight: Tensor, bias: Tensor | None, A_p: Tensor, B_p: Tensor, D: Tensor, A_s: Tensor,
-            B_s: Tensor, p: float, seed: Tensor) -> Tensor:
-    """`rasa_linear` through the registered operator: x (..., a) -> y (..., b)."""
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    y, _ = linear(rows, weight, bias, A_p, B_p, D, A_s, B_s, seed, p)
-    return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -198,6 +198,10 @@ def compile_model(run: Run) -> None:
     config = run.config
     for switch in (settings.FUSED, settings.DEVICE_SEED, settings.KEEP_U, settings.KERNELS):
         switch()  # read the environment now: a first read while tracing would be guarded on and traced again
+    if run.device.type == "cuda":  # updated in place only: CUDA graphs may keep its address (not yet measured)
+        from rasa_lora.ops import dropout
+
+        torch._dynamo.mark_static_address(dropout.device_state(run.device))
     kwargs = {"backend": config.compile_backend}
     if config.compile_backend == "inductor" and config.compile_mode != "default":
         kwargs["mode"] = config.compile_mode
