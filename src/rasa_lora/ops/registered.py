@@ -42,7 +42,7 @@ def _mask(backend, p: float, seed: Tensor):
     """The backend's mask arguments for this probability and (device) seed."""
     if p <= 0:
         return backend.mask_args(0.0, 0)
-    if getattr(backend, "keep", None) is not None and backend.name == "torch":
+    if backend.name == "torch":
         return p, seed  # the "torch" backend draws the mask from the seed tensor (`dropout.keep_mask`)
     return backend.mask_args(p, int(seed.reshape(())))  # a host sync: the Triton kernels take the seed by value
 
