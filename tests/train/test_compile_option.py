@@ -76,3 +76,21 @@ def test_compiled_run_resumes_exactly(tiny_model_dir, tmp_path):
     resumed = load_file(out / "adapter_model.safetensors")
     assert _losses(out) == straight_losses
     assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_pad_to_multiple_of_rounds_the_micro_batch_length_up():
+    from rasa_lora.train.data import IGNORE_INDEX, collate
+
+    items = [{"input_ids": [1, 2, 3], "labels": [IGNORE_INDEX, 2, 3]}, {"input_ids": [4] * 17, "labels": [4] * 17}]
+    assert collate(items, 0)["input_ids"].shape == (2, 17)
+    batch = collate(items, 0, pad_to_multiple_of=16)
+    assert batch["input_ids"].shape == (2, 32)
+    assert int(batch["attention_mask"].sum()) == 20 and (batch["labels"][:, 17:] == IGNORE_INDEX).all()
+    assert collate(items, 0, pad_to_multiple_of=17)["input_ids"].shape == (2, 17)
+
+
+def test_bad_compile_keys_are_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="compile_backend='eager' is unknown"):
+        build_config(tiny_overrides(tiny_model_dir, tmp_path, compile=True, compile_backend="eager"))
+    with pytest.raises(ValueError, match="pad_to_multiple_of=-8 must be a whole number"):
+        build_config(tiny_overrides(tiny_model_dir, tmp_path, pad_to_multiple_of=-8))
