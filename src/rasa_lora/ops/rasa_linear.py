@@ -34,6 +34,10 @@ from __future__ import annotations
 
 import torch
 
+# loaded here as before (by `torch.compiler.disable`): without it a layer call costs more host time
+# (benchmarks/RESULTS.md, issue 24); transformers and PEFT load it anyway
+import torch._dynamo  # noqa: F401
+
 from rasa_lora import settings
 from rasa_lora.ops import dropout as _dropout
 from rasa_lora.ops import recompute
