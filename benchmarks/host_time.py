@@ -83,6 +83,9 @@ def measure(model, batch: int, seq: int, vocab: int, steps: int, warmup: int, de
                 switch()  # the environment read before tracing (the trainer's `compile_model` does the same)
         if hasattr(_dropout, "device_state"):
             _dropout.device_state(device)
+        if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+            # as `rasa-lora train` sets it: else the checkpointed layers run eagerly (docs/performance.md)
+            torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
         model.compile(backend=compile_backend, **({"mode": compile_mode} if compile_mode else {}))
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     cuda = device.type == "cuda"

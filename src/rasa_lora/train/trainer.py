@@ -190,6 +190,9 @@ def load_quantized(base_model: str | None, dtype: str, device: torch.device) -> 
     return load_model(base_model, dtype=dtype, quantization_config=config, device_map={"": device})
 
 
+SKIP_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+
+
 def compile_model(run: Run) -> None:
     """`compile: true`: torch.compile the model in place (`nn.Module.compile`: saving and unwrapping see the same
     module). The device's dropout seed state exists by then (`train` reseeds it), so tracing finds it."""
@@ -202,6 +205,10 @@ def compile_model(run: Run) -> None:
         from rasa_lora.ops import dropout
 
         torch._dynamo.mark_static_address(dropout.device_state(run.device))
+    if config.gradient_checkpointing and hasattr(torch._dynamo.config, SKIP_SIDE_EFFECTS):
+        # else a side effect in a checkpointed forward (the hub-kernels layer transformers wraps modules in sets a
+        # context variable) makes dynamo run every checkpointed decoder layer eagerly (docs/performance.md)
+        setattr(torch._dynamo.config, SKIP_SIDE_EFFECTS, True)
     kwargs = {"backend": config.compile_backend}
     if config.compile_backend == "inductor" and config.compile_mode != "default":
         kwargs["mode"] = config.compile_mode
