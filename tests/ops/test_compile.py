@@ -119,6 +119,11 @@ def _loss_and_grads(model, ids):
 @pytest.mark.parametrize("p,fused,checkpointing", [(0.0, True, False), (0.1, True, False), (0.1, False, False),
                                                    (0.1, True, True)])
 def test_compiled_model_outputs_and_gradients_equal_eager(p, fused, checkpointing, monkeypatch):
+    with contextlib.ExitStack() as stack:
+        _compiled_equals_eager(p, fused, checkpointing, monkeypatch, stack)
+
+
+def _compiled_equals_eager(p, fused, checkpointing, monkeypatch, stack):
     """Loss and the gradient of every adapter parameter (pools included): compiled = eager with the device seed
     (the same state, so the same masks) = the layer's reference path, eq. 5 in plain PyTorch, with the same masks.
     `fused`: the fused path (registered operators) or the reference path, compiled. With gradient checkpointing the
@@ -130,7 +135,8 @@ def test_compiled_model_outputs_and_gradients_equal_eager(p, fused, checkpointin
         model.enable_input_require_grads()
         # the hub-kernels layer transformers wraps modules in mutates a context variable in the checkpointed forward:
         # without this dynamo runs the whole checkpointed layer eagerly (host seeds, not what is tested here)
-        monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)
+        # (config.patch, not monkeypatch: monkeypatch's undo deletes the key, which hides it for the whole process)
+        stack.enter_context(torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True))
         calls = []
         original = registered._mask
         monkeypatch.setattr(registered, "_mask", lambda *args: calls.append(1) or original(*args))

@@ -37,9 +37,10 @@ def _losses(out):
 def test_compiled_training_follows_eager_training(tiny_model_dir, tmp_path, fused):
     """Without dropout the compiled run's losses and adapter are eager's (to float32 rounding); with dropout (other
     masks: drawn from the device seed) it trains alike. `fused`: the fused path (forced on the CPU) or the reference
-    path. Gradient checkpointing on, micro-batches padded to a multiple of 16."""
+    path. Micro-batches padded to a multiple of 16. (Compiled and checkpointed: tests/ops/test_compile.py; a run here
+    took minutes to trace.)"""
     set_fused_backend(fused)
-    common = dict(max_steps=3, gradient_checkpointing=True, pad_to_multiple_of=16)
+    common = dict(max_steps=2, gradient_checkpointing=False, pad_to_multiple_of=16)
     runs = {}
     for name, extra in [("eager", {"dropout": 0.0}), ("compiled", {"dropout": 0.0, **COMPILED}),
                         ("compiled-dropout", {"dropout": 0.05, **COMPILED})]:
@@ -47,7 +48,7 @@ def test_compiled_training_follows_eager_training(tiny_model_dir, tmp_path, fuse
         train(build_config(tiny_overrides(tiny_model_dir, out, **common, **extra)))
         runs[name] = (_losses(out), load_file(out / "adapter_model.safetensors"))
     (eager, eager_weights), (compiled, compiled_weights), (dropped, _) = runs.values()
-    assert len(eager) == len(compiled) == len(dropped) == 3
+    assert len(eager) == len(compiled) == len(dropped) == 2
     assert compiled == pytest.approx(eager, rel=1e-5)
     assert compiled_weights.keys() == eager_weights.keys()
     for key, value in eager_weights.items():
