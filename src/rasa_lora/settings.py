@@ -10,6 +10,10 @@ nothing here imports them back.
 | `KEEP_U` | RASA_LORA_KEEP_U | on | under gradient checkpointing, the forward keeps u for its recomputation |
 | `FAST_LAUNCH` | RASA_LORA_FAST_LAUNCH | on | Triton launches through the cache of compiled kernels |
 | `KERNELS` | RASA_LORA_KERNELS | auto | the fused path's backend: "triton", "cublas", "torch" or auto |
+| `DEVICE_SEED` | RASA_LORA_DEVICE_SEED | off | eager layers seed dropout on the device, as under torch.compile |
+
+`DEVICE_SEED`: the layers derive each call's mask seed on the device from a [seed, counter] state (`ops.dropout`),
+and the fused path runs the registered operators (`ops.registered`); under torch.compile they always do.
 """
 
 from __future__ import annotations
@@ -94,4 +98,5 @@ FUSED = Switch("RASA_LORA_FUSED", _cuda_available)
 GEMM_ADDS = Switch("RASA_LORA_GEMM_ADDS", lambda: True)
 KEEP_U = Switch("RASA_LORA_KEEP_U", lambda: True)
 FAST_LAUNCH = Switch("RASA_LORA_FAST_LAUNCH", lambda: True)
+DEVICE_SEED = Switch("RASA_LORA_DEVICE_SEED", lambda: False)
 KERNELS = Choice("RASA_LORA_KERNELS", ("triton", "torch", "cublas"))

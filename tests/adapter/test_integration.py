@@ -95,10 +95,12 @@ def test_torch_compile_smoke():
     assert rel_err(compiled(x).logits, expected) <= 1e-5
 
 
-def test_torch_compile_runs_the_fused_layer_eagerly_with_gradients():
-    """Under torch.compile the fused layer is a graph break (`rasa_linear` routes to its compiler-disabled twin):
-    training-mode outputs and gradients, dropout included, equal the eager ones."""
-    from rasa_lora.ops import set_fused_backend, set_kernel_backend
+def test_torch_compile_traces_the_fused_layer_with_gradients():
+    """Under torch.compile the fused layer runs as registered operators (`rasa_lora.ops.registered`), its dropout
+    seeded on the device: training-mode outputs and gradients, dropout included, equal the eager ones with the same
+    device seed state (`RASA_LORA_DEVICE_SEED`; tests/ops/test_compile.py has the rest)."""
+    from rasa_lora import settings
+    from rasa_lora.ops import dropout, set_fused_backend, set_kernel_backend
 
     def run(compile_it):
         model = rasa_model(r=8, k=1, dropout=0.1)
@@ -106,13 +108,15 @@ def test_torch_compile_runs_the_fused_layer_eagerly_with_gradients():
         net = torch.compile(model, backend="aot_eager") if compile_it else model
         set_fused_backend(True)
         set_kernel_backend("torch")
+        settings.DEVICE_SEED.force(not compile_it)
+        dropout.set_states({"cpu": [4, 0]})
         try:
-            torch.manual_seed(4)
             loss = net(tokens()).logits.float().square().mean()
             loss.backward()
         finally:
             set_fused_backend(None)
             set_kernel_backend(None)
+            settings.DEVICE_SEED.force(None)
         grads = [p.grad for n, p in model.named_parameters() if ".rasa_" in n]
         return loss.detach(), grads
 

@@ -41,7 +41,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils.other import transpose
 from torch import nn
 
-from rasa_lora import quant
+from rasa_lora import quant, settings
+from rasa_lora.ops import dropout as _dropout
 from rasa_lora.ops import dropout_mask, dropout_scale, fused_backend_enabled, mask_seed, rasa_linear
 
 _SNAPSHOT_KEYS = ("A_p", "B_p", "D", "A_s", "B_s")
@@ -275,6 +276,9 @@ class Linear(nn.Module, RasaLayer):
         # False on the ones followed by another adapted projection of their block (`rasa_linear`'s
         # `last_in_block`: one autograd node instead of two, less host time).
         self.last_in_block = True
+        # The layer's stream of dropout masks under the device seed (`_device_seed`): its index among the model's
+        # RaSA layers, set by the tuner.
+        self.rasa_stream = 0
         self.update_layer(adapter_name, config, group, pools, num_layers)
 
     # --- a 4-bit base (rasa_lora.quant): merged layers become dense, unmerging restores the 4-bit layer --------
@@ -342,11 +346,20 @@ class Linear(nn.Module, RasaLayer):
             out = quant.call_with_transient_weight(base, dtype, run)
             return out if autocast else out.to(x.dtype)
         args = (weight, bias, A_p, B_p, D, A_s, B_s)
+        seed = self._device_seed(x, p) if torch.compiler.is_compiling() or settings.DEVICE_SEED() else None
         if not autocast:  # the common case, without a context manager's cost
-            return rasa_linear(x, *args, dropout_p=p, last_in_block=self.last_in_block)
+            return rasa_linear(x, *args, dropout_p=p, seed=seed, last_in_block=self.last_in_block)
         x = x.to(torch.get_autocast_dtype(device_type))
         with torch.autocast(device_type, enabled=False):
-            return rasa_linear(x, *args, dropout_p=p, last_in_block=self.last_in_block)
+            return rasa_linear(x, *args, dropout_p=p, seed=seed, last_in_block=self.last_in_block)
+
+    def _device_seed(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """The call's mask seed computed on x's device from the device seed state and this layer's stream number
+        (`ops.dropout.call_seed_tensor`): what a compiled or captured graph replays with fresh masks, the counter
+        advancing once per forward of the model."""
+        if p <= 0:
+            return torch.zeros(1, dtype=torch.int64, device=x.device)
+        return _dropout.call_seed_tensor(_dropout.device_state(x.device), self.rasa_stream)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
@@ -380,7 +393,7 @@ class Linear(nn.Module, RasaLayer):
         A_s, B_s = self.shared_factors(name)
         num_private = A_p.shape[0]
         p = self.rasa_dropout[name] if self.training else 0.0
-        seed = mask_seed(p)
+        seed = self._device_seed(x, p) if torch.compiler.is_compiling() or settings.DEVICE_SEED() else mask_seed(p)
         dropped = self._cast_input_dtype(x, A_p.dtype)
         if p > 0:
             dropped = dropped * dropout_mask(dropped, p, seed) * dropout_scale(p)

@@ -24,8 +24,10 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_a
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
+from rasa_lora import settings
 from rasa_lora.adapter.config import RasaConfig
 from rasa_lora.adapter.layer import Linear, RasaLayer, _conv1d_types, init_eq6
+from rasa_lora.ops import dropout
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?=\.|$)")
 
@@ -65,6 +67,21 @@ def mark_last_in_block(model: nn.Module) -> None:
             last[block] = module
 
 
+def number_streams(model: nn.Module) -> None:
+    """Number the RaSA layers (`rasa_stream`): each draws its dropout masks from its own stream of the device seed."""
+    for index, module in enumerate(m for m in model.modules() if isinstance(m, Linear)):
+        module.rasa_stream = index
+
+
+def _advance_dropout_seeds(module: nn.Module, args) -> None:
+    """The wrapped model's forward pre-hook: one step of the device seed's counter per forward in training, when
+    the layers take their seed from it (`settings.DEVICE_SEED`, torch.compile), so every step, replayed graphs
+    included, draws fresh masks; a checkpointed recomputation runs within the same forward's backward and reads the
+    same counter."""
+    if module.training and (torch.compiler.is_compiling() or settings.DEVICE_SEED()):
+        dropout.advance_all()
+
+
 def pool_key(group: str) -> str:
     """Parameter name of a group's pool (state-dict keys may not contain dots inside a ParameterDict name)."""
     return group.replace(".", "-")
@@ -81,7 +98,9 @@ class RasaPools:
     def get(self, adapter_name: str, group: str) -> tuple[torch.Tensor, torch.Tensor]:
         key = self._keys.get(group)
         if key is None:
-            key = self._keys[group] = pool_key(group)
+            key = pool_key(group)
+            if not torch.compiler.is_compiling():  # a cache filled while tracing would be guarded on: a recompile
+                self._keys[group] = key
         return self.shared_A[adapter_name][key], self.shared_B[adapter_name][key]
 
 
@@ -191,6 +210,9 @@ class RasaModel(BaseTuner):
             param.requires_grad_(requires_grad)
         self._sync_pool_requires_grad([adapter_name])
         mark_last_in_block(model)
+        number_streams(model)
+        if "_rasa_seed_hook" not in self.__dict__:  # on the wrapped model: a plain PeftModel calls it, not the tuner
+            self.__dict__["_rasa_seed_hook"] = model.register_forward_pre_hook(_advance_dropout_seeds)
 
     def _create_pools(self, model: nn.Module, adapter_name: str, config: RasaConfig, plan: dict) -> None:
         modules = dict(model.named_modules())

@@ -34,6 +34,10 @@ from __future__ import annotations
 
 import torch
 
+# loaded here as before (by `torch.compiler.disable`): without it a layer call costs more host time
+# (benchmarks/RESULTS.md, issue 24); transformers and PEFT load it anyway
+import torch._dynamo  # noqa: F401
+
 from rasa_lora import settings
 from rasa_lora.ops import dropout as _dropout
 from rasa_lora.ops import recompute
@@ -126,6 +130,8 @@ def kernel_backend(x: torch.Tensor, ranks: int = 0) -> str:
 def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The keep-mask (bool, shape of x) of dropout probability p and this seed: the one every path draws (rows are
     x's leading dims flattened)."""
+    if isinstance(seed, torch.Tensor):  # a seed on the device (`registered.py`): the PyTorch twin, no host sync
+        return _dropout.dropout_mask(x, p, seed) if p > 0 else torch.ones_like(x, dtype=torch.bool)
     rows = x.reshape(-1, x.shape[-1])
     return _CUBLAS.keep(rows, p, seed).reshape(x.shape) if p > 0 else torch.ones_like(x, dtype=torch.bool)
 
@@ -287,7 +293,7 @@ def rasa_linear(
     A_s: torch.Tensor,
     B_s: torch.Tensor,
     dropout_p: float = 0.0,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     last_in_block: bool = True,
 ) -> torch.Tensor:
     """y = x W^T + c + [B_p B_s] diag(D) [A_p ; A_s] dropout(x), computed in x's dtype.
@@ -299,7 +305,9 @@ def rasa_linear(
         back in their own dtype.
         dropout_p: dropout probability on the adapter's input (0 in eval mode).
         seed: seed of the dropout mask (`dropout_mask(x, dropout_p, seed)`); when None, `mask_seed` draws it from
-            torch's default CPU generator.
+            torch's default CPU generator (under torch.compile: `torch.randint` on x's device). A one-element int64
+            tensor (on x's device: `dropout.call_seed_tensor`) runs the registered operators of `registered.py`,
+            which torch.compile traces and CUDA graphs capture; so does any call under torch.compile.
         last_in_block: whether this call may be the last one saving tensors in a gradient-checkpointed block
             (down_proj in a Llama block). True, the safe default, runs the layer as two autograd nodes so that a
             checkpointed recomputation stops before the base GEMM (see `_Down`); False runs one node, which costs
@@ -307,13 +315,27 @@ def rasa_linear(
     """
     if not 0.0 <= dropout_p < 1.0 or _dropout.effective_p(dropout_p) >= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if isinstance(seed, torch.Tensor) or torch.compiler.is_compiling():
+        # the registered operator (`registered.py`, registered when `rasa_lora.ops` loads): traced by torch.compile,
+        # the seed a tensor on the device
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        y, _ = torch.ops.rasa_lora.linear(rows, weight, bias, A_p, B_p, D, A_s, B_s,
+                                          _seed_tensor(seed, dropout_p, x.device), float(dropout_p))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
     if seed is None:
         seed = mask_seed(dropout_p)
-    # torch.compile: through `_compiled` (a graph break); eagerly straight to `_forward` (the wrapper costs host time)
-    run = _compiled if torch.compiler.is_compiling() else _forward
-    return run(x, weight, bias, A_p, B_p, D, A_s, B_s, float(dropout_p), seed, last_in_block)
+    return _forward(x, weight, bias, A_p, B_p, D, A_s, B_s, float(dropout_p), seed, last_in_block)
 
 
-# torch.compile runs the fused Functions eagerly (a graph break): their launch logic and Triton kernels are
-# already what a compiler would produce, and tracing them buys nothing.
-_compiled = torch.compiler.disable(_forward)
+def _seed_tensor(seed, p: float, device) -> torch.Tensor:
+    """The mask seed as a one-element int64 tensor on `device`: a tensor as given, an int wrapped, None drawn on the
+    device (`torch.randint`: under a compiled or captured graph a fresh draw each replay, from torch's generator)."""
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(1).to(device=device, dtype=torch.int64)
+    if seed is not None:
+        return torch.full((1,), int(seed), dtype=torch.int64, device=device)
+    if p > 0:
+        return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+    return torch.zeros(1, dtype=torch.int64, device=device)

@@ -34,17 +34,23 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
 
 
 def rng_states() -> dict[str, Any]:
-    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    from rasa_lora.ops import dropout
+
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(), "rasa_dropout": dropout.get_states()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
+    """The generators' states, and the device dropout seeds (`compile`, `rasa_lora.ops.dropout`) where saved."""
+    from rasa_lora.ops import dropout
+
     random.setstate(states["python"])
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+    dropout.set_states(states.get("rasa_dropout", {}))
 
 
 def _method_state(model: torch.nn.Module) -> dict[str, Any]:

@@ -130,6 +130,18 @@ class TrainConfig:
     """Reentrant checkpointing; off by default (shared parameters need the non-reentrant form, NOTES.md)."""
     group_by_length: bool = True
     """Arrange each global batch's examples into micro-batches of similar length (less padding)."""
+    pad_to_multiple_of: int = 0
+    """Pad each micro-batch's length up to a multiple of this (0: to its longest example): fewer distinct shapes,
+    so fewer recompilations with `compile` and static shapes for CUDA graphs (compile_mode: reduce-overhead)."""
+    compile: bool = False
+    """torch.compile the model; RaSA layers are traced through their registered operators (`rasa_lora.ops.registered`),
+    dropout masks seeded on the device. Off by default until it is measured faster on the GPU (docs/performance.md)."""
+    compile_backend: str = "inductor"
+    """torch.compile's backend with `compile`: "inductor" (generated kernels) or "aot_eager" (traced, then run
+    eagerly: for debugging a compile problem)."""
+    compile_mode: str = "default"
+    """torch.compile's mode with the inductor backend: "default", "reduce-overhead" (CUDA graphs; not yet measured)
+    or "max-autotune"."""
     output_dir: str = "runs/rasa"
     """Where the adapter, metrics, plot and checkpoints go."""
     logging_steps: int = 1
@@ -198,6 +210,9 @@ class TrainConfig:
         for key, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{key}={value} must be positive")
+        if not (isinstance(self.pad_to_multiple_of, int) and self.pad_to_multiple_of >= 0):
+            raise ValueError(f"pad_to_multiple_of={self.pad_to_multiple_of!r} must be a whole number >= 0 "
+                             "(0: no rounding)")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"micro_batch_size={self.micro_batch_size} does not divide global_batch_size={self.global_batch_size}; "
@@ -234,7 +249,8 @@ class TrainConfig:
         choices = {"optimizer": ("lionw", "adamw"), "lr_scheduler": ("cosine", "constant"),
                    "bf16": ("auto", "true", "false"),
                    "model_dtype": ("auto", "float32", "bfloat16"), "dataset_format": DATASET_FORMATS,
-                   "base_quantization": ("none", "nf4"),
+                   "base_quantization": ("none", "nf4"), "compile_backend": ("inductor", "aot_eager"),
+                   "compile_mode": ("default", "reduce-overhead", "max-autotune"),
                    "report_to": ("none", "tensorboard", "trackio", "wandb")}
         self.bf16 = str(self.bf16).lower()
         for key, allowed in choices.items():

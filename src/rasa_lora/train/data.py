@@ -301,11 +301,14 @@ def step_batches(lengths: list[int], global_batch_size: int, micro_batch_size: i
     return steps
 
 
-def collate(items: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, Any]:
-    """Right-padded tensors: input_ids, attention_mask, labels (-100 on padding)."""
+def collate(items: list[dict[str, list[int]]], pad_token_id: int, pad_to_multiple_of: int = 0) -> dict[str, Any]:
+    """Right-padded tensors: input_ids, attention_mask, labels (-100 on padding); the length rounded up to a
+    multiple of `pad_to_multiple_of` when it is positive."""
     import torch
 
     width = max(len(item["input_ids"]) for item in items)
+    if pad_to_multiple_of > 0:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(items), width), dtype=torch.long)

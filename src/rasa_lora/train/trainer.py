@@ -190,6 +190,31 @@ def load_quantized(base_model: str | None, dtype: str, device: torch.device) -> 
     return load_model(base_model, dtype=dtype, quantization_config=config, device_map={"": device})
 
 
+SKIP_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+
+
+def compile_model(run: Run) -> None:
+    """`compile: true`: torch.compile the model in place (`nn.Module.compile`: saving and unwrapping see the same
+    module). The device's dropout seed state exists by then (`train` reseeds it), so tracing finds it."""
+    from rasa_lora import settings
+
+    config = run.config
+    for switch in (settings.FUSED, settings.DEVICE_SEED, settings.KEEP_U, settings.KERNELS):
+        switch()  # read the environment now: a first read while tracing would be guarded on and traced again
+    if run.device.type == "cuda":  # updated in place only: CUDA graphs may keep its address (not yet measured)
+        from rasa_lora.ops import dropout
+
+        torch._dynamo.mark_static_address(dropout.device_state(run.device))
+    if config.gradient_checkpointing and hasattr(torch._dynamo.config, SKIP_SIDE_EFFECTS):
+        # else a side effect in a checkpointed forward (the hub-kernels layer transformers wraps modules in sets a
+        # context variable) makes dynamo run every checkpointed decoder layer eagerly (docs/performance.md)
+        setattr(torch._dynamo.config, SKIP_SIDE_EFFECTS, True)
+    kwargs = {"backend": config.compile_backend}
+    if config.compile_backend == "inductor" and config.compile_mode != "default":
+        kwargs["mode"] = config.compile_mode
+    run.model.compile(**kwargs)
+
+
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     return optim.build_optimizer(model.parameters(), config)
 
@@ -207,7 +232,8 @@ def step_micro_batches(run: Run, step: int) -> list[dict[str, torch.Tensor]]:
                                                    run.config.seed, epoch, run.config.group_by_length))
     plan = run.epoch_plan[1]
     pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
-    return [data.collate([run.examples[i] for i in micro], pad) for micro in plan[index]]
+    multiple = run.config.pad_to_multiple_of
+    return [data.collate([run.examples[i] for i in micro], pad, multiple) for micro in plan[index]]
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -227,6 +253,8 @@ def train_step(run: Run, step: int, autocast: bool, on_micro_batch: Any = None) 
     num_items = sum(int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for batch in micro_batches)
     accelerator = run.accelerator
     divisor = distributed.loss_divisor(num_items, accelerator)  # = num_items in one process
+    if getattr(run.config, "compile", False):  # a tensor: a number would be a constant of the graph, recompiled
+        divisor = torch.tensor(float(divisor), dtype=torch.float32, device=run.device)
     local = distributed.local_micro_batches(micro_batches, accelerator)
     # The loss is summed on the device and read once a step: a `.item()` per micro-batch would make the host wait
     # for each micro-batch's backward before queueing the next forward. float64, added in the same order, gives the
@@ -269,7 +297,8 @@ def held_out_loss(run: Run, autocast: bool) -> tuple[float, int]:
     try:
         with torch.no_grad():
             for start in range(0, len(order), size):
-                batch = data.collate([run.eval_examples[i] for i in order[start:start + size]], pad)
+                batch = data.collate([run.eval_examples[i] for i in order[start:start + size]], pad,
+                                     run.config.pad_to_multiple_of)
                 tokens += int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
                 batch = to_device(batch, run.device)
                 context = (torch.autocast(run.device.type, dtype=torch.bfloat16) if autocast
@@ -560,9 +589,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
     run.optimizer = build_optimizer(run.model, config)
     run.scheduler = build_scheduler(run.optimizer, run.total_steps, config)
     out, created = Path(config.output_dir), not Path(config.output_dir).exists() or config.overwrite
+    if config.compile:  # the device dropout seed (compiled layers draw their masks from it) starts afresh
+        from rasa_lora.ops import dropout
+
+        dropout.reseed(run.device)
     start_or_resume(run)
     run.model, run.optimizer, run.scheduler = distributed.prepare_training(
         accelerator, run.model, run.optimizer, run.scheduler, use_reentrant, config.micro_batch_size)
+    if config.compile:
+        compile_model(run)
     tracking.start(accelerator, config)
     try:
         with collector_spares_setup():
