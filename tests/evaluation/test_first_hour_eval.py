@@ -176,7 +176,10 @@ def test_ctrl_c_at_the_terminal_gives_one_message_and_no_traceback(tmp_path, sha
         [sys.executable, "-m", "rasa_lora", "eval", "math", "--gold", "--batch-size", "2", "--workers", "2",
          "--data-dir", str(shared_data), "--output-dir", str(out)],
         env={**os.environ, "PYTHONPATH": source, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # as from a terminal: a runner that started pytest in the background has SIGINT ignored, and an ignored
+        # signal is inherited (Python then never raises KeyboardInterrupt)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 600  # a loaded 2-core machine took over 120 s to score the first chunk
     while time.monotonic() < deadline and process.poll() is None and not (out / "records.jsonl").is_file():
         time.sleep(0.05)
