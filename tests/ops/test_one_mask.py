@@ -2,10 +2,10 @@
 backend draw bit-identical masks, and their fp32 outputs and gradients agree, with dropout on. Switching the fused
 path on or off changes the speed, not the training noise.
 
-On the CPU the masks are compared directly (every path there draws through `ops.dropout.dropout_mask`, recorded
-here); the Triton kernels draw theirs in registers, so on the GPU (`-m gpu`) the outputs and gradients, which a
-different mask would move far beyond the tolerance, stand for them (`test_dropout_mask.py` compares the kernels'
-bits with the twin's).
+On the CPU the masks are compared directly (the reference path's recorded where the layer draws it, the fused
+paths' where they call `ops.dropout.dropout_mask`); the Triton kernels draw theirs in registers, so on the GPU
+(`-m gpu`) the outputs and gradients, which a different mask would move far beyond the tolerance, stand for them
+(`test_dropout_mask.py` compares the kernels' bits with the twin's).
 """
 
 import os
@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+from rasa_lora.adapter import layer as layer_module
 from rasa_lora.ops import dropout, set_fused_backend, set_kernel_backend
 from tests.adapter.helpers import rasa_layers, rasa_model
 
@@ -33,14 +34,17 @@ def _cases():
 def _step(layer, x, fused: str | None, seed: int, masks: list, monkeypatch):
     """Output and gradients (x, then every adapter parameter) of one training forward/backward of the layer, the
     fused path with backend `fused` or the reference path (None); the masks drawn go to `masks`."""
-    original = dropout.dropout_mask
+    # the reference path's mask where the layer asks for it (on CUDA the Triton mask kernel draws it, not the
+    # twin), the fused backends' where they draw it: the PyTorch twin (CPU)
+    owner = layer_module if fused is None else dropout
+    original = owner.dropout_mask
 
     def recording(rows, p, mask_seed):
         mask = original(rows, p, mask_seed)
         masks.append(mask.reshape(-1, mask.shape[-1]).cpu())
         return mask
 
-    monkeypatch.setattr(dropout, "dropout_mask", recording)
+    monkeypatch.setattr(owner, "dropout_mask", recording)
     set_fused_backend(fused is not None)
     set_kernel_backend(fused)
     try:
