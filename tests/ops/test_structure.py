@@ -183,3 +183,10 @@ def test_the_lab_note_pattern_catches_what_it_should():
         assert LAB_NOTES.search(note), note
     for fine in ("docs/performance.md, record 6", "in bf16", "programs per SM", "4096 tokens"):
         assert not LAB_NOTES.search(fine), fine
+
+
+def test_no_ops_module_reaches_400_lines():
+    """`ops/` stays readable module by module (issue 23): the size of each module and what remains in it, per
+    module, is in docs/performance.md, "The size of ops/"."""
+    sizes = {path.name: len(path.read_text().splitlines()) for path in (PACKAGE / "ops").glob("*.py")}
+    assert sizes and max(sizes.values()) < 400, sizes

@@ -1,8 +1,6 @@
-"""What a backend of the fused path does: the stages the autograd functions (`rasa_linear.py`) call.
-
-`factors` is (A_p, B_p, D, A_s, B_s); `mask` is what `mask_args(p, seed)` made of the call's dropout probability
-and seed (the mask itself is the one of `dropout.py` on every backend); `scale` is 1 / (1 - p) with p as the mask
-has it (`dropout.scale`). A and C are the packed factors (see `rasa_linear.py`), u the float32 (M, R) thin product.
+"""What a backend of the fused path does: the stages the autograd functions of `rasa_linear.py` call (the symbols:
+its docstring). `factors` is (A_p, B_p, D, A_s, B_s); `mask` what `mask_args(p, seed)` made of the call's dropout
+probability and seed (the mask of `dropout.py` on every backend); `scale` 1 / (1 - p) with p as the mask has it.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ class Backend:
         raise NotImplementedError
 
     def down(self, rows, factors: tuple, mask, scale: float):
-        """(u, A, C): u = (m * x) A^T and the packed factors."""
+        """(u, A, C): u = (m * x) A^T (float32, M x R) and the packed factors."""
         raise NotImplementedError
 
     def up(self, rows, u, C, weight, bias):

@@ -26,16 +26,12 @@ def current_stream(device: int) -> int:
 class Launcher:
     """`kernel[grid](*args, num_warps=..., num_stages=...)` without Triton's per-call argument binding.
 
-    Triton's launch path re-derives, from every argument on every call, which compiled variant to run, then
-    reads its settings and hooks (docs/performance.md, record 2). After one ordinary launch this keeps the compiled
-    kernel under a key holding what Triton specializes on (each tensor's dtype and 16-byte alignment, every integer
-    and constexpr argument except those in `kernels.LOOSE`, the launch options, the device), and later launches with
-    that key call its C launcher directly. Arguments are positional, in the kernel's order, constexprs included:
-    binding them by name cost ~14% of a layer call's host time (docs/performance.md, record 11);
-    tests/ops/test_structure.py checks each launch's arguments against the kernel's names.
-    Off under Triton's interpreter (nothing to cache) and with RASA_LORA_FAST_LAUNCH=0. A kernel first launched
-    while a Triton launch hook is installed is not cached, but cached kernels skip hooks installed later: set
-    RASA_LORA_FAST_LAUNCH=0 when profiling with such hooks (proton).
+    After one ordinary launch this keeps the compiled kernel under a key holding what Triton specializes on (each
+    tensor's dtype and 16-byte alignment, every integer and constexpr argument except those in `kernels.LOOSE`, the
+    launch options, the device), and later launches with that key call its C launcher directly. Arguments are
+    positional, in the kernel's order, constexprs included (record 11; tests/ops/test_structure.py checks them).
+    Off under Triton's interpreter and with RASA_LORA_FAST_LAUNCH=0. Cached kernels skip Triton launch hooks
+    installed later: set RASA_LORA_FAST_LAUNCH=0 when profiling with such hooks (proton).
     """
 
     __slots__ = ("fn", "loose", "tensors", "scalars", "compiled")

@@ -1,15 +1,15 @@
 """Launch shapes of the Triton kernels (`CONFIGS`) and the launch plans derived from them once per shape.
 
-A plan holds a launch's grid, tiles and reduction splits, computed in plain Python once per (kernel, shape) and
-cached (`plan`). `CONFIGS` holds the committed shapes, winners of `benchmarks/kernel_timing.py --sweep` at R = 64
-in bf16 (docs/performance.md, record 3); `configs(...)` runs code under other shapes (sweeps, tests) and restores
-them. The kernels are correct for any shape (tests/ops, small and split shapes).
+A plan (a named tuple) holds a launch's grid, tiles and reduction splits, computed in plain Python once per (kernel,
+shape) and cached (`plan`). `CONFIGS` holds the committed shapes, winners of `benchmarks/kernel_timing.py --sweep`
+(docs/performance.md, record 3); `configs(...)` runs code under other shapes and restores them. The kernels are
+correct for any shape (tests/ops, small and split shapes).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
+from collections import namedtuple
 
 import torch
 
@@ -40,7 +40,6 @@ def remember(cache: dict, key, value):
 
 
 def clear_plans() -> None:
-    """Forget the plans derived from CONFIGS."""
     _PLANS.clear()
 
 
@@ -76,21 +75,9 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)  # not triton.cdiv: a constexpr function in Triton 3.6, slow on the host (record 2)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-def _block(cap: int, size: int) -> int:
-    """A tile edge along a dimension of `size`: `cap`, or less for a small dimension (a power of two >= 16)."""
-    return min(cap, max(16, _next_pow2(size)))
-
-
 def packed_width(n: int) -> int:
-    """R: the packed rank width (a power of two, at least 16, as `tl.dot` needs)."""
-    width = 16
-    while width < n:
-        width *= 2
-    return width
+    """R: n ranks rounded up to a power of two, at least 16 (as `tl.dot` needs)."""
+    return max(16, 1 << max(0, n - 1).bit_length())
 
 
 def rows_for_width(cap: int, R: int) -> int:
@@ -113,126 +100,68 @@ def fit(name: str, R: int, itemsize: int) -> dict:
     return cfg
 
 
-def _splits(blocks: int, chunks: int, requested: int, programs: int = 0) -> int:
-    """How many ways to split a reduction of `chunks` chunks, given `blocks` programs without splitting:
-    `requested` if set, else enough for about `programs` (default TARGET_PROGRAMS) programs in all."""
-    if requested:
-        return max(1, min(requested, chunks))
-    return max(1, min(chunks, -(-(programs or TARGET_PROGRAMS) // max(blocks, 1))))
-
-
 def split_plan(blocks: int, length: int, block: int, cfg: dict) -> tuple[int, int]:
-    """(splits, elements per split) for a reduction of `length` in chunks of `block`."""
+    """(splits, elements per split) for a reduction of `length` in chunks of `block`, given `blocks` programs
+    without splitting: cfg["splits"] ways if set, else enough for about cfg["programs"] programs in all."""
     chunks = cdiv(length, block)
-    splits = _splits(blocks, chunks, cfg.get("splits", 0), cfg.get("programs", 0))
+    requested, programs = cfg.get("splits", 0), cfg.get("programs", 0) or TARGET_PROGRAMS
+    splits = max(1, min(chunks, requested if requested else cdiv(programs, max(blocks, 1))))
     per_split = cdiv(chunks, splits) * block
     return cdiv(length, per_split), per_split
 
 
-class DownPlan(NamedTuple):
-    R: int
-    BM: int
-    BK: int
-    row_blocks: int
-    splits: int
-    k_per_split: int
-    BK_PACK: int
-    BN_PACK: int
-    pack_programs: int
-    separate: bool  # the pack in its own launch before the rows (CONFIGS["down"]["pack"] == "separate")
-    ieee: bool
-    warps: int
-    stages: int
+def _rows_split(cfg: dict, M: int, length: int, edge: str) -> tuple[tuple[int, int], int]:
+    """(grid, columns per split) of a kernel whose programs own BM rows each and walk `length` columns `edge` at a
+    time, split to fill the GPU."""
+    blocks = cdiv(M, cfg["BM"])
+    splits, per_split = split_plan(blocks, length, cfg[edge], cfg)
+    return (blocks, splits), per_split
+
+
+# `_down_pack_kernel`: `row_blocks` x `splits` programs of u, then `pack_programs` packing A and C; `separate`: the
+# pack in a launch of its own before the rows' (CONFIGS["down"]["pack"] == "separate")
+DownPlan = namedtuple("DownPlan", "R BM BK row_blocks splits k_per_split BK_PACK BN_PACK pack_programs separate ieee "
+                                  "warps stages")
+UpPlan = namedtuple("UpPlan", "grid n_per_split BM BN ieee warps stages")  # `_up_rows_kernel`
+BwdUpPlan = namedtuple("BwdUpPlan", "grid n_per_split BM BN atomic ieee warps stages")  # `_bwd_up_kernel`
+GxPlan = namedtuple("GxPlan", "grid k_per_split BM BK warps stages")  # `_gx_rows_kernel`
+# `_ga_finalize_kernel`: dA over `k_blocks` x `splits` programs, then dB and dD in the grid's other ones
+GaPlan = namedtuple("GaPlan", "grid m_per_split k_blocks splits BM BK BN_FIN warps stages")
+BwdDownPlan = namedtuple("BwdDownPlan", "gx ga ieee")
 
 
 def down_plan(M, K, N, NP, NS, dtype) -> DownPlan:
     R = packed_width(NP + NS)
-    cfg = fit("down", R, dtype.itemsize)
-    BM, BK = cfg["BM"], _block(cfg["BK"], K)
+    cfg, pack = fit("down", R, dtype.itemsize), CONFIGS["pack"]
+    BM, BK = cfg["BM"], min(cfg["BK"], packed_width(K))
     row_blocks = cdiv(M, BM)
     splits, k_per_split = split_plan(row_blocks, K, BK, cfg)
-    pack = CONFIGS["pack"]
     BN_PACK = rows_for_width(pack["BN"], R)
-    return DownPlan(R, BM, BK, row_blocks, splits, k_per_split, _block(pack["BK"], K), BN_PACK,
+    return DownPlan(R, BM, BK, row_blocks, splits, k_per_split, min(pack["BK"], packed_width(K)), BN_PACK,
                     R + cdiv(N, BN_PACK), cfg.get("pack", "fused") == "separate", dtype == torch.float32,
                     cfg["warps"], cfg["stages"])
 
 
-class UpPlan(NamedTuple):
-    """`_up_rows_kernel`: a block of BM rows a program, walking `n_per_split` columns BN at a time."""
-    grid: tuple
-    n_per_split: int
-    BM: int
-    BN: int
-    ieee: bool
-    warps: int
-    stages: int
-
-
 def up_plan(M, N, R, dtype) -> UpPlan:
     cfg = fit("up", R, dtype.itemsize)
-    splits, per_split = split_plan(cdiv(M, cfg["BM"]), N, cfg["BN"], cfg)
-    return UpPlan((cdiv(M, cfg["BM"]), splits), per_split, cfg["BM"], cfg["BN"], dtype == torch.float32,
-                  cfg["warps"], cfg["stages"])
-
-
-class BwdUpPlan(NamedTuple):
-    """`_bwd_up_kernel`: BM rows a program, its columns split `grid[1]` ways (atomic adds when split)."""
-    grid: tuple
-    n_per_split: int
-    BM: int
-    BN: int
-    atomic: bool
-    ieee: bool
-    warps: int
-    stages: int
+    grid, per_split = _rows_split(cfg, M, N, "BN")
+    return UpPlan(grid, per_split, cfg["BM"], cfg["BN"], dtype == torch.float32, cfg["warps"], cfg["stages"])
 
 
 def bwd_up_plan(M, N, R, dtype) -> BwdUpPlan:
+    """Columns split `grid[1]` ways: gu added atomically when split."""
     cfg = fit("bwd_up", R, dtype.itemsize)
-    splits, per_split = split_plan(cdiv(M, cfg["BM"]), N, cfg["BN"], cfg)
-    return BwdUpPlan((cdiv(M, cfg["BM"]), splits), per_split, cfg["BM"], cfg["BN"], splits > 1,
-                     dtype == torch.float32, cfg["warps"], cfg["stages"])
-
-
-class GxPlan(NamedTuple):
-    """`_gx_rows_kernel`: BM rows a program, walking `k_per_split` columns BK at a time."""
-    grid: tuple
-    k_per_split: int
-    BM: int
-    BK: int
-    warps: int
-    stages: int
-
-
-class GaPlan(NamedTuple):
-    """`_ga_finalize_kernel`: dA over `k_blocks` x `splits` programs, then dB and dD in the grid's other ones."""
-    grid: tuple
-    m_per_split: int
-    k_blocks: int
-    splits: int
-    BM: int
-    BK: int
-    BN_FIN: int
-    warps: int
-    stages: int
-
-
-class BwdDownPlan(NamedTuple):
-    gx: GxPlan
-    ga: GaPlan
-    ieee: bool
+    grid, per_split = _rows_split(cfg, M, N, "BN")
+    return BwdUpPlan(grid, per_split, cfg["BM"], cfg["BN"], grid[1] > 1, dtype == torch.float32, cfg["warps"],
+                     cfg["stages"])
 
 
 def bwd_down_plan(M, K, N, R, dtype) -> BwdDownPlan:
-    size = dtype.itemsize
-    cx, ca = fit("gx", R, size), fit("ga", R, size)
-    BN_FIN = rows_for_width(64, R)
-    BK = _block(ca["BK"], K)
+    cx, ca = fit("gx", R, dtype.itemsize), fit("ga", R, dtype.itemsize)
+    BN_FIN, BK = rows_for_width(64, R), min(ca["BK"], packed_width(K))
     k_blocks = cdiv(K, BK)
     splits, per_split = split_plan(k_blocks, M, ca["BM"], ca)
-    gx_splits, gx_per = split_plan(cdiv(M, cx["BM"]), K, cx["BK"], cx)
-    gx = GxPlan((cdiv(M, cx["BM"]), gx_splits), gx_per, cx["BM"], cx["BK"], cx["warps"], cx["stages"])
+    gx = GxPlan(*_rows_split(cx, M, K, "BK"), cx["BM"], cx["BK"], cx["warps"], cx["stages"])
     ga = GaPlan((k_blocks * splits + cdiv(N, BN_FIN),), per_split, k_blocks, splits, ca["BM"], BK, BN_FIN,
                 ca["warps"], ca["stages"])
     return BwdDownPlan(gx, ga, dtype == torch.float32)

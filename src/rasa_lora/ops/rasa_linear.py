@@ -19,11 +19,7 @@ Backward, with g = dL/dy:
     gu = g C                           dL/dC = g^T u      dL/dB = s dL/dC D      dL/dD = s sum_b(dL/dC * B)
     dL/dA = gu^T (m * x)               dL/dx = g W + m * (gu A)
 
-The stages run on a backend object (`backend.py`): "triton" (`triton_backend.py`: CUDA with Triton, for packed
-widths up to TRITON_MAX_RANKS), "cublas" (`cublas_backend.py`: CUDA otherwise) or "torch" (`torch_backend.py`:
-any device; the CPU's fused path). `backend_for` picks one per (device kind, rank count), once, unless
-`set_kernel_backend` forces one. Two nodes for a block's last projection so that gradient checkpointing
-recomputes no more base GEMMs than for the frozen model (see `_Down`), one elsewhere for less host time.
+The stages run on a backend object (`backend.py`), chosen once per (device kind, rank count) by `backend_for`.
 The packed factors are rebuilt from the parameters by every forward and again by the backward, so they are never
 stale (FSDP and DeepSpeed re-gather parameters into reused storage); under checkpointing `recompute.py` lets a
 backward take its recomputation's pack, and a recomputation take its forward's u. The base weight is frozen
@@ -46,7 +42,6 @@ from rasa_lora.ops.cublas_backend import CublasBackend
 from rasa_lora.ops.plans import packed_width
 from rasa_lora.ops.torch_backend import TorchBackend
 
-BACKENDS = settings.KERNELS.options
 TRITON_MAX_RANKS = 128  # widest packed width R for which Triton is CUDA's default (docs/performance.md, record 1)
 
 
@@ -61,16 +56,14 @@ def fused_backend_enabled() -> bool:
 
 def set_base_gemm_adds(enabled: bool | None) -> None:
     """Triton backend: whether the base GEMMs add their product into the adapter's term (beta = 1) instead of the
-    adapter's kernels reading and writing the base GEMMs' outputs once more. `None`: the default
-    (RASA_LORA_GEMM_ADDS=1/0, else on)."""
+    adapter's kernels reading and writing their outputs once more. `None`: RASA_LORA_GEMM_ADDS=1/0, else on."""
     settings.GEMM_ADDS.force(enabled)
     _CHOSEN.clear()
 
 
 def set_keep_u(enabled: bool | None) -> None:
-    """Whether a forward run under (non-reentrant) gradient checkpointing keeps its thin u = (m * x) A^T, in x's
-    dtype, for the recomputation to take instead of reading x again (`recompute.keep_u`). `None`: the default
-    (RASA_LORA_KEEP_U=1/0, else on)."""
+    """Whether a forward under (non-reentrant) gradient checkpointing keeps its u for the recomputation
+    (`recompute.keep_u`). `None`: RASA_LORA_KEEP_U=1/0, else on."""
     settings.KEEP_U.force(enabled)
 
 
@@ -81,16 +74,15 @@ def set_kernel_backend(name: str | None) -> None:
     _CHOSEN.clear()
 
 
-# --- the backend of a call ------------------------------------------------------------------------------------
 _TORCH, _CUBLAS = TorchBackend(), CublasBackend()
 _TRITON: dict[bool, Backend] = {}  # by gemm_adds
 _CHOSEN: dict[tuple, Backend] = {}  # (is_cuda, ranks) -> backend; emptied by the setters above
 
 
 def backend_for(x: torch.Tensor, ranks: int = 0) -> Backend:
-    """The backend of the fused path for input x and n = `ranks` (r-k+Lk) adapter ranks: the one forced
-    (`set_kernel_backend`, RASA_LORA_KERNELS), else on CUDA "triton" when triton is installed and the packed
-    width (n rounded up to a power of two, >= 16) is at most TRITON_MAX_RANKS, else "cublas"; elsewhere "torch"."""
+    """The backend for input x and n = `ranks` (r-k+Lk) adapter ranks: the one forced (`set_kernel_backend`,
+    RASA_LORA_KERNELS), else on CUDA "triton" when triton is installed and the packed width R is at most
+    TRITON_MAX_RANKS, else "cublas"; elsewhere "torch"."""
     key = (x.is_cuda, ranks)
     chosen = _CHOSEN.get(key)
     if chosen is None:
@@ -103,42 +95,40 @@ def _choose(is_cuda: bool, ranks: int) -> Backend:
     if name is None:
         name = "torch" if not is_cuda else "triton" if _triton() and packed_width(ranks) <= TRITON_MAX_RANKS \
             else "cublas"
-    if name == "triton":
-        if not _triton():
-            raise RuntimeError("the Triton kernel backend was asked for but triton is not installed; "
-                               "`pip install triton` or use set_kernel_backend('torch')")
-        from rasa_lora.ops.triton_backend import TritonBackend
+    if name != "triton":
+        return _CUBLAS if name == "cublas" else _TORCH
+    if not _triton():
+        raise RuntimeError("the Triton kernel backend was asked for but triton is not installed; "
+                           "`pip install triton` or use set_kernel_backend('torch')")
+    from rasa_lora.ops.triton_backend import TritonBackend
 
-        gemm_adds = settings.GEMM_ADDS()
-        if gemm_adds not in _TRITON:
-            _TRITON[gemm_adds] = TritonBackend(gemm_adds)
-        return _TRITON[gemm_adds]
-    return _CUBLAS if name == "cublas" else _TORCH
+    gemm_adds = settings.GEMM_ADDS()
+    if gemm_adds not in _TRITON:
+        _TRITON[gemm_adds] = TritonBackend(gemm_adds)
+    return _TRITON[gemm_adds]
 
 
 def _triton() -> bool:
-    from rasa_lora.ops import kernels
+    from rasa_lora.ops import kernels  # imports triton: only where a choice needs it
 
     return kernels.available()
 
 
 def kernel_backend(x: torch.Tensor, ranks: int = 0) -> str:
-    """The name of `backend_for(x, ranks)`."""
     return backend_for(x, ranks).name
 
 
 def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The keep-mask (bool, shape of x) of dropout probability p and this seed: the one every path draws (rows are
-    x's leading dims flattened)."""
+    x's leading dims flattened); on CUDA drawn as the cuBLAS backend draws it."""
+    if p <= 0:
+        return torch.ones_like(x, dtype=torch.bool)
     if isinstance(seed, torch.Tensor):  # a seed on the device (`registered.py`): the PyTorch twin, no host sync
-        return _dropout.dropout_mask(x, p, seed) if p > 0 else torch.ones_like(x, dtype=torch.bool)
-    rows = x.reshape(-1, x.shape[-1])
-    return _CUBLAS.keep(rows, p, seed).reshape(x.shape) if p > 0 else torch.ones_like(x, dtype=torch.bool)
+        return _dropout.dropout_mask(x, p, seed)
+    return _CUBLAS.keep(x.reshape(-1, x.shape[-1]), p, seed).reshape(x.shape)
 
 
 dropout_scale = _dropout.scale
-
-
 _SEED = torch.empty((), dtype=torch.int64)
 
 
@@ -194,10 +184,8 @@ def _backward(state, rows, u, grad_out, needs_grad_x: bool):
 
 
 class _Fused(torch.autograd.Function):
-    """The layer as one autograd node: u = (m * x) A^T, y = x W^T + c + u C^T; saves x and u.
-
-    For every projection but the last one of a gradient-checkpointed block (see `_Down`): their outputs are
-    recomputed anyway, and one node costs less host time than two."""
+    """The layer as one autograd node, saving x and u: for every projection but the last one of a checkpointed
+    block (see `_Down`), whose outputs are recomputed anyway; one node costs less host time than two."""
 
     @staticmethod
     def forward(ctx, rows, A_p, B_p, D, A_s, B_s, options: tuple):
@@ -217,28 +205,22 @@ class _Fused(torch.autograd.Function):
 
 
 class _Down(torch.autograd.Function):
-    """First of two nodes (`_Down`, `_Up`), for a projection that may be the last of a gradient-checkpointed
-    block: u = (m * x) A^T, with the factors packed (C). It saves what the backward needs, (x, u), and does nothing
-    in backward: `_Up`'s backward computes every gradient, reading these saved tensors through its link here.
+    """First of two nodes, for a projection that may be the last of a gradient-checkpointed block: u and C. It
+    saves (x, u) and does nothing in backward: `_Up`'s backward computes every gradient from these saved tensors.
 
-    Why two nodes: gradient checkpointing (non-reentrant, with early stop, PyTorch's default) recomputes a block
-    only until every tensor saved in it exists again. A frozen base layer saves nothing token-sized, so for the
-    last projection of a Llama block (down_proj) the frozen model never recomputes its forward GEMM; if the
-    adapter saved x in the node that runs the base GEMM, the recomputation would run that GEMM as well
-    (docs/performance.md, record 6). With the saving node first, the recomputation stops right after it.
+    Gradient checkpointing (non-reentrant, with early stop, PyTorch's default) recomputes a block only until every
+    tensor saved in it exists again. A frozen base layer saves nothing token-sized, so the frozen model never
+    recomputes its block's last GEMM (down_proj in Llama); with the saving node first, the recomputation stops
+    right after it, before the base GEMM (docs/performance.md, record 6).
     """
 
     @staticmethod
     def forward(ctx, rows, A_p, B_p, D, A_s, B_s, options: tuple):
-        # options: what autograd need not track, in one argument: (mask, seed, backend, scale, link); this node
-        # appends itself to link for `_Up`
-        mask, seed, backend, scale, link = options
+        mask, seed, backend, scale, link = options  # link: a list this node appends itself to, for `_Up`
         ctx.set_materialize_grads(False)
         link.append(ctx)
         u, C = _down(ctx, rows, (A_p, B_p, D, A_s, B_s), mask, seed, backend, scale)
-        # Only the token-sized tensors go through save_for_backward (checkpointing frees and recomputes those);
-        # the backward packs A and C again, or takes a recomputation's pack (`recompute.stash_pack`).
-        ctx.save_for_backward(rows, u)
+        ctx.save_for_backward(rows, u)  # only the token-sized tensors: the backward packs again (or takes a stash)
         ctx.mark_non_differentiable(C)
         return u, C
 
@@ -249,13 +231,13 @@ class _Down(torch.autograd.Function):
 
 class _Up(torch.autograd.Function):
     """Second of the two nodes: y = x W^T + c + u C^T. Saves nothing token-sized; its backward reads x and u from
-    the `_Down` node of the same call and returns every gradient (of x, of the five factors)."""
+    the `_Down` node of the same call and returns every gradient."""
 
     @staticmethod
     def forward(ctx, rows, u, A_p, B_p, D, A_s, B_s, options: tuple):
         C, weight, bias, mask, backend, scale, link = options  # C: _Down's (non-differentiable) C
         y = _up(rows, u, C, weight, bias, backend)
-        ctx.down = link[0]  # the _Down node (its ctx): x and u are read from its saved tensors in backward
+        ctx.down = link[0]
         ctx.state = (weight, (A_p, B_p, D, A_s, B_s), mask, scale, backend)
         return y
 
@@ -266,36 +248,9 @@ class _Up(torch.autograd.Function):
         return (grad_x, None, *grads, None)
 
 
-def _forward(x, weight, bias, A_p, B_p, D, A_s, B_s, p: float, seed: int, last_in_block: bool) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    backend = backend_for(rows, A_p.shape[0] + A_s.shape[0])
-    scale = _dropout.scale(p)
-    mask = backend.mask_args(p, seed)
-    A_p, B_p, D, A_s, B_s = backend.prepare((A_p, B_p, D, A_s, B_s))
-    if last_in_block:
-        link: list = []
-        u, C = _Down.apply(rows, A_p, B_p, D, A_s, B_s, (mask, seed, backend, scale, link))
-        y = _Up.apply(rows, u, A_p, B_p, D, A_s, B_s, (C, weight, bias, mask, backend, scale, link))
-    else:
-        y = _Fused.apply(rows, A_p, B_p, D, A_s, B_s, (weight, bias, mask, seed, backend, scale))
-    return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def rasa_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    A_p: torch.Tensor,
-    B_p: torch.Tensor,
-    D: torch.Tensor,
-    A_s: torch.Tensor,
-    B_s: torch.Tensor,
-    dropout_p: float = 0.0,
-    seed: int | torch.Tensor | None = None,
-    last_in_block: bool = True,
-) -> torch.Tensor:
+def rasa_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A_p: torch.Tensor,
+                B_p: torch.Tensor, D: torch.Tensor, A_s: torch.Tensor, B_s: torch.Tensor, dropout_p: float = 0.0,
+                seed: int | torch.Tensor | None = None, last_in_block: bool = True) -> torch.Tensor:
     """y = x W^T + c + [B_p B_s] diag(D) [A_p ; A_s] dropout(x), computed in x's dtype.
 
     Args:
@@ -315,18 +270,28 @@ def rasa_linear(
     """
     if not 0.0 <= dropout_p < 1.0 or _dropout.effective_p(dropout_p) >= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
     if isinstance(seed, torch.Tensor) or torch.compiler.is_compiling():
-        # the registered operator (`registered.py`, registered when `rasa_lora.ops` loads): traced by torch.compile,
-        # the seed a tensor on the device
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.stride(-1) != 1:
-            rows = rows.contiguous()
+        # the registered operator (registered when `rasa_lora.ops` loads): traced by torch.compile, the seed a tensor
         y, _ = torch.ops.rasa_lora.linear(rows, weight, bias, A_p, B_p, D, A_s, B_s,
                                           _seed_tensor(seed, dropout_p, x.device), float(dropout_p))
         return y.reshape(*x.shape[:-1], y.shape[-1])
+    p = float(dropout_p)
     if seed is None:
-        seed = mask_seed(dropout_p)
-    return _forward(x, weight, bias, A_p, B_p, D, A_s, B_s, float(dropout_p), seed, last_in_block)
+        seed = mask_seed(p)
+    backend = backend_for(rows, A_p.shape[0] + A_s.shape[0])
+    scale = _dropout.scale(p)
+    mask = backend.mask_args(p, seed)
+    A_p, B_p, D, A_s, B_s = backend.prepare((A_p, B_p, D, A_s, B_s))
+    if last_in_block:
+        link: list = []
+        u, C = _Down.apply(rows, A_p, B_p, D, A_s, B_s, (mask, seed, backend, scale, link))
+        y = _Up.apply(rows, u, A_p, B_p, D, A_s, B_s, (C, weight, bias, mask, backend, scale, link))
+    else:
+        y = _Fused.apply(rows, A_p, B_p, D, A_s, B_s, (weight, bias, mask, seed, backend, scale))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _seed_tensor(seed, p: float, device) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """State the fused path keeps between a forward run under gradient checkpointing and its recomputation.
 
 Two process-wide caches, both keyed by the factor tensors themselves (their identity and version counters), so a
-factor changed in place, another scale, dtype or backend, and nothing is reused:
-- `stash_pack` / `take_pack`: the packed (A, C) of a checkpointed recomputation, for the backward that follows it;
-- `keep_u` / `take_u`: the u of a forward run under checkpointing, for its recomputation (docs/performance.md,
-  record 6; `rasa_lora.settings.KEEP_U` turns it off).
+factor changed in place, another scale, dtype or backend, and nothing is reused (docs/performance.md, record 6):
+- `stash_pack` / `take_pack`: the packed (A, C) of a checkpointed recomputation, for the backward that follows it
+  (a launch and two allocations less a layer and step). A forward outside backward passes stashes nothing (its
+  pack would be held across the whole step); the backward pops what it finds, so at most a block's worth is held.
+- `keep_u` / `take_u`: the u of a forward run under checkpointing, for its recomputation (one read of x, and with
+  dropout one drawing of the mask, less a layer and step; `rasa_lora.settings.KEEP_U` turns it off).
 """
 
 from __future__ import annotations
@@ -23,42 +25,35 @@ def checkpointing() -> bool:
     return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
 
 
-# Packs made by a gradient-checkpointing recomputation, for the backward that follows it (see `stash_pack`).
+def _entry(factors: tuple, context: tuple, value) -> tuple:
+    return factors, tuple(t._version for t in factors), context, value
+
+
+def _valid(entry: tuple, factors: tuple, context: tuple) -> bool:
+    """Whether a cache entry was made for these very factors, none changed in place since, in this context."""
+    stashed, versions, stashed_context, _ = entry
+    return (stashed_context == context and all(a is b for a, b in zip(stashed, factors))
+            and versions == tuple(t._version for t in factors))
+
+
+# id(A_p) -> the packed (A, C) of a checkpointed recomputation, for the backward that follows it
 RECOMPUTED_PACKS: dict[int, tuple] = {}
 _MAX_STASHED = 512
 
 
 def stash_pack(factors: tuple, scale: float, dtype, backend, A, C) -> None:
-    """Keep the packed (A, C) of a forward that runs inside a backward pass (a checkpointed recomputation), so the
-    backward of the same layer, which follows, uses them instead of packing again (a launch and two allocations
-    less a layer and step). Keyed by the factor tensors themselves and their version counters: a factor changed
-    in place, another scale, dtype or backend, and the backward packs afresh. A forward outside backward passes
-    stashes nothing (its pack would be held across the whole step); the backward pops what it finds, so at most
-    a block's worth is held."""
+    """Keep the (A, C) packed by a forward that runs inside a backward pass (a checkpointed recomputation)."""
     if len(RECOMPUTED_PACKS) >= _MAX_STASHED:  # stashes nobody took (a recomputation without a backward)
         RECOMPUTED_PACKS.clear()
-    RECOMPUTED_PACKS[id(factors[0])] = (factors, _versions(factors), scale, dtype, backend, A, C)
+    RECOMPUTED_PACKS[id(factors[0])] = _entry(factors, (scale, dtype, backend), (A, C))
 
 
 def take_pack(factors: tuple, scale: float, dtype, backend):
     """(A, C) stashed for exactly these factors (same tensors, unchanged), scale, dtype and backend, or None."""
     entry = RECOMPUTED_PACKS.pop(id(factors[0]), None)
-    if entry is None:
+    if entry is None or not _valid(entry, factors, (scale, dtype, backend)):
         return None
-    stashed, versions, stashed_scale, stashed_dtype, stashed_backend, A, C = entry
-    if (stashed_scale != scale or stashed_dtype != dtype or stashed_backend != backend
-            or not _unchanged(stashed, versions, factors)):
-        return None
-    return A, C
-
-
-def _versions(factors: tuple) -> tuple:
-    return tuple(t._version for t in factors)
-
-
-def _unchanged(stashed: tuple, versions: tuple, factors: tuple) -> bool:
-    """Whether `factors` are the very tensors `stashed`, none changed in place since their `versions` were read."""
-    return all(a is b for a, b in zip(stashed, factors)) and versions == _versions(factors)
+    return entry[3]
 
 
 class _Kept:
@@ -70,23 +65,18 @@ class _Kept:
         self.u = u
 
 
-# u of the forwards run under gradient checkpointing, by (id(A_p), seed), for their recomputations (`keep_u`)
+# (id(A_p), seed) -> the u of a forward run under gradient checkpointing (a weak reference), for its recomputation
 KEPT_U: dict[tuple, tuple] = {}
 
 
 def keep_u(ctx, factors: tuple, seed: int, scale: float, backend, rows, u) -> torch.Tensor:
-    """Keep u (in x's dtype) of a forward running under non-reentrant gradient checkpointing, so its recomputation
-    takes it instead of computing it again: one read of x (and, with dropout, one drawing of the mask) less a layer
-    and step. The checkpoint discards and recomputes what the node saves; u lives on here, at x's dtype (for bf16
-    inputs what every consumer of u reads anyway: the kernels round it to x's dtype before their products, so the
-    results are the same bits), at R / a of x's size (docs/performance.md, record 6; `set_keep_u(False)` turns
-    it off).
+    """Keep u, in x's dtype (for bf16 inputs what every consumer reads anyway: the kernels round u to x's dtype
+    before their products, so the results are the same bits), for the recomputation of this forward; returns it.
 
     The node holds the only strong reference (`ctx.kept`), so a u nobody takes (a forward without backward) goes
-    with its graph; the recomputation finds it by the factors' identity and the call's seed (drawn for every call
+    with its graph. The recomputation finds it by the factors' identity and the call's seed (drawn for every call
     under checkpointing, dropout or not; checkpointing restores the generator, so the recomputation draws the same),
-    and takes it only for the same factors (unchanged version counters), rows, scale and backend. Returns the
-    kept u."""
+    and takes it only for the same factors (unchanged version counters), row count, dtype, scale and backend."""
     u = u.to(rows.dtype)
     # a detached alias: `_Down` returns u as its output, which autograd gives a grad_fn (the node itself); the
     # node holding that very tensor would be a reference cycle through C++ that keeps the whole graph alive
@@ -95,22 +85,20 @@ def keep_u(ctx, factors: tuple, seed: int, scale: float, backend, rows, u) -> to
 
     def forget(ref, key=key):
         entry = KEPT_U.get(key)
-        if entry is not None and entry[0] is ref:
+        if entry is not None and entry[3] is ref:
             del KEPT_U[key]
 
-    KEPT_U[key] = (weakref.ref(kept, forget), factors, _versions(factors), rows.shape[0], rows.dtype, scale, backend)
+    KEPT_U[key] = _entry(factors, (rows.shape[0], rows.dtype, scale, backend), weakref.ref(kept, forget))
     return u
 
 
 def take_u(factors: tuple, seed: int, scale: float, backend, rows):
     """The u kept by `keep_u` for this call (and released from its forward's node), or None."""
     entry = KEPT_U.pop((id(factors[0]), seed), None)
-    if entry is None:
+    if entry is None or not _valid(entry, factors, (rows.shape[0], rows.dtype, scale, backend)):
         return None
-    ref, kept_factors, versions, M, dtype, kept_scale, kept_backend = entry
-    kept = ref()
-    if (kept is None or kept.u is None or M != rows.shape[0] or dtype != rows.dtype or kept_scale != scale
-            or kept_backend != backend or not _unchanged(kept_factors, versions, factors)):
+    kept = entry[3]()
+    if kept is None or kept.u is None:
         return None
     u, kept.u = kept.u, None
     return u
