@@ -275,7 +275,7 @@ def save_training_state(output_dir: str | Path, step: int, model: torch.nn.Modul
     layout = {"format": fmt, "engine": engine.value, "world_size": int(accelerator.num_processes)}
     tensors: dict[str, Any] = {}
     if fmt == DEEPSPEED:  # collective: each process writes its partitions
-        model.save_checkpoint(str(staging / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False,
+        model.save_checkpoint(str(staging / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=True,
                               exclude_frozen_parameters=True)
     elif engine is Engine.FSDP2:
         tensors = _gather_fsdp2(unwrapped, _torch_optimizer(optimizer), main)
