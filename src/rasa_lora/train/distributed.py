@@ -42,8 +42,10 @@ Verified here (CPU, gloo, 2 processes, tests/distributed/): DDP and FSDP2 with b
 accumulated micro-batches give the gradients, clipping norm and parameters after one step of one process (relative
 error <= 1e-6 in fp32), and the saved adapter loads in one process with the same logits.
 ZeRO-3 likewise with `deepspeed.initialize` on DeepSpeed's CPU accelerator (tests/distributed/test_zero3_cpu.py,
-when deepspeed is installed). On two GPUs (benchmarks/multi_gpu.py): DDP, FSDP2 and ZeRO-3 through `accelerate
-launch` match one GPU (docs/distributed.md). Not verified: FSDP1, ZeRO-2, many nodes.
+when deepspeed is installed). Checkpoint, resume in fresh processes and continue under FSDP2, ZeRO-2 and ZeRO-3:
+bitwise the uninterrupted run (tests/distributed/test_resume.py, test_launch_resume.py). On two GPUs
+(benchmarks/multi_gpu.py): DDP, FSDP2 and ZeRO-3 through `accelerate launch` match one GPU (docs/distributed.md).
+Not verified: FSDP1, ZeRO-2 on GPUs, resume on GPUs, many nodes.
 """
 
 from __future__ import annotations
