@@ -103,3 +103,35 @@ def test_a_half_written_checkpoint_is_never_picked_up(tmp_path):
     (root / "step-000004").mkdir()
     (root / "step-000004" / checkpoint.STATE).write_bytes(b"x")
     assert [path.name for path in checkpoint.checkpoint_dirs(tmp_path)] == ["step-000004"]
+
+
+def test_the_trainer_refuses_another_engines_checkpoint_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    """`rasa-lora train --resume` in one process on a run whose checkpoint DeepSpeed wrote (ZeRO-2, 8 processes):
+    one line naming the command that resumes it, exit 2, and the model is never built."""
+    from rasa_lora.models import tiny_llama
+    from rasa_lora.train import trainer
+    from rasa_lora.train.cli import main as train_main
+    from tests.train.conftest import build_tiny_tokenizer
+
+    model_dir, out = tmp_path / "tiny", tmp_path / "run"
+    tokenizer = build_tiny_tokenizer()
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    keys = ["--base-model", str(model_dir), "--output-dir", str(out), "--save-steps", "1",
+            "--global-batch-size", "2", "--micro-batch-size", "2", "--num-examples", "4", "--progress-bar", "false",
+            "--gradient-checkpointing", "false", "--max-steps", "2"]
+    torch.set_num_threads(1)
+    assert train_main(keys) == 0
+    newest = checkpoint.checkpoint_dirs(out)[-1]
+    payload = torch.load(newest / checkpoint.STATE, weights_only=False)
+    payload["layout"] = {"format": "deepspeed", "engine": "zero2", "world_size": 8}
+    torch.save(payload, newest / checkpoint.STATE)
+    capsys.readouterr()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(trainer, "build_model", no_model)
+    assert train_main([*keys, "--resume", "true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "configs/distributed/zero2.yaml --num_processes 8" in err[0], err

@@ -176,7 +176,13 @@ def _config_for(layout: dict[str, Any]) -> str:
     return {"zero2": "zero2.yaml", "zero3": "zero3.yaml", "fsdp2": "fsdp2.yaml"}.get(engine, "ddp.yaml")
 
 
-def check_layout(path: Path, layout: dict[str, Any] | None, engine: str, world_size: int) -> None:
+def check_resumable(path: Path, engine: str, world_size: int) -> None:
+    """`check_layout` for checkpoint `path` before anything is loaded (errors only; the warning comes at loading)."""
+    payload = torch.load(path / STATE, map_location="cpu", weights_only=False, mmap=True)
+    check_layout(path, payload.get("layout"), engine, world_size, warn=False)
+
+
+def check_layout(path: Path, layout: dict[str, Any] | None, engine: str, world_size: int, warn: bool = True) -> None:
     """Refuse, with the fix, a checkpoint this engine and number of processes cannot resume; warn where the resumed
     run will not be bitwise that of an uninterrupted one (another number of processes draws other dropout masks)."""
     layout = layout or {"format": FULL, "engine": "single", "world_size": 1}  # written before layouts existed
@@ -193,7 +199,7 @@ def check_layout(path: Path, layout: dict[str, Any] | None, engine: str, world_s
         raise ValueError(
             f"checkpoint {path} was {written}; DeepSpeed resumes only its own checkpoints: resume it with "
             f"configs/distributed/{_config_for(layout)} (or fsdp2.yaml, ddp.yaml, one process), or start afresh")
-    if world_size != saved_world:
+    if world_size != saved_world and warn:
         warnings.warn(f"checkpoint {path} was {written}, resumed with {world_size}: the adapter and optimizer state "
                       "come back exactly, but each process draws its own dropout masks, so the run will not be "
                       "bitwise that of an uninterrupted one", stacklevel=2)

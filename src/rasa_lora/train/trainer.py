@@ -581,6 +581,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     engine = distributed.detect_engine(accelerator)
     use_reentrant = distributed.checkpointing_kwargs(engine, config.use_reentrant)["use_reentrant"]
     distributed.check_supported(engine, config)
+    if config.resume:  # a checkpoint this engine or number of processes cannot resume: refused before loading
+        checkpoint.check_resumable(checkpoint.checkpoint_dirs(config.output_dir)[-1], engine.value,
+                                   accelerator.num_processes)
     run = prepare_run(config)
     run.accelerator, run.device = accelerator, accelerator.device
     warning = cpu_warning(config, run.total_steps, run.device)
