@@ -18,11 +18,11 @@ Choices:
   more than CPU_WARN_EXAMPLES examples' passes is announced with the quick recipe before the model loads.
 - Many processes: `accelerate launch --config_file configs/distributed/<ddp|fsdp2|zero2|zero3>.yaml -m rasa_lora.cli
   train ...`; each process takes its share of a step's micro-batches, and `train/distributed.py` does what each
-  engine needs (docs/distributed.md). The main process writes the directory, metrics, checkpoints and adapter.
+  engine needs (docs/distributed.md). The main process writes the directory, metrics and adapter; every process
+  writes its part of a checkpoint (its RNG; under DeepSpeed its partitions).
 - Checkpoints and resume under every engine but FSDP1 (`checkpoint.py`: one layout for one process, DDP and FSDP2,
   DeepSpeed's own for ZeRO); the checkpoint is restored after `accelerator.prepare`, once the engine has sharded.
-Limits: AdaLoRA's regulariser is added per micro-batch,
-so its reported loss includes it once per micro-batch.
+Limits: AdaLoRA's regulariser is added per micro-batch, so its reported loss includes it once per micro-batch.
 """
 
 from __future__ import annotations
