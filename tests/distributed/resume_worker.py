@@ -6,7 +6,8 @@ optimizer, prepared, resumed from that checkpoint, 2 more steps; (4) as (3) but 
 (the negative control: the test must see it). Each run ends with the whole adapter gathered (`gather_adapter_entries`).
 The optimizer is the recipe's LionW, whose sign update makes a lost momentum visible at once.
 
-FSDP2 goes through accelerate and `prepare_training` as in the trainer (rasa-lora shards CPUs itself). accelerate
+DDP and FSDP2 go through accelerate and `prepare_training` as in the trainer (rasa-lora shards CPUs with FSDP2
+itself). accelerate
 runs DeepSpeed only on GPUs, so ZeRO-2/3 use `deepspeed.initialize` on DeepSpeed's CPU accelerator with a stand-in
 for the accelerator (`detect_engine` reads its state as accelerate's); the checkpoint calls are the trainer's.
 """
@@ -59,7 +60,7 @@ def _build(engine: str, accelerator):
     model = build_model(False)
     optimizer = DecoupledLionW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
-    if engine == "fsdp2":
+    if engine in ("ddp", "fsdp2"):
         model, optimizer, scheduler = distributed.prepare_training(accelerator, model, optimizer, scheduler)
         return model, optimizer, scheduler
     import deepspeed
@@ -78,7 +79,7 @@ def _steps(engine: str, model, optimizer, scheduler, accelerator, first: int, la
     for step in range(first, last):
         ids = _batch(step)[accelerator.process_index::accelerator.num_processes]
         loss = model(input_ids=ids, labels=ids).loss
-        if engine == "fsdp2":
+        if engine in ("ddp", "fsdp2"):
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -101,7 +102,7 @@ def _resumed(engine: str, accelerator, path: Path, with_optimizer: bool) -> dict
 
     model, optimizer, scheduler = _build(engine, accelerator)
     if not with_optimizer:
-        if engine == "fsdp2":  # the checkpoint without optimizer state
+        if engine in ("ddp", "fsdp2"):  # the checkpoint without optimizer state
             copy = path.with_name(path.name + "-no-optimizer")
             if accelerator.is_main_process:
                 import shutil
@@ -131,7 +132,7 @@ def resume_worker(rank: int, world_size: int, port: int, engine: str, out_dir: s
     try:
         from rasa_lora.train import checkpoint
 
-        if engine == "fsdp2":
+        if engine in ("ddp", "fsdp2"):
             from accelerate import Accelerator
 
             accelerator = Accelerator(cpu=True)

@@ -1,8 +1,8 @@
-"""Resume under FSDP2 and DeepSpeed ZeRO-2/3: 2 CPU processes (gloo), checkpoint after step 2 of 4, resume in fresh
+"""Resume under DDP, FSDP2 and DeepSpeed ZeRO-2/3: 2 CPU processes (gloo), checkpoint after step 2 of 4, resume in fresh
 model and optimizer, compare with 4 straight steps (`resume_worker.py`).
 
 fp32 on the CPU is deterministic, so the resumed adapter (every tensor, the 14 shared pools included) must be
-bitwise the straight run's (measured: equal, all three engines). The negative control resumes without the
+bitwise the straight run's (measured: equal, all four engines). The negative control resumes without the
 optimizer state (LionW's momentum): its adapter differs (measured max |diff| 1.2e-3 FSDP2, 7.5e-2 ZeRO-2/3), which
 shows the comparison can fail. Each engine's job takes ~30-40 s on 2 cores; DeepSpeed's are skipped without it.
 """
@@ -15,7 +15,7 @@ import torch
 from rasa_lora.train import checkpoint
 from tests.distributed.resume_worker import SPLIT, STEPS, run_resume_job
 
-ENGINES = ["fsdp2", "zero2", "zero3"]
+ENGINES = ["ddp", "fsdp2", "zero2", "zero3"]
 _JOBS: dict[str, dict] = {}
 
 
