@@ -278,12 +278,18 @@ def test_processes_stop_on_the_signal_any_of_them_received():
     assert distributed.agreed_signal(None, accelerator) is None
 
 
-@pytest.mark.parametrize(("engine", "keys"), [
-    (Engine.FSDP2, {"save_steps": 5}), (Engine.ZERO3, {"resume": True}), (Engine.FSDP2, {"method": "pissa"})])
-def test_what_sharded_engines_cannot_do_is_refused(engine, keys):
+@pytest.mark.parametrize(("engine", "keys", "fix"), [
+    (Engine.FSDP1, {"save_steps": 5}, "fsdp2.yaml"), (Engine.FSDP2, {"resume": True, "method": "fft"}, "zero3.yaml"),
+    (Engine.FSDP2, {"method": "pissa"}, "ddp.yaml"), (Engine.ZERO3, {"method": "prilora"}, "ddp.yaml")])
+def test_what_sharded_engines_cannot_do_is_refused(engine, keys, fix):
     config = SimpleNamespace(**{"resume": False, "save_steps": 0, "method": "rasa", **keys})
-    with pytest.raises(NotImplementedError, match="ddp.yaml"):
+    with pytest.raises(NotImplementedError, match=fix):
         distributed.check_supported(engine, config)
+
+
+@pytest.mark.parametrize("engine", [Engine.FSDP2, Engine.ZERO2, Engine.ZERO3])
+def test_fsdp2_and_deepspeed_may_checkpoint_and_resume(engine):
+    distributed.check_supported(engine, SimpleNamespace(resume=True, save_steps=5, method="rasa"))
 
 
 def test_ddp_may_checkpoint_and_resume():

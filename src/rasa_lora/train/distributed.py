@@ -31,8 +31,8 @@ units and reshards a layer's unit after its forward; the pool therefore must bel
 layer using it (the root), which `check_pool_placement` verifies. ZeRO-3 gathers only a module's own parameters at
 its forward, hence the external-parameter registration (the pool is gathered at each layer's forward: cheap, it
 has L*k rows). Saving gathers the sharded adapter tensors (DTensor, ZeRO-3) on every rank, and the main process
-writes the PEFT files; the pool is saved once, exactly as by one process. Limits: training checkpoints and resume
-only for one process and DDP (`check_supported` refuses the rest before anything loads).
+writes the PEFT files; the pool is saved once, exactly as by one process. Training checkpoints: `checkpoint.py`
+(FSDP2 gathered to whole tensors, DeepSpeed's own partitioned checkpoint); not under FSDP1.
 
 accelerate runs FSDP and DeepSpeed only on accelerators: on a CPU it silently falls back to DDP. So that the same
 `fsdp2.yaml` also runs FSDP2 on CPUs (gloo), a CPU run launched with FSDP2 is sharded here with accelerate's own
@@ -42,8 +42,10 @@ Verified here (CPU, gloo, 2 processes, tests/distributed/): DDP and FSDP2 with b
 accumulated micro-batches give the gradients, clipping norm and parameters after one step of one process (relative
 error <= 1e-6 in fp32), and the saved adapter loads in one process with the same logits.
 ZeRO-3 likewise with `deepspeed.initialize` on DeepSpeed's CPU accelerator (tests/distributed/test_zero3_cpu.py,
-when deepspeed is installed). On two GPUs (benchmarks/multi_gpu.py): DDP, FSDP2 and ZeRO-3 through `accelerate
-launch` match one GPU (docs/distributed.md). Not verified: FSDP1, ZeRO-2, many nodes.
+when deepspeed is installed). Checkpoint, resume in fresh processes and continue under FSDP2, ZeRO-2 and ZeRO-3:
+bitwise the uninterrupted run (tests/distributed/test_resume.py, test_launch_resume.py). On two GPUs
+(benchmarks/multi_gpu.py): DDP, FSDP2 and ZeRO-3 through `accelerate launch` match one GPU (docs/distributed.md).
+Not verified: FSDP1, ZeRO-2 on GPUs, resume on GPUs, many nodes.
 """
 
 from __future__ import annotations
@@ -140,17 +142,22 @@ def make_accelerator(**kwargs: Any) -> Any:
 def check_supported(engine: Engine, config: Any) -> None:
     """Refuse, before anything is loaded, what the training loop cannot do under `engine` yet.
 
-    Training checkpoints (`save_steps`, `resume`) store each trainable tensor and the optimizer state as one
-    process holds them; under FSDP and DeepSpeed those are sharded, so only one process and DDP may use them.
+    Training checkpoints (`save_steps`, `resume`) work in one process and under DDP, FSDP2 and DeepSpeed
+    (`checkpoint.py`); not under FSDP1 (no CPU path to test it), nor for full fine-tuning under FSDP2 (its
+    checkpoint would gather the whole model in one process).
     OLoRA and PiSSA convert their adapter against the whole model at saving time, and PriLoRA prunes its whole A in
     place: one process and DDP only.
     """
     sharded = engine in (Engine.FSDP1, Engine.FSDP2, Engine.ZERO2, Engine.ZERO3)
-    if sharded and (getattr(config, "resume", False) or getattr(config, "save_steps", 0)):
+    checkpoints = getattr(config, "resume", False) or getattr(config, "save_steps", 0)
+    if checkpoints and engine is Engine.FSDP1:
         raise NotImplementedError(
-            f"save_steps/resume are not supported with {engine.value} yet (checkpoints hold unsharded tensors); "
-            "train with save_steps 0, or use configs/distributed/ddp.yaml to checkpoint and resume."
-        )
+            "save_steps/resume are not supported with fsdp1; use configs/distributed/fsdp2.yaml (or ddp.yaml) to "
+            "checkpoint and resume.")
+    if checkpoints and engine is Engine.FSDP2 and getattr(config, "method", None) == "fft":
+        raise NotImplementedError(
+            "save_steps/resume with method=fft are not supported with fsdp2 (the checkpoint would gather the whole "
+            "model in one process); use configs/distributed/zero3.yaml, or train with save_steps 0.")
     if engine is Engine.FSDP2 and getattr(config, "method", None) == "fft" and not torch.cuda.is_available():
         raise NotImplementedError(
             "method=fft with FSDP2 on CPUs is not supported (saving the whole sharded model goes through accelerate, "

@@ -18,9 +18,11 @@ Choices:
   more than CPU_WARN_EXAMPLES examples' passes is announced with the quick recipe before the model loads.
 - Many processes: `accelerate launch --config_file configs/distributed/<ddp|fsdp2|zero2|zero3>.yaml -m rasa_lora.cli
   train ...`; each process takes its share of a step's micro-batches, and `train/distributed.py` does what each
-  engine needs (docs/distributed.md). The main process writes the directory, metrics, checkpoints and adapter.
-Limits: checkpoints and resume in one process or under DDP only; AdaLoRA's regulariser is added per micro-batch,
-so its reported loss includes it once per micro-batch.
+  engine needs (docs/distributed.md). The main process writes the directory, metrics and adapter; every process
+  writes its part of a checkpoint (its RNG; under DeepSpeed its partitions).
+- Checkpoints and resume under every engine but FSDP1 (`checkpoint.py`: one layout for one process, DDP and FSDP2,
+  DeepSpeed's own for ZeRO); the checkpoint is restored after `accelerator.prepare`, once the engine has sharded.
+Limits: AdaLoRA's regulariser is added per micro-batch, so its reported loss includes it once per micro-batch.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class Run:
     accelerator: Any = None  # accelerate.Accelerator (one process or many; see train/distributed.py)
     state: LoopState = field(default_factory=LoopState)
     epoch_plan: tuple[int, list[list[list[int]]]] = (-1, [])
+    resume_from: Path | None = None  # the checkpoint `restore` loads after the engine's preparation
 
 
 def pick_device() -> torch.device:
@@ -368,18 +371,12 @@ def _log_row(run: Run, step: int, loss: float, tokens_per_s: float) -> dict[str,
 
 
 def _save(run: Run) -> Path:
+    """Checkpoint the run on every process (`checkpoint.save_training_state`: the engine's layout, atomic)."""
     from dataclasses import asdict
 
-    path = Path(run.config.output_dir) / checkpoint.CHECKPOINTS / f"step-{run.state.step:06d}"
-    if run.accelerator.is_main_process:
-        path = checkpoint.save_checkpoint(run.config.output_dir, run.state.step,
-                                          run.accelerator.unwrap_model(run.model), run.optimizer,
-                                          run.scheduler, asdict(run.state), run.config.save_total_limit)
-    run.accelerator.wait_for_everyone()
-    if not run.accelerator.is_main_process:  # each process's own RNG (dropout masks), for an exact resume
-        torch.save(checkpoint.rng_states(), path / f"rng-rank{run.accelerator.process_index}.pt")
-    run.accelerator.wait_for_everyone()
-    return path
+    return checkpoint.save_training_state(run.config.output_dir, run.state.step, run.model, run.optimizer,
+                                          run.scheduler, asdict(run.state), run.config.save_total_limit,
+                                          run.accelerator)
 
 
 EPOCHS = "epochs"
@@ -529,6 +526,15 @@ def write_summary(run: Run, trainable: int, total: int, wall_s: float) -> dict[s
     return summary
 
 
+def restore(run: Run) -> None:
+    """Load `run.resume_from` into the prepared model and optimizer (every engine shards them by then)."""
+    run.state = LoopState(**checkpoint.load_training_state(run.resume_from, run.model, run.optimizer, run.scheduler,
+                                                           run.accelerator))
+    if run.accelerator.is_main_process:
+        _truncate_metrics(Path(run.config.output_dir) / "metrics.jsonl", run.state.step)
+    run.accelerator.wait_for_everyone()
+
+
 def start_or_resume(run: Run) -> None:
     """Create the output directory (fresh run) or restore the newest checkpoint (resume)."""
     out = Path(run.config.output_dir)
@@ -536,12 +542,7 @@ def start_or_resume(run: Run) -> None:
         run.model.peft_config["default"].init_lora_weights = True  # PEFT's recipe for the later conversion
     if run.config.resume:
         check_resume_config(run.config)
-        newest = checkpoint.checkpoint_dirs(out)[-1]
-        run.state = LoopState(**checkpoint.load_checkpoint(newest, run.model, run.optimizer, run.scheduler))
-        own_rng = newest / f"rng-rank{run.accelerator.process_index}.pt"
-        if own_rng.is_file():
-            checkpoint.restore_rng_states(torch.load(own_rng, weights_only=False))
-        _truncate_metrics(out / "metrics.jsonl", run.state.step)
+        run.resume_from = checkpoint.checkpoint_dirs(out)[-1]  # restored by `restore` once the engine is ready
         return
     if run.accelerator.is_main_process:
         if run.config.overwrite and out.exists():
@@ -580,6 +581,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     engine = distributed.detect_engine(accelerator)
     use_reentrant = distributed.checkpointing_kwargs(engine, config.use_reentrant)["use_reentrant"]
     distributed.check_supported(engine, config)
+    if config.resume:  # a checkpoint this engine or number of processes cannot resume: refused before loading
+        checkpoint.check_resumable(checkpoint.checkpoint_dirs(config.output_dir)[-1], engine.value,
+                                   accelerator.num_processes)
     run = prepare_run(config)
     run.accelerator, run.device = accelerator, accelerator.device
     warning = cpu_warning(config, run.total_steps, run.device)
@@ -596,6 +600,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     start_or_resume(run)
     run.model, run.optimizer, run.scheduler = distributed.prepare_training(
         accelerator, run.model, run.optimizer, run.scheduler, use_reentrant, config.micro_batch_size)
+    if run.resume_from is not None:
+        restore(run)
     if config.compile:
         compile_model(run)
     tracking.start(accelerator, config)
