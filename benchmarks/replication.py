@@ -217,7 +217,8 @@ def generate_gsm8k(model, tokenizer, items: list[dict], out: Path, max_new_token
     order; scored elsewhere). Prompts are sorted by length (longest first) and generated `batch_size` at a time,
     the batches `generate_transformers` makes of the whole list; each batch is appended to
     generations.partial.jsonl as it ends, so a process stopped by a time limit loses at most the batch it was in.
-    Returns the timing: seconds, generated tokens (EOS included, finished rows excluded), batches."""
+    Returns the timing: seconds, decoding steps (ms a step: a 135M model's step is host-bound on a GPU, so it
+    stays flat as the batch grows until the GPU is busy), generated tokens (finished rows excluded), batches."""
     import torch
 
     from rasa_lora.evaluation.generation import generate_transformers
@@ -229,15 +230,19 @@ def generate_gsm8k(model, tokenizer, items: list[dict], out: Path, max_new_token
     prompts = [math_prompt(item["question"]) for item in items]
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # generate_transformers' order
     done = {key: row["generation"] for key, row in _read_rows(partial).items()}
-    tokens = [0]
+    counts = {"tokens": 0, "steps": 0}
+
+    def count(running: int) -> None:  # called after each decoding step with the rows still running
+        counts["tokens"] += running
+        counts["steps"] += 1
+
     started, batches = time.perf_counter(), 0
     for first in range(0, len(order), batch_size):
         batch = order[first:first + batch_size]
         if all(items[i]["id"] in done for i in batch):
             continue
         texts = generate_transformers(model, tokenizer, [prompts[i] for i in batch], max_new_tokens, 0.0, 1,
-                                      batch_size, stop=STOP, on_tokens=lambda count: tokens.__setitem__(
-                                          0, tokens[0] + count))
+                                      batch_size, stop=STOP, on_tokens=count)
         rows = [{"id": items[i]["id"], "generation": text[0]} for i, text in zip(batch, texts)]
         with partial.open("a") as handle:
             handle.write("".join(json.dumps(row) + "\n" for row in rows))
@@ -249,8 +254,9 @@ def generate_gsm8k(model, tokenizer, items: list[dict], out: Path, max_new_token
     _write_atomic(target, "".join(json.dumps({"id": item["id"], "generation": done[item["id"]]}) + "\n"
                                   for item in items))
     partial.unlink(missing_ok=True)
-    return {"seconds": round(seconds, 2), "items": len(items), "batches": batches, "generated_tokens": tokens[0],
-            "tokens_per_s": round(tokens[0] / max(seconds, 1e-9), 1), "batch_size": batch_size,
+    return {"seconds": round(seconds, 2), "items": len(items), "batches": batches, "steps": counts["steps"],
+            "ms_per_step": round(1e3 * seconds / max(counts["steps"], 1), 2), "generated_tokens": counts["tokens"],
+            "tokens_per_s": round(counts["tokens"] / max(seconds, 1e-9), 1), "batch_size": batch_size,
             "max_new_tokens": max_new_tokens}
 
 
@@ -496,6 +502,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "extra", None) and args.extra[0] == "--":
         args.extra = args.extra[1:]
+    if args.stage in ("generate", "generate-one"):
+        try:
+            parse_tasks(args.tasks), parse_limits(args.limit)
+        except ValueError as error:
+            parser.error(str(error))
+        if args.stage == "generate-one" and not (args.work or args.out):
+            parser.error("generate-one needs --out (with --adapter, or none for the base model) or --work FILE")
     stages = {"train": cmd_train, "generate": cmd_generate, "generate-one": cmd_generate_one,
               "analyze": cmd_analyze, "pack": cmd_pack, "score": cmd_score}
     return stages[args.stage](args)
