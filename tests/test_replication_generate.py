@@ -11,7 +11,7 @@ import torch
 
 replication = pytest.importorskip("benchmarks.replication")
 
-LIMITS = {"gsm8k": 5, "arc_challenge": 4, "winogrande": 4, "hellaswag": 3}
+LIMITS = {"gsm8k": 4, "arc_challenge": 3, "winogrande": 3, "hellaswag": 2}
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,7 @@ def _old_path(base: str, adapter: str | None, data_dir, out, batch_size: int, ma
         assert cli_main(command + (["--adapter", adapter] if adapter else [])) == 0
 
 
+@pytest.mark.slow
 def test_one_process_gives_what_the_per_adapter_path_gave(tiny_dir, shared_data, tmp_path, monkeypatch):
     import rasa_lora.evaluation.cli as evaluation_cli
 
@@ -77,14 +78,14 @@ def test_one_process_gives_what_the_per_adapter_path_gave(tiny_dir, shared_data,
                         lambda *args, **kwargs: loads.append(args) or original(*args, **kwargs))
     work = [{"name": name, "adapter": None if name == "base" else str(tiny_dir / name), "model": None,
              "out": str(tmp_path / "new" / name)} for name in ("rasa", "base", "lora")]
-    timings = replication.evaluate_work(base, work, shared_data, list(replication.TASKS), LIMITS, 12, 2)
+    timings = replication.evaluate_work(base, work, shared_data, list(replication.TASKS), LIMITS, 8, 2)
     assert len(loads) == 1  # the base model, once for three entries
     monkeypatch.setattr(evaluation_cli, "load_model_and_tokenizer", original)
     assert [t["name"] for t in timings] == ["rasa", "base", "lora"]
     generations = {}
     for name in ("rasa", "base", "lora"):
         adapter = None if name == "base" else str(tiny_dir / name)
-        _old_path(base, adapter, shared_data, tmp_path / "old" / name, batch_size=2, max_new_tokens=12)
+        _old_path(base, adapter, shared_data, tmp_path / "old" / name, batch_size=2, max_new_tokens=8)
         new, old = tmp_path / "new" / name, tmp_path / "old" / name
         generations[name] = (new / "gsm8k" / "generations.jsonl").read_text()
         assert generations[name] == (old / "gsm8k" / "generations.jsonl").read_text()
@@ -164,3 +165,29 @@ def test_limits_tasks_and_runs(tmp_path):
                     "out": str(tmp_path / "fft-s0" / "eval" / "epoch-2")}]
     assert [e["name"] for e in replication.work_list(tmp_path, ["base", "rasa-r8-s0"])] == [
         "base", "rasa-r8-s0@1", "rasa-r8-s0@2"]
+
+
+@pytest.mark.slow
+def test_the_generate_stage_shares_adapters_among_processes_and_resumes(tiny_dir, shared_data, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "runs"
+    for run in ("lora-r8-s0", "rasa-r8-s0"):
+        shutil.copytree(tiny_dir / run.split("-")[0], root / run / "epochs" / "epoch-1")
+    command = ["generate", "--root", str(root), "--base-model", str(tiny_dir / "base"), "--data-dir", str(shared_data),
+               "--jobs", "2", "--threads", "1", "--limit", "gsm8k=3,arc_challenge=2", "--tasks", "gsm8k,arc_challenge",
+               "--max-new-tokens", "4", "--batch-size", "2", "--runs", "rasa-r8-s0,lora-r8-s0"]
+    assert replication.main(command) == 0
+    printed = capsys.readouterr().out
+    assert "2 adapters to evaluate (0 done)" in printed and "failed: none" in printed
+    for run in ("lora-r8-s0", "rasa-r8-s0"):
+        out = root / run / "eval" / "epoch-1"
+        assert len((out / "gsm8k" / "generations.jsonl").read_text().splitlines()) == 3
+        assert json.loads((out / "arc_challenge" / "summary.json").read_text())["items"] == 2
+        assert set(json.loads((out / "timing.json").read_text())["tasks"]) == {"gsm8k", "arc_challenge"}
+        assert not (out / "winogrande").exists()
+    assert not (root / "base").exists()  # not among --runs
+    work = [json.loads((root / "logs" / f"generate-{i}.json").read_text()) for i in range(2)]
+    assert sorted(entry["name"] for share in work for entry in share) == ["lora-r8-s0@1", "rasa-r8-s0@1"]
+    assert replication.main(command) == 0
+    assert "0 adapters to evaluate (2 done)" in capsys.readouterr().out
