@@ -8,7 +8,8 @@ interrupted, so the grid can span several 10-minute sittings of a rented GPU.
 Stages (GPU machine: `train`, `generate`, `analyze`, `pack`; here: `score`):
   python3 benchmarks/replication.py train --runs lora-r8-s0,rasa-r8-s0 --base-model /tmp/smollm2.gguf \\
       --data-dir .data --jobs 7 --time-limit 540
-  python3 benchmarks/replication.py generate --base-model /tmp/smollm2.gguf --data-dir .data --jobs 8
+  python3 benchmarks/replication.py generate --base-model /tmp/smollm2.gguf --data-dir .data --jobs 4 \\
+      --batch-size 660 [--runs lora-r8-s0,base] [--tasks gsm8k] [--limit gsm8k=660]
   python3 benchmarks/replication.py analyze --base-model /tmp/smollm2.gguf      # Figs. 2-3 on the fft run's deltas
   python3 benchmarks/replication.py pack --out $OUT/replication.tar.gz           # the small files, to bring back
   python3 benchmarks/replication.py score --root benchmarks/results/replication  # GSM8K verdicts (math-verify)
@@ -17,6 +18,14 @@ Then `python3 benchmarks/replication_report.py` writes the tables and figures of
 Run names: `{method}-r{r}-s{seed}` (lora, rasa, vera), `fft-s{seed}`. The study's own choices (global batch 32,
 2 epochs in the first sitting, no gradient checkpointing, 500 held-out examples) are in the recipe's header.
 `time-limit` sends SIGTERM to trainings still running at the limit: the trainer checkpoints and exits 143.
+
+`generate` evaluates the base model and every epoch adapter (`--runs`: some runs only; `base` names the base model)
+in `--jobs` processes, each loading the base model once and taking its share of the adapters in turn: the
+multiple-choice tasks (ARC-Challenge, WinoGrande, the first 1,000 of HellaSwag) on the PEFT model with `rasa-lora
+eval`'s scoring function, then GSM8K test generations (greedy, 400 new tokens, `--batch-size` prompts at a time,
+longest first) on the merged copy. Each adapter's outputs are written as they finish (GSM8K batch by batch), with
+`eval/epoch-N/timing.json` (seconds per task, decoding steps, ms a step, tokens/s, peak GPU memory); a rerun, or the
+next sitting, continues. The stage ends with a table of what is done and how long it took.
 """
 
 from __future__ import annotations
@@ -479,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("generate", "generate-one"):
         stage = sub.add_parser(name, parents=[common])
         stage.add_argument("--max-new-tokens", type=int, default=400)
-        stage.add_argument("--batch-size", type=int, default=384, help="GSM8K prompts generated together")
+        stage.add_argument("--batch-size", type=int, default=660,
+                           help="GSM8K prompts generated together (660: the 1,319 in two batches, KV cache <= 8.9 GiB)")
         stage.add_argument("--limit", default=None,
                            help="N: the first N items of each task (a dry run, a timing); or TASK=N,...")
         stage.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")

@@ -191,3 +191,16 @@ def test_the_generate_stage_shares_adapters_among_processes_and_resumes(tiny_dir
     assert sorted(entry["name"] for share in work for entry in share) == ["lora-r8-s0@1", "rasa-r8-s0@1"]
     assert replication.main(command) == 0
     assert "0 adapters to evaluate (2 done)" in capsys.readouterr().out
+
+
+def test_decode_batch_experiment_runs_on_the_cpu(shared_data, tmp_path):
+    from tests.benchmark_scripts import load_benchmark
+
+    decode_batch = load_benchmark("experiments/decode_batch")
+    out = tmp_path / "decode.json"
+    assert decode_batch.main(["--narrow", "--batches", "1,3", "--new-tokens", "3", "--data-dir", str(shared_data),
+                              "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["batch"], row["stop_string"]) for row in rows] == [(1, True), (1, False), (3, True), (3, False)]
+    assert rows[0]["prompt_width"] == rows[2]["prompt_width"]  # the longest prompt leads every batch
+    assert all(row["ms_per_step"] > 0 for row in rows)

@@ -80,8 +80,9 @@ _STOP_CRITERIA: dict[tuple[int, tuple[str, ...]], tuple[object, object]] = {}
 
 def stop_string_criteria(tokenizer, stop: Sequence[str]):
     """transformers' `StopStringCriteria` for `stop`, built once per tokenizer and stop list.
-    `generate(stop_strings=...)` builds it anew on every call (reading and sorting the whole vocabulary: ~0.25 s with SmolLM2's 49k tokens,
-    each batch); this is the same criterion, so generations stop at the same token."""
+    `generate(stop_strings=...)` builds it anew on every call, reading and sorting the whole vocabulary each batch
+    (a fraction of a second with SmolLM2's; `benchmarks/RESULTS.md`); this is the same criterion, so generations
+    stop at the same token."""
     from transformers import StopStringCriteria
 
     key = (id(tokenizer), tuple(stop))
