@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -269,15 +270,16 @@ def generate_gsm8k(model, tokenizer, items: list[dict], out: Path, max_new_token
             "max_new_tokens": max_new_tokens}
 
 
-def score_mc(model, tokenizer, task: str, items: list[dict], out: Path, limit: int | None, label: dict) -> dict:
+def score_mc(model, tokenizer, task: str, items: list[dict], out: Path, limit: int | None, label: dict,
+             encode_cache: dict | None = None) -> dict:
     """A multiple-choice task scored in this process with `rasa-lora eval`'s own function (records.jsonl, then
-    summary.json with acc / acc_norm); returns the timing."""
+    summary.json with acc / acc_norm); returns the timing. `encode_cache` keeps the items' tokens across adapters."""
     from rasa_lora.evaluation.cli import score_choice_task
 
     started = time.perf_counter()
     folder = out / task
     folder.mkdir(parents=True, exist_ok=True)
-    metrics = score_choice_task(model, tokenizer, items, folder / "records.jsonl", MC_BATCH, task)
+    metrics = score_choice_task(model, tokenizer, items, folder / "records.jsonl", MC_BATCH, task, encode_cache)
     seconds = time.perf_counter() - started
     summary = {"task": task, **label, "limit": limit, "items": len(items), **metrics,
                "batch_size": MC_BATCH, "seconds": round(seconds, 2),
@@ -295,7 +297,8 @@ def evaluate_work(base_model: str | None, work: list[dict], data_dir: Path, task
     the multiple-choice tasks are scored on the PEFT model, then the adapter is merged (exact; plain weights
     generate faster) and GSM8K is generated; the copy is dropped. This is what `rasa-lora eval TASK --adapter A`
     and the earlier one-process-per-adapter stage computed. Each entry's outputs are written as they finish, with
-    out/timing.json; finished tasks are skipped, so a rerun continues. Returns the timing records."""
+    out/timing.json; finished tasks are skipped, so a rerun continues. Returns the timing records; an entry that
+    fails gets {name, error} (its traceback printed) and the next one goes on."""
     import copy
 
     import torch
@@ -306,54 +309,60 @@ def evaluate_work(base_model: str | None, work: list[dict], data_dir: Path, task
     device, dtype = ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
     items = {task: load_task(task, data_dir, task_limit(task, limits)) for task in tasks}
     loaded: dict = {}  # the base model's name -> (model, tokenizer): the one base this process keeps
+    encode_caches: dict = {}  # model name -> the multiple-choice items' tokens (the same for every adapter)
     records = []
     for entry in work:
         out = Path(entry["out"])
         todo = [task for task in tasks if not task_done(out, task, items[task])]
         if not todo:
             continue
-        started = time.perf_counter()
-        timing: dict = {"name": entry["name"], "adapter": entry.get("adapter"), "model": entry.get("model"),
-                        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
-                        "threads": torch.get_num_threads(), "tasks": {}}
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        if entry.get("model"):  # a full model: loaded for this entry only
-            model, tokenizer = load_model_and_tokenizer(entry["model"], None, dtype, device)
-            timing["load_s"] = round(time.perf_counter() - started, 2)
-        else:
-            if base_model not in loaded:
-                loaded = {base_model: load_model_and_tokenizer(base_model, None, dtype, device)}
+        try:
+            started = time.perf_counter()
+            timing: dict = {"name": entry["name"], "adapter": entry.get("adapter"), "model": entry.get("model"),
+                            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
+                            "threads": torch.get_num_threads(), "tasks": {}}
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            if entry.get("model"):  # a full model: loaded for this entry only
+                model, tokenizer = load_model_and_tokenizer(entry["model"], None, dtype, device)
                 timing["load_s"] = round(time.perf_counter() - started, 2)
-            base, tokenizer = loaded[base_model]
-            model = base
-            if entry.get("adapter"):
-                attached = time.perf_counter()
-                model = attach_adapter(copy.deepcopy(base), entry["adapter"], base_model)
-                timing["attach_s"] = round(time.perf_counter() - attached, 2)
-        label = {"model": entry.get("model") or base_model or "smollm2 (embedded SmolLM2-135M-Instruct)",
-                 "adapter": entry.get("adapter")}
-        for task in (task for task in todo if task != "gsm8k"):
-            timing["tasks"][task] = score_mc(model, tokenizer, task, items[task], out, task_limit(task, limits),
-                                             label)
-        if "gsm8k" in todo:
-            if entry.get("adapter") and hasattr(model, "merge_and_unload"):
-                merging = time.perf_counter()
-                model = model.merge_and_unload()  # plain weights generate faster; the merge is exact
-                timing["merge_s"] = round(time.perf_counter() - merging, 2)
-            timing["tasks"]["gsm8k"] = generate_gsm8k(model, tokenizer, items["gsm8k"], out, max_new_tokens,
-                                                      batch_size)
-            _write_atomic(out / "gsm8k" / "generation.json", json.dumps(
-                {**timing["tasks"]["gsm8k"], **label, "base_model": base_model}, indent=2) + "\n")
-        del model
-        if device == "cuda":
-            timing["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            torch.cuda.empty_cache()
-        timing["total_s"] = round(time.perf_counter() - started, 2)
-        _write_atomic(out / "timing.json", json.dumps(timing, indent=2) + "\n")
-        print(f"{entry['name']}: " + ", ".join(f"{task} {value['seconds']:.1f} s" for task, value in
-                                               timing["tasks"].items()) + f"; {timing['total_s']:.1f} s in all",
-              flush=True)
+            else:
+                if base_model not in loaded:
+                    loaded = {base_model: load_model_and_tokenizer(base_model, None, dtype, device)}
+                    timing["load_s"] = round(time.perf_counter() - started, 2)
+                base, tokenizer = loaded[base_model]
+                model = base
+                if entry.get("adapter"):
+                    attached = time.perf_counter()
+                    model = attach_adapter(copy.deepcopy(base), entry["adapter"], base_model)
+                    timing["attach_s"] = round(time.perf_counter() - attached, 2)
+            label = {"model": entry.get("model") or base_model or "smollm2 (embedded SmolLM2-135M-Instruct)",
+                     "adapter": entry.get("adapter")}
+            for task in (task for task in todo if task != "gsm8k"):
+                timing["tasks"][task] = score_mc(model, tokenizer, task, items[task], out, task_limit(task, limits),
+                                                 label, encode_caches.setdefault(entry.get("model") or base_model, {}))
+            if "gsm8k" in todo:
+                if entry.get("adapter") and hasattr(model, "merge_and_unload"):
+                    merging = time.perf_counter()
+                    model = model.merge_and_unload()  # plain weights generate faster; the merge is exact
+                    timing["merge_s"] = round(time.perf_counter() - merging, 2)
+                timing["tasks"]["gsm8k"] = generate_gsm8k(model, tokenizer, items["gsm8k"], out, max_new_tokens,
+                                                          batch_size)
+                _write_atomic(out / "gsm8k" / "generation.json", json.dumps(
+                    {**timing["tasks"]["gsm8k"], **label, "base_model": base_model}, indent=2) + "\n")
+            del model
+            if device == "cuda":
+                timing["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                torch.cuda.empty_cache()
+            timing["total_s"] = round(time.perf_counter() - started, 2)
+            _write_atomic(out / "timing.json", json.dumps(timing, indent=2) + "\n")
+            print(f"{entry['name']}: " + ", ".join(f"{task} {value['seconds']:.1f} s" for task, value in
+                                                   timing["tasks"].items()) + f"; {timing['total_s']:.1f} s in all",
+                  flush=True)
+        except Exception as error:  # one bad adapter (a mismatch, out of memory) must not cost the others
+            traceback.print_exc()
+            print(f"{entry['name']}: failed ({type(error).__name__}: {error}); going on with the next", flush=True)
+            timing = {"name": entry["name"], "error": f"{type(error).__name__}: {error}"}
         records.append(timing)
     return records
 
@@ -363,9 +372,12 @@ def cmd_generate_one(args) -> int:
         work = json.loads(Path(args.work).read_text())
     else:
         work = [{"name": args.adapter or "base", "adapter": args.adapter, "model": None, "out": args.out}]
-    evaluate_work(args.base_model, work, Path(args.data_dir), parse_tasks(args.tasks), parse_limits(args.limit),
-                  args.max_new_tokens, args.batch_size)
-    return 0
+    records = evaluate_work(args.base_model, work, Path(args.data_dir), parse_tasks(args.tasks),
+                            parse_limits(args.limit), args.max_new_tokens, args.batch_size)
+    failed = [record["name"] for record in records if "error" in record]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def work_list(root: Path, runs: list[str] | None = None) -> list[dict]:

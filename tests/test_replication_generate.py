@@ -204,3 +204,18 @@ def test_decode_batch_experiment_runs_on_the_cpu(shared_data, tmp_path):
     assert [(row["batch"], row["stop_string"]) for row in rows] == [(1, True), (1, False), (3, True), (3, False)]
     assert rows[0]["prompt_width"] == rows[2]["prompt_width"]  # the longest prompt leads every batch
     assert all(row["ms_per_step"] > 0 for row in rows)
+
+
+def test_an_adapter_that_fails_does_not_stop_the_others(tiny_dir, shared_data, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    config = json.loads((tiny_dir / "lora" / "adapter_config.json").read_text())
+    (broken / "adapter_config.json").write_text(json.dumps({**config, "r": 2}))  # weights of r=4: do not fit
+    (broken / "adapter_model.safetensors").write_bytes((tiny_dir / "lora" / "adapter_model.safetensors").read_bytes())
+    work = [{"name": name, "adapter": str(path), "model": None, "out": str(tmp_path / name)}
+            for name, path in (("broken", broken), ("lora", tiny_dir / "lora"))]
+    records = replication.evaluate_work(str(tiny_dir / "base"), work, shared_data, ["gsm8k"], {"gsm8k": 2}, 4, 2)
+    assert [record["name"] for record in records] == ["broken", "lora"]
+    assert "error" in records[0] and "does not fit" in records[0]["error"]
+    assert "error" not in records[1] and (tmp_path / "lora" / "gsm8k" / "generations.jsonl").is_file()
+    assert "broken: failed" in capsys.readouterr().out

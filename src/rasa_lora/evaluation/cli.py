@@ -456,9 +456,10 @@ def _run_choice(args, items: list[dict], records_path: Path) -> dict:
 
 
 def score_choice_task(model, tokenizer, items: list[dict], records_path: Path, batch_size: int,
-                      desc: str = "choice") -> dict:
+                      desc: str = "choice", encode_cache: dict | None = None) -> dict:
     """Score the multiple-choice `items` with a loaded model, as `rasa-lora eval` does: records appended to
-    `records_path` 64 items at a time (items already there are skipped), then acc / acc_norm over all `items`."""
+    `records_path` 64 items at a time (items already there are skipped), then acc / acc_norm over all `items`.
+    `encode_cache`: see `multiple_choice.loglikelihoods` (one dict per tokenizer, for many models)."""
     from rasa_lora.evaluation.multiple_choice import loglikelihoods, score_choices
 
     done = _read_records(records_path)
@@ -466,7 +467,7 @@ def score_choice_task(model, tokenizer, items: list[dict], records_path: Path, b
     bar = _progress(len(items), len(items) - len(todo), desc)
     for chunk in _chunks(todo, 64):
         pairs = [pair for item in chunk for pair in zip(item["contexts"], item["continuations"])]
-        values = loglikelihoods(model, tokenizer, pairs, batch_size)
+        values = loglikelihoods(model, tokenizer, pairs, batch_size, cache=encode_cache)
         records, start = [], 0
         for item in chunk:
             lls = values[start:start + len(item["contexts"])]
