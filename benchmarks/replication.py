@@ -261,6 +261,8 @@ def generate_gsm8k(model, tokenizer, items: list[dict], out: Path, max_new_token
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
+    for stale in ("summary.json", "records.jsonl", "disagreements.md"):  # `score`'s verdicts of other generations
+        (target.parent / stale).unlink(missing_ok=True)
     _write_atomic(target, "".join(json.dumps({"id": item["id"], "generation": done[item["id"]]}) + "\n"
                                   for item in items))
     partial.unlink(missing_ok=True)

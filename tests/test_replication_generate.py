@@ -137,6 +137,11 @@ def test_a_stopped_generation_continues_from_its_finished_batches(tiny_dir, shar
     assert (tmp_path / "stopped" / "gsm8k" / "generations.jsonl").read_text() == \
            (tmp_path / "whole" / "gsm8k" / "generations.jsonl").read_text()
     assert not partial.exists()
+    # a dry run's generations, already scored, then the full set: the old verdicts go, the new are scored afresh
+    (tmp_path / "stopped" / "gsm8k" / "summary.json").write_text('{"accuracy": 1.0}')
+    replication.generate_gsm8k(model, tokenizer, items[:4] + load_task("gsm8k", shared_data, 6)[5:], tmp_path
+                               / "stopped", 10, 2)
+    assert not (tmp_path / "stopped" / "gsm8k" / "summary.json").exists()
 
 
 def test_limits_tasks_and_runs(tmp_path):
