@@ -5,6 +5,7 @@ tasks; a freshly loaded, merged model for GSM8K), and continues where a stopped 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +225,19 @@ def test_an_adapter_that_fails_does_not_stop_the_others(tiny_dir, shared_data, t
     assert "error" in records[0] and "does not fit" in records[0]["error"]
     assert "error" not in records[1] and (tmp_path / "lora" / "gsm8k" / "generations.jsonl").is_file()
     assert "broken: failed" in capsys.readouterr().out
+
+
+def test_pack_brings_back_the_evaluation_outputs_and_timings(tmp_path):
+    import tarfile
+
+    out = tmp_path / "replication" / "rasa-r8-s0" / "eval" / "epoch-1"
+    for name in ("timing.json", "gsm8k/generations.jsonl", "gsm8k/generation.json", "arc_challenge/records.jsonl",
+                 "arc_challenge/summary.json", "gsm8k/generations.partial.jsonl"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("{}\n")
+    archive = tmp_path / "pack.tar.gz"
+    assert replication.main(["pack", "--root", str(tmp_path / "replication"), "--out", str(archive)]) == 0
+    with tarfile.open(archive) as packed:
+        names = {Path(name).relative_to("replication/rasa-r8-s0/eval/epoch-1").as_posix() for name in packed.getnames()}
+    assert names == {"timing.json", "gsm8k/generations.jsonl", "gsm8k/generation.json", "arc_challenge/records.jsonl",
+                     "arc_challenge/summary.json"}  # an unfinished batch file stays behind
