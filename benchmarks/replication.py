@@ -8,7 +8,8 @@ interrupted, so the grid can span several 10-minute sittings of a rented GPU.
 Stages (GPU machine: `train`, `generate`, `analyze`, `pack`; here: `score`):
   python3 benchmarks/replication.py train --runs lora-r8-s0,rasa-r8-s0 --base-model /tmp/smollm2.gguf \\
       --data-dir .data --jobs 7 --time-limit 540
-  python3 benchmarks/replication.py generate --base-model /tmp/smollm2.gguf --data-dir .data --jobs 8
+  python3 benchmarks/replication.py generate --base-model /tmp/smollm2.gguf --data-dir .data --jobs 4 \\
+      --batch-size 660 [--runs lora-r8-s0,base] [--tasks gsm8k] [--limit gsm8k=660]
   python3 benchmarks/replication.py analyze --base-model /tmp/smollm2.gguf      # Figs. 2-3 on the fft run's deltas
   python3 benchmarks/replication.py pack --out $OUT/replication.tar.gz           # the small files, to bring back
   python3 benchmarks/replication.py score --root benchmarks/results/replication  # GSM8K verdicts (math-verify)
@@ -17,6 +18,14 @@ Then `python3 benchmarks/replication_report.py` writes the tables and figures of
 Run names: `{method}-r{r}-s{seed}` (lora, rasa, vera), `fft-s{seed}`. The study's own choices (global batch 32,
 2 epochs in the first sitting, no gradient checkpointing, 500 held-out examples) are in the recipe's header.
 `time-limit` sends SIGTERM to trainings still running at the limit: the trainer checkpoints and exits 143.
+
+`generate` evaluates the base model and every epoch adapter (`--runs`: some runs only; `base` names the base model)
+in `--jobs` processes, each loading the base model once and taking its share of the adapters in turn: the
+multiple-choice tasks (ARC-Challenge, WinoGrande, the first 1,000 of HellaSwag) on the PEFT model with `rasa-lora
+eval`'s scoring function, then GSM8K test generations (greedy, 400 new tokens, `--batch-size` prompts at a time,
+longest first) on the merged copy. Each adapter's outputs are written as they finish (GSM8K batch by batch), with
+`eval/epoch-N/timing.json` (seconds per task, decoding steps, ms a step, tokens/s, peak GPU memory); a rerun, or the
+next sitting, continues. The stage ends with a table of what is done and how long it took.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,88 +160,284 @@ def adapters_of(out: Path) -> list[tuple[int, Path]]:
     return found
 
 
-def generate_one(base_model: str | None, adapter: str | None, data_dir: Path, out: Path, max_new_tokens: int,
-                 batch_size: int, limit: int | None = None) -> None:
-    """GSM8K test generations (greedy, the training prompt) of one adapter, then the multiple-choice tasks
-    (scored here: they need no checker). Generations go to out/gsm8k/generations.jsonl, scored elsewhere."""
+TASKS = ("gsm8k", *MC_TASKS)
+STOP = ["### Instruction"]  # a GSM8K generation ends at EOS or where the model starts a new Alpaca turn
+MC_BATCH = 64
+
+
+def parse_limits(text: str | None) -> dict[str, int]:
+    """`--limit`: N (every task's first N items) or TASK=N,... (those tasks only)."""
+    if not text:
+        return {}
+    if "=" not in text:
+        return dict.fromkeys(TASKS, int(text))
+    limits = {}
+    for part in filter(None, text.split(",")):
+        task, _, count = part.partition("=")
+        if task not in TASKS or not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--limit {text!r}: give N or TASK=N,... with TASK one of {', '.join(TASKS)}")
+        limits[task] = int(count)
+    return limits
+
+
+def parse_tasks(text: str) -> list[str]:
+    tasks = [task for task in text.split(",") if task]
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"--tasks {text!r}: choose from {', '.join(TASKS)} (comma-separated)")
+    return tasks
+
+
+def task_limit(task: str, limits: dict[str, int]) -> int | None:
+    """The first N items of `task` the study scores: `--limit`, and at most 1,000 for HellaSwag."""
+    return min(filter(None, (limits.get(task), MC_LIMIT.get(task))), default=None)
+
+
+def _read_rows(path: Path) -> dict[str, dict]:
+    """JSONL rows by id; a torn last line (a process killed mid-write) is skipped and redone."""
+    rows = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows[row["id"]] = row
+    return rows
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
+def task_done(out: Path, task: str, items: list[dict]) -> bool:
+    """Whether `out` holds `task`'s finished outputs for exactly these items."""
+    if task == "gsm8k":
+        target = out / "gsm8k" / "generations.jsonl"
+        return target.is_file() and list(_read_rows(target)) == [item["id"] for item in items]
+    summary = out / task / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("items") == len(items)
+
+
+def generate_gsm8k(model, tokenizer, items: list[dict], out: Path, max_new_tokens: int, batch_size: int) -> dict:
+    """Greedy GSM8K generations with the training prompt, cut at `STOP`, into out/gsm8k/generations.jsonl (in item
+    order; scored elsewhere). Prompts are sorted by length (longest first) and generated `batch_size` at a time,
+    the batches `generate_transformers` makes of the whole list; each batch is appended to
+    generations.partial.jsonl as it ends, so a process stopped by a time limit loses at most the batch it was in.
+    Returns the timing: seconds, decoding steps (ms a step: a 135M model's step is host-bound on a GPU, so it
+    stays flat as the batch grows until the GPU is busy), generated tokens (finished rows excluded), batches."""
     import torch
 
-    from rasa_lora.evaluation.cli import load_model_and_tokenizer
     from rasa_lora.evaluation.generation import generate_transformers
-    from rasa_lora.evaluation.tasks import load_task, math_prompt
+    from rasa_lora.evaluation.tasks import math_prompt
+
+    target = out / "gsm8k" / "generations.jsonl"
+    partial = target.with_name("generations.partial.jsonl")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prompts = [math_prompt(item["question"]) for item in items]
+    order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # generate_transformers' order
+    done = {key: row["generation"] for key, row in _read_rows(partial).items()}
+    counts = {"tokens": 0, "steps": 0}
+
+    def count(running: int) -> None:  # called after each decoding step with the rows still running
+        counts["tokens"] += running
+        counts["steps"] += 1
+
+    started, batches = time.perf_counter(), 0
+    for first in range(0, len(order), batch_size):
+        batch = order[first:first + batch_size]
+        if all(items[i]["id"] in done for i in batch):
+            continue
+        texts = generate_transformers(model, tokenizer, [prompts[i] for i in batch], max_new_tokens, 0.0, 1,
+                                      batch_size, stop=STOP, on_tokens=count)
+        rows = [{"id": items[i]["id"], "generation": text[0]} for i, text in zip(batch, texts)]
+        with partial.open("a") as handle:
+            handle.write("".join(json.dumps(row) + "\n" for row in rows))
+        done.update((row["id"], row["generation"]) for row in rows)
+        batches += 1
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    for stale in ("summary.json", "records.jsonl", "disagreements.md"):  # `score`'s verdicts of other generations
+        (target.parent / stale).unlink(missing_ok=True)
+    _write_atomic(target, "".join(json.dumps({"id": item["id"], "generation": done[item["id"]]}) + "\n"
+                                  for item in items))
+    partial.unlink(missing_ok=True)
+    return {"seconds": round(seconds, 2), "items": len(items), "batches": batches, "steps": counts["steps"],
+            "ms_per_step": round(1e3 * seconds / max(counts["steps"], 1), 2), "generated_tokens": counts["tokens"],
+            "tokens_per_s": round(counts["tokens"] / max(seconds, 1e-9), 1), "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens}
+
+
+def score_mc(model, tokenizer, task: str, items: list[dict], out: Path, limit: int | None, label: dict,
+             encode_cache: dict | None = None) -> dict:
+    """A multiple-choice task scored in this process with `rasa-lora eval`'s own function (records.jsonl, then
+    summary.json with acc / acc_norm); returns the timing. `encode_cache` keeps the items' tokens across adapters."""
+    from rasa_lora.evaluation.cli import score_choice_task
+
+    started = time.perf_counter()
+    folder = out / task
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = score_choice_task(model, tokenizer, items, folder / "records.jsonl", MC_BATCH, task, encode_cache)
+    seconds = time.perf_counter() - started
+    summary = {"task": task, **label, "limit": limit, "items": len(items), **metrics,
+               "batch_size": MC_BATCH, "seconds": round(seconds, 2),
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "command": "benchmarks/replication.py generate-one (rasa-lora eval's score_choice_task)"}
+    _write_atomic(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return {"seconds": round(seconds, 2), "items": len(items), **metrics}
+
+
+def evaluate_work(base_model: str | None, work: list[dict], data_dir: Path, tasks: list[str],
+                  limits: dict[str, int], max_new_tokens: int, batch_size: int) -> list[dict]:
+    """Evaluate every entry of `work` ({name, adapter, model, out}) in this process, loading the base model once.
+
+    Per entry: a copy of the loaded base gets the adapter (`model`: a full model instead, e.g. a full fine-tune),
+    the multiple-choice tasks are scored on the PEFT model, then the adapter is merged (exact; plain weights
+    generate faster) and GSM8K is generated; the copy is dropped. This is what `rasa-lora eval TASK --adapter A`
+    and the earlier one-process-per-adapter stage computed. Each entry's outputs are written as they finish, with
+    out/timing.json; finished tasks are skipped, so a rerun continues. Returns the timing records; an entry that
+    fails gets {name, error} (its traceback printed) and the next one goes on."""
+    import copy
+
+    import torch
+
+    from rasa_lora.evaluation.cli import attach_adapter, load_model_and_tokenizer
+    from rasa_lora.evaluation.tasks import load_task
 
     device, dtype = ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
-    target = out / "gsm8k" / "generations.jsonl"
-    items = load_task("gsm8k", data_dir, limit)
-    if not (target.is_file() and len(target.read_text().splitlines()) == len(items)):
-        model, tokenizer = load_model_and_tokenizer(base_model, adapter, dtype, device)
-        if adapter is not None and hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()  # plain weights generate faster; the merge is exact
-        started = time.perf_counter()
-        texts = generate_transformers(model, tokenizer, [math_prompt(item["question"]) for item in items],
-                                      max_new_tokens, 0.0, 1, batch_size, stop=["### Instruction"])
-        seconds = time.perf_counter() - started
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
-        partial.write_text("".join(json.dumps({"id": item["id"], "generation": text[0]}) + "\n"
-                                   for item, text in zip(items, texts)))
-        partial.rename(target)
-        (target.parent / "generation.json").write_text(json.dumps(
-            {"seconds": round(seconds, 1), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-             "adapter": adapter, "base_model": base_model}, indent=2) + "\n")
-        del model
-        torch.cuda.empty_cache()
-    for task in MC_TASKS:
-        if (out / task / "summary.json").is_file():
+    items = {task: load_task(task, data_dir, task_limit(task, limits)) for task in tasks}
+    loaded: dict = {}  # the base model's name -> (model, tokenizer): the one base this process keeps
+    encode_caches: dict = {}  # model name -> the multiple-choice items' tokens (the same for every adapter)
+    records = []
+    for entry in work:
+        out = Path(entry["out"])
+        todo = [task for task in tasks if not task_done(out, task, items[task])]
+        if not todo:
             continue
-        command = ["eval", task, "--data-dir", str(data_dir), "--output-dir", str(out / task), "--dtype", dtype,
-                   "--batch-size", "64", "--device", device]
-        command += ["--model", base_model] if base_model else []
-        command += ["--adapter", adapter] if adapter else []
-        task_limit = min(filter(None, (limit, MC_LIMIT.get(task))), default=None)
-        command += ["--limit", str(task_limit)] if task_limit else []
-        from rasa_lora.cli import main as cli_main
-
-        if cli_main(command) != 0:
-            raise RuntimeError(f"rasa-lora {' '.join(command)} failed")
+        try:
+            started = time.perf_counter()
+            timing: dict = {"name": entry["name"], "adapter": entry.get("adapter"), "model": entry.get("model"),
+                            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
+                            "threads": torch.get_num_threads(), "tasks": {}}
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            if entry.get("model"):  # a full model: loaded for this entry only
+                model, tokenizer = load_model_and_tokenizer(entry["model"], None, dtype, device)
+                timing["load_s"] = round(time.perf_counter() - started, 2)
+            else:
+                if base_model not in loaded:
+                    loaded = {base_model: load_model_and_tokenizer(base_model, None, dtype, device)}
+                    timing["load_s"] = round(time.perf_counter() - started, 2)
+                base, tokenizer = loaded[base_model]
+                model = base
+                if entry.get("adapter"):
+                    attached = time.perf_counter()
+                    model = attach_adapter(copy.deepcopy(base), entry["adapter"], base_model)
+                    timing["attach_s"] = round(time.perf_counter() - attached, 2)
+            label = {"model": entry.get("model") or base_model or "smollm2 (embedded SmolLM2-135M-Instruct)",
+                     "adapter": entry.get("adapter")}
+            for task in (task for task in todo if task != "gsm8k"):
+                timing["tasks"][task] = score_mc(model, tokenizer, task, items[task], out, task_limit(task, limits),
+                                                 label, encode_caches.setdefault(entry.get("model") or base_model, {}))
+            if "gsm8k" in todo:
+                if entry.get("adapter") and hasattr(model, "merge_and_unload"):
+                    merging = time.perf_counter()
+                    model = model.merge_and_unload()  # plain weights generate faster; the merge is exact
+                    timing["merge_s"] = round(time.perf_counter() - merging, 2)
+                timing["tasks"]["gsm8k"] = generate_gsm8k(model, tokenizer, items["gsm8k"], out, max_new_tokens,
+                                                          batch_size)
+                _write_atomic(out / "gsm8k" / "generation.json", json.dumps(
+                    {**timing["tasks"]["gsm8k"], **label, "base_model": base_model}, indent=2) + "\n")
+            del model
+            if device == "cuda":
+                timing["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                torch.cuda.empty_cache()
+            timing["total_s"] = round(time.perf_counter() - started, 2)
+            _write_atomic(out / "timing.json", json.dumps(timing, indent=2) + "\n")
+            print(f"{entry['name']}: " + ", ".join(f"{task} {value['seconds']:.1f} s" for task, value in
+                                                   timing["tasks"].items()) + f"; {timing['total_s']:.1f} s in all",
+                  flush=True)
+        except Exception as error:  # one bad adapter (a mismatch, out of memory) must not cost the others
+            traceback.print_exc()
+            print(f"{entry['name']}: failed ({type(error).__name__}: {error}); going on with the next", flush=True)
+            timing = {"name": entry["name"], "error": f"{type(error).__name__}: {error}"}
+        records.append(timing)
+    return records
 
 
 def cmd_generate_one(args) -> int:
-    generate_one(args.base_model, args.adapter, Path(args.data_dir), Path(args.out), args.max_new_tokens,
-                 args.batch_size, args.limit)
-    return 0
+    if args.work:
+        work = json.loads(Path(args.work).read_text())
+    else:
+        work = [{"name": args.adapter or "base", "adapter": args.adapter, "model": None, "out": args.out}]
+    records = evaluate_work(args.base_model, work, Path(args.data_dir), parse_tasks(args.tasks),
+                            parse_limits(args.limit), args.max_new_tokens, args.batch_size)
+    failed = [record["name"] for record in records if "error" in record]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def work_list(root: Path, runs: list[str] | None = None) -> list[dict]:
+    """What `generate` evaluates: the base model (`base`), then every run's epoch adapters (or its final model, for
+    a full fine-tune); `runs` keeps those run names only (`base` among them for the base model)."""
+    work = [{"name": "base", "adapter": None, "model": None, "out": str(root / "base" / "eval" / "epoch-0")}]
+    for out in sorted(p for p in root.iterdir() if p.is_dir() and NAME.match(p.name)):
+        for epoch, adapter in adapters_of(out):
+            entry = {"name": f"{out.name}@{epoch}", "adapter": str(adapter), "model": None,
+                     "out": str(out / "eval" / f"epoch-{epoch}")}
+            if parse_run(out.name)["method"] == "fft":  # a full fine-tune is a model, not an adapter
+                entry.update(adapter=None, model=str(adapter))
+            work.append(entry)
+    if runs is not None:
+        unknown = set(runs) - {entry["name"].split("@")[0] for entry in work}
+        if unknown:
+            print(f"no trained run (or nothing to evaluate) named {', '.join(sorted(unknown))} under {root}",
+                  file=sys.stderr)
+        work = [entry for entry in work if entry["name"].split("@")[0] in runs]
+    return work
 
 
 def cmd_generate(args) -> int:
+    from rasa_lora.evaluation.tasks import load_task
+
     root = Path(args.root)
+    tasks, limits = parse_tasks(args.tasks), parse_limits(args.limit)
+    work = work_list(root, [name for name in args.runs.split(",") if name] if args.runs else None)
+    items = {task: load_task(task, Path(args.data_dir), task_limit(task, limits)) for task in tasks}
+    todo = [entry for entry in work if not all(task_done(Path(entry["out"]), task, items[task]) for task in tasks)]
+    print(f"{len(todo)} adapters to evaluate ({len(work) - len(todo)} done), tasks {', '.join(tasks)}", flush=True)
+    # fewer processes than asked when there is less work; each loads the base model once and takes its share
+    shares = [todo[i::args.jobs] for i in range(min(args.jobs, len(todo)))]
     jobs = []
-    base_out = root / "base" / "eval" / "epoch-0"
-    work = [("base", None, base_out)]
-    for out in sorted(p for p in root.iterdir() if p.is_dir() and NAME.match(p.name)):
-        for epoch, adapter in adapters_of(out):
-            if parse_run(out.name)["method"] == "fft":
-                work.append((f"{out.name}@{epoch}", "MODEL:" + str(adapter), out / "eval" / f"epoch-{epoch}"))
-            else:
-                work.append((f"{out.name}@{epoch}", str(adapter), out / "eval" / f"epoch-{epoch}"))
-    for name, adapter, out in work:
-        done = (out / "gsm8k" / "generations.jsonl").is_file() and all(
-            (out / task / "summary.json").is_file() for task in MC_TASKS)
-        if done:
-            continue
-        command = [sys.executable, str(Path(__file__).resolve()), "generate-one", "--data-dir", args.data_dir,
-                   "--out", str(out), "--max-new-tokens", str(args.max_new_tokens), "--batch-size",
-                   str(args.batch_size)] + (["--limit", str(args.limit)] if args.limit else [])
-        if adapter and adapter.startswith("MODEL:"):
-            command += ["--base-model", adapter[6:]]  # a full fine-tune is a model, not an adapter
-        else:
-            command += ["--base-model", args.base_model] if args.base_model else []
-            command += ["--adapter", adapter] if adapter else []
-        jobs.append((name, command, out / "generate.log"))
-    print(f"{len(jobs)} adapters to evaluate ({len(work) - len(jobs)} done)", flush=True)
+    for index, share in enumerate(shares):
+        work_file = root / "logs" / f"generate-{index}.json"
+        _write_atomic(work_file, json.dumps(share, indent=1) + "\n")
+        command = [sys.executable, str(Path(__file__).resolve()), "generate-one", "--work", str(work_file),
+                   "--data-dir", args.data_dir, "--max-new-tokens", str(args.max_new_tokens), "--batch-size",
+                   str(args.batch_size), "--tasks", ",".join(tasks)] + (["--limit", args.limit] if args.limit else [])
+        command += ["--base-model", args.base_model] if args.base_model else []
+        jobs.append((f"generate-{index} ({len(share)} adapters)", command, root / "logs" / f"generate-{index}.log"))
     codes = run_parallel(jobs, args.jobs, args.time_limit, args.threads)
     failed = [name for name, code in codes.items() if code not in (0, None)]
     print(f"failed: {', '.join(failed) or 'none'}")
+    print(f"\n{'adapter':<24} {'state':<10} seconds by task (gsm8k: generated tokens/s)")
+    for entry in work:
+        timing = _read_json(Path(entry["out"]) / "timing.json")
+        done = all(task_done(Path(entry["out"]), task, items[task]) for task in tasks)
+        cells = ", ".join(f"{task} {value['seconds']:.0f}" + (f" ({value['tokens_per_s']:.0f} tok/s)"
+                                                                if task == "gsm8k" else "")
+                          for task, value in (timing or {}).get("tasks", {}).items())
+        print(f"{entry['name']:<24} {'done' if done else 'not done':<10} {cells or '-'}")
     return 0
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def cmd_analyze(args) -> int:
@@ -248,7 +454,7 @@ def cmd_analyze(args) -> int:
                      "--out", str(out)])
 
 
-SMALL = re.compile(r"(config|summary|generation|analysis|reproduce)\.json$|metrics\.jsonl$|records\.jsonl$|"
+SMALL = re.compile(r"(config|summary|generation|timing|analysis|reproduce)\.json$|metrics\.jsonl$|records\.jsonl$|"
                    r"generations\.jsonl$|\.log$|\.png$")
 
 
@@ -296,11 +502,20 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("generate", "generate-one"):
         stage = sub.add_parser(name, parents=[common])
         stage.add_argument("--max-new-tokens", type=int, default=400)
-        stage.add_argument("--batch-size", type=int, default=384)
-        stage.add_argument("--limit", type=int, default=None, help="first N items of each task (a dry run)")
-        if name == "generate-one":
-            stage.add_argument("--adapter", default=None)
-            stage.add_argument("--out", required=True)
+        stage.add_argument("--batch-size", type=int, default=660,
+                           help="GSM8K prompts generated together (660: the 1,319 in two batches, KV cache <= 8.9 GiB)")
+        stage.add_argument("--limit", default=None,
+                           help="N: the first N items of each task (a dry run, a timing); or TASK=N,...")
+        stage.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
+        if name == "generate":
+            stage.add_argument("--runs", default=None,
+                               help="comma-separated run names to evaluate (all epochs; `base`: the base model); "
+                                    "default every run under --root and the base model")
+        else:
+            stage.add_argument("--adapter", default=None, help="one adapter (none: the base model) ...")
+            stage.add_argument("--out", default=None, help="... and its output folder")
+            stage.add_argument("--work", default=None,
+                               help="or a JSON list of {name, adapter, model, out}, evaluated in this process")
     analyze = sub.add_parser("analyze", parents=[common])
     analyze.add_argument("--fft-run", default="fft-s0")
     analyze.add_argument("--iters", type=int, default=20)
@@ -311,6 +526,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "extra", None) and args.extra[0] == "--":
         args.extra = args.extra[1:]
+    if args.stage in ("generate", "generate-one"):
+        try:
+            parse_tasks(args.tasks), parse_limits(args.limit)
+        except ValueError as error:
+            parser.error(str(error))
+        if args.stage == "generate-one" and not (args.work or args.out):
+            parser.error("generate-one needs --out (with --adapter, or none for the base model) or --work FILE")
     stages = {"train": cmd_train, "generate": cmd_generate, "generate-one": cmd_generate_one,
               "analyze": cmd_analyze, "pack": cmd_pack, "score": cmd_score}
     return stages[args.stage](args)

@@ -10,6 +10,14 @@ epoch) and `OUT/study.json` (the same numbers, for other tools).
 
 A difference between two cells is called real only when their seeds' ranges do not overlap (every seed of one
 beats every seed of the other); with 3 seeds that is the rule the issue asks for, and it says nothing finer.
+
+RaSA is compared with LoRA twice: at the same r and alpha (the paper's comparison), and at the same update size
+(docs/replication.md, "Why RaSA trains slower here"): under LionW every trainable entry moves by lr a step, so a
+step moves dW by a norm proportional to the scales the ranks carry, LoRA's alpha/r on r ranks (alpha / sqrt(r)),
+RaSA's eq. 6 alpha/(2(r-k)) on r-k private ranks and alpha/(2Lk) on the L*k pooled ones
+((alpha/2) * sqrt(1/(r-k) + 1/(Lk))). `update_size` gives it in units of LoRA alpha 8's at the same r (RaSA alpha 8
+at r=8, k=1, L=30: 0.594; `benchmarks/update_size.py` measured 0.591-0.600); a RaSA cell and a LoRA cell with the
+same r and learning rate whose update sizes agree within 2% are a matched pair (RaSA alpha 16 and LoRA alpha 9.5).
 """
 
 from __future__ import annotations
@@ -25,6 +33,22 @@ REPO = Path(__file__).resolve().parents[1]
 NAME = re.compile(r"^(?P<cell>.+)-s(?P<seed>\d+)$")
 FORGETTING = {"arc_challenge": "acc_norm", "hellaswag": "acc_norm", "winogrande": "acc"}
 TAIL_STEPS = 20  # the training loss of a run: the mean of its last 20 steps (one step's loss is one batch's)
+LAYERS = 30  # SmolLM2-135M's decoder layers: L of eq. 6 (the pool of a projection type has L*k ranks)
+MATCH_TOLERANCE = 0.02  # update sizes that agree within 2% are "the same"
+
+
+def update_size(method: str, r: int, alpha: float, k: int | None = None, layers: int = LAYERS) -> float:
+    """How far one LionW step moves dW, relative to LoRA at the same r with alpha 8 (the docs' rule, above)."""
+    lora_alpha8 = 8 / math.sqrt(r)
+    if method == "lora":
+        return alpha / math.sqrt(r) / lora_alpha8
+    if method != "rasa":
+        raise ValueError(f"no update-size rule for {method!r}")
+    k = max(1, r // 8) if k is None else k
+    if k == 0:  # no pool: LoRA-like, with eq. 6's alpha/(2r) on every rank
+        return alpha / 2 / math.sqrt(r) / lora_alpha8
+    private = 1 / (r - k) if r > k else 0.0
+    return alpha / 2 * math.sqrt(private + 1 / (layers * k)) / lora_alpha8
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -112,7 +136,11 @@ def by_seed(runs: list[dict], value) -> dict[str, float]:
 
 def cell_numbers(runs: list[dict]) -> dict:
     epochs = sorted({epoch for run in runs for epoch in run["epochs"]} | {e for run in runs for e in run["held_out"]})
+    config = runs[0]["config"]
+    summary = runs[0]["summary"] or {}
     numbers = {
+        "method": config.get("method"), "r": config.get("r"), "alpha": config.get("alpha"),
+        "rasa_k": summary.get("rasa_k", config.get("rasa_k")), "learning_rate": config.get("learning_rate"),
         "seeds": [NAME.match(run["name"])["seed"] if NAME.match(run["name"]) else "-" for run in runs],
         "done": sum(run["done"] for run in runs),
         "trainable_params": (runs[0]["summary"] or {}).get("trainable_params"),
@@ -156,6 +184,49 @@ def real_difference(a: dict | None, b: dict | None) -> str:
     return "no (ranges overlap)"
 
 
+def comparison_rows(label: str, a: dict, b: dict) -> list[str]:
+    """Table rows comparing cell `a` (RaSA) with cell `b` (LoRA): training loss, and at the last epoch both have,
+    held-out loss, GSM8K and forgetting; then GSM8K BEST."""
+    measures = [("training loss", a["train_loss"], b["train_loss"], 1, 4, "train_loss")]
+    last = max(set(a["by_epoch"]) & set(b["by_epoch"]), default=None)
+    if last is not None:
+        for key, name, scale, digits in (("held_out_loss", "held-out loss", 1, 4), ("gsm8k", "GSM8K %", 100, 2),
+                                         ("forgetting_mean", "forgetting mean %", 100, 2)):
+            measures.append((f"{name}, epoch {last}", a["by_epoch"][last][key], b["by_epoch"][last][key],
+                             scale, digits, f"{key}@{last}"))
+    measures += [("GSM8K BEST %", a["gsm8k_best"], b["gsm8k_best"], 100, 2, None)]
+    rows = []
+    for name, x, y, scale, digits, seed_key in measures:
+        diff = f"{(x['mean'] - y['mean']) * scale:+.{digits}f}" if x and y else "-"
+        pairs_text = "-"
+        if seed_key:
+            pairs_text = paired(a["per_seed"].get(seed_key, {}), b["per_seed"].get(seed_key, {}))
+        rows.append(f"| {label} | {name} | {fmt(x, scale, digits)} | {fmt(y, scale, digits)} | {diff} | "
+                    f"{real_difference(x, y)} | {pairs_text} |")
+    return rows
+
+
+def matched_pairs(study: dict[str, dict]) -> list[dict]:
+    """(RaSA cell, LoRA cell) with the same r and learning rate and update sizes within MATCH_TOLERANCE, other than
+    the same-alpha pairs (those have their own table unless the update sizes also agree, which eq. 6 rules out)."""
+    def size(numbers: dict) -> float | None:
+        if numbers.get("method") not in ("lora", "rasa") or numbers.get("r") is None or numbers.get("alpha") is None:
+            return None
+        return update_size(numbers["method"], int(numbers["r"]), float(numbers["alpha"]), numbers.get("rasa_k"))
+
+    found = []
+    for rasa, a in study.items():
+        for lora, b in study.items():
+            if a.get("method") != "rasa" or b.get("method") != "lora" or a.get("r") != b.get("r") \
+                    or a.get("learning_rate") != b.get("learning_rate"):
+                continue
+            size_a, size_b = size(a), size(b)
+            if size_a and size_b and abs(size_a / size_b - 1) <= MATCH_TOLERANCE:
+                found.append({"rasa": rasa, "lora": lora, "rasa_alpha": float(a["alpha"]),
+                              "lora_alpha": float(b["alpha"]), "rasa_update_size": size_a, "lora_update_size": size_b})
+    return found
+
+
 def write_tables(study: dict[str, dict], out: Path, root: Path) -> str:
     shown = root.resolve().relative_to(REPO) if root.resolve().is_relative_to(REPO) else root
     lines = ["# Replication study: tables", "",
@@ -185,28 +256,22 @@ def write_tables(study: dict[str, dict], out: Path, root: Path) -> str:
         if cell != "base":
             lines.append(f"| {cell} | {fmt(numbers['gsm8k_last'], 100, 2)} | {fmt(numbers['gsm8k_best'], 100, 2)} |")
     pairs = [(a, b) for a in study for b in study if a.startswith("rasa-") and b == a.replace("rasa-", "lora-", 1)]
+    header = ["| pair | measure | RaSA | LoRA | difference (RaSA - LoRA) | beyond the spread | paired by seed |",
+              "|---|---|---|---|---|---|---|"]
     if pairs:
-        lines += ["", "## RaSA against LoRA at the same r: is the difference beyond the seed spread?", "",
-                  "| pair | measure | RaSA | LoRA | difference (RaSA - LoRA) | beyond the spread | paired by seed |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "## RaSA against LoRA at the same r: is the difference beyond the seed spread?", ""] + header
         for rasa, lora in pairs:
-            a, b = study[rasa], study[lora]
-            measures = [("training loss", a["train_loss"], b["train_loss"], 1, 4, "train_loss")]
-            last = max(set(a["by_epoch"]) & set(b["by_epoch"]), default=None)
-            if last is not None:
-                for key, label, scale, digits in (("held_out_loss", "held-out loss", 1, 4),
-                                                  ("gsm8k", "GSM8K %", 100, 2),
-                                                  ("forgetting_mean", "forgetting mean %", 100, 2)):
-                    measures.append((f"{label}, epoch {last}", a["by_epoch"][last][key], b["by_epoch"][last][key],
-                                     scale, digits, f"{key}@{last}"))
-            measures += [("GSM8K BEST %", a["gsm8k_best"], b["gsm8k_best"], 100, 2, None)]
-            for label, x, y, scale, digits, seed_key in measures:
-                diff = f"{(x['mean'] - y['mean']) * scale:+.{digits}f}" if x and y else "-"
-                pairs_text = "-"
-                if seed_key:
-                    pairs_text = paired(a["per_seed"].get(seed_key, {}), b["per_seed"].get(seed_key, {}))
-                lines.append(f"| {rasa} vs {lora} | {label} | {fmt(x, scale, digits)} | {fmt(y, scale, digits)} | "
-                             f"{diff} | {real_difference(x, y)} | {pairs_text} |")
+            lines += comparison_rows(f"{rasa} vs {lora}", study[rasa], study[lora])
+    matched = matched_pairs(study)
+    if matched:
+        lines += ["", "## RaSA against LoRA at the same update size (LionW: RaSA's eq. 6 step is 0.59x LoRA's at "
+                  "equal alpha)", "",
+                  "Update size: how far one step moves dW, in units of LoRA alpha 8's at the same r (the rule in "
+                  f"this script's docstring, L = {LAYERS}); pairs agree within {MATCH_TOLERANCE:.0%}.", ""] + header
+        for pair in matched:
+            label = (f"{pair['rasa']} (alpha {pair['rasa_alpha']:g}, size {pair['rasa_update_size']:.3f}) vs "
+                     f"{pair['lora']} (alpha {pair['lora_alpha']:g}, size {pair['lora_update_size']:.3f})")
+            lines += comparison_rows(label, study[pair["rasa"]], study[pair["lora"]])
     text = "\n".join(lines) + "\n"
     (out / "tables.md").write_text(text)
     return text
@@ -299,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     print(write_tables(study, out, root))
     plot_losses(cells, out)
     epochs_written = plot_epochs(study, out)
-    (out / "study.json").write_text(json.dumps(study, indent=1, default=str) + "\n")
+    (out / "study.json").write_text(json.dumps({**study, "matched_pairs": matched_pairs(study)}, indent=1,
+                                               default=str) + "\n")
     print(f"wrote {out / 'tables.md'}, loss.png, {'epochs.png, ' if epochs_written else ''}study.json")
     return 0
 

@@ -66,3 +66,23 @@ def test_batched_scores_equal_one_at_a_time_reference():
         reference.append(sum(float(logprobs[len(context_ids) - 1 + j, t]) for j, t in enumerate(continuation_ids)))
     # float32 on CPU, padded vs unpadded attention: agreement to ~1e-5 relative
     assert batched == pytest.approx(reference, rel=1e-4, abs=1e-4)
+
+
+def test_a_kept_encoding_cache_gives_the_same_scores_and_skips_the_tokenizer():
+    from rasa_lora.models import tiny_llama
+
+    class CountingTokenizer(CharTokenizer):
+        calls = 0
+
+        def __call__(self, text, add_special_tokens=True):
+            CountingTokenizer.calls += 1
+            return super().__call__(text, add_special_tokens)
+
+    model, tokenizer, cache = tiny_llama(), CountingTokenizer(), {}
+    pairs = [("Question: sky?\nAnswer:", " blue"), ("Q ", "a b"), ("Hi there", " x")]
+    plain = loglikelihoods(model, tokenizer, pairs, batch_size=2)
+    first = loglikelihoods(model, tokenizer, pairs, batch_size=2, cache=cache)
+    calls = CountingTokenizer.calls
+    second = loglikelihoods(model, tokenizer, pairs, batch_size=2, cache=cache)
+    assert plain == first == second and CountingTokenizer.calls == calls  # the second pass tokenized nothing
+    assert cache[("Q ", "a b")] == encode_pair(tokenizer, "Q ", "a b")

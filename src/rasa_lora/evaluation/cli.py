@@ -80,7 +80,6 @@ def load_model_and_tokenizer(model_name: str | None, adapter: str | None, dtype:
     import torch
 
     from rasa_lora.models import check_adapter_files, load_model, load_tokenizer
-    from rasa_lora.models import load_adapter as load_peft_adapter
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if adapter is not None:
@@ -88,6 +87,14 @@ def load_model_and_tokenizer(model_name: str | None, adapter: str | None, dtype:
     model = load_model(model_name, dtype=dtype).to(device)
     if adapter is None:
         return model.eval(), load_tokenizer(model_name)
+    return attach_adapter(model, adapter, model_name), load_tokenizer(model_name)
+
+
+def attach_adapter(model, adapter: str, model_name: str | None = None):
+    """`model` (a loaded base, changed in place) with the PEFT adapter in `adapter`, in eval mode, as
+    `load_model_and_tokenizer` gives it. An adapter that does not fit the base raises AdapterMismatchError."""
+    from rasa_lora.models import load_adapter as load_peft_adapter
+
     config_file = Path(adapter) / "adapter_config.json"
     trained_on = json.loads(config_file.read_text()).get("base_model_name_or_path")
     try:
@@ -97,7 +104,7 @@ def load_model_and_tokenizer(model_name: str | None, adapter: str | None, dtype:
             f"Adapter {adapter!r} does not fit base model {model_name or 'smollm2'!r} (it was trained on "
             f"{trained_on!r}): {str(error).splitlines()[0][:300]}. Pass the adapter's own base with --model."
         ) from error
-    return model.eval(), load_tokenizer(model_name)
+    return model.eval()
 
 
 def _read_records(path: Path) -> dict[str, dict]:
@@ -440,17 +447,27 @@ def _code_summary(items: list[dict], n: int, records: dict[str, dict], task: str
 
 # --- multiple choice ------------------------------------------------------------------------------------------------
 def _run_choice(args, items: list[dict], records_path: Path) -> dict:
-    from rasa_lora.evaluation.multiple_choice import loglikelihoods, score_choices
-
     done = _read_records(records_path)
     todo = [item for item in items if item["id"] not in done]
     model = tokenizer = None
     if todo:
         model, tokenizer = load_model_and_tokenizer(args.model, args.adapter, args.dtype, args.device)
-    bar = _progress(len(items), len(items) - len(todo), args.task)
+    return score_choice_task(model, tokenizer, items, records_path, args.batch_size, args.task)
+
+
+def score_choice_task(model, tokenizer, items: list[dict], records_path: Path, batch_size: int,
+                      desc: str = "choice", encode_cache: dict | None = None) -> dict:
+    """Score the multiple-choice `items` with a loaded model, as `rasa-lora eval` does: records appended to
+    `records_path` 64 items at a time (items already there are skipped), then acc / acc_norm over all `items`.
+    `encode_cache`: see `multiple_choice.loglikelihoods` (one dict per tokenizer, for many models)."""
+    from rasa_lora.evaluation.multiple_choice import loglikelihoods, score_choices
+
+    done = _read_records(records_path)
+    todo = [item for item in items if item["id"] not in done]
+    bar = _progress(len(items), len(items) - len(todo), desc)
     for chunk in _chunks(todo, 64):
         pairs = [pair for item in chunk for pair in zip(item["contexts"], item["continuations"])]
-        values = loglikelihoods(model, tokenizer, pairs, args.batch_size)
+        values = loglikelihoods(model, tokenizer, pairs, batch_size, cache=encode_cache)
         records, start = [], 0
         for item in chunk:
             lls = values[start:start + len(item["contexts"])]

@@ -60,8 +60,9 @@ def _stopping_criteria(tokenizer, prompt_length: int, eos_ids: list[int], answer
             rows = input_ids.shape[0]
             if self.done is None:
                 self.done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+                self.eos = torch.tensor(eos_ids, device=input_ids.device)  # once: a copy to the GPU each step waits
             running = int((~self.done).sum())
-            self.done |= torch.isin(input_ids[:, -1], torch.tensor(eos_ids, device=input_ids.device))
+            self.done |= torch.isin(input_ids[:, -1], self.eos)
             if pattern is not None:
                 tail = input_ids[:, max(prompt_length, input_ids.shape[1] - 64):]
                 for row, text in enumerate(tokenizer.batch_decode(tail, skip_special_tokens=True)):
@@ -72,6 +73,23 @@ def _stopping_criteria(tokenizer, prompt_length: int, eos_ids: list[int], answer
             return self.done.clone()
 
     return AnswerStop()
+
+
+_STOP_CRITERIA: dict[tuple[int, tuple[str, ...]], tuple[object, object]] = {}
+
+
+def stop_string_criteria(tokenizer, stop: Sequence[str]):
+    """transformers' `StopStringCriteria` for `stop`, built once per tokenizer and stop list.
+    `generate(stop_strings=...)` builds it anew on every call, reading and sorting the whole vocabulary each batch
+    (a fraction of a second with SmolLM2's; `benchmarks/RESULTS.md`); this is the same criterion, so generations
+    stop at the same token."""
+    from transformers import StopStringCriteria
+
+    key = (id(tokenizer), tuple(stop))
+    cached = _STOP_CRITERIA.get(key)
+    if cached is None or cached[0] is not tokenizer:
+        cached = _STOP_CRITERIA[key] = (tokenizer, StopStringCriteria(tokenizer, list(stop)))
+    return cached[1]
 
 
 def vllm_available() -> bool:
@@ -106,11 +124,11 @@ def generate_transformers(model, tokenizer, prompts: Sequence[str], max_new_toke
         chunk = order[start:start + per_batch]
         encoded = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(device)
         with torch.no_grad():
-            stopping = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
-            criteria = _stopping_criteria(tokenizer, encoded["input_ids"].shape[1], eos_ids, answer_stop, on_tokens)
+            criteria = [_stopping_criteria(tokenizer, encoded["input_ids"].shape[1], eos_ids, answer_stop, on_tokens)]
+            criteria += [stop_string_criteria(tokenizer, stop)] if stop else []
             generated = model.generate(**encoded, max_new_tokens=max_new_tokens, num_return_sequences=n,
                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
-                                       stopping_criteria=StoppingCriteriaList([criteria]), **sampling, **stopping)
+                                       stopping_criteria=StoppingCriteriaList(criteria), **sampling)
         texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
         for j, index in enumerate(chunk):
             outputs[index] = [cut_at_stop(t, stop, answer_stop) for t in texts[j * n:(j + 1) * n]]

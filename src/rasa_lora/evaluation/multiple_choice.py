@@ -72,9 +72,18 @@ def _batch_loglikelihoods(model, batch: list[tuple[list[int], list[int]]], max_l
 
 
 def loglikelihoods(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 16,
-                   progress: Callable[[int], None] | None = None) -> list[float]:
-    """Summed log-likelihood of each continuation given its context, in input order."""
-    encoded = [encode_pair(tokenizer, context, continuation) for context, continuation in pairs]
+                   progress: Callable[[int], None] | None = None,
+                   cache: dict[tuple[str, str], tuple[list[int], list[int]]] | None = None) -> list[float]:
+    """Summed log-likelihood of each continuation given its context, in input order. `cache` (a dict kept by the
+    caller for one tokenizer) keeps each pair's tokens, for a caller that scores the same items with many models."""
+    def encode(pair: tuple[str, str]) -> tuple[list[int], list[int]]:
+        if cache is None:
+            return encode_pair(tokenizer, *pair)
+        if pair not in cache:
+            cache[pair] = encode_pair(tokenizer, *pair)
+        return cache[pair]
+
+    encoded = [encode((context, continuation)) for context, continuation in pairs]
     max_length = getattr(model.config, "max_position_embeddings", 2048)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -1,0 +1,64 @@
+"""benchmarks/replication_report.py: the update-size rule and the matched RaSA/LoRA pairs (no model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+report = pytest.importorskip("benchmarks.replication_report")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_rule_agrees_with_the_measured_update_size():
+    # benchmarks/update_size.py trained LoRA alpha 8, RaSA alpha 8 and RaSA alpha 16 (r=8, k=1) on SmolLM2 and
+    # measured ||dW|| after the first LionW step, per projection type
+    measured = json.loads((REPO / "benchmarks" / "results" / "replication" / "update_size.json").read_text())
+    results = measured["results"]
+    lora = results["lora"]["history"][0]["delta_norm"]
+    for name, alpha in (("rasa", 8.0), ("rasa-a16", 16.0)):
+        step = results[name]["history"][0]["delta_norm"]
+        ratios = [step[kind] / lora[kind] for kind in lora]
+        predicted = report.update_size("rasa", 8, alpha, 1)
+        assert min(ratios) - 0.01 <= predicted <= max(ratios) + 0.01, (name, predicted, ratios)
+    assert report.update_size("lora", 8, 8.0) == pytest.approx(1.0)
+    assert report.update_size("rasa", 8, 16.0, 1) == pytest.approx(report.update_size("lora", 8, 9.5), rel=2e-3)
+    # the ratio does not depend on r for LoRA alpha 8, and RaSA at r=32, k=4 is again well below LoRA
+    assert report.update_size("lora", 32, 8.0) == pytest.approx(1.0)
+    assert report.update_size("rasa", 32, 8.0) == pytest.approx(0.5 * (32 * (1 / 28 + 1 / 120)) ** 0.5)
+
+
+def _run(root: Path, name: str, method: str, alpha: float, seed_losses: list[float], train_loss: float) -> None:
+    """A finished run: config, summary, and metrics with 10 steps an epoch and a held-out loss per epoch."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"method": method, "r": 8, "alpha": alpha, "rasa_k": None,
+                                                    "learning_rate": 5e-4}))
+    (folder / "summary.json").write_text(json.dumps({"trainable_params": 10, "rasa_k": 1 if method == "rasa" else None,
+                                                     "tokens": 100, "train_time_s": 1.0}))
+    rows = [{"step": step, "epoch": step / 10, "loss": train_loss} for step in range(1, 21)]
+    rows += [{"step": 10 * epoch, "eval_loss": loss} for epoch, loss in enumerate(seed_losses, start=1)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_matched_pairs_get_their_own_rows(tmp_path):
+    root, out = tmp_path / "runs", tmp_path / "out"
+    for seed, (rasa16, lora95) in enumerate([(0.90, 0.91), (0.92, 0.93), (0.94, 0.95)]):
+        _run(root, f"rasa-r8-a16-s{seed}", "rasa", 16.0, [1.0, rasa16], 0.8)
+        _run(root, f"lora-r8-a9.5-s{seed}", "lora", 9.5, [1.0, lora95], 0.8 + seed / 100)
+        _run(root, f"lora-r8-s{seed}", "lora", 8.0, [1.0, 0.99], 0.8)
+        _run(root, f"rasa-r8-s{seed}", "rasa", 8.0, [1.0, 0.97], 0.8)
+    assert report.main(["--root", str(root), "--out", str(out)]) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert [(p["rasa"], p["lora"]) for p in study["matched_pairs"]] == [("rasa-r8-a16", "lora-r8-a9.5")]
+    tables = (out / "tables.md").read_text()
+    section = tables.split("at the same update size")[1]
+    held_out = next(line for line in section.splitlines() if "held-out loss, epoch 2" in line)
+    cells = [cell.strip() for cell in held_out.split("|")]
+    assert cells[1].startswith("rasa-r8-a16 (alpha 16, size 1.187) vs lora-r8-a9.5 (alpha 9.5, size 1.188)")
+    assert cells[3:6] == ["0.9200 ± 0.0200 (n=3)", "0.9300 ± 0.0200 (n=3)", "-0.0100"]
+    assert cells[6] == "no (ranges overlap)"
+    assert cells[7] == "s0: -0.0100, s1: -0.0100, s2: -0.0100 (all < 0)"
+    # the same-alpha comparison stays as it was
+    assert "| rasa-r8 vs lora-r8 | held-out loss, epoch 2 | 0.9700 ± 0.0000 (n=3) | 0.9900 ± 0.0000 (n=3)" in tables
