@@ -28,3 +28,23 @@ def test_small_run_writes_rows_for_each_method_and_mode(tmp_path, capsys):
     assert all(isinstance(r["graph_breaks"], int) for r in rows if r["mode"] == "compile")
     table = capsys.readouterr().out
     assert "x frozen" in table and "rasa   compile" in table
+
+
+@pytest.mark.slow
+def test_processes_repeat_the_run_in_fresh_processes_and_count_the_target(tmp_path, capsys):
+    """`--processes 2`: two fresh processes, rows tagged with their process, each process's ratio to the frozen base
+    in the summary with how many met `--target`; `compile:MODE` names the mode of a compiled row."""
+    out = tmp_path / "host_time.json"
+    host_time = load_benchmark("host_time")
+    argv = ["--small", "--steps", "1", "--warmup", "1", "--methods", "frozen,rasa", "--modes", "compile:default",
+            "--compile-backend", "aot_eager", "--processes", "2", "--target", "1000", "--out", str(out)]
+    assert host_time.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert [(r["process"], r["method"], r["mode"]) for r in result["rows"]] == [
+        (0, "frozen", "compile:default"), (0, "rasa", "compile:default"),
+        (1, "frozen", "compile:default"), (1, "rasa", "compile:default")]
+    (summary,) = result["summary"]
+    assert summary["processes"] == 2 and summary["met"] == 2
+    ratios = [r["x_frozen"] for r in result["rows"] if r["method"] == "rasa"]
+    assert summary["x_frozen_min"] == min(ratios) and summary["x_frozen_max"] == max(ratios)
+    assert "over 2 processes, <= 1000.0 in 2" in capsys.readouterr().out

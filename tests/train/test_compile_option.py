@@ -95,3 +95,43 @@ def test_bad_compile_keys_are_refused(tiny_model_dir, tmp_path):
         build_config(tiny_overrides(tiny_model_dir, tmp_path, compile=True, compile_backend="eager"))
     with pytest.raises(ValueError, match="pad_to_multiple_of=-8 must be a whole number"):
         build_config(tiny_overrides(tiny_model_dir, tmp_path, pad_to_multiple_of=-8))
+
+
+def test_cuda_graph_keys_are_refused_where_they_cannot_work(tiny_model_dir, tmp_path):
+    """compile_mode reduce-overhead (inductor's CUDA graphs): inductor only, shapes that repeat, a CUDA device."""
+    graphs = dict(compile=True, compile_mode="reduce-overhead", pad_to_multiple_of=16)
+    with pytest.raises(ValueError, match="not compile_backend='aot_eager': set compile_backend: inductor"):
+        build_config(tiny_overrides(tiny_model_dir, tmp_path, **{**graphs, "compile_backend": "aot_eager"}))
+    with pytest.raises(ValueError, match="set pad_to_multiple_of"):
+        build_config(tiny_overrides(tiny_model_dir, tmp_path, **{**graphs, "pad_to_multiple_of": 0}))
+    build_config(tiny_overrides(tiny_model_dir, tmp_path, **{**graphs, "compile": False, "pad_to_multiple_of": 0}))
+    if not torch.cuda.is_available():
+        from rasa_lora.errors import UserError
+
+        out = tmp_path / "run"
+        with pytest.raises(UserError, match="needs a CUDA device, not cpu; use compile_mode: default"):
+            train(build_config(tiny_overrides(tiny_model_dir, out, **graphs)))
+        assert not out.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_cuda_graph_training_follows_eager_training(tiny_model_dir, tmp_path, checkpointing):
+    """`compile_mode: reduce-overhead` on the GPU, two micro-batches a step (gradient accumulation into .grad buffers
+    that stay put): without dropout the losses and adapter are eager's; with dropout it trains alike (float32)."""
+    common = dict(max_steps=3, gradient_checkpointing=checkpointing, pad_to_multiple_of=32, model_dtype="float32",
+                  bf16="false")
+    graphs = dict(compile=True, compile_backend="inductor", compile_mode="reduce-overhead")
+    runs = {}
+    for name, extra in [("eager", {"dropout": 0.0}), ("graphs", {"dropout": 0.0, **graphs}),
+                        ("graphs-dropout", {"dropout": 0.05, **graphs})]:
+        torch._dynamo.reset()
+        out = tmp_path / name
+        train(build_config(tiny_overrides(tiny_model_dir, out, **common, **extra)))
+        runs[name] = (_losses(out), load_file(out / "adapter_model.safetensors"))
+    (eager, eager_weights), (graphed, graphed_weights), (dropped, _) = runs.values()
+    assert len(eager) == len(graphed) == len(dropped) == 3
+    assert graphed == pytest.approx(eager, rel=1e-4)
+    for key, value in eager_weights.items():
+        torch.testing.assert_close(graphed_weights[key], value, rtol=1e-3, atol=1e-5)
+    assert dropped != graphed and dropped == pytest.approx(graphed, rel=0.05)
