@@ -300,3 +300,53 @@ def test_reduce_overhead_training_steps_equal_eager(checkpointing):
         for a, b in zip(grads_c, grads, strict=True):
             assert rel_err(a, b) < 1e-3
     assert len({float(loss) for loss, _ in eager}) == 3
+
+
+# --- the kernels compile for the GPU -----------------------------------------------------------------------------
+_KERNEL_CONSTANTS = {
+    "_keep_mask_kernel": {"BM": 32, "BK": 64},
+    "_down_pack_kernel": {"R": 64, "BM": 64, "BK": 64, "BK_PACK": 256, "BN_PACK": 64, "DROPOUT": True, "ATOMIC": True,
+                          "IEEE": False, "PACKED": True},
+    "_gx_rows_kernel": {"R": 64, "BM": 64, "BK": 64, "DROPOUT": True, "ACCUMULATE": False, "IEEE": False,
+                        "GU16": True},
+    "_ga_finalize_kernel": {"R": 64, "BM": 64, "BK": 64, "BN_FIN": 64, "DROPOUT": True, "ATOMIC": True,
+                            "IEEE": False},
+}
+
+
+@pytest.mark.parametrize("seed_from_memory", [False, True])
+@pytest.mark.parametrize("name", list(_KERNEL_CONSTANTS))
+def test_kernels_drawing_the_mask_compile_for_the_gpu(name, seed_from_memory):
+    """Triton's compiler (for sm_90, no GPU needed: Triton's own ptxas) on each kernel that draws the mask, the seed
+    by value and from memory. The interpreter does not check types: a seed hash redefined as uint32 inside a branch
+    passed every interpreted test and failed here."""
+    triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("under TRITON_INTERPRET=1 the kernels are the interpreter's; run without it")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from rasa_lora.ops import kernels
+
+    fn = getattr(kernels, name)
+    constants = {**_KERNEL_CONSTANTS[name], "SEED_PTR": seed_from_memory}
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in constants:
+            signature[arg] = "constexpr"
+        elif arg == "seed_ptr":
+            signature[arg] = "*i64" if seed_from_memory else "*bf16"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*i8" if arg == "out_ptr" else "*bf16" if arg in ("x_ptr", "a_ptr", "c_ptr", "gx_ptr",
+                                                                              "gu16_ptr") else "*fp32"
+        else:
+            signature[arg] = "fp32" if arg == "scale" else "i32"
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(key),): value for key, value in constants.items()})
+    try:
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    except RuntimeError as error:  # no ptxas with this Triton build: nothing to check here
+        if "ptxas" in str(error).lower():
+            pytest.skip(f"Triton cannot compile for CUDA here: {error}")
+        raise
+    assert ".entry " + name in compiled.asm["ptx"]

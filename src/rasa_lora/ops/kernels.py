@@ -50,8 +50,10 @@ if triton is not None:
         call's seed read from device memory (an int64 at `seed_ptr`), so a replayed CUDA graph draws the mask of
         whatever seed the device holds at replay time (`dropout.call_seed_tensor`)."""
         if SEED_PTR:
-            seed_h = _mix(tl.load(seed_ptr).to(tl.uint32))
-        return seed_h
+            hashed = _mix(tl.load(seed_ptr).to(tl.uint32))
+        else:
+            hashed = seed_h.to(tl.uint32)
+        return hashed
 
     @triton.jit
     def _row_hash(rows, seed_h):
@@ -140,14 +142,14 @@ if triton is not None:
             private = (rr < NP)[:, None]
             shared = ((rr >= NP) & (rr < NP + NS))[:, None]
             if DROPOUT:
-                seed_h = _seed_hash(seed_h, seed_ptr, SEED_PTR)
-                hr = _row_hash(rm, seed_h)
+                hs = _seed_hash(seed_h, seed_ptr, SEED_PTR)
+                hr = _row_hash(rm, hs)
             for k0 in range(k_lo, k_lo + k_per_split, BK):
                 rk = k0 + tl.arange(0, BK)
                 x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
                             other=0.0)
                 if DROPOUT:
-                    x = tl.where(_keep_h(hr, k0, seed_h, thr, BK), x, 0.0)
+                    x = tl.where(_keep_h(hr, k0, hs, thr, BK), x, 0.0)
                 in_k = (rk < K)[None, :]
                 if PACKED:
                     a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=in_k, other=0.0)
@@ -217,15 +219,15 @@ if triton is not None:
             if tl.program_id(1) == 0:
                 tl.store(gu16_ptr + rm[:, None] * R + rr[None, :], gu, mask=(rm < M)[:, None])
         if DROPOUT:
-            seed_h = _seed_hash(seed_h, seed_ptr, SEED_PTR)
-            hr = _row_hash(rm, seed_h)
+            hs = _seed_hash(seed_h, seed_ptr, SEED_PTR)
+            hr = _row_hash(rm, hs)
         k_lo = tl.program_id(1) * k_per_split
         for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BK):
             rk = k0 + tl.arange(0, BK)
             a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
             update = _dot(gu, a, IEEE)
             if DROPOUT:
-                update = tl.where(_keep_h(hr, k0, seed_h, thr, BK), update, 0.0)
+                update = tl.where(_keep_h(hr, k0, hs, thr, BK), update, 0.0)
             inside = (rm < M)[:, None] & (rk < K)[None, :]
             _write_or_add(gx_ptr + rm[:, None] * sgxm + rk[None, :], update, inside, ACCUMULATE)
 
@@ -287,14 +289,14 @@ if triton is not None:
             acc = tl.zeros((R, BK), dtype=tl.float32)
             m_lo = (pid // k_blocks) * m_per_split
             if DROPOUT:
-                seed_h = _seed_hash(seed_h, seed_ptr, SEED_PTR)
-                hc = _col_hash(col0, seed_h, BK)  # the program's columns: hashed once
+                hs = _seed_hash(seed_h, seed_ptr, SEED_PTR)
+                hc = _col_hash(col0, hs, BK)  # the program's columns: hashed once
             for m0 in range(m_lo, m_lo + m_per_split, BM):
                 rm = m0 + tl.arange(0, BM)
                 x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
                             other=0.0)
                 if DROPOUT:
-                    x = tl.where(_keep_w(_row_hash(rm, seed_h), hc) >= thr, x, 0.0)
+                    x = tl.where(_keep_w(_row_hash(rm, hs), hc) >= thr, x, 0.0)
                 gu = tl.load(gu_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0)
                 acc += _dot(tl.trans(gu.to(x.dtype)), x, IEEE)
             _store_ga(gap_ptr, gas_ptr, acc, rr, rk, K, NP, NS, ATOMIC)
@@ -306,9 +308,9 @@ if triton is not None:
     @triton.jit(do_not_specialize=LOOSE)
     def _keep_mask_kernel(out_ptr, M, K, seed_h, seed_ptr, thr, BM: tl.constexpr, BK: tl.constexpr,
                           SEED_PTR: tl.constexpr):
-        seed_h = _seed_hash(seed_h, seed_ptr, SEED_PTR)
+        hs = _seed_hash(seed_h, seed_ptr, SEED_PTR)
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rk = tl.program_id(1) * BK + tl.arange(0, BK)
-        keep = _keep(rm, tl.program_id(1) * BK, seed_h, thr, BK)
+        keep = _keep(rm, tl.program_id(1) * BK, hs, thr, BK)
         tl.store(out_ptr + rm[:, None] * K + rk[None, :], keep.to(tl.int8),
                  mask=(rm < M)[:, None] & (rk < K)[None, :])
