@@ -293,7 +293,14 @@ def test_reduce_overhead_training_steps_equal_eager(checkpointing):
     dropout.set_states(start)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
-        compiled = steps(torch.compile(build(), mode="reduce-overhead"), True)
+        try:
+            compiled = steps(torch.compile(build(), mode="reduce-overhead"), True)
+        except RuntimeError as error:  # PyTorch's known failure (the trainer names it: `trainer.cuda_graph_error`)
+            from rasa_lora.train.trainer import cuda_graph_error
+
+            if checkpointing and cuda_graph_error(error) is not None:
+                pytest.xfail(f"torch {torch.__version__}: pytorch/pytorch#154306")
+            raise
     torch._dynamo.reset()
     for (loss_c, grads_c), (loss, grads) in zip(compiled, eager, strict=True):
         assert rel_err(loss_c, loss) < 1e-4

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rasa_lora.errors import UserError
 from rasa_lora.ops import set_fused_backend
 from rasa_lora.train import checkpoint
 from rasa_lora.train.config import build_config
@@ -106,8 +107,6 @@ def test_cuda_graph_keys_are_refused_where_they_cannot_work(tiny_model_dir, tmp_
         build_config(tiny_overrides(tiny_model_dir, tmp_path, **{**graphs, "pad_to_multiple_of": 0}))
     build_config(tiny_overrides(tiny_model_dir, tmp_path, **{**graphs, "compile": False, "pad_to_multiple_of": 0}))
     if not torch.cuda.is_available():
-        from rasa_lora.errors import UserError
-
         out = tmp_path / "run"
         with pytest.raises(UserError, match="needs a CUDA device, not cpu; use compile_mode: default"):
             train(build_config(tiny_overrides(tiny_model_dir, out, **graphs)))
@@ -127,7 +126,12 @@ def test_cuda_graph_training_follows_eager_training(tiny_model_dir, tmp_path, ch
                         ("graphs-dropout", {"dropout": 0.05, **graphs})]:
         torch._dynamo.reset()
         out = tmp_path / name
-        train(build_config(tiny_overrides(tiny_model_dir, out, **common, **extra)))
+        try:
+            train(build_config(tiny_overrides(tiny_model_dir, out, **common, **extra)))
+        except UserError as error:  # the one known failure, named by the trainer: reported, not hidden
+            if "pytorch/pytorch#154306" in str(error):
+                pytest.xfail(f"torch {torch.__version__}: {error}")
+            raise
         runs[name] = (_losses(out), load_file(out / "adapter_model.safetensors"))
     (eager, eager_weights), (graphed, graphed_weights), (dropped, _) = runs.values()
     assert len(eager) == len(graphed) == len(dropped) == 3
@@ -135,3 +139,15 @@ def test_cuda_graph_training_follows_eager_training(tiny_model_dir, tmp_path, ch
     for key, value in eager_weights.items():
         torch.testing.assert_close(graphed_weights[key], value, rtol=1e-3, atol=1e-5)
     assert dropped != graphed and dropped == pytest.approx(graphed, rel=0.05)
+
+
+def test_the_known_cuda_graph_failure_becomes_a_one_line_error():
+    """PyTorch's CUDA graph trees under non-reentrant checkpointing (pytorch/pytorch#154306) raise a RuntimeError
+    asking to file an issue; the trainer names the fix instead. Any other error passes through unchanged."""
+    from rasa_lora.train.trainer import cuda_graph_error
+
+    error = cuda_graph_error(RuntimeError("TODO: graph recording observed an input tensor deallocate during graph "
+                                          "recording that did not occur during replay. Please file an issue."))
+    assert isinstance(error, UserError) and "\n" not in str(error)
+    assert "set gradient_checkpointing: false, or compile_mode: default" in str(error)
+    assert cuda_graph_error(RuntimeError("CUDA out of memory")) is None

@@ -241,6 +241,21 @@ def cuda_graph_step() -> None:
     torch.compiler.cudagraph_mark_step_begin()
 
 
+# PyTorch's CUDA graph trees with non-reentrant checkpointing (pytorch/pytorch#154306, open; reported to fail with
+# torch 2.11 too): a recomputation keeps alive an input the recording saw freed
+CHECKPOINT_GRAPH_BUG = "graph recording observed an input tensor deallocate during graph recording"
+
+
+def cuda_graph_error(error: BaseException) -> Exception | None:
+    """The one-line error naming the fix for a known failure of CUDA graphs (None for any other error)."""
+    if CHECKPOINT_GRAPH_BUG not in str(error):
+        return None
+    from rasa_lora.errors import UserError
+
+    return UserError("compile_mode: reduce-overhead failed in PyTorch's CUDA graph trees with gradient checkpointing "
+                     "(pytorch/pytorch#154306): set gradient_checkpointing: false, or compile_mode: default")
+
+
 _CUDAGRAPH_SKIPS_REPORTED: list[bool] = []
 
 
@@ -311,10 +326,16 @@ def train_step(run: Run, step: int, autocast: bool, on_micro_batch: Any = None) 
         if graphs:
             cuda_graph_step()
         context = torch.autocast(run.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-        with distributed.micro_batch_sync(accelerator, run.model, last=index == len(local) - 1):
-            with context:
-                loss = run.model(**batch, num_items_in_batch=divisor).loss
-            accelerator.backward(loss)
+        try:
+            with distributed.micro_batch_sync(accelerator, run.model, last=index == len(local) - 1):
+                with context:
+                    loss = run.model(**batch, num_items_in_batch=divisor).loss
+                accelerator.backward(loss)
+        except RuntimeError as error:
+            known = cuda_graph_error(error) if graphs else None
+            if known is not None:
+                raise known from error
+            raise
         total_loss += loss.detach().double()
         if on_micro_batch is not None:
             on_micro_batch()
