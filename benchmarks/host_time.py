@@ -4,6 +4,14 @@
 On the GPU machine (random weights of each shape; bf16; gradient checkpointing; dropout 0.05):
     PYTHONPATH=src python benchmarks/host_time.py --out $OUT/host_time.json
     PYTHONPATH=src python benchmarks/host_time.py --shapes llama-8b --modes eager,compile  (one shape)
+    PYTHONPATH=src python benchmarks/host_time.py --shapes smollm2 --modes eager,compile:reduce-overhead
+    PYTHONPATH=src python benchmarks/host_time.py --shapes llama-8b --methods frozen,rasa --processes 5
+A mode is `eager`, `compile` (with `--compile-mode`, default inductor's default) or `compile:MODE`
+(`compile:reduce-overhead`: inductor's CUDA graphs; the device seed's state is marked static, each step begins with
+`torch.compiler.cudagraph_mark_step_begin()`, and `cg_skips` counts the graphs inductor ran without CUDA graphs).
+`--processes N` runs the whole measurement in N fresh processes, one after another, and reports each process's
+ratios and, per method and mode, their range and how many met `--target` (the issue's "in every one of >= 5
+processes").
 Old tree against new: run the same command with PYTHONPATH naming the old tree's src/ (its `compile` rows measure
 torch.compile with the RaSA layers as graph breaks). On the CPU, a smoke run of the logic:
     PYTHONPATH=src python benchmarks/host_time.py --small --out /tmp/host_time.json
@@ -70,6 +78,10 @@ def adapt(model, method: str, dropout: float):
 
 def measure(model, batch: int, seq: int, vocab: int, steps: int, warmup: int, device: torch.device,
             compiled: bool, compile_backend: str, compile_mode: str | None) -> dict:
+    from torch._dynamo.utils import counters
+
+    graphs = compiled and compile_mode == "reduce-overhead"
+    skips_before = counters["inductor"]["cudagraph_skips"]
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
@@ -82,7 +94,9 @@ def measure(model, batch: int, seq: int, vocab: int, steps: int, warmup: int, de
             if switch is not None:
                 switch()  # the environment read before tracing (the trainer's `compile_model` does the same)
         if hasattr(_dropout, "device_state"):
-            _dropout.device_state(device)
+            state = _dropout.device_state(device)
+            if device.type == "cuda":  # advanced in place each forward: a static input of the CUDA graphs
+                torch._dynamo.mark_static_address(state)
         if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
             # as `rasa-lora train` sets it: else the checkpointed layers run eagerly (docs/performance.md)
             torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
@@ -95,6 +109,8 @@ def measure(model, batch: int, seq: int, vocab: int, steps: int, warmup: int, de
         torch.cuda.reset_peak_memory_stats()
 
     def one_step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         with torch.no_grad():
@@ -121,7 +137,8 @@ def measure(model, batch: int, seq: int, vocab: int, steps: int, warmup: int, de
     return {"step_ms": statistics.median(step_ms), "host_ms": statistics.median(host_ms),
             "cpu_ms": statistics.median(cpu_ms), "steps_ms": step_ms, "warmup_s": warm_s if warmup else 0.0,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-            "tokens_per_s": batch * seq / (statistics.median(step_ms) / 1e3)}
+            "tokens_per_s": batch * seq / (statistics.median(step_ms) / 1e3),
+            "cg_skips": counters["inductor"]["cudagraph_skips"] - skips_before if graphs else None}
 
 
 def graph_breaks(model, batch: int, seq: int, vocab: int, device: torch.device) -> tuple[int, list[str]]:
@@ -148,20 +165,83 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'shape':9} {'method':6} {'mode':8} {'tokens':>7} {'step ms':>9} {'host ms':>9} {'cpu ms':>9} "
-          f"{'x frozen':>8} {'x LoRA':>7} {'mem/frozen':>10} {'breaks':>6}")
+    width = max([8] + [len(r["mode"]) for r in rows])
+    print(f"{'proc':>4} {'shape':9} {'method':6} {'mode':{width}} {'tokens':>7} {'step ms':>9} {'host ms':>9} "
+          f"{'cpu ms':>9} {'x frozen':>8} {'x LoRA':>7} {'mem/frozen':>10} {'breaks':>6} {'cg_skips':>8}")
     fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
     for r in rows:
-        print(f"{r['shape']:9} {r['method']:6} {r['mode']:8} {r['tokens']:7d} {r['step_ms']:9.2f} {r['host_ms']:9.2f} "
-              f"{r['cpu_ms']:9.2f} {fmt(r['x_frozen'], '8.3f')} {fmt(r['x_lora'], '7.3f')} "
-              f"{fmt(r['mem_vs_frozen'], '10.4f')} {fmt(r.get('graph_breaks'), '6d')}")
+        print(f"{fmt(r.get('process'), '4d')} {r['shape']:9} {r['method']:6} {r['mode']:{width}} {r['tokens']:7d} "
+              f"{r['step_ms']:9.2f} {r['host_ms']:9.2f} {r['cpu_ms']:9.2f} {fmt(r['x_frozen'], '8.3f')} "
+              f"{fmt(r['x_lora'], '7.3f')} {fmt(r['mem_vs_frozen'], '10.4f')} {fmt(r.get('graph_breaks'), '6d')} "
+              f"{fmt(r.get('cg_skips'), '8d')}")
+
+
+def print_processes(rows: list[dict], target: float) -> list[dict]:
+    """Per (shape, method, mode) over the processes: the range of the ratio to the frozen base and how many
+    processes met `target`."""
+    groups: dict = {}
+    for r in rows:
+        if r["method"] != "frozen" and r.get("x_frozen") is not None:
+            groups.setdefault((r["shape"], r["method"], r["mode"]), []).append(r["x_frozen"])
+    summary = []
+    for (shape, method, mode), ratios in groups.items():
+        met = sum(ratio <= target for ratio in ratios)
+        summary.append({"shape": shape, "method": method, "mode": mode, "processes": len(ratios),
+                        "x_frozen_min": min(ratios), "x_frozen_max": max(ratios), "met": met, "target": target})
+        print(f"{shape} {method} {mode}: x frozen {min(ratios):.3f}-{max(ratios):.3f} over {len(ratios)} processes, "
+              f"<= {target} in {met}")
+    return summary
+
+
+def run_processes(args, argv: list[str]) -> int:
+    """The measurement in `args.processes` fresh processes, one after another; rows tagged with the process index.
+    The JSON is rewritten after each process, so a run cut short keeps what finished."""
+    import subprocess
+    import tempfile
+
+    rows, summary = [], []
+    forwarded = []
+    skip = False
+    for item in argv:  # the same arguments, less --processes and --out
+        if skip:
+            skip = False
+            continue
+        if item in ("--processes", "--out"):
+            skip = True
+            continue
+        if item.startswith(("--processes=", "--out=")):
+            continue
+        forwarded.append(item)
+    with tempfile.TemporaryDirectory() as tmp:
+        for index in range(args.processes):
+            path = os.path.join(tmp, f"{index}.json")
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), *forwarded, "--out", path])
+            if done.returncode != 0:
+                print(f"process {index} failed (exit {done.returncode})", file=sys.stderr)
+                continue
+            with open(path) as f:
+                rows.extend(dict(row, process=index) for row in json.load(f)["rows"])
+            print_table(rows)
+            summary = print_processes(rows, args.target)
+            if args.out:
+                write_json(args.out, {"args": vars(args), "rows": rows, "summary": summary})
+    return 0 if rows else 1
+
+
+def write_json(path: str, payload: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="smollm2,llama-1b,llama-8b", help="comma-separated: " + ",".join(SHAPES))
     parser.add_argument("--methods", default="frozen,lora,rasa")
-    parser.add_argument("--modes", default="eager,compile", help="eager and/or compile")
+    parser.add_argument("--modes", default="eager,compile",
+                        help="comma-separated: eager, compile (--compile-mode), compile:MODE (e.g. "
+                             "compile:reduce-overhead)")
     parser.add_argument("--batch", type=int, default=None, help="micro-batch (default: the shape's target)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the shape's target)")
     parser.add_argument("--steps", type=int, default=9, help="timed steps (the median is reported)")
@@ -172,7 +252,11 @@ def main(argv=None) -> int:
     parser.add_argument("--explain", action="store_true", help="also count graph breaks (torch._dynamo.explain)")
     parser.add_argument("--small", action="store_true", help="CPU smoke run: the tiny shape, 2 x 32 tokens")
     parser.add_argument("--out", default=None, help="JSON file for the rows")
+    parser.add_argument("--processes", type=int, default=1, help="repeat the whole run in this many fresh processes")
+    parser.add_argument("--target", type=float, default=1.10, help="ratio to the frozen base counted as met")
     args = parser.parse_args(argv)
+    if args.processes > 1:
+        return run_processes(args, list(sys.argv[1:] if argv is None else argv))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = ["tiny"] if args.small else args.shapes.split(",")
@@ -185,13 +269,14 @@ def main(argv=None) -> int:
         (_, _, _, _, _, vocab), (batch, seq) = SHAPES[shape]
         batch, seq = args.batch or batch, args.seq or seq
         for mode in args.modes.split(","):
+            compile_mode = mode.split(":", 1)[1] if mode.startswith("compile:") else args.compile_mode
             for method in args.methods.split(","):
                 torch._dynamo.reset()
                 model = adapt(build(shape, device, dtype), method, args.dropout)
                 row = {"shape": shape, "method": method, "mode": mode, "batch": batch, "seq": seq,
                        "tokens": batch * seq, "device": torch.cuda.get_device_name() if device.type == "cuda"
                        else "cpu", "torch": torch.__version__, "rasa_lora_src": os.path.dirname(rasa_lora.__file__)}
-                if args.explain and mode == "compile":
+                if args.explain and mode.startswith("compile"):
                     from rasa_lora.ops import dropout as _dropout
 
                     if hasattr(_dropout, "device_state"):
@@ -199,8 +284,8 @@ def main(argv=None) -> int:
                     model.train()
                     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                     row["graph_breaks"], row["break_reasons"] = graph_breaks(model, batch, seq, vocab, device)
-                row.update(measure(model, batch, seq, vocab, args.steps, args.warmup, device, mode == "compile",
-                                   args.compile_backend, args.compile_mode))
+                row.update(measure(model, batch, seq, vocab, args.steps, args.warmup, device,
+                                   mode.startswith("compile"), args.compile_backend, compile_mode))
                 rows.append(row)
                 print(f"{shape} {method} {mode}: {row['step_ms']:.2f} ms a step, host {row['host_ms']:.2f} ms",
                       file=sys.stderr, flush=True)
@@ -211,10 +296,7 @@ def main(argv=None) -> int:
     add_ratios(rows)
     print_table(rows)
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
-        os.replace(tmp, args.out)
+        write_json(args.out, {"args": vars(args), "rows": rows})
     return 0
 
 

@@ -86,7 +86,7 @@ def test_every_env_flag_is_the_settings_one():
     assert not own, own
 
 
-FLAGS = {"DROPOUT", "ATOMIC", "IEEE", "PACKED", "ACCUMULATE", "BIAS", "GU16"}
+FLAGS = {"DROPOUT", "ATOMIC", "IEEE", "PACKED", "ACCUMULATE", "BIAS", "GU16", "SEED_PTR"}
 
 
 def _check_arguments(kernel: str, names: list[str], args: tuple) -> None:
@@ -148,6 +148,12 @@ def test_every_launch_passes_the_kernels_arguments_in_order(dtype, monkeypatch):
                     triton_backend.bwd_down(x, grads[3], A, grad_x, grads[0], grads[5], grads[4], factors[1],
                                             factors[4], factors[2], grads[2], grads[1], grads[6], 1.25, 7, 300, True,
                                             gu16=grads[7])
+    seed = torch.tensor([5])  # the seed read by the kernels from memory (registered operators, CUDA graphs)
+    u, A, C = triton_backend.down_and_pack(x, *factors, 1.25, 0, 300, True, seed)
+    triton_backend.bwd_down(x, grads[3], A, torch.empty(M, K, dtype=dtype), grads[0], grads[5], grads[4], factors[1],
+                            factors[4], factors[2], grads[2], grads[1], grads[6], 1.25, 0, 300, True, seed,
+                            gu16=grads[7])
+    triton_backend.keep_mask(M, K, 0, 300, "cpu", seed)
     triton_backend.keep_mask(M, K, 7, 300, "cpu")
     assert seen == {"DOWN_PACK", "UP_ROWS", "BWD_UP", "GX_ROWS", "GA_FINALIZE", "KEEP_MASK"}  # every launcher
 

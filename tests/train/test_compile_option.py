@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rasa_lora.errors import UserError
 from rasa_lora.ops import set_fused_backend
 from rasa_lora.train import checkpoint
 from rasa_lora.train.config import build_config
@@ -95,3 +96,58 @@ def test_bad_compile_keys_are_refused(tiny_model_dir, tmp_path):
         build_config(tiny_overrides(tiny_model_dir, tmp_path, compile=True, compile_backend="eager"))
     with pytest.raises(ValueError, match="pad_to_multiple_of=-8 must be a whole number"):
         build_config(tiny_overrides(tiny_model_dir, tmp_path, pad_to_multiple_of=-8))
+
+
+def test_cuda_graph_keys_are_refused_where_they_cannot_work(tiny_model_dir, tmp_path):
+    """compile_mode reduce-overhead (inductor's CUDA graphs): inductor only, shapes that repeat, a CUDA device."""
+    graphs = dict(compile=True, compile_mode="reduce-overhead", pad_to_multiple_of=16)
+    with pytest.raises(ValueError, match="not compile_backend='aot_eager': set compile_backend: inductor"):
+        build_config(tiny_overrides(tiny_model_dir, tmp_path, **{**graphs, "compile_backend": "aot_eager"}))
+    with pytest.raises(ValueError, match="set pad_to_multiple_of"):
+        build_config(tiny_overrides(tiny_model_dir, tmp_path, **{**graphs, "pad_to_multiple_of": 0}))
+    build_config(tiny_overrides(tiny_model_dir, tmp_path, **{**graphs, "compile": False, "pad_to_multiple_of": 0}))
+    if not torch.cuda.is_available():
+        out = tmp_path / "run"
+        with pytest.raises(UserError, match="needs a CUDA device, not cpu; use compile_mode: default"):
+            train(build_config(tiny_overrides(tiny_model_dir, out, **graphs)))
+        assert not out.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_cuda_graph_training_follows_eager_training(tiny_model_dir, tmp_path, checkpointing):
+    """`compile_mode: reduce-overhead` on the GPU, two micro-batches a step (gradient accumulation into .grad buffers
+    that stay put): without dropout the losses and adapter are eager's; with dropout it trains alike (float32)."""
+    common = dict(max_steps=3, gradient_checkpointing=checkpointing, pad_to_multiple_of=32, model_dtype="float32",
+                  bf16="false")
+    graphs = dict(compile=True, compile_backend="inductor", compile_mode="reduce-overhead")
+    runs = {}
+    for name, extra in [("eager", {"dropout": 0.0}), ("graphs", {"dropout": 0.0, **graphs}),
+                        ("graphs-dropout", {"dropout": 0.05, **graphs})]:
+        torch._dynamo.reset()
+        out = tmp_path / name
+        try:
+            train(build_config(tiny_overrides(tiny_model_dir, out, **common, **extra)))
+        except UserError as error:  # the one known failure, named by the trainer: reported, not hidden
+            if "pytorch/pytorch#154306" in str(error):
+                pytest.xfail(f"torch {torch.__version__}: {error}")
+            raise
+        runs[name] = (_losses(out), load_file(out / "adapter_model.safetensors"))
+    (eager, eager_weights), (graphed, graphed_weights), (dropped, _) = runs.values()
+    assert len(eager) == len(graphed) == len(dropped) == 3
+    assert graphed == pytest.approx(eager, rel=1e-4)
+    for key, value in eager_weights.items():
+        torch.testing.assert_close(graphed_weights[key], value, rtol=1e-3, atol=1e-5)
+    assert dropped != graphed and dropped == pytest.approx(graphed, rel=0.05)
+
+
+def test_the_known_cuda_graph_failure_becomes_a_one_line_error():
+    """PyTorch's CUDA graph trees under non-reentrant checkpointing (pytorch/pytorch#154306) raise a RuntimeError
+    asking to file an issue; the trainer names the fix instead. Any other error passes through unchanged."""
+    from rasa_lora.train.trainer import cuda_graph_error
+
+    error = cuda_graph_error(RuntimeError("TODO: graph recording observed an input tensor deallocate during graph "
+                                          "recording that did not occur during replay. Please file an issue."))
+    assert isinstance(error, UserError) and "\n" not in str(error)
+    assert "set gradient_checkpointing: false, or compile_mode: default" in str(error)
+    assert cuda_graph_error(RuntimeError("CUDA out of memory")) is None

@@ -45,6 +45,17 @@ if triton is not None:
         return v ^ (v >> 15)
 
     @triton.jit
+    def _seed_hash(seed_h, seed_ptr, SEED_PTR: tl.constexpr):
+        """The mask seed's hash: `seed_h` as passed (the host's `dropout.seed_hash`), or with SEED_PTR, the mix of the
+        call's seed read from device memory (an int64 at `seed_ptr`), so a replayed CUDA graph draws the mask of
+        whatever seed the device holds at replay time (`dropout.call_seed_tensor`)."""
+        if SEED_PTR:
+            hashed = _mix(tl.load(seed_ptr).to(tl.uint32))
+        else:
+            hashed = seed_h.to(tl.uint32)
+        return hashed
+
+    @triton.jit
     def _row_hash(rows, seed_h):
         """The rows' odd hashes (hoisted out of loops over columns)."""
         return _mix(rows.to(tl.uint32) + seed_h.to(tl.uint32)) | 1
@@ -113,10 +124,10 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=LOOSE)
     def _down_pack_kernel(x_ptr, ap_ptr, as_ptr, bp_ptr, bs_ptr, d_ptr, a_ptr, c_ptr, u_ptr, M, K, N, NP, NS,
-                          sxm, seed_h, thr, k_per_split, scale, row_blocks, splits,
+                          sxm, seed_h, seed_ptr, thr, k_per_split, scale, row_blocks, splits,
                           R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BK_PACK: tl.constexpr,
                           BN_PACK: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
-                          PACKED: tl.constexpr):
+                          PACKED: tl.constexpr, SEED_PTR: tl.constexpr):
         """u = (keep * x) A^T in the first `row_blocks * splits` programs, reading the raw factors (or, with
         PACKED, the packed A made by an earlier launch), and the packed A and C in R + cdiv(N, BN_PACK) more
         programs (none when the grid stops short of them; only those with `row_blocks = 0`). Programs past those
@@ -131,13 +142,14 @@ if triton is not None:
             private = (rr < NP)[:, None]
             shared = ((rr >= NP) & (rr < NP + NS))[:, None]
             if DROPOUT:
-                hr = _row_hash(rm, seed_h)
+                hs = _seed_hash(seed_h, seed_ptr, SEED_PTR)
+                hr = _row_hash(rm, hs)
             for k0 in range(k_lo, k_lo + k_per_split, BK):
                 rk = k0 + tl.arange(0, BK)
                 x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
                             other=0.0)
                 if DROPOUT:
-                    x = tl.where(_keep_h(hr, k0, seed_h, thr, BK), x, 0.0)
+                    x = tl.where(_keep_h(hr, k0, hs, thr, BK), x, 0.0)
                 in_k = (rk < K)[None, :]
                 if PACKED:
                     a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=in_k, other=0.0)
@@ -192,9 +204,9 @@ if triton is not None:
             _write_or_add(y_ptr + rm[:, None] * sym + rn[None, :], update, inside, ACCUMULATE)
 
     @triton.jit(do_not_specialize=LOOSE)
-    def _gx_rows_kernel(gu_ptr, a_ptr, gx_ptr, gu16_ptr, M, K, sgxm, seed_h, thr, k_per_split, R: tl.constexpr,
-                        BM: tl.constexpr, BK: tl.constexpr, DROPOUT: tl.constexpr, ACCUMULATE: tl.constexpr,
-                        IEEE: tl.constexpr, GU16: tl.constexpr):
+    def _gx_rows_kernel(gu_ptr, a_ptr, gx_ptr, gu16_ptr, M, K, sgxm, seed_h, seed_ptr, thr, k_per_split,
+                        R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, DROPOUT: tl.constexpr,
+                        ACCUMULATE: tl.constexpr, IEEE: tl.constexpr, GU16: tl.constexpr, SEED_PTR: tl.constexpr):
         """dL/dx = keep * (gu A), or dL/dx += ..., each program owning BM rows: gu's rows read (and the rows' half
         of the mask's hash computed) once, A's rows streamed (L2-resident), dL/dx written BK columns at a time.
         With GU16, the first program of each row block also writes its rows of gu in A's dtype (for
@@ -207,14 +219,15 @@ if triton is not None:
             if tl.program_id(1) == 0:
                 tl.store(gu16_ptr + rm[:, None] * R + rr[None, :], gu, mask=(rm < M)[:, None])
         if DROPOUT:
-            hr = _row_hash(rm, seed_h)
+            hs = _seed_hash(seed_h, seed_ptr, SEED_PTR)
+            hr = _row_hash(rm, hs)
         k_lo = tl.program_id(1) * k_per_split
         for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BK):
             rk = k0 + tl.arange(0, BK)
             a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
             update = _dot(gu, a, IEEE)
             if DROPOUT:
-                update = tl.where(_keep_h(hr, k0, seed_h, thr, BK), update, 0.0)
+                update = tl.where(_keep_h(hr, k0, hs, thr, BK), update, 0.0)
             inside = (rm < M)[:, None] & (rk < K)[None, :]
             _write_or_add(gx_ptr + rm[:, None] * sgxm + rk[None, :], update, inside, ACCUMULATE)
 
@@ -262,9 +275,9 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=LOOSE)
     def _ga_finalize_kernel(x_ptr, gu_ptr, gap_ptr, gas_ptr, gc_ptr, bp_ptr, bs_ptr, d_ptr, gbp_ptr, gbs_ptr, gd_ptr,
-                            M, K, N, NP, NS, sxm, seed_h, thr, m_per_split, scale, k_blocks, splits,
+                            M, K, N, NP, NS, sxm, seed_h, seed_ptr, thr, m_per_split, scale, k_blocks, splits,
                             R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN_FIN: tl.constexpr,
-                            DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr):
+                            DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr, SEED_PTR: tl.constexpr):
         """The backward's last launch: dA = gu^T (keep * x) and, in extra programs, dB and dD from the complete
         dC (written by the earlier `bwd_up` launch)."""
         pid = tl.program_id(0)
@@ -276,13 +289,14 @@ if triton is not None:
             acc = tl.zeros((R, BK), dtype=tl.float32)
             m_lo = (pid // k_blocks) * m_per_split
             if DROPOUT:
-                hc = _col_hash(col0, seed_h, BK)  # the program's columns: hashed once
+                hs = _seed_hash(seed_h, seed_ptr, SEED_PTR)
+                hc = _col_hash(col0, hs, BK)  # the program's columns: hashed once
             for m0 in range(m_lo, m_lo + m_per_split, BM):
                 rm = m0 + tl.arange(0, BM)
                 x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
                             other=0.0)
                 if DROPOUT:
-                    x = tl.where(_keep_w(_row_hash(rm, seed_h), hc) >= thr, x, 0.0)
+                    x = tl.where(_keep_w(_row_hash(rm, hs), hc) >= thr, x, 0.0)
                 gu = tl.load(gu_ptr + rm[:, None] * R + rr[None, :], mask=(rm < M)[:, None], other=0.0)
                 acc += _dot(tl.trans(gu.to(x.dtype)), x, IEEE)
             _store_ga(gap_ptr, gas_ptr, acc, rr, rk, K, NP, NS, ATOMIC)
@@ -292,9 +306,11 @@ if triton is not None:
 
 
     @triton.jit(do_not_specialize=LOOSE)
-    def _keep_mask_kernel(out_ptr, M, K, seed_h, thr, BM: tl.constexpr, BK: tl.constexpr):
+    def _keep_mask_kernel(out_ptr, M, K, seed_h, seed_ptr, thr, BM: tl.constexpr, BK: tl.constexpr,
+                          SEED_PTR: tl.constexpr):
+        hs = _seed_hash(seed_h, seed_ptr, SEED_PTR)
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rk = tl.program_id(1) * BK + tl.arange(0, BK)
-        keep = _keep(rm, tl.program_id(1) * BK, seed_h, thr, BK)
+        keep = _keep(rm, tl.program_id(1) * BK, hs, thr, BK)
         tl.store(out_ptr + rm[:, None] * K + rk[None, :], keep.to(tl.int8),
                  mask=(rm < M)[:, None] & (rk < K)[None, :])

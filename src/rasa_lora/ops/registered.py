@@ -8,9 +8,10 @@ layer before these operators).
 The operators run the stages of the backend object the eager path would pick (`rasa_linear.backend_for`), so the
 numbers are the eager `_Fused` node's. The dropout mask's seed is a one-element int64 tensor (`seed`), on the
 device, so a compiled or captured graph can take a seed computed on the device (`dropout.call_seed_tensor`) and
-draw a fresh mask at every replay. The "torch" backend draws the mask from the tensor without a host sync; the
-"triton" and "cublas" backends still take the seed as a host int (`int(seed)`: a sync, and no CUDA-graph capture
-with dropout on them until their kernels read the seed from memory).
+draw a fresh mask at every replay. No backend brings the seed to the host: the "torch" backend (and "cublas" off
+CUDA) draws the mask from the tensor with PyTorch ops, the Triton kernels (and the "cublas" backend's mask kernel)
+take the tensor's address and read the seed themselves (`kernels._seed_hash`), so a captured launch replays with
+whatever seed the device holds then.
 
 What the eager path has and this one has not (yet): the two-node split of a block's last projection and the caches
 of `recompute.py` (a checkpointed recomputation's pack and kept u); under torch.compile the partitioner decides what
@@ -42,14 +43,15 @@ def _mask(backend, p: float, seed: Tensor):
     """The backend's mask arguments for this probability and (device) seed."""
     if p <= 0:
         return backend.mask_args(0.0, 0)
-    if backend.name == "torch":
-        return p, seed  # the "torch" backend draws the mask from the seed tensor (`dropout.keep_mask`)
-    return backend.mask_args(p, int(seed.reshape(())))  # a host sync: the Triton kernels take the seed by value
+    return backend.mask_args(p, seed)  # every backend reads the seed tensor on the device: no host sync
 
 
 def _fresh(t: Tensor) -> Tensor:
-    """An operator's output may not be a view (of an input, of another output): views are copied (factor-sized)."""
-    return t.clone() if t._base is not None else t
+    """An operator's output may not be a view (of an input, of another output): views are copied (factor-sized).
+    A part of a larger storage counts as a view even where `_base` is unset (views made under a dispatch mode)."""
+    if t._base is not None or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        return t.clone()
+    return t
 
 
 @torch.library.custom_op("rasa_lora::linear", mutates_args=())

@@ -38,7 +38,11 @@ class TritonBackend(Backend):
         return tuple(t.contiguous() for t in factors)
 
     def mask_args(self, p, seed):
-        return dropout.seed_hash(seed), dropout.threshold(p), p > 0
+        """(seed hash, threshold, dropout on, seed tensor or None): a host seed goes to the kernels by value (its
+        hash), a seed tensor (the registered operators' device seed) by address, read by the kernels themselves."""
+        if isinstance(seed, torch.Tensor):
+            return 0, dropout.threshold(p), p > 0, seed
+        return dropout.seed_hash(seed), dropout.threshold(p), p > 0, None
 
     def pack(self, factors, dtype, scale):
         with _on_device(factors[2]):
@@ -133,8 +137,8 @@ def _pack_into(A, C, A_p, B_p, D, A_s, B_s, x, u, scale, plan, M, K, N, NP, NS, 
     zeroing u (M, R) (instead of a `torch.zeros`: one launch and allocation call less on the host)."""
     programs = plan.pack_programs + (cdiv(M, plan.BN_PACK) if zero_u else 0)
     launch.DOWN_PACK((programs,), (
-        x, A_p, A_s, B_p, B_s, D, A, C, u, M, K, N, NP, NS, K, 0, 0, plan.k_per_split, scale, 0, plan.splits,
-        plan.R, plan.BM, plan.BK, plan.BK_PACK, plan.BN_PACK, False, plan.splits > 1, plan.ieee, False), 4, 1)
+        x, A_p, A_s, B_p, B_s, D, A, C, u, M, K, N, NP, NS, K, 0, x, 0, plan.k_per_split, scale, 0, plan.splits,
+        plan.R, plan.BM, plan.BK, plan.BK_PACK, plan.BN_PACK, False, plan.splits > 1, plan.ieee, False, False), 4, 1)
 
 
 def _packed_pair(R: int, K: int, N: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,10 +157,12 @@ def pack(A_p, B_p, D, A_s, B_s, dtype, scale: float) -> tuple[torch.Tensor, torc
     return A, C
 
 
-def down_and_pack(x, A_p, B_p, D, A_s, B_s, scale: float, seed_h: int, thr: int, dropout: bool):
+def down_and_pack(x, A_p, B_p, D, A_s, B_s, scale: float, seed_h: int, thr: int, dropout: bool,
+                  seed: torch.Tensor | None = None):
     """u = (keep * x) [A_p; A_s]^T (float32 (M, R)), and the packed A (R, K) and C (N, R) in x's dtype (the
     factors must be contiguous). One launch (CONFIGS["down"]["pack"] "fused": the rows read the raw factors) or
-    two ("separate", the committed default: a pack launch, then the rows read the packed A)."""
+    two ("separate", the committed default: a pack launch, then the rows read the packed A). The mask's seed: its
+    hash `seed_h`, or with `seed` (a one-element int64 tensor on x's device) the seed the kernel reads there."""
     M, K = x.shape
     NP, NS, N = A_p.shape[0], A_s.shape[0], B_p.shape[0]
     plan = plans.plan(("down", M, K, N, NP, NS, x.dtype), plans.down_plan)
@@ -167,9 +173,10 @@ def down_and_pack(x, A_p, B_p, D, A_s, B_s, scale: float, seed_h: int, thr: int,
     if separate:
         _pack_into(A, C, A_p, B_p, D, A_s, B_s, x, u, scale, plan, M, K, N, NP, NS, zero_u=splits > 1)
     programs = row_blocks * splits + (0 if separate else pack_programs)
-    launch.DOWN_PACK((programs,), (x, A_p, A_s, B_p, B_s, D, A, C, u, M, K, N, NP, NS, x.stride(0), seed_h, thr,
-                                   k_per_split, scale, row_blocks, splits, R, BM, BK, BK_PACK, BN_PACK, dropout,
-                                   splits > 1, ieee, separate), warps, stages)
+    launch.DOWN_PACK((programs,), (x, A_p, A_s, B_p, B_s, D, A, C, u, M, K, N, NP, NS, x.stride(0), seed_h,
+                                   x if seed is None else seed, thr, k_per_split, scale, row_blocks, splits, R, BM,
+                                   BK, BK_PACK, BN_PACK, dropout, splits > 1, ieee, separate, seed is not None),
+                     warps, stages)
     return u, A, C
 
 
@@ -198,33 +205,39 @@ def bwd_up(g: torch.Tensor, C: torch.Tensor, u: torch.Tensor, gu: torch.Tensor, 
 
 
 def bwd_down(x, gu, A, grad_x, gap, gas, gc, B_p, B_s, D, gd, gbp, gbs, scale: float, seed_h: int, thr: int,
-             dropout: bool, accumulate: bool = True, gu16: torch.Tensor | None = None) -> None:
+             dropout: bool, seed: torch.Tensor | None = None, accumulate: bool = True,
+             gu16: torch.Tensor | None = None) -> None:
     """grad_x += keep * (gu A) in place (grad_x = keep * (gu A) with accumulate=False); dA = gu^T (keep * x) added
     into gap = dA_p (NP, K) and gas = dA_s (NS, K) (float32, zeroed by the caller); and from the complete
     gc = dL/dC: dB_p into gbp (N, NP), dB_s into gbs (N, NS) (float32, written) and dL/dD added into gd (zeroed).
     Each gradient goes to a tensor of its own size, so the parameters' .grad (which autograd takes over as they
     are) hold no more memory than the parameters do. gu16: an (M, R) tensor in x's dtype for the dL/dx kernel to
-    hand gu to `ga` in, halving what `ga` re-reads (allocated here when None; unused for float32)."""
+    hand gu to `ga` in, halving what `ga` re-reads (allocated here when None; unused for float32). The mask's seed
+    as in `down_and_pack`."""
     M, K = x.shape
     R, N = A.shape[0], gc.shape[0]
     NP, NS = B_p.shape[1], B_s.shape[1]
     gx, ga, ieee = plans.plan(("bwd_down", M, K, N, R, x.dtype), plans.bwd_down_plan)
+    seed_ptr, from_memory = (x, False) if seed is None else (seed, True)
     if grad_x is not None:
         if ieee:
             gu16 = gu
         elif gu16 is None:
             gu16 = torch.empty((M, R), dtype=x.dtype, device=x.device)
-        launch.GX_ROWS(gx.grid, (gu, A, grad_x, gu16, M, K, grad_x.stride(0), seed_h, thr, gx.k_per_split, R, gx.BM,
-                                 gx.BK, dropout, accumulate, ieee, not ieee), gx.warps, gx.stages)
+        launch.GX_ROWS(gx.grid, (gu, A, grad_x, gu16, M, K, grad_x.stride(0), seed_h, seed_ptr, thr, gx.k_per_split,
+                                 R, gx.BM, gx.BK, dropout, accumulate, ieee, not ieee, from_memory), gx.warps,
+                       gx.stages)
         gu = gu16
     launch.GA_FINALIZE(ga.grid, (x, gu, gap, gas, gc, B_p, B_s, D, gbp, gbs, gd, M, K, N, NP, NS, x.stride(0), seed_h,
-                                 thr, ga.m_per_split, scale, ga.k_blocks, ga.splits, R, ga.BM, ga.BK, ga.BN_FIN,
-                                 dropout, ga.splits > 1, ieee), ga.warps, ga.stages)
+                                 seed_ptr, thr, ga.m_per_split, scale, ga.k_blocks, ga.splits, R, ga.BM, ga.BK,
+                                 ga.BN_FIN, dropout, ga.splits > 1, ieee, from_memory), ga.warps, ga.stages)
 
 
-def keep_mask(M: int, K: int, seed_h: int, thr: int, device) -> torch.Tensor:
-    """The kernels' keep decisions as a bool (M, K) tensor: the mask of `dropout.py`, bit for bit (tested)."""
+def keep_mask(M: int, K: int, seed_h: int, thr: int, device, seed: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernels' keep decisions as a bool (M, K) tensor: the mask of `dropout.py`, bit for bit (tested). The seed
+    as in `down_and_pack`: its hash, or a one-element int64 tensor on `device` the kernel reads."""
     out = torch.empty((M, K), dtype=torch.int8, device=device)
     with _on_device(out):
-        launch.KEEP_MASK((cdiv(M, 32), cdiv(K, 64)), (out, M, K, seed_h, thr, 32, 64), 4, 3)
+        launch.KEEP_MASK((cdiv(M, 32), cdiv(K, 64)), (out, M, K, seed_h, out if seed is None else seed, thr, 32, 64,
+                                                      seed is not None), 4, 3)
     return out.view(torch.bool)

@@ -140,8 +140,8 @@ class TrainConfig:
     """torch.compile's backend with `compile`: "inductor" (generated kernels) or "aot_eager" (traced, then run
     eagerly: for debugging a compile problem)."""
     compile_mode: str = "default"
-    """torch.compile's mode with the inductor backend: "default", "reduce-overhead" (CUDA graphs; not yet measured)
-    or "max-autotune"."""
+    """torch.compile's mode with the inductor backend: "default", "reduce-overhead" (CUDA graphs: a CUDA device,
+    `pad_to_multiple_of` > 0 so micro-batch shapes repeat; not yet measured faster) or "max-autotune"."""
     output_dir: str = "runs/rasa"
     """Where the adapter, metrics, plot and checkpoints go."""
     logging_steps: int = 1
@@ -258,6 +258,13 @@ class TrainConfig:
                 raise ValueError(f"{key}={getattr(self, key)!r} is unknown; choose one of: {', '.join(allowed)}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite contradict each other; give one of them")
+        if self.compile and self.compile_mode == "reduce-overhead":
+            if self.compile_backend != "inductor":
+                raise ValueError(f"compile_mode=reduce-overhead is inductor's (CUDA graphs), not "
+                                 f"compile_backend={self.compile_backend!r}: set compile_backend: inductor")
+            if not self.pad_to_multiple_of:
+                raise ValueError("compile_mode=reduce-overhead records a CUDA graph for every micro-batch shape: set "
+                                 "pad_to_multiple_of (e.g. 64) so that shapes repeat")
         if self.save_epoch_adapters and (self.method == "fft" or self.method in CONVERTED_ON_SAVE):
             raise ValueError(f"save_epoch_adapters is not available for {self.method} (fft has no adapter; OLoRA and "
                              "PiSSA adapters are converted against the initial weights once, at the end): leave it "

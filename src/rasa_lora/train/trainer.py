@@ -215,7 +215,65 @@ def compile_model(run: Run) -> None:
     kwargs = {"backend": config.compile_backend}
     if config.compile_backend == "inductor" and config.compile_mode != "default":
         kwargs["mode"] = config.compile_mode
+    if cuda_graphs(config):
+        # gradients that stay put: a .grad first made inside a captured backward is the graph's output memory, which
+        # the next micro-batch's replay overwrites (gradient accumulation); zeroed in place, never set to None
+        for param in run.model.parameters():
+            if param.requires_grad and param.grad is None:
+                param.grad = torch.zeros_like(param)
     run.model.compile(**kwargs)
+
+
+def cuda_graphs(config: Any) -> bool:
+    """Whether the model runs as inductor's CUDA graphs (`compile_mode: reduce-overhead`)."""
+    return bool(getattr(config, "compile", False)) and getattr(config, "compile_mode", "default") == "reduce-overhead"
+
+
+def check_cuda_graphs(config: TrainConfig, device: torch.device) -> None:
+    """CUDA graphs need a CUDA device (inductor would run without them, silently, elsewhere)."""
+    if cuda_graphs(config) and device.type != "cuda":
+        from rasa_lora.errors import UserError
+
+        raise UserError(f"compile_mode: reduce-overhead records CUDA graphs and needs a CUDA device, not "
+                        f"{device.type}; use compile_mode: default")
+
+
+def cuda_graph_step() -> None:
+    """Before a compiled forward under CUDA graphs: a new iteration begins, so the graphs may reuse the memory of the
+    previous one's outputs (the loss was read and the backward ran by then)."""
+    torch.compiler.cudagraph_mark_step_begin()
+
+
+# PyTorch's CUDA graph trees with non-reentrant checkpointing (pytorch/pytorch#154306, open; reported to fail with
+# torch 2.11 too): a recomputation keeps alive an input the recording saw freed
+CHECKPOINT_GRAPH_BUG = "graph recording observed an input tensor deallocate during graph recording"
+
+
+def cuda_graph_error(error: BaseException) -> Exception | None:
+    """The one-line error naming the fix for a known failure of CUDA graphs (None for any other error)."""
+    if CHECKPOINT_GRAPH_BUG not in str(error):
+        return None
+    from rasa_lora.errors import UserError
+
+    return UserError("compile_mode: reduce-overhead failed in PyTorch's CUDA graph trees with gradient checkpointing "
+                     "(pytorch/pytorch#154306): set gradient_checkpointing: false, or compile_mode: default")
+
+
+_CUDAGRAPH_SKIPS_REPORTED: list[bool] = []
+
+
+def report_cudagraph_skips() -> None:
+    """After the first optimizer step under CUDA graphs: one line on stderr if inductor ran graphs without them (it
+    does so silently: a CPU tensor in the graph, an input mutated that is not static...)."""
+    if _CUDAGRAPH_SKIPS_REPORTED:
+        return
+    _CUDAGRAPH_SKIPS_REPORTED.append(True)
+    from torch._dynamo.utils import counters
+
+    skips = counters["inductor"]["cudagraph_skips"]
+    if skips:
+        print(f"rasa-lora train: warning: compile_mode reduce-overhead: inductor skipped CUDA graphs for {skips} "
+              "graph(s); TORCH_LOGS=cudagraphs names why", file=sys.stderr, flush=True)
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -264,14 +322,23 @@ def train_step(run: Run, step: int, autocast: bool, on_micro_batch: Any = None) 
     # same sum as Python floats did. Tokens are counted from the collated CPU tensors.
     total_loss = torch.zeros((), dtype=torch.float64, device=run.device)
     tokens = 0
+    graphs = cuda_graphs(run.config)
     for index, batch in enumerate(local):
         tokens += int(batch["attention_mask"].sum())
         batch = to_device(batch, run.device)
+        if graphs:
+            cuda_graph_step()
         context = torch.autocast(run.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-        with distributed.micro_batch_sync(accelerator, run.model, last=index == len(local) - 1):
-            with context:
-                loss = run.model(**batch, num_items_in_batch=divisor).loss
-            accelerator.backward(loss)
+        try:
+            with distributed.micro_batch_sync(accelerator, run.model, last=index == len(local) - 1):
+                with context:
+                    loss = run.model(**batch, num_items_in_batch=divisor).loss
+                accelerator.backward(loss)
+        except RuntimeError as error:
+            known = cuda_graph_error(error) if graphs else None
+            if known is not None:
+                raise known from error
+            raise
         total_loss += loss.detach().double()
         if on_micro_batch is not None:
             on_micro_batch()
@@ -280,7 +347,9 @@ def train_step(run: Run, step: int, autocast: bool, on_micro_batch: Any = None) 
     run.optimizer.step()
     run.scheduler.step()
     methods.after_optimizer_step(accelerator.unwrap_model(run.model), run.config, step + 1)
-    run.optimizer.zero_grad(set_to_none=True)
+    run.optimizer.zero_grad(set_to_none=not graphs)  # CUDA graphs: the .grad buffers stay (`compile_model`)
+    if graphs:
+        report_cudagraph_skips()
     totals = accelerator.reduce(torch.stack([total_loss, total_loss.new_tensor(tokens)]), "sum")
     return float(totals[0]) / accelerator.num_processes, int(totals[1])
 
@@ -304,6 +373,8 @@ def held_out_loss(run: Run, autocast: bool) -> tuple[float, int]:
                                      run.config.pad_to_multiple_of)
                 tokens += int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
                 batch = to_device(batch, run.device)
+                if cuda_graphs(config):
+                    cuda_graph_step()
                 context = (torch.autocast(run.device.type, dtype=torch.bfloat16) if autocast
                            else contextlib.nullcontext())
                 with context:  # num_items_in_batch=1: the loss is the batch's summed token loss
@@ -586,6 +657,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                    accelerator.num_processes)
     run = prepare_run(config)
     run.accelerator, run.device = accelerator, accelerator.device
+    check_cuda_graphs(config, run.device)
     warning = cpu_warning(config, run.total_steps, run.device)
     if warning and accelerator.is_main_process:
         print(warning, file=sys.stderr, flush=True)
