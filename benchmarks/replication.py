@@ -242,11 +242,15 @@ def generate_gsm8k(model, tokenizer, items: list[dict], out: Path, max_new_token
     done = {key: row["generation"] for key, row in _read_rows(partial).items()}
     counts = {"tokens": 0, "steps": 0}
 
+    started, batches = time.perf_counter(), 0
+
     def count(running: int) -> None:  # called after each decoding step with the rows still running
         counts["tokens"] += running
         counts["steps"] += 1
+        if counts["steps"] % 50 == 0:  # the pace reaches the log even when a time limit cuts the batch
+            print(f"gsm8k: {counts['steps']} decoding steps, {running} rows running, "
+                  f"{time.perf_counter() - started:.1f} s", flush=True)
 
-    started, batches = time.perf_counter(), 0
     for first in range(0, len(order), batch_size):
         batch = order[first:first + batch_size]
         if all(items[i]["id"] in done for i in batch):
@@ -258,6 +262,8 @@ def generate_gsm8k(model, tokenizer, items: list[dict], out: Path, max_new_token
             handle.write("".join(json.dumps(row) + "\n" for row in rows))
         done.update((row["id"], row["generation"]) for row in rows)
         batches += 1
+        print(f"gsm8k: batch of {len(batch)} done, {first + len(batch)}/{len(order)} prompts, "
+              f"{time.perf_counter() - started:.1f} s", flush=True)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
