@@ -15,9 +15,10 @@ RaSA is compared with LoRA twice: at the same r and alpha (the paper's compariso
 (docs/replication.md, "Why RaSA trains slower here"): under LionW every trainable entry moves by lr a step, so a
 step moves dW by a norm proportional to the scales the ranks carry, LoRA's alpha/r on r ranks (alpha / sqrt(r)),
 RaSA's eq. 6 alpha/(2(r-k)) on r-k private ranks and alpha/(2Lk) on the L*k pooled ones
-((alpha/2) * sqrt(1/(r-k) + 1/(Lk))). `update_size` gives it in units of LoRA alpha 8's at the same r (RaSA alpha 8
-at r=8, k=1, L=30: 0.594; `benchmarks/update_size.py` measured 0.591-0.600); a RaSA cell and a LoRA cell with the
-same r and learning rate whose update sizes agree within 2% are a matched pair (RaSA alpha 16 and LoRA alpha 9.5).
+((alpha/2) * sqrt(1/(r-k) + 1/(Lk)); the library's `rasa_lora.step_size`). `update_size` gives it in units of
+LoRA alpha 8's at the same r (RaSA alpha 8 at r=8, k=1, L=30: 0.594; `benchmarks/update_size.py` measured
+0.591-0.600); a RaSA cell and a LoRA cell with the same r and learning rate whose update sizes agree within 2% are a
+matched pair (RaSA alpha 16 and LoRA alpha 9.5).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import re
 import statistics
 from pathlib import Path
 
+from rasa_lora.step_size import update_scale
+
 REPO = Path(__file__).resolve().parents[1]
 NAME = re.compile(r"^(?P<cell>.+)-s(?P<seed>\d+)$")
 FORGETTING = {"arc_challenge": "acc_norm", "hellaswag": "acc_norm", "winogrande": "acc"}
@@ -38,17 +41,9 @@ MATCH_TOLERANCE = 0.02  # update sizes that agree within 2% are "the same"
 
 
 def update_size(method: str, r: int, alpha: float, k: int | None = None, layers: int = LAYERS) -> float:
-    """How far one LionW step moves dW, relative to LoRA at the same r with alpha 8 (the docs' rule, above)."""
-    lora_alpha8 = 8 / math.sqrt(r)
-    if method == "lora":
-        return alpha / math.sqrt(r) / lora_alpha8
-    if method != "rasa":
-        raise ValueError(f"no update-size rule for {method!r}")
-    k = max(1, r // 8) if k is None else k
-    if k == 0:  # no pool: LoRA-like, with eq. 6's alpha/(2r) on every rank
-        return alpha / 2 / math.sqrt(r) / lora_alpha8
-    private = 1 / (r - k) if r > k else 0.0
-    return alpha / 2 * math.sqrt(private + 1 / (layers * k)) / lora_alpha8
+    """How far one LionW step moves dW, relative to LoRA at the same r with alpha 8 (the library's rule,
+    `rasa_lora.step_size.update_scale`)."""
+    return update_scale(method, r, alpha, k if method == "rasa" else None, layers) / update_scale("lora", r, 8.0)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -21,7 +21,8 @@ __version__ = "0.1.0"
 __all__ = ["MoraConfig", "PriloraConfig", "RasaConfig", "RasaLayer", "RasaModel", "__version__"]
 
 
-_SUBMODULES = ("adapter", "analysis", "baselines", "evaluation", "models", "ops", "params", "reference", "train")
+_SUBMODULES = ("adapter", "analysis", "baselines", "evaluation", "models", "ops", "params", "reference", "step_size",
+               "train")
 
 
 def __getattr__(name: str):
