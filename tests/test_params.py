@@ -1,4 +1,6 @@
-"""`rasa-lora params` reproduces the parameter column of the paper's Tables 1-2."""
+"""`rasa-lora params`: the parameter column of the paper's Tables 1-2, and RaSA's step against LoRA's."""
+
+import json
 
 import pytest
 
@@ -92,3 +94,80 @@ def test_mora_on_experts_is_a_clear_error():
 
     with pytest.raises(UserError, match="--methods lora,rasa"):
         main(["mixtral-8x7b", "--ranks", "4", "--methods", "mora"])
+
+
+# --- RaSA's step against LoRA's (rasa_lora.step_size; docs/training.md, "RaSA's alpha against LoRA's") ----------------
+def _table_row(out: str, method: str, r: int) -> list[str]:
+    rows = [line.split() for line in out.splitlines() if line.split()[:2] == [method, str(r)]]
+    assert len(rows) == 1, out
+    return rows[0]
+
+
+def test_table_gives_rasas_step_and_the_alpha_matching_lora(capsys):
+    assert main(["llama-3.1-8b", "--ranks", "8,32", "--methods", "lora,rasa,mora"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[1].split()
+    assert header[6:8] == ["step", "match"]
+    # Llama-3.1-8B, L = 32: sqrt(7 (8/14)^2 + 32 (8/64)^2) / sqrt(8) = 0.590; 8 / 0.590 = 13.6 (k = r/8 at both r)
+    for r in (8, 32):
+        assert _table_row(out, "rasa", r)[6:8] == ["0.590", "13.6"]
+        assert _table_row(out, "lora", r)[6:8] == ["-", "-"]
+        assert _table_row(out, "mora", r)[6:8] == ["-", "-"]
+    assert "LoRA alpha 8 x step equals RaSA alpha 8's" in out and "LionW only" in out
+
+
+def test_no_note_without_a_rasa_row(capsys):
+    assert main(["llama-3.1-8b", "--ranks", "8", "--methods", "lora"]) == 0
+    assert "LionW" not in capsys.readouterr().out
+
+
+def test_json_gives_the_step_and_both_matched_alphas_for_smollm2_shapes(tmp_path, capsys):
+    # a local config with SmolLM2-135M's shapes (30 layers): the study's matched pair, RaSA alpha 16 <-> LoRA alpha 9.5
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                num_key_value_heads=3, vocab_size=49152).save_pretrained(tmp_path)
+    assert main([str(tmp_path), "--ranks", "8", "--methods", "lora,rasa,prilora", "--alpha", "9.5", "--json"]) == 0
+    lora, rasa, prilora = json.loads(capsys.readouterr().out)
+    assert lora["alpha"] == 9.5 and lora["step_size"] is None
+    assert prilora["alpha"] is None and prilora["step_size"] is None
+    assert rasa["alpha"] == 9.5 and len(rasa["step_size"]) == 1
+    step = rasa["step_size"][0]
+    assert step["num_layers"] == 30
+    assert round(step["vs_lora"], 3) == 0.594
+    assert step["rasa_alpha_matching_lora"] == pytest.approx(16.0, rel=0.01)
+    assert step["lora_alpha_matching_rasa"] == pytest.approx(9.5 * step["vs_lora"])
+
+
+def test_k0_rows_take_half_loras_step(capsys):
+    assert main(["llama-3.1-8b", "--ranks", "8", "--methods", "rasa", "--rasa-k", "0", "--alpha", "4"]) == 0
+    out = capsys.readouterr().out
+    assert _table_row(out, "rasa", 8)[6:8] == ["0.500", "8"] and "LoRA alpha 4 x step" in out
+
+
+def test_mixtral_expert_rows_use_the_layers_of_their_pools(capsys):
+    assert main(["mixtral-8x7b", "--ranks", "8", "--json"]) == 0
+    rasa = [row for row in json.loads(capsys.readouterr().out) if row["method"] == "rasa"][0]
+    assert [entry["num_layers"] for entry in rasa["step_size"]] == [32]
+
+
+def test_pools_of_different_sizes_get_one_value_each():
+    # projection types adapted on different numbers of layers (e.g. attention on every 4th layer only)
+    from rasa_lora.params import ParamRow, _step_text, add_step_size
+    from rasa_lora.step_size import step_ratio
+
+    row = ParamRow(method="rasa", r=8, k=1, trainable=0,
+                   effective_rank={"model.layers.*.self_attn.q_proj": 7 + 8, "model.layers.*.mlp.up_proj": 7 + 32})
+    add_step_size(row, 8.0)
+    assert [entry["num_layers"] for entry in row.step_size] == [8, 32]
+    assert _step_text(row) == (f"{step_ratio(8, 1, 8):.3f}/{step_ratio(8, 1, 32):.3f}",
+                               f"{8 / step_ratio(8, 1, 8):.3g}/{8 / step_ratio(8, 1, 32):.3g}")
+
+
+@pytest.mark.parametrize("alpha", ["0", "-8", "inf", "nan"])
+def test_alpha_must_be_positive(alpha, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["llama-3.1-8b", "--ranks", "8", "--alpha", alpha])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--alpha" in err and "must be positive" in err and len(err.strip().splitlines()) == 1

@@ -10,6 +10,11 @@ Mixture-of-experts models (Mixtral-8x7B) keep their experts as 3-D parameters in
 counted through `target_parameters` (default: `mlp.experts.gate_up_proj` and `mlp.experts.down_proj`, with q, k,
 v, o as modules), for LoRA (PEFT's `target_parameters`) and RaSA (`rasa_lora.adapter.experts`); MoRA and PriLoRA
 have no expert support. The paper's Figure 6 names Llama-3.1-70B and Mixtral-8x7B at r = 4 but gives no counts.
+
+Each RaSA row also gives its step: how far one LionW step moves a layer's dW_i at init, over LoRA's at the same r
+and alpha (`rasa_lora.step_size`; 0.59 at r = 8, k = 1 on 30-32 layers), and the RaSA alpha whose step equals
+LoRA's at `--alpha`: the alphas to compare the two at equal update size (docs/training.md, "RaSA's alpha against
+LoRA's"; measured under LionW only, docs/replication.md).
 """
 
 from __future__ import annotations
@@ -58,6 +63,28 @@ class ParamRow:
     effective_rank: dict[str, int]
     extra: int | None = None
     """Memory a method keeps beside its trainable parameters to train them (PriLoRA's importance statistics)."""
+    alpha: float | None = None
+    step_size: list[dict] | None = None
+    """RaSA only: per pool size L (one entry unless projection types differ in their number of layers), its step
+    over LoRA's at the same r and alpha and the matched alphas (`add_step_size`)."""
+
+
+def add_step_size(row: ParamRow, alpha: float) -> ParamRow:
+    """Fill a RaSA row's `step_size` (LoRA at the same r and `alpha` as the unit); L comes from the counted pools."""
+    from rasa_lora.step_size import matched_alpha, step_ratio
+
+    if row.method not in ("lora", "rasa"):
+        return row
+    row.alpha = alpha
+    if row.method == "lora":
+        return row
+    k = row.k
+    pools = sorted({(ranks - (row.r - k)) // k for ranks in row.effective_rank.values()}) if k else [None]
+    row.step_size = [{"num_layers": layers, "vs_lora": step_ratio(row.r, k, layers),
+                      "rasa_alpha_matching_lora": matched_alpha("lora", row.r, alpha, k, layers),
+                      "lora_alpha_matching_rasa": matched_alpha("rasa", row.r, alpha, k, layers)}
+                     for layers in pools]
+    return row
 
 
 def load_config(architecture: str):
@@ -166,6 +193,14 @@ def _rank_text(row: ParamRow) -> str:
     return f"r = {row.r}"
 
 
+def _step_text(row: ParamRow) -> tuple[str, str]:
+    """The step and match columns: one value per pool size, joined by '/' when projection types differ in L."""
+    if not row.step_size:
+        return "-", "-"
+    return ("/".join(f"{entry['vs_lora']:.3f}" for entry in row.step_size),
+            "/".join(f"{entry['rasa_alpha_matching_lora']:.3g}" for entry in row.step_size))
+
+
 def human(count: int) -> str:
     return f"{count / 1e6:.1f}M"
 
@@ -188,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-parameters", type=_name_list, nargs="+", default=None,
                         help="3-D expert parameters, comma-separated (default: mlp.experts.gate_up_proj,"
                              "mlp.experts.down_proj on Mixtral, none elsewhere; 'none' for none)")
+    parser.add_argument("--alpha", type=float, default=8.0,
+                        help="alpha of both methods, for RaSA's step against LoRA's and the matched alphas (default 8, "
+                             "the paper's math recipe; the counts do not depend on it)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     args.ranks = _flatten(args.ranks)
@@ -198,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--methods {','.join(unknown)}: choose from {','.join(METHODS)}")
     if args.rasa_k is not None and not 0 <= args.rasa_k <= min(args.ranks):
         parser.error(f"--rasa-k {args.rasa_k} must be between 0 and the smallest rank ({min(args.ranks)})")
+    if not 0 < args.alpha < float("inf"):
+        parser.error(f"--alpha {args.alpha:g} must be positive, e.g. --alpha 8")
 
     model_config = load_config(args.architecture)
     if args.target_modules is None:
@@ -211,16 +251,26 @@ def main(argv: list[str] | None = None) -> int:
         target_parameters = [name for name in _flatten(args.target_parameters) if name.lower() != "none"]
     if target_parameters and not methods_given:
         args.methods = [method for method in args.methods if method in ("lora", "rasa")]
-    rows = [count_trainable(model_config, method, r, args.rasa_k, args.target_modules, args.mora_type,
-                            target_parameters) for r in args.ranks for method in args.methods]
+    rows = [add_step_size(count_trainable(model_config, method, r, args.rasa_k, args.target_modules, args.mora_type,
+                                          target_parameters), args.alpha)
+            for r in args.ranks for method in args.methods]
     if args.json:
         print(json.dumps([row.__dict__ for row in rows], indent=2))
         return 0
     print(f"Trainable parameters on {args.architecture} ({', '.join(args.target_modules + target_parameters)})")
-    print(f"{'method':<7} {'r':>3} {'k':>3} {'trainable':>12} {'rounded':>8} {'extra':>7}  rank per layer")
+    print(f"{'method':<7} {'r':>3} {'k':>3} {'trainable':>12} {'rounded':>8} {'extra':>7} {'step':>6} {'match':>6}"
+          "  rank per layer")
     for row in rows:
+        step, match = _step_text(row)
         print(f"{row.method:<7} {row.r:>3} {'-' if row.k is None else row.k:>3} {row.trainable:>12,} "
-              f"{human(row.trainable):>8} {'-' if row.extra is None else human(row.extra):>7}  {_rank_text(row)}")
+              f"{human(row.trainable):>8} {'-' if row.extra is None else human(row.extra):>7} {step:>6} {match:>6}"
+              f"  {_rank_text(row)}")
+    if any(row.step_size for row in rows):
+        a = f"{args.alpha:g}"
+        print("step: RaSA's LionW step on a layer's dW at init over LoRA's at the same r and alpha; match: the RaSA\n"
+              f"alpha whose step equals LoRA alpha {a}'s (and LoRA alpha {a} x step equals RaSA alpha {a}'s). Compare\n"
+              "the two at matched alphas (measured under LionW only: docs/training.md, "
+              "\"RaSA's alpha against LoRA's\").")
     return 0
 
 
