@@ -121,13 +121,19 @@ def test_no_note_without_a_rasa_row(capsys):
     assert "LionW" not in capsys.readouterr().out
 
 
-def test_json_gives_the_step_and_both_matched_alphas_for_smollm2_shapes(tmp_path, capsys):
-    # a local config with SmolLM2-135M's shapes (30 layers): the study's matched pair, RaSA alpha 16 <-> LoRA alpha 9.5
+@pytest.fixture
+def smollm2_shapes(tmp_path):
+    """A local config with SmolLM2-135M's shapes (30 layers), so no GGUF needs converting."""
     from transformers import LlamaConfig
 
     LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                 num_key_value_heads=3, vocab_size=49152).save_pretrained(tmp_path)
-    assert main([str(tmp_path), "--ranks", "8", "--methods", "lora,rasa,prilora", "--alpha", "9.5", "--json"]) == 0
+    return str(tmp_path)
+
+
+def test_json_gives_the_step_and_both_matched_alphas_for_smollm2_shapes(smollm2_shapes, capsys):
+    # the study's matched pair, RaSA alpha 16 <-> LoRA alpha 9.5
+    assert main([smollm2_shapes, "--ranks", "8", "--methods", "lora,rasa,prilora", "--alpha", "9.5", "--json"]) == 0
     lora, rasa, prilora = json.loads(capsys.readouterr().out)
     assert lora["alpha"] == 9.5 and lora["step_size"] is None
     assert prilora["alpha"] is None and prilora["step_size"] is None
@@ -171,3 +177,17 @@ def test_alpha_must_be_positive(alpha, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--alpha" in err and "must be positive" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_example_in_docs_training_is_the_output(smollm2_shapes, capsys):
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    section = docs.split("## RaSA's alpha against LoRA's", 1)[1]
+    block = section.split("```\n", 2)[1]
+    command, *expected = block.strip().splitlines()
+    argv = command.removeprefix("$ rasa-lora params ").split()
+    assert argv[0] == "smollm2"
+    assert main([smollm2_shapes, *argv[1:]]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:1 + len(expected)] == expected
