@@ -11,11 +11,10 @@ layer's input width (docs/training.md gives the measured error when they are not
 - RaSA (eq. 6): D_i = alpha/(2(r-k)) on the r-k private ranks and alpha/(2Lk) on the L*k pooled ones, so
   (alpha/2) * sqrt(1/(r-k) + 1/(Lk)); k = 0 gives alpha/(2r) on r ranks, k = r has no private term.
 
-`update_scale` returns that quantity (proportional to the step's size; only ratios mean something). With SmolLM2
-(L = 30), r = 8, k = 1, RaSA's step is 0.594x LoRA's at the same alpha; `benchmarks/update_size.py` measured
-0.591-0.600 on the first LionW step, and RaSA alpha 16 against LoRA alpha 9.5 (equal steps by this rule) trained
-level (docs/replication.md, "Why RaSA trains slower here"). Only LionW was measured; for Adam the same argument
-holds in its sign-like steady state, which is not measured. Imports nothing heavy.
+`update_scale` returns that quantity (proportional to the step's size; only ratios mean something); `step_ratio`
+is RaSA's over LoRA's at the same r and alpha (0.594 at r = 8, k = 1, L = 30) and `matched_alpha` the alpha that
+equalizes them. The measurements behind the rule (LionW only; Adam's sign-like steady state is not measured) are in
+docs/replication.md, "Why RaSA trains slower here", and docs/training.md. Imports nothing heavy.
 """
 
 from __future__ import annotations

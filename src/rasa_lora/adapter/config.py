@@ -49,7 +49,8 @@ class RasaConfig(PeftConfig):
         default=None, metadata={"help": "Ranks each layer gives to the shared pool; None means max(r // 8, 1)."}
     )
     rasa_alpha: float = field(
-        default=8.0, metadata={"help": "Scale alpha; D_i starts at alpha/(2(r-k)) and alpha/(2Lk)."}
+        default=8.0, metadata={"help": "Scale alpha; D_i starts at alpha/(2(r-k)) and alpha/(2Lk). Not LoRA's alpha: "
+                               "rasa_lora.step_size.matched_alpha gives the one whose step equals a LoRA's."}
     )
     rasa_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter's input."})
     target_modules: list[str] | str | None = field(
