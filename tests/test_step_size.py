@@ -68,12 +68,21 @@ def test_edge_cases():
         assert matched_alpha("rasa", r, matched_alpha("lora", r, 8.0, k, layers), k, layers) == pytest.approx(8.0)
 
 
+def test_integers_of_other_types_are_accepted():
+    np = pytest.importorskip("numpy")
+    assert step_ratio(np.int64(8), np.int32(1), np.int64(30)) == step_ratio(8, 1, 30)
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda: update_scale("mora", 8, 8.0), "no update-size rule"),
     (lambda: update_scale("lora", 0, 8.0), "r=0"),
     (lambda: update_scale("lora", 8.0, 8.0), "r=8.0"),
     (lambda: update_scale("lora", 8, 0.0), "alpha=0.0"),
     (lambda: update_scale("rasa", 8, -1.0, 1, 30), "alpha=-1.0"),
+    (lambda: update_scale("lora", 8, float("inf")), "alpha=inf"),
+    (lambda: update_scale("lora", 8, float("nan")), "alpha=nan"),
+    (lambda: update_scale("lora", True, 8.0), "r=True"),
+    (lambda: update_scale("rasa", 8, 8.0, 1, 30.0), "num_layers=30.0"),
     (lambda: update_scale("lora", 8, 8.0, 1), "LoRA has none"),
     (lambda: update_scale("rasa", 8, 8.0, 9, 30), "k=9"),
     (lambda: update_scale("rasa", 8, 8.0, -1, 30), "k=-1"),

@@ -20,6 +20,7 @@ docs/replication.md, "Why RaSA trains slower here", and docs/training.md. Import
 from __future__ import annotations
 
 import math
+import operator
 
 METHODS = ("lora", "rasa")
 
@@ -29,6 +30,18 @@ def _default_k(r: int) -> int:
     return max(r // 8, 1)
 
 
+def _whole(name: str, value, low: int, high: int | None = None, hint: str = "") -> int:
+    """`value` as an int in low..high (numpy integers accepted, bools and floats refused), else a ValueError."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < low or (high is not None and number > high):
+        bounds = f"{low} <= {name} <= {high}" if high is not None else f"{name} >= {low}"
+        raise ValueError(f"{name}={value!r} must be an integer with {bounds}{hint}")
+    return number
+
+
 def update_scale(method: str, r: int, alpha: float, k: int | None = None, num_layers: int | None = None) -> float:
     """How far one sign-like (LionW) step moves dW_i at init, up to a factor shared by both methods: LoRA
     alpha / sqrt(r), RaSA (alpha/2) * sqrt(1/(r-k) + 1/(L k)) with L = `num_layers`, the layers whose k ranks form
@@ -36,22 +49,18 @@ def update_scale(method: str, r: int, alpha: float, k: int | None = None, num_la
     `num_layers` is needed only for RaSA with k > 0."""
     if method not in METHODS:
         raise ValueError(f"no update-size rule for method {method!r}; choose one of {', '.join(METHODS)}")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r={r!r} must be an integer of at least 1")
-    if not alpha > 0:
-        raise ValueError(f"alpha={alpha!r} must be positive")
+    r = _whole("r", r, 1)
+    if not 0 < alpha < math.inf:
+        raise ValueError(f"alpha={alpha!r} must be a positive number")
     if method == "lora":
         if k is not None:
             raise ValueError("k is RaSA's shared ranks; LoRA has none (leave k=None)")
         return alpha / math.sqrt(r)
-    k = _default_k(r) if k is None else k
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= r:
-        raise ValueError(f"k={k!r} must be an integer with 0 <= k <= r={r}")
+    k = _default_k(r) if k is None else _whole("k", k, 0, r)
     if k == 0:  # no pool: eq. 6 gives alpha/(2r) on each of the r private ranks
         return alpha / 2 / math.sqrt(r)
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers={num_layers!r}: RaSA with k > 0 needs the number of layers sharing the pool "
-                         "(an integer of at least 1, e.g. the model's num_hidden_layers)")
+    num_layers = _whole("num_layers", num_layers, 1, hint=": RaSA with k > 0 needs the number of layers sharing "
+                        "the pool (e.g. the model's num_hidden_layers)")
     private = 1 / (r - k) if r > k else 0.0
     return alpha / 2 * math.sqrt(private + 1 / (num_layers * k))
 
