@@ -145,7 +145,11 @@ def test_the_rule_predicts_one_real_lionw_step(k):
     rasa = _first_step_norms("rasa", 8, k, 8.0, layers)
     assert set(rasa) == set(lora) and len(lora) == 7
     for kind in lora:
-        assert rasa[kind] / lora[kind] == pytest.approx(step_ratio(8, k, layers), rel=0.05), kind
+        measured, rule = rasa[kind] / lora[kind], step_ratio(8, k, layers)
+        if k < 8:
+            assert measured == pytest.approx(rule, rel=0.03), kind
+        else:  # 48 pooled ranks against an input width of 384: rows of A far from orthogonal, the step a little larger
+            assert rule < measured < 1.08 * rule, kind
 
 
 def test_import_stays_light():
