@@ -22,6 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.distributed.worker import free_port
+
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
@@ -45,8 +47,10 @@ def _launch(config: str, args: list[str]) -> subprocess.Popen:
     source = str(Path(rasa_lora.__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file",
-               str(REPO / "configs" / "distributed" / config), "-m", "rasa_lora.cli", "train", *args]
+    # a port of its own: two launches run side by side here, and accelerate's default 29500 is taken by the first
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port",
+               str(free_port()), "--config_file", str(REPO / "configs" / "distributed" / config), "-m",
+               "rasa_lora.cli", "train", *args]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
