@@ -289,6 +289,8 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"{shape} {method} {mode}: {row['step_ms']:.2f} ms a step, host {row['host_ms']:.2f} ms",
                       file=sys.stderr, flush=True)
+                if args.out:  # after every row: a time limit that cuts the run keeps what was measured
+                    write_json(args.out, {"args": vars(args), "rows": rows, "complete": False})
                 del model
                 gc.collect()
                 if device.type == "cuda":
@@ -296,7 +298,7 @@ def main(argv=None) -> int:
     add_ratios(rows)
     print_table(rows)
     if args.out:
-        write_json(args.out, {"args": vars(args), "rows": rows})
+        write_json(args.out, {"args": vars(args), "rows": rows, "complete": True})
     return 0
 
 
