@@ -59,7 +59,8 @@ def build(shape: str, device: torch.device, dtype: torch.dtype):
 
 
 def adapt(model, method: str, dropout: float):
-    """The model with `method`'s adapter: "frozen" (none), "lora" (PEFT LoRA r=8, alpha 16), "rasa" (r=8, k=1)."""
+    """The model with `method`'s adapter: "frozen" (none), "lora" (PEFT LoRA r=8, alpha 16), "rasa" (r=8, k=1) on
+    the fused path, "rasa-ref" (the same on the layer's reference path: plain PyTorch eq. 5, no fused ops)."""
     if method == "frozen":
         for param in model.parameters():
             param.requires_grad_(False)
@@ -166,11 +167,11 @@ def add_ratios(rows: list[dict]) -> None:
 
 def print_table(rows: list[dict]) -> None:
     width = max([8] + [len(r["mode"]) for r in rows])
-    print(f"{'proc':>4} {'shape':9} {'method':6} {'mode':{width}} {'tokens':>7} {'step ms':>9} {'host ms':>9} "
+    print(f"{'proc':>4} {'shape':9} {'method':8} {'mode':{width}} {'tokens':>7} {'step ms':>9} {'host ms':>9} "
           f"{'cpu ms':>9} {'x frozen':>8} {'x LoRA':>7} {'mem/frozen':>10} {'breaks':>6} {'cg_skips':>8}")
     fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
     for r in rows:
-        print(f"{fmt(r.get('process'), '4d')} {r['shape']:9} {r['method']:6} {r['mode']:{width}} {r['tokens']:7d} "
+        print(f"{fmt(r.get('process'), '4d')} {r['shape']:9} {r['method']:8} {r['mode']:{width}} {r['tokens']:7d} "
               f"{r['step_ms']:9.2f} {r['host_ms']:9.2f} {r['cpu_ms']:9.2f} {fmt(r['x_frozen'], '8.3f')} "
               f"{fmt(r['x_lora'], '7.3f')} {fmt(r['mem_vs_frozen'], '10.4f')} {fmt(r.get('graph_breaks'), '6d')} "
               f"{fmt(r.get('cg_skips'), '8d')}")
@@ -238,7 +239,8 @@ def write_json(path: str, payload: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="smollm2,llama-1b,llama-8b", help="comma-separated: " + ",".join(SHAPES))
-    parser.add_argument("--methods", default="frozen,lora,rasa")
+    parser.add_argument("--methods", default="frozen,lora,rasa",
+                        help="comma-separated: frozen, lora, rasa (fused path), rasa-ref (the reference path)")
     parser.add_argument("--modes", default="eager,compile",
                         help="comma-separated: eager, compile (--compile-mode), compile:MODE (e.g. "
                              "compile:reduce-overhead)")
@@ -272,6 +274,7 @@ def main(argv=None) -> int:
             compile_mode = mode.split(":", 1)[1] if mode.startswith("compile:") else args.compile_mode
             for method in args.methods.split(","):
                 torch._dynamo.reset()
+                set_fused_backend(method != "rasa-ref")
                 model = adapt(build(shape, device, dtype), method, args.dropout)
                 row = {"shape": shape, "method": method, "mode": mode, "batch": batch, "seq": seq,
                        "tokens": batch * seq, "device": torch.cuda.get_device_name() if device.type == "cuda"
