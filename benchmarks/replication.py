@@ -461,7 +461,7 @@ def cmd_analyze(args) -> int:
 
 
 SMALL = re.compile(r"(config|summary|generation|timing|analysis|reproduce)\.json$|metrics\.jsonl$|records\.jsonl$|"
-                   r"generations\.jsonl$|\.log$|\.png$")
+                   r"generations(\.partial)?\.jsonl$|\.log$|\.png$")  # partial: the batches a time limit let finish
 
 
 def cmd_pack(args) -> int:
