@@ -7,19 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_step_size import measured_first_step_ratios
+
 report = pytest.importorskip("benchmarks.replication_report")
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_rule_agrees_with_the_measured_update_size():
-    # benchmarks/update_size.py trained LoRA alpha 8, RaSA alpha 8 and RaSA alpha 16 (r=8, k=1) on SmolLM2 and
-    # measured ||dW|| after the first LionW step, per projection type
-    measured = json.loads((REPO / "benchmarks" / "results" / "replication" / "update_size.json").read_text())
-    results = measured["results"]
-    lora = results["lora"]["history"][0]["delta_norm"]
-    for name, alpha in (("rasa", 8.0), ("rasa-a16", 16.0)):
-        step = results[name]["history"][0]["delta_norm"]
-        ratios = [step[kind] / lora[kind] for kind in lora]
+    for name, (alpha, ratios) in measured_first_step_ratios().items():
         predicted = report.update_size("rasa", 8, alpha, 1)
         assert min(ratios) - 0.01 <= predicted <= max(ratios) + 0.01, (name, predicted, ratios)
     assert report.update_size("lora", 8, 8.0) == pytest.approx(1.0)

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
-from tests.distributed.worker import ENGINE_ENV, free_port
+from tests.distributed.worker import ENGINE_ENV, run_job
 
 STEPS, SPLIT, LR = 4, 2, 1e-3
 
@@ -164,14 +164,5 @@ def resume_worker(rank: int, world_size: int, port: int, engine: str, out_dir: s
 
 
 def run_resume_job(engine: str, out_dir: Path, world_size: int = 2) -> dict:
-    """Run the job in `world_size` fresh processes; return rank 0's results (raises with the ranks' tracebacks)."""
-    import torch.multiprocessing as mp
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        mp.start_processes(resume_worker, args=(world_size, free_port(), engine, str(out_dir)), nprocs=world_size,
-                           join=True, start_method="spawn")
-    except Exception as error:
-        logs = "\n".join(path.read_text() for path in sorted(out_dir.glob("error-rank*.txt")))
-        raise RuntimeError(f"{engine} job failed:\n{logs}") from error
-    return torch.load(out_dir / "results.pt", weights_only=False)
+    """Run `resume_worker` in `world_size` fresh processes; return rank 0's results (`worker.run_job`)."""
+    return run_job(engine, out_dir, world_size, target=resume_worker)

@@ -29,17 +29,6 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    from rasa_lora.models import tiny_llama
-    from tests.train.conftest import build_tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny")
-    tokenizer = build_tiny_tokenizer()
-    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
 
 def _launch(config: str, args: list[str]) -> subprocess.Popen:
     import rasa_lora
@@ -68,8 +57,8 @@ def _losses(run: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_under_fsdp2_equals_the_uninterrupted_run(tiny_dir, tmp_path):
-    keys = ["--base-model", str(tiny_dir), "--max-steps", str(STEPS), "--global-batch-size", "4",
+def test_sigterm_then_resume_under_fsdp2_equals_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    keys = ["--base-model", str(tiny_model_dir), "--max-steps", str(STEPS), "--global-batch-size", "4",
             "--micro-batch-size", "1", "--num-examples", "32", "--progress-bar", "false", "--cutoff-len", "256",
             "--gradient-checkpointing", "false"]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"

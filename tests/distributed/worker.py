@@ -113,13 +113,14 @@ def worker(rank: int, world_size: int, port: int, engine: str, out_dir: str) -> 
         raise
 
 
-def run_job(engine: str, out_dir: Path, world_size: int = 2) -> dict:
-    """Run the job in `world_size` fresh processes; return rank 0's results (raises with the ranks' tracebacks)."""
+def run_job(engine: str, out_dir: Path, world_size: int = 2, target=None) -> dict:
+    """Run the job (`target`, default `worker`: a module-level function of (rank, world_size, port, engine, out))
+    in `world_size` fresh processes; return rank 0's results (raises with the ranks' tracebacks)."""
     import torch.multiprocessing as mp
 
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        mp.start_processes(worker, args=(world_size, free_port(), engine, str(out_dir)), nprocs=world_size,
+        mp.start_processes(target or worker, args=(world_size, free_port(), engine, str(out_dir)), nprocs=world_size,
                            join=True, start_method="spawn")
     except Exception as error:
         logs = "\n".join(path.read_text() for path in sorted(out_dir.glob("error-rank*.txt")))
