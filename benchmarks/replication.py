@@ -456,7 +456,7 @@ def cmd_analyze(args) -> int:
         return 2
     out = Path(args.root) / args.fft_run / "analysis"
     base = args.base_model or "smollm2"
-    return cli_main(["analyze", base, str(tuned), "--r", "8", "--k", "1", "--iters", str(args.iters),
+    return cli_main(["analyze", base, str(tuned), "--r", "8", "--rasa-k", "1", "--iters", str(args.iters),
                      "--out", str(out)])
 
 
