@@ -9,7 +9,7 @@ Stages (GPU machine: `train`, `generate`, `analyze`, `pack`; here: `score`):
   python3 benchmarks/replication.py train --runs lora-r8-s0,rasa-r8-s0 --base-model /tmp/smollm2.gguf \\
       --data-dir .data --jobs 7 --time-limit 540
   python3 benchmarks/replication.py generate --base-model /tmp/smollm2.gguf --data-dir .data --jobs 4 \\
-      --batch-size 660 [--runs lora-r8-s0,base] [--tasks gsm8k] [--limit gsm8k=660]
+      --batch-size 1319 [--runs lora-r8-s0,base] [--tasks gsm8k] [--limit gsm8k=660]
   python3 benchmarks/replication.py analyze --base-model /tmp/smollm2.gguf      # Figs. 2-3 on the fft run's deltas
   python3 benchmarks/replication.py pack --out $OUT/replication.tar.gz           # the small files, to bring back
   python3 benchmarks/replication.py score --root benchmarks/results/replication  # GSM8K verdicts (math-verify)
@@ -508,8 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("generate", "generate-one"):
         stage = sub.add_parser(name, parents=[common])
         stage.add_argument("--max-new-tokens", type=int, default=400)
-        stage.add_argument("--batch-size", type=int, default=660,
-                           help="GSM8K prompts generated together (660: the 1,319 in two batches, KV cache <= 8.9 GiB)")
+        stage.add_argument("--batch-size", type=int, default=1319,
+                           help="GSM8K prompts generated together (default: all 1,319 in one batch, KV cache "
+                                "<= 17.7 GiB; the step is the host's, so one batch is cheapest: docs/replication.md)")
         stage.add_argument("--limit", default=None,
                            help="N: the first N items of each task (a dry run, a timing); or TASK=N,...")
         stage.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
