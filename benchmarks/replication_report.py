@@ -152,20 +152,23 @@ def cell_numbers(runs: list[dict]) -> dict:
             row[key] = spread([run["epochs"].get(epoch, {}).get(key) for run in runs])
         numbers["by_epoch"][epoch] = row
         numbers["per_seed"][f"held_out_loss@{epoch}"] = by_seed(runs, lambda run, e=epoch: run["held_out"].get(e))
+        for key in ("gsm8k", "forgetting_mean"):
+            numbers["per_seed"][f"{key}@{epoch}"] = by_seed(runs, lambda run, e=epoch, k=key:
+                                                            run["epochs"].get(e, {}).get(k))
     gsm = [[run["epochs"][e]["gsm8k"] for e in sorted(run["epochs"]) if "gsm8k" in run["epochs"][e]] for run in runs]
     numbers["gsm8k_last"] = spread([values[-1] for values in gsm if values])
     numbers["gsm8k_best"] = spread([max(values) for values in gsm if values])
     return numbers
 
 
-def paired(a: dict[str, float], b: dict[str, float]) -> str:
+def paired(a: dict[str, float], b: dict[str, float], scale: float = 1.0, digits: int = 4) -> str:
     """Per-seed differences a - b over the seeds both have (the same seed: the same data subset, order and init)."""
     seeds = sorted(set(a) & set(b), key=int)
     if not seeds:
         return "-"
     diffs = [a[seed] - b[seed] for seed in seeds]
     sign = " (all > 0)" if all(d > 0 for d in diffs) else " (all < 0)" if all(d < 0 for d in diffs) else ""
-    return ", ".join(f"s{seed}: {d:+.4f}" for seed, d in zip(seeds, diffs)) + sign
+    return ", ".join(f"s{seed}: {d * scale:+.{digits}f}" for seed, d in zip(seeds, diffs)) + sign
 
 
 def real_difference(a: dict | None, b: dict | None) -> str:
@@ -195,7 +198,7 @@ def comparison_rows(label: str, a: dict, b: dict) -> list[str]:
         diff = f"{(x['mean'] - y['mean']) * scale:+.{digits}f}" if x and y else "-"
         pairs_text = "-"
         if seed_key:
-            pairs_text = paired(a["per_seed"].get(seed_key, {}), b["per_seed"].get(seed_key, {}))
+            pairs_text = paired(a["per_seed"].get(seed_key, {}), b["per_seed"].get(seed_key, {}), scale, digits)
         rows.append(f"| {label} | {name} | {fmt(x, scale, digits)} | {fmt(y, scale, digits)} | {diff} | "
                     f"{real_difference(x, y)} | {pairs_text} |")
     return rows

@@ -57,3 +57,23 @@ def test_matched_pairs_get_their_own_rows(tmp_path):
     assert cells[7] == "s0: -0.0100, s1: -0.0100, s2: -0.0100 (all < 0)"
     # the same-alpha comparison stays as it was
     assert "| rasa-r8 vs lora-r8 | held-out loss, epoch 2 | 0.9700 ± 0.0000 (n=3) | 0.9900 ± 0.0000 (n=3)" in tables
+
+
+def test_gsm8k_and_forgetting_are_paired_by_seed_in_points(tmp_path):
+    """Each seed's GSM8K and forgetting difference (percentage points), as for the losses."""
+    root, out = tmp_path / "runs", tmp_path / "out"
+    for seed, (rasa_acc, lora_acc) in enumerate([(0.030, 0.020), (0.020, 0.025), (0.025, 0.025)]):
+        for name, method, accuracy in ((f"rasa-r8-s{seed}", "rasa", rasa_acc), (f"lora-r8-s{seed}", "lora", lora_acc)):
+            _run(root, name, method, 8.0, [1.0, 0.9], 0.8)
+            for epoch in (1, 2):
+                folder = root / name / "eval" / f"epoch-{epoch}"
+                (folder / "gsm8k").mkdir(parents=True)
+                (folder / "gsm8k" / "summary.json").write_text(json.dumps({"accuracy": accuracy}))
+                for task, metric in report.FORGETTING.items():
+                    (folder / task).mkdir()
+                    (folder / task / "summary.json").write_text(json.dumps({metric: 0.5 + accuracy}))
+    assert report.main(["--root", str(root), "--out", str(out)]) == 0
+    rows = {line.split("|")[2].strip(): [cell.strip() for cell in line.split("|")]
+            for line in (out / "tables.md").read_text().splitlines() if line.startswith("| rasa-r8 vs lora-r8 |")}
+    assert rows["GSM8K %, epoch 2"][7] == "s0: +1.00, s1: -0.50, s2: +0.00"
+    assert rows["forgetting mean %, epoch 2"][7] == "s0: +1.00, s1: -0.50, s2: +0.00"
