@@ -265,6 +265,9 @@ class TrainConfig:
             if not self.pad_to_multiple_of:
                 raise ValueError("compile_mode=reduce-overhead records a CUDA graph for every micro-batch shape: set "
                                  "pad_to_multiple_of (e.g. 64) so that shapes repeat")
+        if self.method == "fft" and self.base_quantization != "none":
+            raise ValueError(f"base_quantization={self.base_quantization} freezes a 4-bit base for an adapter, and "
+                             "method=fft trains every weight: use base_quantization: none, or an adapter method")
         if self.save_epoch_adapters and (self.method == "fft" or self.method in CONVERTED_ON_SAVE):
             raise ValueError(f"save_epoch_adapters is not available for {self.method} (fft has no adapter; OLoRA and "
                              "PiSSA adapters are converted against the initial weights once, at the end): leave it "

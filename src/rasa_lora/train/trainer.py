@@ -579,6 +579,34 @@ def save_final(run: Run) -> None:
         run.tokenizer.save_pretrained(out)
 
 
+def check_saveable(model: torch.nn.Module, config: TrainConfig) -> None:
+    """fft saves the whole model at the end: refuse, before training, a model transformers would not save."""
+    from rasa_lora.errors import UserError
+    from rasa_lora.models import unsaveable_reason
+
+    reason = unsaveable_reason(model) if config.method == "fft" else None
+    if reason:
+        raise UserError(f"--method fft: the trained model could not be saved: {reason}; give a float base model (a "
+                        f"checkpoint folder, a .gguf file or \"smollm2\"), or train an adapter (e.g. --method lora)")
+
+
+def save_final_or_checkpoint(run: Run) -> None:
+    """`save_final`; if it fails after the last step, checkpoint that step first, so that `--resume` goes straight
+    to the final save instead of training again from the previous checkpoint."""
+    try:
+        save_final(run)
+    except Exception:
+        done = run.state.step >= run.total_steps
+        saved = [path.name for path in checkpoint.checkpoint_dirs(run.config.output_dir)]
+        if done and f"step-{run.state.step:06d}" not in saved:
+            path = _save(run)
+            if run.accelerator.is_main_process:
+                print(f"rasa-lora train: the final save failed; the trained state is checkpointed in {path}: fix "
+                      "the cause below and rerun the same command with --resume to save it without training again",
+                      file=sys.stderr, flush=True)
+        raise
+
+
 def write_summary(run: Run, trainable: int, total: int, wall_s: float) -> dict[str, Any]:
     config, state = run.config, run.state
     summary = {
@@ -662,6 +690,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if warning and accelerator.is_main_process:
         print(warning, file=sys.stderr, flush=True)
     run.model = build_model(config, run.total_steps, run.device, use_reentrant)
+    check_saveable(run.model, config)
     run.optimizer = build_optimizer(run.model, config)
     run.scheduler = build_scheduler(run.optimizer, run.total_steps, config)
     out, created = Path(config.output_dir), not Path(config.output_dir).exists() or config.overwrite
@@ -688,7 +717,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         raise
     finally:
         tracking.finish(accelerator, config)
-    save_final(run)
+    save_final_or_checkpoint(run)
     trainable, total = methods.count_parameters(run.model)
     if not accelerator.is_main_process:
         return {}

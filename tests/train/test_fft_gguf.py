@@ -1,0 +1,154 @@
+"""Full fine-tuning of a base loaded from a GGUF file: the result saves as an ordinary model, and a model that could
+not be saved whole is refused before training, not after it.
+
+On the GPU (transformers 5.17) a 218-step fft run of `--base-model smollm2.gguf` failed in its final save with
+"The model is quantized with QuantizationMethod.GGUF and is not serializable": transformers' GGUF loader unpacks every
+tensor into float, but left the model marked as GGUF-quantized, and `save_pretrained` refuses marked models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rasa_lora.train import trainer
+from rasa_lora.train.config import build_config
+from rasa_lora.train.trainer import train
+from tests.train.conftest import tiny_overrides
+
+
+def _mark_as_gguf(model):
+    """The marks transformers' legacy GGUF loader leaves on a model whose weights it de-quantized (5.17 to 5.25):
+    `hf_quantizer`, `config.quantization_config`, `is_quantized`, `quantization_method`."""
+    from transformers import GgufConfig
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+
+    config = GgufConfig(gguf_file="model.gguf")
+    model.hf_quantizer = GgufHfQuantizer(config)
+    model.config.quantization_config = config
+    model.is_quantized, model.quantization_method = True, config.quant_method
+    return model
+
+
+def test_a_dequantized_gguf_model_saves_and_loads_back(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rasa_lora.models import plain_gguf_model, tiny_llama, unsaveable_reason
+
+    marked = _mark_as_gguf(tiny_llama())
+    assert unsaveable_reason(marked) is not None
+    with pytest.raises(ValueError, match="not serializable"):  # the GPU run's failure, reproduced
+        marked.save_pretrained(tmp_path / "refused")
+    model = plain_gguf_model(marked)
+    assert unsaveable_reason(model) is None and not model.is_quantized
+    model.save_pretrained(tmp_path / "saved")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert "quantization_config" not in loaded.config.to_dict()
+    expected, got = model.state_dict(), loaded.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+def test_a_model_still_in_gguf_blocks_keeps_its_marks():
+    from rasa_lora.models import plain_gguf_model, tiny_llama, unsaveable_reason
+
+    model = _mark_as_gguf(tiny_llama())
+    model.hf_quantizer.packed_modules = {"model.layers.0.self_attn.q_proj": object()}  # a packed GgufLinear
+    assert plain_gguf_model(model).hf_quantizer is not None and unsaveable_reason(model)
+
+
+def test_fft_of_an_unsaveable_base_is_refused_before_training(tiny_model_dir, tmp_path, monkeypatch):
+    import rasa_lora.models
+    from rasa_lora.errors import UserError
+
+    original = rasa_lora.models.load_model
+    monkeypatch.setattr(rasa_lora.models, "load_model", lambda *a, **k: _mark_as_gguf(original(*a, **k)))
+    monkeypatch.setattr(trainer, "train_step", lambda *a, **k: pytest.fail("trained before refusing"))
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="--method fft: the trained model could not be saved.*--method lora"):
+        train(build_config(tiny_overrides(tiny_model_dir, out, method="fft")))
+    assert not out.exists()
+    # adapters save only their own weights: the same base still trains with them
+    monkeypatch.undo()
+    monkeypatch.setattr(rasa_lora.models, "load_model", lambda *a, **k: _mark_as_gguf(original(*a, **k)))
+    assert train(build_config(tiny_overrides(tiny_model_dir, tmp_path / "lora", method="lora",
+                                             max_steps=1)))["steps"] == 1
+
+
+def test_fft_with_an_nf4_base_is_refused_by_the_recipe(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="base_quantization=nf4 .* method=fft"):
+        build_config(tiny_overrides(tiny_model_dir, tmp_path / "run", method="fft", base_quantization="nf4"))
+
+
+def test_a_failed_final_save_is_checkpointed_and_resume_only_saves(tiny_model_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from rasa_lora.train import checkpoint
+
+    out = tmp_path / "run"
+    values = tiny_overrides(tiny_model_dir, out, method="fft", max_steps=3, save_steps=2)
+    original = trainer.save_final
+
+    def failing(run):
+        raise ValueError("The model is quantized with QuantizationMethod.GGUF and is not serializable")
+
+    monkeypatch.setattr(trainer, "save_final", failing)
+    with pytest.raises(ValueError, match="not serializable"):
+        train(build_config(values))
+    assert [path.name for path in checkpoint.checkpoint_dirs(out)] == ["step-000002", "step-000003"]
+    assert not (out / "model.safetensors").exists()
+    trained = torch.load(out / "checkpoints" / "step-000003" / "state.pt", weights_only=False)["trainable"]
+
+    monkeypatch.setattr(trainer, "save_final", original)
+    monkeypatch.setattr(trainer, "train_step", lambda *a, **k: pytest.fail("a finished run trained again"))
+    summary = train(build_config({**values, "resume": True}))
+    assert summary["steps"] == 3
+    saved = load_file(out / "model.safetensors")
+    assert saved and all(torch.equal(saved[key], trained[key]) for key in saved)
+
+
+def test_any_failed_final_save_leaves_a_resumable_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    # an adapter method, and a run without save_steps: the finished state is still kept for --resume
+    from rasa_lora.train import checkpoint
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(trainer, "save_final", lambda run: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        train(build_config(tiny_overrides(tiny_model_dir, out, method="lora", max_steps=2)))
+    assert [path.name for path in checkpoint.checkpoint_dirs(out)] == ["step-000002"]
+
+
+@pytest.mark.slow
+def test_fft_of_the_embedded_gguf_saves_loads_and_analyzes(tmp_path, monkeypatch):
+    """The GPU run's case end to end, on the embedded SmolLM2 GGUF: train 1 step, load the output folder with
+    `from_pretrained`, and run `rasa-lora analyze GGUF OUT` on the pair."""
+    from transformers import AutoModelForCausalLM
+
+    from rasa_lora.analysis.cli import analyze_main
+    from rasa_lora.models import embedded_gguf_path
+
+    try:
+        gguf = embedded_gguf_path()
+    except (ModuleNotFoundError, FileNotFoundError) as error:
+        pytest.skip(str(error))
+    torch.set_num_threads(2)
+    captured = {}
+    original = trainer.save_final
+
+    def capture(run):
+        captured.update({key: value.detach().clone() for key, value in run.model.state_dict().items()})
+        original(run)
+
+    monkeypatch.setattr(trainer, "save_final", capture)
+    out = tmp_path / "fft"
+    values = tiny_overrides(Path(gguf), out, method="fft", max_steps=1, num_examples=2, global_batch_size=2,
+                            micro_batch_size=2, cutoff_len=64, learning_rate=1e-4)
+    assert train(build_config(values))["steps"] == 1
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert "quantization_config" not in loaded.config.to_dict() and loaded.dtype == torch.float32
+    state = loaded.state_dict()
+    assert state.keys() == captured.keys() and all(torch.equal(state[key], captured[key]) for key in state)
+    assert analyze_main([str(gguf), str(out), "--targets", "q_proj", "--iters", "2", "--k-sweep", "none",
+                         "--out", str(tmp_path / "analysis"), "--device", "cpu"]) == 0
+    assert any((tmp_path / "analysis").iterdir())
