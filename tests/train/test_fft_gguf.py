@@ -119,36 +119,84 @@ def test_any_failed_final_save_leaves_a_resumable_checkpoint(tiny_model_dir, tmp
     assert [path.name for path in checkpoint.checkpoint_dirs(out)] == ["step-000002"]
 
 
-@pytest.mark.slow
-def test_fft_of_the_embedded_gguf_saves_loads_and_analyzes(tmp_path, monkeypatch):
-    """The GPU run's case end to end, on the embedded SmolLM2 GGUF: train 1 step, load the output folder with
-    `from_pretrained`, and run `rasa-lora analyze GGUF OUT` on the pair."""
+def test_a_full_fine_tune_keeps_its_recipe_beside_the_model_config(tiny_model_dir, tmp_path):
+    """`save_pretrained` writes the model's config.json over the run's recipe: the recipe is kept first, and what
+    reads a run's recipe (--resume, replication's work list and report) finds it."""
+    import json
+    import shutil
+
     from transformers import AutoModelForCausalLM
 
-    from rasa_lora.analysis.cli import analyze_main
+    from rasa_lora.train.cli import with_saved
+    from rasa_lora.train.config import MODEL_DIR_RECIPE_FILE, read_run_recipe
+
+    replication = pytest.importorskip("benchmarks.replication")
+    report = pytest.importorskip("benchmarks.replication_report")
+    out = tmp_path / "fft-s0"
+    train(build_config(tiny_overrides(tiny_model_dir, out, method="fft", max_steps=2, epochs=2)))
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
+    recipe = json.loads((out / MODEL_DIR_RECIPE_FILE).read_text())
+    assert recipe["method"] == "fft" and read_run_recipe(out) == recipe
+    assert with_saved({"output_dir": str(out), "resume": True})["method"] == "fft"
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    assert replication.work_list(tmp_path, ["fft-s0"]) == [
+        {"name": "fft-s0@2", "adapter": None, "model": str(out), "out": str(out / "eval" / "epoch-2")}]
+    assert report.load_run(out)["config"]["method"] == "fft"
+
+
+@pytest.fixture(scope="module")
+def gguf_fft(tmp_path_factory):
+    """(GGUF file, output folder, the trained model's state at the final save) of a 1-step fft run of the embedded
+    SmolLM2 GGUF: the GPU run's case, small."""
     from rasa_lora.models import embedded_gguf_path
 
     try:
         gguf = embedded_gguf_path()
     except (ModuleNotFoundError, FileNotFoundError) as error:
         pytest.skip(str(error))
-    torch.set_num_threads(2)
-    captured = {}
-    original = trainer.save_final
+    captured, original = {}, trainer.save_final
 
     def capture(run):
         captured.update({key: value.detach().clone() for key, value in run.model.state_dict().items()})
         original(run)
 
-    monkeypatch.setattr(trainer, "save_final", capture)
-    out = tmp_path / "fft"
+    out = tmp_path_factory.mktemp("gguf-fft") / "fft"
     values = tiny_overrides(Path(gguf), out, method="fft", max_steps=1, num_examples=2, global_batch_size=2,
                             micro_batch_size=2, cutoff_len=64, learning_rate=1e-4)
-    assert train(build_config(values))["steps"] == 1
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "save_final", capture)
+        torch.set_num_threads(2)
+        try:
+            assert train(build_config(values))["steps"] == 1
+        finally:
+            torch.set_num_threads(threads)
+    return gguf, out, captured
+
+
+@pytest.mark.slow
+def test_fft_of_the_embedded_gguf_saves_as_a_plain_model(gguf_fft):
+    from transformers import AutoModelForCausalLM
+
+    _, out, trained = gguf_fft
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert "quantization_config" not in loaded.config.to_dict() and loaded.dtype == torch.float32
     state = loaded.state_dict()
-    assert state.keys() == captured.keys() and all(torch.equal(state[key], captured[key]) for key in state)
+    assert state.keys() == trained.keys() and all(torch.equal(state[key], trained[key]) for key in state)
+
+
+@pytest.mark.slow
+def test_analyze_runs_on_the_gguf_and_its_full_fine_tune(gguf_fft, tmp_path):
+    import json
+
+    from rasa_lora.analysis.cli import analyze_main
+
+    gguf, out, _ = gguf_fft
     assert analyze_main([str(gguf), str(out), "--targets", "q_proj", "--iters", "2", "--k-sweep", "none",
                          "--out", str(tmp_path / "analysis"), "--device", "cpu"]) == 0
-    assert any((tmp_path / "analysis").iterdir())
+    groups = json.loads((tmp_path / "analysis" / "analysis.json").read_text())["groups"]
+    group = groups["model.layers.*.self_attn.q_proj"]
+    assert group["num_layers"] == 30 and group["total_energy"] > 0  # the step moved every q_proj
+    assert 0 < group["rasa_relative_error"] < 1 and 0 < group["lora_relative_error"] < 1

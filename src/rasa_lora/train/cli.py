@@ -40,11 +40,11 @@ def recipe_values(argv: list[str]) -> dict:
 
 def with_saved(values: dict) -> dict:
     """With `resume`, the run's saved config under the given values (saved < YAML < overrides)."""
-    from rasa_lora.train.config import TrainConfig
+    from rasa_lora.train.config import TrainConfig, read_run_recipe
 
-    saved = Path(str(values.get("output_dir", TrainConfig.output_dir)), "config.json")
-    if values.get("resume") and saved.is_file():
-        values = {**json.loads(saved.read_text()), **values}
+    saved = read_run_recipe(str(values.get("output_dir", TrainConfig.output_dir))) if values.get("resume") else None
+    if saved:
+        values = {**saved, **values}
     return values
 
 

@@ -289,6 +289,26 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+RECIPE_FILE = "config.json"  # the recipe, written into output_dir when a run starts
+# A full fine-tune's final save writes the model's own config.json over the recipe (output_dir is then a model
+# folder that `from_pretrained` loads); the recipe is kept under this name first (the name `rasa-lora push` uses).
+MODEL_DIR_RECIPE_FILE = "rasa_lora_recipe.json"
+
+
+def read_run_recipe(output_dir: str | Path) -> dict[str, Any] | None:
+    """The recipe a run in `output_dir` was started with, or None: `rasa_lora_recipe.json` where a full fine-tune's
+    final save kept it, else `config.json` (unless that is a model's config)."""
+    import json
+
+    for name in (MODEL_DIR_RECIPE_FILE, RECIPE_FILE):
+        path = Path(output_dir) / name
+        if path.is_file():
+            recipe = json.loads(path.read_text())
+            if isinstance(recipe, dict) and "model_type" not in recipe:  # not a model's config
+                return recipe
+    return None
+
+
 def default_micro_batch(global_batch_size: int) -> int:
     """The largest divisor of `global_batch_size` not above DEFAULT_MICRO_BATCH."""
     return max(d for d in range(1, min(DEFAULT_MICRO_BATCH, global_batch_size) + 1) if global_batch_size % d == 0)

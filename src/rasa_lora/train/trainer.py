@@ -115,8 +115,11 @@ def check_output_dir(config: TrainConfig) -> None:
 def check_resume_config(config: TrainConfig) -> None:
     """A resumed run must compute the same thing: every non-operational key must match the saved config. A key the
     saved config lacks (a run begun before the key existed) matches its default, which is what that run used."""
-    saved_path = Path(config.output_dir) / "config.json"
-    saved = json.loads(saved_path.read_text())
+    from rasa_lora.train.config import read_run_recipe
+
+    saved = read_run_recipe(config.output_dir)
+    if saved is None:
+        raise FileNotFoundError(f"--resume: {config.output_dir} holds no recipe (config.json); start the run afresh")
     current = config.to_dict()
     defaults = TrainConfig().to_dict()
     saved = {key: saved.get(key, defaults[key]) for key in current}
@@ -561,12 +564,26 @@ def plot_loss(metrics_path: Path, image_path: Path, title: str) -> None:
     plt.close(figure)
 
 
+def keep_recipe(out: Path, main: bool) -> None:
+    """Before a full fine-tune's `save_pretrained` writes the model's config.json over the recipe, copy the recipe to
+    `MODEL_DIR_RECIPE_FILE` (atomically; once: a resumed run keeps the copy it has)."""
+    from rasa_lora.train.config import MODEL_DIR_RECIPE_FILE, RECIPE_FILE
+
+    target, recipe = out / MODEL_DIR_RECIPE_FILE, out / RECIPE_FILE
+    if not main or target.is_file() or not recipe.is_file():
+        return
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text(recipe.read_text())
+    partial.rename(target)
+
+
 def save_final(run: Run) -> None:
     """The adapter in PEFT format (the full model for fft) and the tokenizer, into output_dir."""
     out = Path(run.config.output_dir)
     initial = out / "initial_adapter"
     accelerator = run.accelerator
     if run.config.method == "fft":
+        keep_recipe(out, accelerator.is_main_process)
         state = accelerator.get_state_dict(run.model)
         accelerator.unwrap_model(run.model).save_pretrained(out, state_dict=state,
                                                            is_main_process=accelerator.is_main_process)
