@@ -119,6 +119,27 @@ def test_any_failed_final_save_leaves_a_resumable_checkpoint(tiny_model_dir, tmp
     assert [path.name for path in checkpoint.checkpoint_dirs(out)] == ["step-000002"]
 
 
+def test_analysis_reads_a_tied_weight_once_as_save_pretrained_writes_it(tmp_path, monkeypatch):
+    """A GGUF base is read as a loaded model (its state_dict lists SmolLM2's tied lm_head.weight too); its full
+    fine-tune is a safetensors folder, which holds the tied weight once: the two must list the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import rasa_lora.models
+    from rasa_lora.analysis.sources import WeightSource, _check_same_architecture
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    assert "lm_head.weight" in model.state_dict()
+    model.save_pretrained(tmp_path / "tuned")
+    gguf = tmp_path / "base.gguf"
+    gguf.write_bytes(b"")  # resolved as a GGUF file; the patched loader below reads nothing
+    monkeypatch.setattr(rasa_lora.models, "load_model", lambda *a, **k: model)
+    base, tuned = WeightSource(gguf), WeightSource(tmp_path / "tuned")
+    assert base.weights == tuned.weights and "lm_head.weight" not in base.weights
+    _check_same_architecture(base, tuned)
+
+
 def test_a_full_fine_tune_keeps_its_recipe_beside_the_model_config(tiny_model_dir, tmp_path):
     """`save_pretrained` writes the model's config.json over the run's recipe: the recipe is kept first, and what
     reads a run's recipe (--resume, replication's work list and report) finds it."""
