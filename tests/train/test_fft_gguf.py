@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from rasa_lora.train import trainer
+from rasa_lora.train.cli import main as train_main
 from rasa_lora.train.config import build_config
 from rasa_lora.train.trainer import train
 from tests.train.conftest import tiny_overrides
@@ -140,7 +141,7 @@ def test_analysis_reads_a_tied_weight_once_as_save_pretrained_writes_it(tmp_path
     _check_same_architecture(base, tuned)
 
 
-def test_a_full_fine_tune_keeps_its_recipe_beside_the_model_config(tiny_model_dir, tmp_path):
+def test_a_full_fine_tune_keeps_its_recipe_beside_the_model_config(tiny_model_dir, tmp_path, capsys):
     """`save_pretrained` writes the model's config.json over the run's recipe: the recipe is kept first, and what
     reads a run's recipe (--resume, replication's work list and report) finds it."""
     import json
@@ -154,7 +155,9 @@ def test_a_full_fine_tune_keeps_its_recipe_beside_the_model_config(tiny_model_di
     replication = pytest.importorskip("benchmarks.replication")
     report = pytest.importorskip("benchmarks.replication_report")
     out = tmp_path / "fft-s0"
-    train(build_config(tiny_overrides(tiny_model_dir, out, method="fft", max_steps=2, epochs=2)))
+    values = tiny_overrides(tiny_model_dir, out, method="fft", max_steps=2, epochs=2)
+    assert train_main([arg for key, value in values.items() for arg in (f"--{key}", str(value))]) == 0
+    assert f"model: {out}" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
     recipe = json.loads((out / MODEL_DIR_RECIPE_FILE).read_text())

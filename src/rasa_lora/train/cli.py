@@ -94,5 +94,6 @@ def run(config) -> int:
         return 0
     out = Path(config.output_dir)
     print(json.dumps(summary, indent=2))
-    print(f"adapter: {out}  metrics: {out / 'metrics.jsonl'}  loss plot: {out / 'loss.png'}")
+    saved = "model" if config.method == "fft" else "adapter"  # a full fine-tune's output_dir is a model folder
+    print(f"{saved}: {out}  metrics: {out / 'metrics.jsonl'}  loss plot: {out / 'loss.png'}")
     return 0
