@@ -179,11 +179,17 @@ def gguf_fft(tmp_path_factory):
         gguf = embedded_gguf_path()
     except (ModuleNotFoundError, FileNotFoundError) as error:
         pytest.skip(str(error))
-    captured, original = {}, trainer.save_final
+    captured, original, original_build = {}, trainer.save_final, trainer.build_model
 
     def capture(run):
         captured.update({key: value.detach().clone() for key, value in run.model.state_dict().items()})
         original(run)
+
+    def build(*args, **kwargs):  # the base's first q_proj, before training (the merge test's reference)
+        model = original_build(*args, **kwargs)
+        weight = model.model.layers[0].self_attn.q_proj.weight
+        captured["base:model.layers.0.self_attn.q_proj.weight"] = weight.detach().clone()
+        return model
 
     out = tmp_path_factory.mktemp("gguf-fft") / "fft"
     values = tiny_overrides(Path(gguf), out, method="fft", max_steps=1, num_examples=2, global_batch_size=2,
@@ -191,19 +197,21 @@ def gguf_fft(tmp_path_factory):
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trainer, "save_final", capture)
+        patch.setattr(trainer, "build_model", build)
         torch.set_num_threads(2)
         try:
             assert train(build_config(values))["steps"] == 1
         finally:
             torch.set_num_threads(threads)
-    return gguf, out, captured
+    base = {key[5:]: captured.pop(key) for key in [key for key in captured if key.startswith("base:")]}
+    return gguf, out, captured, base
 
 
 @pytest.mark.slow
 def test_fft_of_the_embedded_gguf_saves_as_a_plain_model(gguf_fft):
     from transformers import AutoModelForCausalLM
 
-    _, out, trained = gguf_fft
+    _, out, trained, _ = gguf_fft
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert "quantization_config" not in loaded.config.to_dict() and loaded.dtype == torch.float32
@@ -217,10 +225,30 @@ def test_analyze_runs_on_the_gguf_and_its_full_fine_tune(gguf_fft, tmp_path):
 
     from rasa_lora.analysis.cli import analyze_main
 
-    gguf, out, _ = gguf_fft
+    gguf, out, _, _ = gguf_fft
     assert analyze_main([str(gguf), str(out), "--targets", "q_proj", "--iters", "2", "--k-sweep", "none",
                          "--out", str(tmp_path / "analysis"), "--device", "cpu"]) == 0
     groups = json.loads((tmp_path / "analysis" / "analysis.json").read_text())["groups"]
     group = groups["model.layers.*.self_attn.q_proj"]
     assert group["num_layers"] == 30 and group["total_energy"] > 0  # the step moved every q_proj
     assert 0 < group["rasa_relative_error"] < 1 and 0 < group["lora_relative_error"] < 1
+
+
+@pytest.mark.slow
+def test_merge_onto_a_gguf_base_saves(gguf_fft, tmp_path):
+    """`rasa-lora merge X.gguf ADAPTER OUT` failed the same way (the merged model kept the GGUF marks)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rasa_lora.merge import merge
+
+    gguf, out, _, base = gguf_fft
+    torch.manual_seed(0)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(out),
+                          LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    delta = lora.base_model.model.model.layers[0].self_attn.q_proj.get_delta_weight("default").detach()
+    merged = AutoModelForCausalLM.from_pretrained(merge(str(gguf), tmp_path / "adapter", tmp_path / "merged"))
+    assert "quantization_config" not in merged.config.to_dict()
+    expected = base["model.layers.0.self_attn.q_proj.weight"] + delta
+    torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight.detach(), expected)
