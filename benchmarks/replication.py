@@ -155,7 +155,9 @@ def adapters_of(out: Path) -> list[tuple[int, Path]]:
                    and (p / "adapter_config.json").is_file())
     summary = out / "summary.json"
     if not found and summary.is_file():
-        config = json.loads((out / "config.json").read_text())
+        from rasa_lora.train.config import read_run_recipe  # a full fine-tune's config.json is its model's
+
+        config = read_run_recipe(out)
         found = [(int(round(float(config["epochs"]))), out)]
     return found
 

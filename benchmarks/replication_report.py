@@ -59,7 +59,9 @@ def load_run(path: Path) -> dict:
     steps = [row for row in rows if "loss" in row]
     evals = [row for row in rows if "eval_loss" in row]
     summary = read_json(path / "summary.json")
-    config = read_json(path / "config.json") or {}
+    from rasa_lora.train.config import read_run_recipe  # a full fine-tune's config.json is its model's
+
+    config = read_run_recipe(path) or {}
     epochs: dict[int, dict] = {}
     for folder in sorted((path / "eval").glob("epoch-*")):
         epoch = int(folder.name.split("-")[1])

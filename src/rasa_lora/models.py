@@ -222,13 +222,9 @@ def _converted_embedded_model() -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **gguf_load_options(gguf.name))
+    model = plain_gguf_model(model)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The weights are de-quantized to float32 on load; transformers still marks the model as GGUF-quantized and
-    # refuses to save it (transformers 5.24), so the marks are removed.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
@@ -241,6 +237,71 @@ def _converted_embedded_model() -> str:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(target)
+
+
+def gguf_load_options(gguf_file: str) -> dict[str, Any]:
+    """`from_pretrained` keywords that load a GGUF file as an ordinary float model: `gguf_file`, and transformers'
+    `GgufConfig(dequantize=True)` where it has one (every block unpacked into the model's dtype, and the GGUF marks
+    dropped after loading, instead of packed layers a later transformers may keep for a GGUF kernel)."""
+    try:
+        import inspect
+
+        from transformers import GgufConfig
+
+        if "dequantize" in inspect.signature(GgufConfig).parameters:
+            return {"gguf_file": gguf_file, "quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:
+        pass
+    return {"gguf_file": gguf_file}
+
+
+def _gguf_quantizer(model: Any) -> Any:
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    return quantizer if str(getattr(method, "value", method)).lower() == "gguf" else None
+
+
+def plain_gguf_model(model: Any) -> Any:
+    """Drop transformers' GGUF marks (`hf_quantizer`, `config.quantization_config`, `is_quantized`,
+    `quantization_method`) from a model whose GGUF weights were all unpacked into float tensors on load.
+
+    transformers' legacy GGUF loader (every architecture in 5.17 to 5.25 but a few) de-quantizes every tensor yet
+    keeps the marks, and `save_pretrained` then refuses the model ("quantized with QuantizationMethod.GGUF and is not
+    serializable"): a full fine-tune of it could not be saved. A model with weights still in GGUF blocks (packed
+    layers) keeps its marks; `unsaveable_reason` names it."""
+    quantizer = _gguf_quantizer(model)
+    if quantizer is None or getattr(quantizer, "packed_modules", None):
+        return model
+    import torch
+
+    if not all(param.is_floating_point() for param in model.parameters()):
+        return model
+    remove = getattr(quantizer, "remove_quantization_config", None)
+    if remove is not None:
+        remove(model)
+    for key in ("hf_quantizer", "quantization_method"):
+        if getattr(model, key, None) is not None:
+            setattr(model, key, None)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(module, torch.nn.Module) and getattr(config, "_is_quantized", False):
+            config._is_quantized = False
+    return model
+
+
+def unsaveable_reason(model: Any) -> str | None:
+    """Why `model.save_pretrained` would refuse to save the whole model (None when it saves): the test transformers
+    applies, a quantizer that is not serializable."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return None
+    if quantizer.is_serializable():
+        return None
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", "a quantization")
+    return f"its weights are quantized ({getattr(method, 'value', method)}) and transformers cannot save them whole"
 
 
 def load_tokenizer(name_or_path: str | os.PathLike | None = None):
@@ -261,11 +322,16 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: Any = None,
 
     source, gguf_file = resolve_model(name_or_path)
     if gguf_file:
-        kwargs["gguf_file"] = gguf_file
+        options = gguf_load_options(gguf_file)
+        if "quantization_config" in kwargs:  # the caller's (transformers refuses to combine it with a GGUF file)
+            options.pop("quantization_config", None)
+        kwargs = {**options, **kwargs}
     if isinstance(dtype, str):
         dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                  "fp16": torch.float16, "float16": torch.float16}[dtype]
     model = _from_pretrained(AutoModelForCausalLM, name_or_path, source, dtype=dtype or torch.float32, **kwargs)
+    if gguf_file:
+        model = plain_gguf_model(model)
     return set_portable_name(model, name_or_path)
 
 

@@ -122,7 +122,14 @@ class WeightSource:
 
             model = load_model(name_or_path)
             self.config = self.config or model.config.to_dict()
-            self._state = {key: value.detach() for key, value in model.state_dict().items()}
+            # A tied weight (SmolLM2's lm_head is its embedding) once, under its first name: `save_pretrained` writes
+            # it so, and the other side of a comparison may be such a folder (a full fine-tune of a GGUF base).
+            self._state, seen = {}, set()
+            for key, value in model.state_dict().items():
+                storage = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+                if storage not in seen or value.numel() == 0:
+                    seen.add(storage)
+                    self._state[key] = value.detach()
         self.weights = sorted(key for key in (self._index or self._state) if key.endswith(".weight"))
 
     def get(self, key: str) -> Tensor:

@@ -40,11 +40,11 @@ def recipe_values(argv: list[str]) -> dict:
 
 def with_saved(values: dict) -> dict:
     """With `resume`, the run's saved config under the given values (saved < YAML < overrides)."""
-    from rasa_lora.train.config import TrainConfig
+    from rasa_lora.train.config import TrainConfig, read_run_recipe
 
-    saved = Path(str(values.get("output_dir", TrainConfig.output_dir)), "config.json")
-    if values.get("resume") and saved.is_file():
-        values = {**json.loads(saved.read_text()), **values}
+    saved = read_run_recipe(str(values.get("output_dir", TrainConfig.output_dir))) if values.get("resume") else None
+    if saved:
+        values = {**saved, **values}
     return values
 
 
@@ -94,5 +94,6 @@ def run(config) -> int:
         return 0
     out = Path(config.output_dir)
     print(json.dumps(summary, indent=2))
-    print(f"adapter: {out}  metrics: {out / 'metrics.jsonl'}  loss plot: {out / 'loss.png'}")
+    saved = "model" if config.method == "fft" else "adapter"  # a full fine-tune's output_dir is a model folder
+    print(f"{saved}: {out}  metrics: {out / 'metrics.jsonl'}  loss plot: {out / 'loss.png'}")
     return 0

@@ -265,6 +265,9 @@ class TrainConfig:
             if not self.pad_to_multiple_of:
                 raise ValueError("compile_mode=reduce-overhead records a CUDA graph for every micro-batch shape: set "
                                  "pad_to_multiple_of (e.g. 64) so that shapes repeat")
+        if self.method == "fft" and self.base_quantization != "none":
+            raise ValueError(f"base_quantization={self.base_quantization} freezes a 4-bit base for an adapter, and "
+                             "method=fft trains every weight: use base_quantization: none, or an adapter method")
         if self.save_epoch_adapters and (self.method == "fft" or self.method in CONVERTED_ON_SAVE):
             raise ValueError(f"save_epoch_adapters is not available for {self.method} (fft has no adapter; OLoRA and "
                              "PiSSA adapters are converted against the initial weights once, at the end): leave it "
@@ -284,6 +287,26 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+RECIPE_FILE = "config.json"  # the recipe, written into output_dir when a run starts
+# A full fine-tune's final save writes the model's own config.json over the recipe (output_dir is then a model
+# folder that `from_pretrained` loads); the recipe is kept under this name first (the name `rasa-lora push` uses).
+MODEL_DIR_RECIPE_FILE = "rasa_lora_recipe.json"
+
+
+def read_run_recipe(output_dir: str | Path) -> dict[str, Any] | None:
+    """The recipe a run in `output_dir` was started with, or None: `rasa_lora_recipe.json` where a full fine-tune's
+    final save kept it, else `config.json` (unless that is a model's config)."""
+    import json
+
+    for name in (MODEL_DIR_RECIPE_FILE, RECIPE_FILE):
+        path = Path(output_dir) / name
+        if path.is_file():
+            recipe = json.loads(path.read_text())
+            if isinstance(recipe, dict) and "model_type" not in recipe:  # not a model's config
+                return recipe
+    return None
 
 
 def default_micro_batch(global_batch_size: int) -> int:

@@ -115,8 +115,11 @@ def check_output_dir(config: TrainConfig) -> None:
 def check_resume_config(config: TrainConfig) -> None:
     """A resumed run must compute the same thing: every non-operational key must match the saved config. A key the
     saved config lacks (a run begun before the key existed) matches its default, which is what that run used."""
-    saved_path = Path(config.output_dir) / "config.json"
-    saved = json.loads(saved_path.read_text())
+    from rasa_lora.train.config import read_run_recipe
+
+    saved = read_run_recipe(config.output_dir)
+    if saved is None:
+        raise FileNotFoundError(f"--resume: {config.output_dir} holds no recipe (config.json); start the run afresh")
     current = config.to_dict()
     defaults = TrainConfig().to_dict()
     saved = {key: saved.get(key, defaults[key]) for key in current}
@@ -561,12 +564,26 @@ def plot_loss(metrics_path: Path, image_path: Path, title: str) -> None:
     plt.close(figure)
 
 
+def keep_recipe(out: Path, main: bool) -> None:
+    """Before a full fine-tune's `save_pretrained` writes the model's config.json over the recipe, copy the recipe to
+    `MODEL_DIR_RECIPE_FILE` (atomically; once: a resumed run keeps the copy it has)."""
+    from rasa_lora.train.config import MODEL_DIR_RECIPE_FILE, RECIPE_FILE
+
+    target, recipe = out / MODEL_DIR_RECIPE_FILE, out / RECIPE_FILE
+    if not main or target.is_file() or not recipe.is_file():
+        return
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text(recipe.read_text())
+    partial.rename(target)
+
+
 def save_final(run: Run) -> None:
     """The adapter in PEFT format (the full model for fft) and the tokenizer, into output_dir."""
     out = Path(run.config.output_dir)
     initial = out / "initial_adapter"
     accelerator = run.accelerator
     if run.config.method == "fft":
+        keep_recipe(out, accelerator.is_main_process)
         state = accelerator.get_state_dict(run.model)
         accelerator.unwrap_model(run.model).save_pretrained(out, state_dict=state,
                                                            is_main_process=accelerator.is_main_process)
@@ -577,6 +594,34 @@ def save_final(run: Run) -> None:
         distributed.save_adapter(run.model, accelerator, out)
     if accelerator.is_main_process:
         run.tokenizer.save_pretrained(out)
+
+
+def check_saveable(model: torch.nn.Module, config: TrainConfig) -> None:
+    """fft saves the whole model at the end: refuse, before training, a model transformers would not save."""
+    from rasa_lora.errors import UserError
+    from rasa_lora.models import unsaveable_reason
+
+    reason = unsaveable_reason(model) if config.method == "fft" else None
+    if reason:
+        raise UserError(f"--method fft: the trained model could not be saved: {reason}; give a float base model (a "
+                        f"checkpoint folder, a .gguf file or \"smollm2\"), or train an adapter (e.g. --method lora)")
+
+
+def save_final_or_checkpoint(run: Run) -> None:
+    """`save_final`; if it fails after the last step, checkpoint that step first, so that `--resume` goes straight
+    to the final save instead of training again from the previous checkpoint."""
+    try:
+        save_final(run)
+    except Exception:
+        done = run.state.step >= run.total_steps
+        saved = [path.name for path in checkpoint.checkpoint_dirs(run.config.output_dir)]
+        if done and f"step-{run.state.step:06d}" not in saved:
+            path = _save(run)
+            if run.accelerator.is_main_process:
+                print(f"rasa-lora train: the final save failed; the trained state is checkpointed in {path}: fix "
+                      "the cause below and rerun the same command with --resume to save it without training again",
+                      file=sys.stderr, flush=True)
+        raise
 
 
 def write_summary(run: Run, trainable: int, total: int, wall_s: float) -> dict[str, Any]:
@@ -662,6 +707,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if warning and accelerator.is_main_process:
         print(warning, file=sys.stderr, flush=True)
     run.model = build_model(config, run.total_steps, run.device, use_reentrant)
+    check_saveable(run.model, config)
     run.optimizer = build_optimizer(run.model, config)
     run.scheduler = build_scheduler(run.optimizer, run.total_steps, config)
     out, created = Path(config.output_dir), not Path(config.output_dir).exists() or config.overwrite
@@ -688,7 +734,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         raise
     finally:
         tracking.finish(accelerator, config)
-    save_final(run)
+    save_final_or_checkpoint(run)
     trainable, total = methods.count_parameters(run.model)
     if not accelerator.is_main_process:
         return {}
