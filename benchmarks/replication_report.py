@@ -6,7 +6,8 @@ Reads what `benchmarks/replication.py` left per run (config.json, summary.json, 
 eval/epoch-N/<task>/summary.json once `score` has run) and writes `OUT/tables.md` (markdown, every number with its
 seed count and spread), `OUT/loss.png` (the paper's Fig. 4: training loss by step, mean of the seeds with a band
 from their minimum to their maximum, held-out loss as markers), `OUT/epochs.png` (GSM8K accuracy and forgetting by
-epoch) and `OUT/study.json` (the same numbers, for other tools).
+epoch) and `OUT/study.json` (the same numbers, for other tools). A full fine-tune's `rasa-lora analyze` output
+(`fft-*/analysis*/analysis.json`) adds the Figs. 2-3 table of its real deltas to tables.md.
 
 A difference between two cells is called real only when their seeds' ranges do not overlap (every seed of one
 beats every seed of the other); with 3 seeds that is the rule the issue asks for, and it says nothing finer.
@@ -272,9 +273,39 @@ def write_tables(study: dict[str, dict], out: Path, root: Path) -> str:
             label = (f"{pair['rasa']} (alpha {pair['rasa_alpha']:g}, size {pair['rasa_update_size']:.3f}) vs "
                      f"{pair['lora']} (alpha {pair['lora_alpha']:g}, size {pair['lora_update_size']:.3f})")
             lines += comparison_rows(label, study[pair["rasa"]], study[pair["lora"]])
+    lines += analysis_rows(root)
     text = "\n".join(lines) + "\n"
     (out / "tables.md").write_text(text)
     return text
+
+
+def analysis_rows(root: Path) -> list[str]:
+    """Figs. 2-3 on the real deltas: a table for each `rasa-lora analyze` output under a full fine-tune's run
+    (`RUN/analysis*/analysis.json`): per module type LoRA's minimum error, RaSA's error over it at iteration 10 and
+    at the end, the first iteration below it, and the k sweep over it."""
+    lines = []
+    for path in sorted(root.glob("fft-*/analysis*/analysis.json")):
+        result = json.loads(path.read_text())
+        config = result.get("config", {})
+        shown = path.relative_to(root)
+        lines += ["", f"## Reconstruction of the real deltas (Figs. 2-3): `{shown}`", "",
+                  f"r = {config.get('r')}, k = {config.get('k')}, start {config.get('init')}, at most "
+                  f"{config.get('iters')} iterations (tolerance {config.get('tol')}); errors relative to ||dW||, "
+                  "RaSA's over LoRA's minimum e_lora (< 1: RaSA fits better).", "",
+                  "| module type | shape (b x a) | e_lora | RaSA it. 10 / e_lora | RaSA final / e_lora | iterations | "
+                  "first below e_lora | k sweep / e_lora | best k |", "|---|---|---|---|---|---|---|---|---|"]
+        for group, fit in result["groups"].items():
+            lora, curve = fit["lora_relative_error"], fit["rasa_relative_error_curve"]
+            sweep = fit.get("k_sweep_relative") or {}
+            sweep_text = ", ".join(f"{k}: {value / lora:.4f}" for k, value in sweep.items()) or "-"
+            below = fit.get("first_iteration_below_lora")
+            lines.append(f"| {group.split('.*.')[-1]} | {' x '.join(map(str, fit['shape']))} | {lora:.4f} | "
+                         f"{curve[10] / lora:.4f} | " if len(curve) > 10 else
+                         f"| {group.split('.*.')[-1]} | {' x '.join(map(str, fit['shape']))} | {lora:.4f} | - | ")
+            lines[-1] += (f"{fit['rasa_relative_error'] / lora:.4f} | {fit.get('iterations', '-')} | "
+                          f"{'-' if below is None else below} | {sweep_text} | "
+                          f"{'-' if fit.get('best_k') is None else fit['best_k']} |")
+    return lines
 
 
 def plot_losses(cells: dict[str, list[dict]], out: Path) -> None:

@@ -77,3 +77,23 @@ def test_gsm8k_and_forgetting_are_paired_by_seed_in_points(tmp_path):
             for line in (out / "tables.md").read_text().splitlines() if line.startswith("| rasa-r8 vs lora-r8 |")}
     assert rows["GSM8K %, epoch 2"][7] == "s0: +1.00, s1: -0.50, s2: +0.00"
     assert rows["forgetting mean %, epoch 2"][7] == "s0: +1.00, s1: -0.50, s2: +0.00"
+
+
+def test_the_analysis_of_real_deltas_gets_a_table(tmp_path):
+    """Figs. 2-3: each `rasa-lora analyze` output under a full fine-tune's run becomes a table in tables.md."""
+    root, out = tmp_path / "runs", tmp_path / "out"
+    _run(root, "lora-r8-s0", "lora", 8.0, [1.0, 0.9], 0.8)
+    folder = root / "fft-s0" / "analysis"
+    folder.mkdir(parents=True)
+    curve = [0.52 - 0.001 * i for i in range(21)]  # 0.52 at the start, 0.50 after 20 iterations
+    group = {"shape": [576, 1536], "lora_relative_error": 0.5, "rasa_relative_error_curve": curve,
+             "rasa_relative_error": curve[-1], "iterations": 20, "first_iteration_below_lora": 20,
+             "k_sweep_relative": {"0": 0.5, "1": 0.499}, "best_k": 1}
+    (folder / "analysis.json").write_text(json.dumps({"config": {"r": 8, "k": 1, "init": "random", "iters": 20,
+                                                                 "tol": 0.0},
+                                                      "groups": {"model.layers.*.mlp.down_proj": group}}))
+    assert report.main(["--root", str(root), "--out", str(out)]) == 0
+    tables = (out / "tables.md").read_text()
+    assert "## Reconstruction of the real deltas (Figs. 2-3): `fft-s0/analysis/analysis.json`" in tables
+    assert ("| mlp.down_proj | 576 x 1536 | 0.5000 | 1.0200 | 1.0000 | 20 | 20 | 0: 1.0000, 1: 0.9980 | 1 |"
+            in tables)
