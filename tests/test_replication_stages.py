@@ -2,10 +2,12 @@
 
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 replication = pytest.importorskip("benchmarks.replication")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_time_limit_stops_running_jobs_and_starts_no_pending_one(tmp_path):
@@ -41,3 +43,30 @@ def test_train_command_resumes_or_restarts(tmp_path):
     assert "--overwrite" in replication.train_command("rasa-r8-s1", None, data, tmp_path, [])
     (tmp_path / "rasa-r8-s1" / "checkpoints" / "step-000003").mkdir(parents=True)
     assert "--resume" in replication.train_command("rasa-r8-s1", None, data, tmp_path, [])
+
+
+def test_the_sitting_script_runs_every_stage_in_order_with_valid_arguments(monkeypatch):
+    """benchmarks/replication_sitting.sh (DRY_RUN=1 prints its commands): the stages in order, each command parsed
+    by replication.py's own argument parser, and no stage wrapped in `timeout` (its child would outlive a killed
+    device command)."""
+    import shlex
+    import subprocess
+
+    printed = subprocess.run(["bash", str(REPO / "benchmarks" / "replication_sitting.sh")], cwd=REPO,
+                             env={"DRY_RUN": "1", "TJOBS": "3", "PATH": "/usr/bin:/bin"}, capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+    names = [line.split(":")[0] for line in printed]
+    assert names == ["train-paper", "analyze", "eval-paper-mc", "eval-paper-gsm8k", "train-matched", "eval-matched"]
+    assert not any("timeout" in line for line in printed)
+    seen = []
+    for stage in ("cmd_train", "cmd_generate", "cmd_analyze"):
+        monkeypatch.setattr(replication, stage, lambda args, stage=stage: seen.append((stage, args)) or 0)
+    for line in printed:
+        argv = shlex.split(line.split(": ", 1)[1])
+        assert argv[:2] == ["python3", "benchmarks/replication.py"]
+        assert replication.main(argv[2:]) == 0
+    stages = [stage for stage, _ in seen]
+    assert stages == ["cmd_train", "cmd_analyze", "cmd_generate", "cmd_generate", "cmd_train", "cmd_generate"]
+    assert seen[0][1].runs.split(",")[-1] == "fft-s0" and seen[0][1].extra == ["--dataset-fraction", "0.5"]
+    assert seen[2][1].tasks == "arc_challenge,winogrande,hellaswag" and seen[3][1].tasks == "gsm8k"
+    assert all(args.batch_size == 1319 for stage, args in seen if stage == "cmd_generate")
