@@ -298,13 +298,11 @@ def analysis_rows(root: Path) -> list[str]:
             lora, curve = fit["lora_relative_error"], fit["rasa_relative_error_curve"]
             sweep = fit.get("k_sweep_relative") or {}
             sweep_text = ", ".join(f"{k}: {value / lora:.4f}" for k, value in sweep.items()) or "-"
-            below = fit.get("first_iteration_below_lora")
-            lines.append(f"| {group.split('.*.')[-1]} | {' x '.join(map(str, fit['shape']))} | {lora:.4f} | "
-                         f"{curve[10] / lora:.4f} | " if len(curve) > 10 else
-                         f"| {group.split('.*.')[-1]} | {' x '.join(map(str, fit['shape']))} | {lora:.4f} | - | ")
-            lines[-1] += (f"{fit['rasa_relative_error'] / lora:.4f} | {fit.get('iterations', '-')} | "
-                          f"{'-' if below is None else below} | {sweep_text} | "
-                          f"{'-' if fit.get('best_k') is None else fit['best_k']} |")
+            below, best = fit.get("first_iteration_below_lora"), fit.get("best_k")
+            at_10 = f"{curve[10] / lora:.4f}" if len(curve) > 10 else "-"
+            lines.append(f"| {group.split('.*.')[-1]} | {' x '.join(map(str, fit['shape']))} | {lora:.4f} | {at_10} | "
+                         f"{fit['rasa_relative_error'] / lora:.4f} | {fit.get('iterations', '-')} | "
+                         f"{'-' if below is None else below} | {sweep_text} | {'-' if best is None else best} |")
     return lines
 
 

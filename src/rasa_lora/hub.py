@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from rasa_lora.export import VLLM_RANKS
+from rasa_lora.train.config import MODEL_DIR_RECIPE_FILE, RECIPE_FILE
 
 EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "chat_template.jinja", "metrics.jsonl", "loss.png")
-RENAMED = {"config.json": "rasa_lora_recipe.json", "summary.json": "training_summary.json"}
+RENAMED = {RECIPE_FILE: MODEL_DIR_RECIPE_FILE, "summary.json": "training_summary.json"}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -50,7 +50,12 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [path for path in root.iterdir() if path.name.startswith(_PREFIX) and (path / STATE).is_file()]
-    return sorted(found, key=lambda path: int(path.name[len(_PREFIX):]))
+    return sorted(found, key=step_of)
+
+
+def step_of(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint directory holds (its name)."""
+    return int(checkpoint.name[len(_PREFIX):])
 
 
 def rng_states() -> dict[str, Any]:

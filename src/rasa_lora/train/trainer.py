@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from rasa_lora.train import checkpoint, data, distributed, methods, optim, tracking
-from rasa_lora.train.config import OPERATIONAL_KEYS, TrainConfig
+from rasa_lora.train.config import MODEL_DIR_RECIPE_FILE, OPERATIONAL_KEYS, RECIPE_FILE, TrainConfig, read_run_recipe
 
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -115,8 +115,6 @@ def check_output_dir(config: TrainConfig) -> None:
 def check_resume_config(config: TrainConfig) -> None:
     """A resumed run must compute the same thing: every non-operational key must match the saved config. A key the
     saved config lacks (a run begun before the key existed) matches its default, which is what that run used."""
-    from rasa_lora.train.config import read_run_recipe
-
     saved = read_run_recipe(config.output_dir)
     if saved is None:
         raise FileNotFoundError(f"--resume: {config.output_dir} holds no recipe (config.json); start the run afresh")
@@ -567,8 +565,6 @@ def plot_loss(metrics_path: Path, image_path: Path, title: str) -> None:
 def keep_recipe(out: Path, main: bool) -> None:
     """Before a full fine-tune's `save_pretrained` writes the model's config.json over the recipe, copy the recipe to
     `MODEL_DIR_RECIPE_FILE` (atomically; once: a resumed run keeps the copy it has)."""
-    from rasa_lora.train.config import MODEL_DIR_RECIPE_FILE, RECIPE_FILE
-
     target, recipe = out / MODEL_DIR_RECIPE_FILE, out / RECIPE_FILE
     if not main or target.is_file() or not recipe.is_file():
         return
@@ -614,8 +610,8 @@ def save_final_or_checkpoint(run: Run) -> None:
         save_final(run)
     except Exception:
         done = run.state.step >= run.total_steps
-        saved = [path.name for path in checkpoint.checkpoint_dirs(run.config.output_dir)]
-        if done and f"step-{run.state.step:06d}" not in saved:
+        saved = [checkpoint.step_of(path) for path in checkpoint.checkpoint_dirs(run.config.output_dir)]
+        if done and run.state.step not in saved:
             path = _save(run)
             if run.accelerator.is_main_process:
                 print(f"rasa-lora train: the final save failed; the trained state is checkpointed in {path}: fix "
@@ -664,7 +660,7 @@ def start_or_resume(run: Run) -> None:
         if run.config.overwrite and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(run.config.to_dict(), indent=2) + "\n")
+        (out / RECIPE_FILE).write_text(json.dumps(run.config.to_dict(), indent=2) + "\n")
         if methods.initial_adapter_needed(run.config.method):
             run.model.save_pretrained(out / "initial_adapter")
     run.accelerator.wait_for_everyone()
