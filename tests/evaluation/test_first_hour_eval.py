@@ -72,7 +72,7 @@ def test_the_command_is_recorded_when_called_in_process(tmp_path, shared_data):
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["command"] == "rasa-lora eval gsm8k --gold --limit 2 --data-dir " + \
         f"{shared_data} --output-dir {tmp_path / 'o'}"
-    assert not list((tmp_path / "o").glob(".*partial"))
+    assert not list((tmp_path / "o").glob(".*partial*"))
 
 
 def test_a_failed_eval_leaves_no_folder(tmp_path, shared_data, capsys, monkeypatch):

@@ -29,6 +29,7 @@ from rasa_lora.analysis.reconstruction import (
     start_plan,
 )
 from rasa_lora.analysis.sources import Group
+from rasa_lora.atomic import write_atomic
 
 
 @dataclass
@@ -173,23 +174,16 @@ def run_analysis(groups: Iterable[Group], config: AnalysisConfig, out_dir: str |
     if plots:
         from rasa_lora.analysis.plots import plot_convergence, plot_k_sweep
 
-        _atomic(out / "convergence.png", lambda path: plot_convergence(results, path))
+        write_atomic(out / "convergence.png", lambda path: plot_convergence(results, path))
         files.append("convergence.png")
         if any(record["k_sweep"] for record in results.values()):
-            _atomic(out / "k_sweep.png", lambda path: plot_k_sweep(results, path))
+            write_atomic(out / "k_sweep.png", lambda path: plot_k_sweep(results, path))
             files.append("k_sweep.png")
     report = {"config": asdict(config) | {"device": str(config.torch_device())}, "source": source,
               "torch": torch.__version__, "wall_time_s": time.perf_counter() - started, "files": files,
               "groups": results}
-    _atomic(out / "analysis.json", lambda path: path.write_text(json.dumps(report, indent=1)))
+    write_atomic(out / "analysis.json", json.dumps(report, indent=1))
     return report
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename (no half-written file on a crash)."""
-    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
-    write(partial)
-    partial.replace(path)
 
 
 def parse_k_list(text: str) -> list[int] | None:

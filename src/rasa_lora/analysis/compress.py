@@ -35,6 +35,7 @@ from rasa_lora.analysis.reconstruction import (
     lora_solution,
 )
 from rasa_lora.analysis.sources import Group, checkpoint_groups
+from rasa_lora.atomic import write_atomic
 
 
 @dataclass
@@ -143,7 +144,5 @@ def compress(base: str, tuned: str, out_dir: str | Path, r: int = 8, k: int = 1,
         "lora_relative_error": sum(g.lora_error for g in fitted) / sum(g.total_energy for g in fitted),
         "rasa_relative_error": sum(g.rasa_error for g in fitted) / sum(g.total_energy for g in fitted),
     }
-    partial = Path(out_dir) / ".compress.partial.json"
-    partial.write_text(json.dumps(summary, indent=1))
-    partial.replace(Path(out_dir) / "compress.json")
+    write_atomic(Path(out_dir) / "compress.json", json.dumps(summary, indent=1))
     return summary

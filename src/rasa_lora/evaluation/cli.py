@@ -33,6 +33,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from rasa_lora.atomic import write_atomic
 from rasa_lora.errors import ArgumentParser, UserError
 from rasa_lora.evaluation.tasks import TASKS, task_spec
 
@@ -133,12 +134,6 @@ def _append(path: Path, records: list[dict]) -> None:
         f.flush()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.partial")
-    staging.write_text(text)
-    os.replace(staging, path)
-
-
 def _commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -215,7 +210,7 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "commit": commit, "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
                "command": args.command}
-    _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "disagreements"}, indent=2))
     return 0
 
@@ -345,7 +340,7 @@ def _math_summary(args, items: list[dict], records: dict[str, dict], out_dir: Pa
     lines += ["", "| id | gold | extracted | math-verify | minerva |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['id']} | `{r['gold']}` | `{r['extracted']}` | {r['verdicts']['math_verify']} | "
               f"{r['verdicts']['minerva']} |" for r in differ]
-    _write_atomic(out_dir / "disagreements.md", "\n".join(lines) + "\n")
+    write_atomic(out_dir / "disagreements.md", "\n".join(lines) + "\n")
     return summary
 
 
@@ -383,14 +378,9 @@ def _run_code(args, items: list[dict], records_path: Path) -> dict:
     bar.close()
     records = _read_records(records_path)
     samples = code.evalplus_samples([records[f"{item['id']}#{s}"] for item in items for s in range(n)], by_id)
-    _write_jsonl_atomic(records_path.parent / "samples.jsonl", samples)  # `evalplus.evaluate --samples` reads it
+    # `evalplus.evaluate --samples` reads it
+    write_atomic(records_path.parent / "samples.jsonl", "".join(json.dumps(row) + "\n" for row in samples))
     return _code_summary(items, n, records, args.task) | {"prompt_style": args.prompt_style}
-
-
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
 
 
 def _read_completions(path: Path, items: list[dict]) -> dict[str, list[str]]:

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from rasa_lora.atomic import write_atomic
 from rasa_lora.train import checkpoint, data, distributed, methods, optim, tracking
 from rasa_lora.train.config import MODEL_DIR_RECIPE_FILE, OPERATIONAL_KEYS, RECIPE_FILE, TrainConfig, read_run_recipe
 
@@ -568,9 +569,7 @@ def keep_recipe(out: Path, main: bool) -> None:
     target, recipe = out / MODEL_DIR_RECIPE_FILE, out / RECIPE_FILE
     if not main or target.is_file() or not recipe.is_file():
         return
-    partial = target.with_name(target.name + ".partial")
-    partial.write_text(recipe.read_text())
-    partial.rename(target)
+    write_atomic(target, recipe.read_text())
 
 
 def save_final(run: Run) -> None:
