@@ -255,10 +255,15 @@ def gguf_load_options(gguf_file: str) -> dict[str, Any]:
     return {"gguf_file": gguf_file}
 
 
+def _quant_method(quantizer: Any, default: str | None = None) -> str | None:
+    """A transformers quantizer's method as text ("gguf", ...): its config's `quant_method`, an enum or a string."""
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", default)
+    return None if method is None else str(getattr(method, "value", method))
+
+
 def _gguf_quantizer(model: Any) -> Any:
     quantizer = getattr(model, "hf_quantizer", None)
-    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
-    return quantizer if str(getattr(method, "value", method)).lower() == "gguf" else None
+    return quantizer if (_quant_method(quantizer) or "").lower() == "gguf" else None
 
 
 def plain_gguf_model(model: Any) -> Any:
@@ -300,8 +305,8 @@ def unsaveable_reason(model: Any) -> str | None:
         return None
     if quantizer.is_serializable():
         return None
-    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", "a quantization")
-    return f"its weights are quantized ({getattr(method, 'value', method)}) and transformers cannot save them whole"
+    return f"its weights are quantized ({_quant_method(quantizer, 'a quantization')}) and transformers cannot save " \
+        "them whole"
 
 
 def load_tokenizer(name_or_path: str | os.PathLike | None = None):
