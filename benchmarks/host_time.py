@@ -236,7 +236,7 @@ def write_json(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="smollm2,llama-1b,llama-8b", help="comma-separated: " + ",".join(SHAPES))
     parser.add_argument("--methods", default="frozen,lora,rasa",
@@ -256,7 +256,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="JSON file for the rows")
     parser.add_argument("--processes", type=int, default=1, help="repeat the whole run in this many fresh processes")
     parser.add_argument("--target", type=float, default=1.10, help="ratio to the frozen base counted as met")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.processes > 1:
         return run_processes(args, list(sys.argv[1:] if argv is None else argv))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

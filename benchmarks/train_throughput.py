@@ -93,16 +93,25 @@ def measure(values: dict, variant: str, steps: int, warmup: int) -> dict:
                 "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    recipe = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default="frozen,rasa", help="comma-separated: frozen, rasa, lora")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens there)")
     parser.add_argument("--out", default=None, help="JSON file for the rows")
-    args = parser.parse_args(own)
+    return parser
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this script's arguments, the recipe after `--`)."""
+    if "--" not in argv:
+        return argv, []
+    return argv[:argv.index("--")], argv[argv.index("--") + 1:]
+
+
+def main(argv=None) -> int:
+    own, recipe = split_argv(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(own)
     from rasa_lora.train.cli import recipe_values
 
     values = {"progress_bar": False, **recipe_values(recipe)}

@@ -135,13 +135,16 @@ class TrainConfig:
     so fewer recompilations with `compile` and static shapes for CUDA graphs (compile_mode: reduce-overhead)."""
     compile: bool = False
     """torch.compile the model; RaSA layers are traced through their registered operators (`rasa_lora.ops.registered`),
-    dropout masks seeded on the device. Off by default until it is measured faster on the GPU (docs/performance.md)."""
+    dropout masks seeded on the device. Off by default: a model's step is faster compiled (benchmarks/RESULTS.md),
+    but the trainer's tokens/s and the gradients under CUDA graphs with checkpointing are unchecked
+    (docs/performance.md)."""
     compile_backend: str = "inductor"
     """torch.compile's backend with `compile`: "inductor" (generated kernels) or "aot_eager" (traced, then run
     eagerly: for debugging a compile problem)."""
     compile_mode: str = "default"
     """torch.compile's mode with the inductor backend: "default", "reduce-overhead" (CUDA graphs: a CUDA device,
-    `pad_to_multiple_of` > 0 so micro-batch shapes repeat; not yet measured faster) or "max-autotune"."""
+    `pad_to_multiple_of` > 0 so micro-batch shapes repeat; a GPU test of it with gradient checkpointing failed:
+    docs/performance.md, "CUDA graphs") or "max-autotune"."""
     output_dir: str = "runs/rasa"
     """Where the adapter, metrics, plot and checkpoints go."""
     logging_steps: int = 1
