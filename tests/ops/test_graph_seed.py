@@ -302,10 +302,12 @@ def test_reduce_overhead_training_steps_equal_eager(checkpointing):
                 pytest.xfail(f"torch {torch.__version__}: pytorch/pytorch#154306")
             raise
     torch._dynamo.reset()
-    for (loss_c, grads_c), (loss, grads) in zip(compiled, eager, strict=True):
-        assert rel_err(loss_c, loss) < 1e-4
-        for a, b in zip(grads_c, grads, strict=True):
-            assert rel_err(a, b) < 1e-3
+    names = [name for name, q in build().named_parameters() if q.requires_grad]
+    # every step's loss error and its worst gradients by name, so one failure on the GPU says where it differs
+    report = [(float(rel_err(loss_c, loss)), sorted(((float(rel_err(a, b)), name) for a, b, name in
+                                                     zip(grads_c, grads, names, strict=True)), reverse=True)[:4])
+              for (loss_c, grads_c), (loss, grads) in zip(compiled, eager, strict=True)]
+    assert all(loss < 1e-4 and worst[0][0] < 1e-3 for loss, worst in report), report
     assert len({float(loss) for loss, _ in eager}) == 3
 
 
