@@ -151,3 +151,25 @@ def test_the_known_cuda_graph_failure_becomes_a_one_line_error():
     assert isinstance(error, UserError) and "\n" not in str(error)
     assert "set gradient_checkpointing: false, or compile_mode: default" in str(error)
     assert cuda_graph_error(RuntimeError("CUDA out of memory")) is None
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_checkpointed_cuda_graphs_warn_that_they_are_unverified(checkpointing, capsys):
+    """compile_mode reduce-overhead with gradient checkpointing: one warning line (its GPU test against eager failed,
+    docs/performance.md); without checkpointing, none."""
+    from types import SimpleNamespace
+
+    from rasa_lora.train.trainer import CHECKPOINTED_GRAPHS_WARNING, compile_model
+
+    config = build_config({"compile": True, "compile_mode": "reduce-overhead", "pad_to_multiple_of": 64,
+                           "gradient_checkpointing": checkpointing})
+    model = torch.nn.Linear(2, 2)
+    run = SimpleNamespace(config=config, device=torch.device("cpu"), model=model,
+                          accelerator=SimpleNamespace(is_main_process=True))
+    try:
+        compile_model(run)
+    finally:
+        torch._dynamo.reset()
+    err = capsys.readouterr().err
+    assert (CHECKPOINTED_GRAPHS_WARNING in err) == checkpointing and "\n" not in CHECKPOINTED_GRAPHS_WARNING
+    assert model.weight.grad is not None  # the .grad buffers made before compiling, as under CUDA graphs

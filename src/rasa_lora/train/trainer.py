@@ -223,7 +223,15 @@ def compile_model(run: Run) -> None:
         for param in run.model.parameters():
             if param.requires_grad and param.grad is None:
                 param.grad = torch.zeros_like(param)
+        if config.gradient_checkpointing and run.accelerator.is_main_process:
+            print(CHECKPOINTED_GRAPHS_WARNING, file=sys.stderr, flush=True)
     run.model.compile(**kwargs)
+
+
+# A GPU test of checkpointed CUDA-graph steps against eager failed and is not yet explained (docs/performance.md)
+CHECKPOINTED_GRAPHS_WARNING = ("rasa-lora train: warning: compile_mode reduce-overhead with gradient checkpointing is "
+                               "not yet verified on the GPU (its test against eager failed: docs/performance.md, "
+                               "\"CUDA graphs\"); gradient_checkpointing: false is the tested form")
 
 
 def cuda_graphs(config: Any) -> bool:
