@@ -10,7 +10,8 @@
 # only dots); then the other compile tests; the Llama-3.2-1B shape; the memory row without keep_u; `rasa-lora train`'s
 # tokens/s eager and under CUDA graphs (needs the model at $BASE); every other GPU test; the Llama-3.1-8B shape in
 # 5 processes (slowest: two 32-layer compilations a process). Each stage writes its JSON as it ends.
-# Environment: BASE (default /tmp/smollm2.gguf), DATA (.data), DRY_RUN=1 prints the commands instead of running them.
+# Environment: BASE (default /tmp/smollm2.gguf; the training stages wait up to 30 minutes for it to appear: stage it
+# whole, e.g. `cat q0 q1 > $BASE.part && mv $BASE.part $BASE`), DATA (.data), DRY_RUN=1 prints the commands.
 # No stage is wrapped in `timeout`: a command killed on the device would leave a `timeout` child running.
 set -u
 BASE=${BASE:-/tmp/smollm2.gguf}
@@ -36,6 +37,9 @@ step host-llama-1b $H --shapes llama-1b --modes eager,compile:reduce-overhead --
   --out $P/ht_llama1b.json
 step host-keep-u-off env RASA_LORA_KEEP_U=0 $H --shapes smollm2 --modes eager --methods frozen,rasa --steps 7 \
   --out $P/ht_keepu0.json
+if [ "${DRY_RUN:-0}" != 1 ]; then  # the model may be staged by a later device command: wait up to 30 minutes
+  for _ in $(seq 180); do [ -e "$BASE" ] && break; sleep 10; done
+fi
 step train-eager $TT --out $P/tt_eager.json -- $RECIPE
 step train-graphs $TT --out $P/tt_graphs.json -- $RECIPE --compile true --compile-mode reduce-overhead \
   --pad-to-multiple-of 64
