@@ -172,4 +172,5 @@ def test_checkpointed_cuda_graphs_warn_that_they_are_unverified(checkpointing, c
         torch._dynamo.reset()
     err = capsys.readouterr().err
     assert (CHECKPOINTED_GRAPHS_WARNING in err) == checkpointing and "\n" not in CHECKPOINTED_GRAPHS_WARNING
+    assert "compiling the model (inductor, reduce-overhead)" in err
     assert model.weight.grad is not None  # the .grad buffers made before compiling, as under CUDA graphs

@@ -225,6 +225,9 @@ def compile_model(run: Run) -> None:
                 param.grad = torch.zeros_like(param)
         if config.gradient_checkpointing and run.accelerator.is_main_process:
             print(CHECKPOINTED_GRAPHS_WARNING, file=sys.stderr, flush=True)
+    if run.accelerator.is_main_process:  # else the first step stalls for minutes with no word (benchmarks/RESULTS.md)
+        print(f"rasa-lora train: compiling the model ({config.compile_backend}, {config.compile_mode}) at its first "
+              "micro-batch of each new shape: the first steps take minutes", file=sys.stderr, flush=True)
     run.model.compile(**kwargs)
 
 
