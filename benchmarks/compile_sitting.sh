@@ -23,14 +23,7 @@ RECIPE="--base-model $BASE --dataset $DATA/gsm8k/train.jsonl --micro-batch-size 
 --cutoff-len 512 --dropout 0.05"
 PYTEST="python3 -m pytest -p no:cacheprovider -m gpu -x -rA --tb=long"
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
-step() {  # step NAME COMMAND...: run (or print) one stage, its output in $P/NAME.log, a line in stages.log
-  local name=$1; shift
-  if [ "${DRY_RUN:-0}" = 1 ]; then echo "$name: $*"; return; fi
-  mkdir -p $P
-  echo "[$(date +%H:%M:%S)] $name started" >> $P/stages.log
-  "$@" > $P/$name.log 2>&1
-  echo "[$(date +%H:%M:%S)] $name ended ($?)" >> $P/stages.log
-}
+. "$(dirname "$0")/sitting_steps.sh"  # step NAME COMMAND...
 step test-checkpointed-graphs $PYTEST -vv tests/ops/test_graph_seed.py::test_reduce_overhead_training_steps_equal_eager
 step test-compile $PYTEST tests/ops/test_compile.py tests/train/test_compile_option.py
 step host-llama-1b $H --shapes llama-1b --modes eager,compile:reduce-overhead --methods frozen,lora,rasa --steps 7 \

@@ -230,10 +230,9 @@ def run_processes(args, argv: list[str]) -> int:
 
 
 def write_json(path: str, payload: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    from rasa_lora.atomic import write_atomic
+
+    write_atomic(path, json.dumps(payload, indent=1))
 
 
 def build_parser() -> argparse.ArgumentParser:

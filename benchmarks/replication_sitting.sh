@@ -26,14 +26,7 @@ fi
 T="--base-model $BASE --data-dir $DATA"
 G="generate $T --jobs ${JOBS:-4} --batch-size 1319 --time-limit 3000"
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-step() {  # step NAME COMMAND...: run (or print) one stage, its output in $P/NAME.log, a line in stages.log
-  local name=$1; shift
-  if [ "${DRY_RUN:-0}" = 1 ]; then echo "$name: $*"; return; fi
-  mkdir -p $P
-  echo "[$(date +%H:%M:%S)] $name started" >> $P/stages.log
-  "$@" > $P/$name.log 2>&1
-  echo "[$(date +%H:%M:%S)] $name ended ($?)" >> $P/stages.log
-}
+. "$(dirname "$0")/sitting_steps.sh"  # step NAME COMMAND...
 step train-paper $R train --runs $A8,fft-s0 $T --jobs $TJOBS --time-limit 3000 -- --dataset-fraction 0.5
 step analyze $R analyze $T
 step eval-paper-mc $R $G --runs base,$A8 --tasks arc_challenge,winogrande,hellaswag

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -130,10 +129,9 @@ def main(argv=None) -> int:
         ratio = f"{r['vs_frozen']:9.3f}" if r["vs_frozen"] is not None else f"{'-':>9}"
         print(f"{r['variant']:8} {r['tokens_per_s']:9.0f} {r['median_step_ms']:9.1f} {peak} {ratio}")
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"args": vars(args), "recipe": values, "rows": rows}, f, indent=1)
-        os.replace(tmp, args.out)
+        from rasa_lora.atomic import write_atomic
+
+        write_atomic(args.out, json.dumps({"args": vars(args), "recipe": values, "rows": rows}, indent=1))
     return 0
 
 

@@ -157,9 +157,14 @@ def test_the_known_cuda_graph_failure_becomes_a_one_line_error():
 def test_checkpointed_cuda_graphs_warn_that_they_are_unverified(checkpointing, capsys):
     """compile_mode reduce-overhead with gradient checkpointing: one warning line (its GPU test against eager failed,
     docs/performance.md); without checkpointing, none."""
+    import contextlib
     from types import SimpleNamespace
 
-    from rasa_lora.train.trainer import CHECKPOINTED_GRAPHS_WARNING, compile_model
+    from rasa_lora.train.trainer import CHECKPOINTED_GRAPHS_WARNING, SKIP_SIDE_EFFECTS, compile_model
+
+    dynamo = torch._dynamo.config  # compile_model sets the switch for the process: restored after this test
+    restored = (dynamo.patch(**{SKIP_SIDE_EFFECTS: getattr(dynamo, SKIP_SIDE_EFFECTS)})
+                if hasattr(dynamo, SKIP_SIDE_EFFECTS) else contextlib.nullcontext())
 
     config = build_config({"compile": True, "compile_mode": "reduce-overhead", "pad_to_multiple_of": 64,
                            "gradient_checkpointing": checkpointing})
@@ -167,7 +172,8 @@ def test_checkpointed_cuda_graphs_warn_that_they_are_unverified(checkpointing, c
     run = SimpleNamespace(config=config, device=torch.device("cpu"), model=model,
                           accelerator=SimpleNamespace(is_main_process=True))
     try:
-        compile_model(run)
+        with restored:
+            compile_model(run)
     finally:
         torch._dynamo.reset()
     err = capsys.readouterr().err

@@ -1,0 +1,11 @@
+# Sourced by the GPU sitting scripts (replication_sitting.sh, compile_sitting.sh): `step NAME COMMAND...` runs one
+# stage (or, with DRY_RUN=1, prints "NAME: COMMAND"), its output in $P/NAME.log and a line in $P/stages.log as it
+# starts and ends. The caller sets P, the sitting's folder.
+step() {
+  local name=$1; shift
+  if [ "${DRY_RUN:-0}" = 1 ]; then echo "$name: $*"; return; fi
+  mkdir -p $P
+  echo "[$(date +%H:%M:%S)] $name started" >> $P/stages.log
+  "$@" > $P/$name.log 2>&1
+  echo "[$(date +%H:%M:%S)] $name ended ($?)" >> $P/stages.log
+}
