@@ -7,5 +7,7 @@ step() {
   mkdir -p $P
   echo "[$(date +%H:%M:%S)] $name started" >> $P/stages.log
   "$@" > $P/$name.log 2>&1
-  echo "[$(date +%H:%M:%S)] $name ended ($?)" >> $P/stages.log
+  local rc=$?  # before the line below: its $(date) would reset $?
+  echo "[$(date +%H:%M:%S)] $name ended ($rc)" >> $P/stages.log
+  return $rc
 }

@@ -43,3 +43,15 @@ def test_the_compile_sitting_runs_every_stage_with_valid_arguments(tmp_path):
                 assert config.compile and config.compile_mode == "reduce-overhead" and config.pad_to_multiple_of == 64
         else:
             assert argv[:3] == ["python3", "-m", "pytest"] and "-m" in argv[3:] and "gpu" in argv, name
+
+
+def test_a_stage_logs_its_command_exit_status(tmp_path):
+    """benchmarks/sitting_steps.sh's `step`: each stage's output in its log, its exit status in stages.log (a `$(date)`
+    in the same line once reset it to 0 for every stage), and the next stage still runs."""
+    steps = REPO / "benchmarks" / "sitting_steps.sh"
+    script = f'P={tmp_path}; . "{steps}"; step bad sh -c "echo out; exit 3"; step good true'
+    subprocess.run(["bash", "-c", script], check=True)
+    log = (tmp_path / "stages.log").read_text().splitlines()
+    assert [line.split("] ", 1)[1] for line in log] == ["bad started", "bad ended (3)", "good started",
+                                                        "good ended (0)"]
+    assert (tmp_path / "bad.log").read_text() == "out\n"
