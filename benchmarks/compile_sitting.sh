@@ -7,9 +7,11 @@
 #
 # Order: the GPU test that failed in the last sitting first, alone, stopping at the first failure with its whole
 # traceback in its log at once (pytest writes failures at the end of a session: a sitting cut off mid-suite kept
-# only dots); then the other compile tests; the Llama-3.2-1B shape; the memory row without keep_u; `rasa-lora train`'s
-# tokens/s eager and under CUDA graphs (needs the model at $BASE); every other GPU test; the Llama-3.1-8B shape in
-# 5 processes (slowest: two 32-layer compilations a process). Each stage writes its JSON as it ends.
+# only dots); each adapter kernel's GPU time on SmolLM2's projections at 16 x 512 tokens beside the base GEMMs'
+# (where the compiled step's time above the arithmetic floor goes); the other compile tests; the Llama-3.2-1B
+# shape; the memory row without keep_u; `rasa-lora train`'s tokens/s eager and under CUDA graphs (needs the model
+# at $BASE); every other GPU test; the Llama-3.1-8B shape in 5 processes (slowest: two 32-layer compilations a
+# process). Each stage writes its JSON as it ends.
 # Environment: BASE (default /tmp/smollm2.gguf; the training stages wait up to 30 minutes for it to appear: stage it
 # whole, e.g. `cat q0 q1 > $BASE.part && mv $BASE.part $BASE`), DATA (.data), DRY_RUN=1 prints the commands.
 # No stage is wrapped in `timeout`: a command killed on the device would leave a `timeout` child running.
@@ -25,6 +27,7 @@ PYTEST="python3 -m pytest -p no:cacheprovider -m gpu -x -rA --tb=long"
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 . "$(dirname "$0")/sitting_steps.sh"  # step NAME COMMAND...
 step test-checkpointed-graphs $PYTEST -vv tests/ops/test_graph_seed.py::test_reduce_overhead_training_steps_equal_eager
+step kernels-smollm2 python3 benchmarks/kernel_timing.py --model smollm2 --tokens 8192 --refs --out $P/k_smollm2.json
 step test-compile $PYTEST tests/ops/test_compile.py tests/train/test_compile_option.py
 step host-llama-1b $H --shapes llama-1b --modes eager,compile:reduce-overhead --methods frozen,lora,rasa --steps 7 \
   --out $P/ht_llama1b.json

@@ -1,9 +1,12 @@
-"""Per-kernel times of the fused RaSA layer on the Llama-3.1-8B projection shapes, and a launch-shape sweep.
+"""Per-kernel times of the fused RaSA layer on the Llama-3.1-8B (or SmolLM2-135M) projection shapes, and a
+launch-shape sweep.
 
 Run on the GPU machine:
     PYTHONPATH=src python3 benchmarks/kernel_timing.py --out $OUT/kernels.json [--sweep] [--tokens 4096,16384]
+    PYTHONPATH=src python3 benchmarks/kernel_timing.py --model smollm2 --tokens 8192 --refs --out $OUT/k135m.json
 
-For each projection shape (M tokens, K in, N out; r=8 k=1 over 32 layers, so R=64 packed ranks) it times,
+For each projection shape (M tokens, K in, N out; r=8 k=1 over the model's L layers, so 7 + L ranks packed to
+R=64) it times,
 with `triton.testing.do_bench` (L2 flushed between runs, median), every stage of one training step of the
 layer: the base GEMMs a frozen model runs anyway (forward x W^T twice under gradient checkpointing,
 backward g W) and the adapter's kernels (down_and_pack and up_ twice; the backward's pack, bwd_up, bwd_down, and
@@ -29,13 +32,19 @@ DRY = os.environ.get("KERNELS_DRY_RUN") == "1"
 DEVICE = "cpu" if DRY else "cuda"
 DTYPE = torch.float32 if DRY else torch.bfloat16
 
-SHAPES = {  # name: (K in, N out)
+SHAPES = {  # name: (K in, N out); `--model` picks one of MODELS into it
     "q_proj/o_proj": (4096, 4096),
     "k_proj/v_proj": (4096, 1024),
     "gate_proj/up_proj": (4096, 14336),
     "down_proj": (14336, 4096),
 }
 PER_LAYER = {"q_proj/o_proj": 2, "k_proj/v_proj": 2, "gate_proj/up_proj": 2, "down_proj": 1}
+MODELS = {  # name: (projection shapes, layers L); each layer of r=8 k=1 has 7 + L ranks
+    "llama-8b": (dict(SHAPES), 32),
+    "smollm2": ({"q_proj/o_proj": (576, 576), "k_proj/v_proj": (576, 192), "gate_proj/up_proj": (576, 1536),
+                 "down_proj": (1536, 576)}, 30),
+}
+RANKS = [7 + 32]  # the layer's rank count n, set from --model
 
 
 def make(M, K, N, R, n, device=DEVICE):
@@ -73,13 +82,14 @@ def _timers():
     return host, gpu
 
 
-def layer_case(M, K, N, seed_h, thr, n=39, dropout=True):
+def layer_case(M, K, N, seed_h, thr, n=None, dropout=True):
     """One projection's tensors, and each adapter stage of a training step as a call on them, as the layer's
     default path runs them (the base GEMMs add into the adapter's terms: `up_` and the dL/dx part of `bwd_down`
     write their outputs without reading them; `rasa_linear.set_base_gemm_adds`)."""
     from rasa_lora.ops import plans
     from rasa_lora.ops import triton_backend as kernels
 
+    n = RANKS[0] if n is None else n
     R = plans.packed_width(n)
     t = make(M, K, N, R, n)
     factors = [t[k] for k in ("A_p", "B_p", "D", "A_s", "B_s")]
@@ -108,13 +118,14 @@ def _nbytes(M, K, N):
             "ga": M * K * 2, "ref read x": M * K * 2, "ref write y": M * N * 2, "ref copy x": 2 * M * K * 2}
 
 
-def stage_times(M, K, N, p=0.05, n=39, dropout=True, refs=False):
+def stage_times(M, K, N, p=0.05, n=None, dropout=True, refs=False):
     """Median ms of each stage for one layer shape, under the current plans.CONFIGS: (GPU, with host).
     With refs, also what PyTorch's own memory-bound kernels reach on the same sizes (a read of x, a write of y,
     a copy of x): the bandwidth our kernels could hope for."""
     from rasa_lora.ops import dropout as hashed
 
     host, gpu = _timers()
+    n = RANKS[0] if n is None else n
     t, R, calls = layer_case(M, K, N, hashed.seed_hash(1234), hashed.threshold(p), n, dropout)
     total = M * R + N * R + R * K + R
     bench = {
@@ -226,9 +237,11 @@ def measure(M, label, dropout, refs):
     return rows
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default="llama-8b", choices=sorted(MODELS),
+                        help="whose projection shapes and layer count (the shared pool's size)")
     parser.add_argument("--tokens", default="4096,16384")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-tokens", default="4096")
@@ -246,11 +259,19 @@ def main():
                         help="also time every stage without the dropout mask (what the hash costs)")
     parser.add_argument("--compare", default=None,
                         help="JSON of launch shapes: time every stage under them as well, same run (old vs new)")
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     import contextlib
 
     from rasa_lora.ops import plans
 
+    shapes_of, layers = MODELS[args.model]
+    SHAPES.clear()
+    SHAPES.update(shapes_of)
+    RANKS[0] = 7 + layers
     if args.only_wide:  # WIDE's options and the committed shape, nothing else
         for key in SWEEP:
             SWEEP[key] = [dict(plans.CONFIGS[key])]
@@ -267,7 +288,8 @@ def main():
         with open(args.configs) as handle:
             shapes.enter_context(plans.configs(json.load(handle)))
     tokens = [int(v) for v in args.tokens.split(",")]
-    out = {"device": "cpu (dry run)" if DRY else torch.cuda.get_device_name(), "torch": torch.__version__}
+    out = {"device": "cpu (dry run)" if DRY else torch.cuda.get_device_name(), "torch": torch.__version__,
+           "model": args.model, "ranks": RANKS[0]}
     if args.sweep:
         if args.sweep_kernels:
             for name in set(SWEEP) - set(args.sweep_kernels.split(",")):

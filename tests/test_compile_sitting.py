@@ -18,7 +18,7 @@ def test_the_compile_sitting_runs_every_stage_with_valid_arguments(tmp_path):
                              env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
                              check=True).stdout.splitlines()
     names = [line.split(":")[0] for line in printed]
-    assert names == ["test-checkpointed-graphs", "test-compile", "host-llama-1b", "host-keep-u-off", "train-eager",
+    assert names == ["test-checkpointed-graphs", "kernels-smollm2", "test-compile", "host-llama-1b", "host-keep-u-off", "train-eager",
                      "train-graphs", "tests-gpu", "host-llama-8b"]
     assert not any("timeout" in line for line in printed)
     commands = {name: shlex.split(line.split(": ", 1)[1]) for name, line in zip(names, printed, strict=True)}
@@ -26,6 +26,7 @@ def test_the_compile_sitting_runs_every_stage_with_valid_arguments(tmp_path):
     assert "-x" in first and first[-1].endswith("::test_reduce_overhead_training_steps_equal_eager")
     assert (REPO / first[-1].split("::")[0]).is_file()
     host_time, throughput = load_benchmark("host_time"), load_benchmark("train_throughput")
+    kernel_timing = load_benchmark("kernel_timing")
     for name, argv in commands.items():
         if argv[:2] == ["env", "RASA_LORA_KEEP_U=0"]:
             argv = argv[2:]
@@ -33,6 +34,9 @@ def test_the_compile_sitting_runs_every_stage_with_valid_arguments(tmp_path):
             args = host_time.build_parser().parse_args(argv[2:])
             assert set(args.shapes.split(",")) <= set(host_time.SHAPES), name
             assert all(mode == "eager" or mode.startswith("compile") for mode in args.modes.split(",")), name
+        elif argv[:2] == ["python3", "benchmarks/kernel_timing.py"]:
+            args = kernel_timing.build_parser().parse_args(argv[2:])
+            assert args.model == "smollm2" and args.tokens == "8192", name
         elif argv[:2] == ["python3", "benchmarks/train_throughput.py"]:
             own, recipe = throughput.split_argv(argv[2:])
             args = throughput.build_parser().parse_args(own)
