@@ -14,7 +14,10 @@ order) for every variant, with Python's collector frozen as in a run. "frozen" i
 frozen and its input embeddings' output requiring grad (the backward runs through every layer, as an adapter's
 needs), and one unused trainable scalar so the optimizer has a parameter; "rasa" and "lora" are the methods of the
 recipe's rank. Prints tokens/s (tokens counted as the trainer counts them: non-padding tokens), the median step
-time, peak GPU memory and each ratio to the frozen base; writes the rows as JSON.
+time, peak GPU memory and each ratio to the frozen base, by tokens/s and by median step (the variants run the same
+steps, so the ratio of median steps is the ratio of their rates without the outliers: the first variant to meet a
+batch shape pays for it: benchmarks/RESULTS.md, "the trainer's tokens/s");
+writes the rows, with every step's time, as JSON.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ def measure(values: dict, variant: str, steps: int, warmup: int) -> dict:
                     counts.append(tokens)
         return {"variant": variant, "steps": steps, "tokens": sum(counts), "seconds": sum(times),
                 "tokens_per_s": sum(counts) / sum(times), "median_step_ms": statistics.median(times) * 1e3,
+                "step_ms": [t * 1e3 for t in times], "step_tokens": counts,
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                 "compile": config.compile, "compile_mode": config.compile_mode if config.compile else None,
                 "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
@@ -122,12 +126,15 @@ def main(argv=None) -> int:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     frozen = next((r for r in rows if r["variant"] == "frozen"), None)
-    print(f"{'variant':8} {'tokens/s':>9} {'step ms':>9} {'peak GiB':>9} {'/ frozen':>9}")
+    print(f"{'variant':8} {'tokens/s':>9} {'step ms':>9} {'peak GiB':>9} {'/ frozen':>9} {'median/':>9}")
     for r in rows:
         r["vs_frozen"] = r["tokens_per_s"] / frozen["tokens_per_s"] if frozen else None
+        # the rate ratio by median steps (same steps, same tokens): frozen's median step over this one's
+        r["vs_frozen_median"] = frozen["median_step_ms"] / r["median_step_ms"] if frozen else None
         peak = f"{r['peak_gib']:9.2f}" if r["peak_gib"] is not None else f"{'-':>9}"
-        ratio = f"{r['vs_frozen']:9.3f}" if r["vs_frozen"] is not None else f"{'-':>9}"
-        print(f"{r['variant']:8} {r['tokens_per_s']:9.0f} {r['median_step_ms']:9.1f} {peak} {ratio}")
+        ratios = "".join(f" {r[k]:9.3f}" if r[k] is not None else f" {'-':>9}"
+                         for k in ("vs_frozen", "vs_frozen_median"))
+        print(f"{r['variant']:8} {r['tokens_per_s']:9.0f} {r['median_step_ms']:9.1f} {peak}{ratios}")
     if args.out:
         from rasa_lora.atomic import write_atomic
 

@@ -18,8 +18,8 @@ def test_the_compile_sitting_runs_every_stage_with_valid_arguments(tmp_path):
                              env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
                              check=True).stdout.splitlines()
     names = [line.split(":")[0] for line in printed]
-    assert names == ["test-checkpointed-graphs", "kernels-smollm2", "test-compile", "host-llama-1b", "host-keep-u-off", "train-eager",
-                     "train-graphs", "tests-gpu", "host-llama-8b"]
+    assert names == ["test-checkpointed-graphs", "kernels-smollm2", "test-compile", "host-llama-1b", "host-keep-u-off",
+                     "train-eager", "train-graphs", "tests-gpu", "host-llama-8b"]
     assert not any("timeout" in line for line in printed)
     commands = {name: shlex.split(line.split(": ", 1)[1]) for name, line in zip(names, printed, strict=True)}
     first = commands["test-checkpointed-graphs"]

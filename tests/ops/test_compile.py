@@ -216,6 +216,21 @@ def test_device_call_seed_equals_the_host_twin():
     assert len(seeds) == 400  # every (counter, stream) its own seed here
 
 
+def test_a_seed_on_the_device_is_int32_with_the_host_seeds_low_bits():
+    """The layers' seed tensors are int32 (an int64 one shared inductor's buffer of SDPA's philox offset, a CPU
+    tensor in the CUDA-graph warm-up: docs/performance.md, "CPU buffer"); any int or int64 seed keeps its mask."""
+    from rasa_lora.ops.rasa_linear import _seed_tensor
+
+    assert dropout.call_seed_tensor(dropout.state_tensor(7, 3), 2).dtype == torch.int32
+    for seed in (0, 5, 2**31 - 1, 2**31, 2**32 - 1, 2**40 + 7):
+        from_int = _seed_tensor(seed, 0.1, "cpu")
+        from_int64 = _seed_tensor(torch.tensor([seed]), 0.1, "cpu")
+        assert from_int.dtype == from_int64.dtype == torch.int32 and torch.equal(from_int, from_int64)
+        assert torch.equal(dropout.keep_mask(6, 10, from_int, 0.3), dropout.keep_mask(6, 10, seed & 0xFFFFFFFF, 0.3))
+    for p in (0.0, 0.1):
+        assert _seed_tensor(None, p, "cpu").dtype == torch.int32
+
+
 def test_mask_from_a_seed_tensor_is_the_host_mask():
     x = torch.randn(50, 33)
     for seed in (0, 5, 2**31 - 2):

@@ -22,4 +22,7 @@ def test_frozen_and_rasa_run_the_same_steps(tiny_model_dir, tmp_path, capsys):
     assert frozen["tokens"] == rasa["tokens"] > 0  # the same data, counted as the trainer counts it
     assert frozen["vs_frozen"] == 1.0 and rasa["vs_frozen"] == pytest.approx(
         rasa["tokens_per_s"] / frozen["tokens_per_s"])
+    assert frozen["step_tokens"] == rasa["step_tokens"] and len(rasa["step_ms"]) == 2
+    assert rasa["median_step_ms"] == pytest.approx(sum(rasa["step_ms"]) / 2)  # the median of two steps
+    assert rasa["vs_frozen_median"] == pytest.approx(frozen["median_step_ms"] / rasa["median_step_ms"])
     assert "/ frozen" in capsys.readouterr().out

@@ -74,12 +74,12 @@ def seed_hash(seed: int) -> int:
 
 def keep_mask(rows: int, cols: int, seed, p: float, device=None, row_offset: int = 0) -> torch.Tensor:
     """The (rows, cols) bool keep-mask of dropout probability p for this seed (True = kept). `seed`: a Python int,
-    or a one-element int64 tensor on `device` holding it (the device-side seed of `call_seed_tensor`; no host sync).
+    or a one-element int32 tensor on `device` holding it (the device-side seed of `call_seed_tensor`; no host sync).
 
     One word per column pair, as the kernels draw it: with v = hr * hc (the low 32 bits of the int64 product),
     h = v ^ (v >> 16) has v's high half as its high half (the odd column's bits) and v's low half ^ high half as
     its low half (the even column's); working on pairs halves the token-sized integer work."""
-    seed_h = mix_tensor(seed.reshape(()) & MASK32) if isinstance(seed, torch.Tensor) else mix32(seed)
+    seed_h = mix_tensor(seed.reshape(()).long() & MASK32) if isinstance(seed, torch.Tensor) else mix32(seed)
     r = torch.arange(row_offset, row_offset + rows, device=device, dtype=torch.int64)
     q = torch.arange((cols + 1) // 2, device=device, dtype=torch.int64)
     hr = mix_tensor((r + seed_h) & MASK32) | 1
@@ -124,6 +124,15 @@ def dropout_mask(x: torch.Tensor, p: float, seed) -> torch.Tensor:
 # forward's backward, reads the same counter and draws the forward's mask. `call_seed` is the host twin: the mask
 # of (seed, counter, stream) is `keep_mask(..., call_seed(seed, counter, stream), ...)`, the one of every path.
 SEED_BITS = 0x7FFFFFFF
+# A mask seed on the device is int32, not int64: under CUDA graphs inductor reused the 8-byte int64 philox offset of
+# SDPA's efficient attention, a CPU tensor in the warm-up run, for an int64 seed (docs/performance.md, "CPU buffer")
+SEED_DTYPE = torch.int32
+
+
+def seed_as_int32(seed: int) -> int:
+    """A host seed's low 32 bits as the signed int32 holding them (the kernels and `keep_mask` use those bits)."""
+    seed &= MASK32
+    return seed - 2**32 if seed >= 2**31 else seed
 
 
 def call_seed(seed: int, counter: int, stream: int) -> int:
@@ -133,10 +142,10 @@ def call_seed(seed: int, counter: int, stream: int) -> int:
 
 
 def call_seed_tensor(state: torch.Tensor, stream: int) -> torch.Tensor:
-    """`call_seed(state[0], state[1], stream)` computed on state's device: a one-element int64 tensor."""
+    """`call_seed(state[0], state[1], stream)` computed on state's device: a one-element int32 tensor (`SEED_DTYPE`)."""
     seed, counter = state[0:1], state[1:2]
     v = mix_tensor((seed & MASK32) ^ mix_tensor(counter & MASK32))
-    return mix_tensor((v + (stream * COLUMN) % 2**32) & MASK32) & SEED_BITS
+    return (mix_tensor((v + (stream * COLUMN) % 2**32) & MASK32) & SEED_BITS).to(SEED_DTYPE)
 
 
 def state_tensor(seed: int = 0, counter: int = 0, device=None) -> torch.Tensor:

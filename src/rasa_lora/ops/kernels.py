@@ -47,8 +47,8 @@ if triton is not None:
     @triton.jit
     def _seed_hash(seed_h, seed_ptr, SEED_PTR: tl.constexpr):
         """The mask seed's hash: `seed_h` as passed (the host's `dropout.seed_hash`), or with SEED_PTR, the mix of the
-        call's seed read from device memory (an int64 at `seed_ptr`), so a replayed CUDA graph draws the mask of
-        whatever seed the device holds at replay time (`dropout.call_seed_tensor`)."""
+        call's seed read from device memory (an int32 at `seed_ptr`, its bits as uint32), so a replayed CUDA graph
+        draws the mask of whatever seed the device holds at replay time (`dropout.call_seed_tensor`)."""
         if SEED_PTR:
             hashed = _mix(tl.load(seed_ptr).to(tl.uint32))
         else:

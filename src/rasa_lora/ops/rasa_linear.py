@@ -260,8 +260,8 @@ def rasa_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         back in their own dtype.
         dropout_p: dropout probability on the adapter's input (0 in eval mode).
         seed: seed of the dropout mask (`dropout_mask(x, dropout_p, seed)`); when None, `mask_seed` draws it from
-            torch's default CPU generator (under torch.compile: `torch.randint` on x's device). A one-element int64
-            tensor (on x's device: `dropout.call_seed_tensor`) runs the registered operators of `registered.py`,
+            torch's default CPU generator (under torch.compile: `torch.randint` on x's device). A one-element tensor
+            (int32 on x's device: `dropout.call_seed_tensor`) runs the registered operators of `registered.py`,
             which torch.compile traces and CUDA graphs capture; so does any call under torch.compile.
         last_in_block: whether this call may be the last one saving tensors in a gradient-checkpointed block
             (down_proj in a Llama block). True, the safe default, runs the layer as two autograd nodes so that a
@@ -295,12 +295,16 @@ def rasa_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def _seed_tensor(seed, p: float, device) -> torch.Tensor:
-    """The mask seed as a one-element int64 tensor on `device`: a tensor as given, an int wrapped, None drawn on the
-    device (`torch.randint`: under a compiled or captured graph a fresh draw each replay, from torch's generator)."""
+    """The mask seed as a one-element int32 tensor on `device` (`dropout.SEED_DTYPE`; the mask uses a seed's low 32
+    bits): a tensor as given, an int wrapped, None drawn on the device (`torch.randint`: under a compiled or captured
+    graph a fresh draw each replay, from torch's generator)."""
+    dtype = _dropout.SEED_DTYPE
     if isinstance(seed, torch.Tensor):
-        return seed.reshape(1).to(device=device, dtype=torch.int64)
+        if seed.dtype != dtype:
+            seed = (((seed.long() & _dropout.MASK32) ^ 2**31) - 2**31).to(dtype)  # its low 32 bits, as int32
+        return seed.reshape(1).to(device=device)
     if seed is not None:
-        return torch.full((1,), int(seed), dtype=torch.int64, device=device)
+        return torch.full((1,), _dropout.seed_as_int32(int(seed)), dtype=dtype, device=device)
     if p > 0:
-        return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
-    return torch.zeros(1, dtype=torch.int64, device=device)
+        return torch.randint(0, 2**31 - 1, (1,), dtype=dtype, device=device)
+    return torch.zeros(1, dtype=dtype, device=device)

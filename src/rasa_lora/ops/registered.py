@@ -6,7 +6,7 @@ keyed by tensor identity, which a compiler cannot trace: under compile `rasa_lin
 layer before these operators).
 
 The operators run the stages of the backend object the eager path would pick (`rasa_linear.backend_for`), so the
-numbers are the eager `_Fused` node's. The dropout mask's seed is a one-element int64 tensor (`seed`), on the
+numbers are the eager `_Fused` node's. The dropout mask's seed is a one-element int32 tensor (`seed`), on the
 device, so a compiled or captured graph can take a seed computed on the device (`dropout.call_seed_tensor`) and
 draw a fresh mask at every replay. No backend brings the seed to the host: the "torch" backend (and "cublas" off
 CUDA) draws the mask from the tensor with PyTorch ops, the Triton kernels (and the "cublas" backend's mask kernel)
@@ -58,7 +58,7 @@ def _fresh(t: Tensor) -> Tensor:
 def linear(rows: Tensor, weight: Tensor, bias: Optional[Tensor], A_p: Tensor, B_p: Tensor, D: Tensor,  # noqa: UP045
            A_s: Tensor, B_s: Tensor, seed: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """(y, u) for input rows x (M, a): y = x W^T + c + u C^T, u = (m * x) A^T (float32, M x R), m the dropout mask of
-    probability p and seed `seed` (a one-element int64 tensor)."""
+    probability p and seed `seed` (a one-element int32 tensor)."""
     from rasa_lora.ops.rasa_linear import _up
 
     factors = (A_p, B_p, D, A_s, B_s)

@@ -162,7 +162,7 @@ def down_and_pack(x, A_p, B_p, D, A_s, B_s, scale: float, seed_h: int, thr: int,
     """u = (keep * x) [A_p; A_s]^T (float32 (M, R)), and the packed A (R, K) and C (N, R) in x's dtype (the
     factors must be contiguous). One launch (CONFIGS["down"]["pack"] "fused": the rows read the raw factors) or
     two ("separate", the committed default: a pack launch, then the rows read the packed A). The mask's seed: its
-    hash `seed_h`, or with `seed` (a one-element int64 tensor on x's device) the seed the kernel reads there."""
+    hash `seed_h`, or with `seed` (a one-element int32 tensor on x's device) the seed the kernel reads there."""
     M, K = x.shape
     NP, NS, N = A_p.shape[0], A_s.shape[0], B_p.shape[0]
     plan = plans.plan(("down", M, K, N, NP, NS, x.dtype), plans.down_plan)

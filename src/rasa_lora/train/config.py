@@ -143,8 +143,9 @@ class TrainConfig:
     eagerly: for debugging a compile problem)."""
     compile_mode: str = "default"
     """torch.compile's mode with the inductor backend: "default", "reduce-overhead" (CUDA graphs: a CUDA device,
-    `pad_to_multiple_of` > 0 so micro-batch shapes repeat; a GPU test of it with gradient checkpointing failed:
-    docs/performance.md, "CUDA graphs") or "max-autotune"."""
+    `pad_to_multiple_of` > 0 so micro-batch shapes repeat; with gradient checkpointing its GPU test failed on a
+    PyTorch buffer reuse, worked around since and not yet re-run: docs/performance.md, "CPU buffer") or
+    "max-autotune"."""
     output_dir: str = "runs/rasa"
     """Where the adapter, metrics, plot and checkpoints go."""
     logging_steps: int = 1

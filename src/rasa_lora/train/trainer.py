@@ -231,10 +231,11 @@ def compile_model(run: Run) -> None:
     run.model.compile(**kwargs)
 
 
-# A GPU test of checkpointed CUDA-graph steps against eager failed and is not yet explained (docs/performance.md)
+# A GPU test of checkpointed CUDA-graph steps failed on a PyTorch buffer reuse, worked around, not re-run on the GPU
 CHECKPOINTED_GRAPHS_WARNING = ("rasa-lora train: warning: compile_mode reduce-overhead with gradient checkpointing is "
-                               "not yet verified on the GPU (its test against eager failed: docs/performance.md, "
-                               "\"CUDA graphs\"); gradient_checkpointing: false is the tested form")
+                               "not yet verified on the GPU (its test failed on a PyTorch buffer reuse worked around "
+                               "since, not yet re-run: docs/performance.md, \"CPU buffer\"); "
+                               "gradient_checkpointing: false is the tested form")
 
 
 def cuda_graphs(config: Any) -> bool:
