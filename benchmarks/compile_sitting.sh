@@ -13,7 +13,9 @@
 # at $BASE); every other GPU test; the Llama-3.1-8B shape in 5 processes (slowest: two 32-layer compilations a
 # process). Each stage writes its JSON as it ends.
 # Environment: BASE (default /tmp/smollm2.gguf; the training stages wait up to 30 minutes for it to appear: stage it
-# whole, e.g. `cat q0 q1 > $BASE.part && mv $BASE.part $BASE`), DATA (.data), DRY_RUN=1 prints the commands.
+# whole, e.g. `cat q0 q1 > $BASE.part && mv $BASE.part $BASE`), DATA (.data), DRY_RUN=1 prints the commands,
+# SKIP=NAME,... leaves stages out (measured in the fourth round: kernels-smollm2,host-llama-1b,host-keep-u-off,
+# train-eager).
 # No stage is wrapped in `timeout`: a command killed on the device would leave a `timeout` child running.
 set -u
 BASE=${BASE:-/tmp/smollm2.gguf}

@@ -59,3 +59,16 @@ def test_a_stage_logs_its_command_exit_status(tmp_path):
     assert [line.split("] ", 1)[1] for line in log] == ["bad started", "bad ended (3)", "good started",
                                                         "good ended (0)"]
     assert (tmp_path / "bad.log").read_text() == "out\n"
+
+
+def test_skip_leaves_the_named_stages_out(tmp_path):
+    """SKIP=NAME,...: the stages a sitting already measured are left out, logged as skipped; the others run."""
+    steps = REPO / "benchmarks" / "sitting_steps.sh"
+    script = f'P={tmp_path}; SKIP=one,three; . "{steps}"; step one true; step two true; step three true; step onex true'
+    subprocess.run(["bash", "-c", script], check=True)
+    log = [line.split("] ", 1)[1] for line in (tmp_path / "stages.log").read_text().splitlines()]
+    assert log == ["one skipped", "two started", "two ended (0)", "three skipped", "onex started", "onex ended (0)"]
+    printed = subprocess.run(["bash", str(REPO / "benchmarks" / "compile_sitting.sh")], cwd=REPO,
+                             env={"DRY_RUN": "1", "SKIP": "kernels-smollm2", "PATH": "/usr/bin:/bin"},
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+    assert "kernels-smollm2: skipped" in printed and len(printed) == 9
