@@ -155,8 +155,8 @@ def test_the_known_cuda_graph_failure_becomes_a_one_line_error():
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_checkpointed_cuda_graphs_warn_that_they_are_unverified(checkpointing, capsys):
-    """compile_mode reduce-overhead with gradient checkpointing: one warning line (its GPU test against eager failed,
-    docs/performance.md); without checkpointing, none."""
+    """compile_mode reduce-overhead with gradient checkpointing: one warning line (its GPU test failed, worked around,
+    not yet re-run: docs/performance.md, "CPU buffer"); without checkpointing, none."""
     import contextlib
     from types import SimpleNamespace
 
