@@ -323,12 +323,13 @@ _KERNEL_CONSTANTS = {
 }
 
 
-@pytest.mark.parametrize("seed_from_memory", [False, True])
+@pytest.mark.parametrize("seed_in_memory", [None, "*i32", "*i64"])
 @pytest.mark.parametrize("name", list(_KERNEL_CONSTANTS))
-def test_kernels_drawing_the_mask_compile_for_the_gpu(name, seed_from_memory):
+def test_kernels_drawing_the_mask_compile_for_the_gpu(name, seed_in_memory):
     """Triton's compiler (for sm_90, no GPU needed: Triton's own ptxas) on each kernel that draws the mask, the seed
-    by value and from memory. The interpreter does not check types: a seed hash redefined as uint32 inside a branch
-    passed every interpreted test and failed here."""
+    by value and from memory (int32, the layers' `dropout.SEED_DTYPE`, and int64). The interpreter does not check
+    types: a seed hash redefined as uint32 inside a branch passed every interpreted test and failed here."""
+    seed_from_memory = seed_in_memory is not None
     triton = pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("under TRITON_INTERPRET=1 the kernels are the interpreter's; run without it")
@@ -344,7 +345,7 @@ def test_kernels_drawing_the_mask_compile_for_the_gpu(name, seed_from_memory):
         if arg in constants:
             signature[arg] = "constexpr"
         elif arg == "seed_ptr":
-            signature[arg] = "*i64" if seed_from_memory else "*bf16"
+            signature[arg] = seed_in_memory or "*bf16"
         elif arg.endswith("_ptr"):
             signature[arg] = "*i8" if arg == "out_ptr" else "*bf16" if arg in ("x_ptr", "a_ptr", "c_ptr", "gx_ptr",
                                                                               "gu16_ptr") else "*fp32"
