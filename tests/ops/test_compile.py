@@ -203,8 +203,17 @@ def _assert_inductor_equals_eager(model, ids, device: str, loss_tol: float, grad
 
 
 @pytest.mark.slow
-def test_inductor_compiled_model_equals_eager():
-    _assert_inductor_equals_eager(rasa_model(dropout=0.1, num_layers=1).train(), tokens(), "cpu", 1e-5, 1e-4)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_inductor_compiled_model_equals_eager(checkpointing):
+    """Inductor on the CPU; with checkpointing, the CPU twin of the GPU's CUDA-graph test (the recomputation inside
+    the compiled backward draws the forward's mask from the device seed)."""
+    model = rasa_model(dropout=0.1, num_layers=1).train()
+    with contextlib.ExitStack() as stack:
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+            stack.enter_context(torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True))
+        _assert_inductor_equals_eager(model, tokens(), "cpu", 1e-5, 1e-4)
 
 
 # --- the seed on the device --------------------------------------------------------------------------------------
