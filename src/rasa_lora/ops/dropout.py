@@ -129,10 +129,10 @@ SEED_BITS = 0x7FFFFFFF
 SEED_DTYPE = torch.int32
 
 
-def seed_as_int32(seed: int) -> int:
-    """A host seed's low 32 bits as the signed int32 holding them (the kernels and `keep_mask` use those bits)."""
-    seed &= MASK32
-    return seed - 2**32 if seed >= 2**31 else seed
+def seed_as_int32(seed):
+    """A seed's low 32 bits as the signed int32 value holding them (the kernels and `keep_mask` use those bits): of a
+    Python int, or elementwise of an int64 tensor."""
+    return ((seed & MASK32) ^ 2**31) - 2**31
 
 
 def call_seed(seed: int, counter: int, stream: int) -> int:

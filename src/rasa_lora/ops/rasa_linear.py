@@ -301,7 +301,7 @@ def _seed_tensor(seed, p: float, device) -> torch.Tensor:
     dtype = _dropout.SEED_DTYPE
     if isinstance(seed, torch.Tensor):
         if seed.dtype != dtype:
-            seed = (((seed.long() & _dropout.MASK32) ^ 2**31) - 2**31).to(dtype)  # its low 32 bits, as int32
+            seed = _dropout.seed_as_int32(seed.long()).to(dtype)
         return seed.reshape(1).to(device=device)
     if seed is not None:
         return torch.full((1,), _dropout.seed_as_int32(int(seed)), dtype=dtype, device=device)
